@@ -1,0 +1,66 @@
+// The engine's public interface: load a VAE encoder from a checkpoint and turn
+// batches of 8-bit frames into latents. No LibTorch and no GStreamer here.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "frame.h"
+#include "latent_format.h"
+
+namespace gstvae {
+
+enum class Precision { Auto, F32, F16, BF16 };
+const char* precision_name(Precision precision);
+
+struct EncoderOptions {
+  // "auto" (CUDA when LibTorch has a device, else CPU), "cpu", "cuda", "cuda:N".
+  std::string device = "auto";
+  // Auto: bf16 on CUDA devices of compute capability >= 8.0, else fp32.
+  Precision precision = Precision::Auto;
+  // Intra-op CPU threads; 0 = all cores. LibTorch's setting is per process.
+  int threads = 0;
+};
+
+struct EncoderInfo {
+  std::string family;      // "kl" (AutoencoderKL)
+  std::string model_path;
+  std::string layout;      // checkpoint key layout, e.g. "ldm", "diffusers"
+  std::string device;      // resolved, e.g. "cpu", "cuda:0"
+  Precision precision = Precision::F32;  // resolved, never Auto
+  int downscale = 8;       // pixels per latent cell
+  int latent_channels = 4;
+  bool input_signed = true;  // pixels fed as [-1, 1] (true) or [0, 1]
+  int64_t parameters = 0;
+  std::string architecture;  // human-readable summary of what was inferred
+};
+
+struct EncodeParams {
+  bool sample = false;  // false: the Gaussian mean; true: mean + sigma * eps
+  uint64_t seed = 0;    // with sample: noise of frame i depends on (seed, i) only
+  LatentFormat latent_format;
+};
+
+class Encoder {
+ public:
+  virtual ~Encoder() = default;
+  virtual const EncoderInfo& info() const = 0;
+
+  // A staging batch suited to this encoder (page-locked on GPUs).
+  std::unique_ptr<FrameBatch> new_batch(PixelFormat format, int width, int height,
+                                        size_t capacity) const;
+
+  // Encodes every frame of `batch` into `out`, which must hold
+  // batch.size() x latent_channels x (crop.height/downscale) x (crop.width/downscale)
+  // float32 values, row-major. Thread-safe for distinct batches.
+  virtual void encode(const FrameBatch& batch, const EncodeParams& params, float* out) = 0;
+
+  size_t latent_floats_per_frame(const FrameBatch& batch) const;
+};
+
+// Detects the model family from the checkpoint's tensor names and loads it.
+// Throws CheckpointError or EncodeError with a message naming the path and the fault.
+std::shared_ptr<Encoder> load_encoder(const std::string& path, const EncoderOptions& options);
+
+}  // namespace gstvae

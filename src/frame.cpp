@@ -1,0 +1,105 @@
+#include "frame.h"
+
+#include <cstring>
+
+#include "errors.h"
+#include "frame_storage.h"
+
+namespace gstvae {
+
+namespace {
+
+struct FormatEntry {
+  PixelFormat format;
+  const char* name;
+  PixelLayout layout;
+};
+
+const FormatEntry kFormats[] = {
+    {PixelFormat::RGB, "RGB", {3, 0, 1, 2}},   {PixelFormat::BGR, "BGR", {3, 2, 1, 0}},
+    {PixelFormat::RGBA, "RGBA", {4, 0, 1, 2}}, {PixelFormat::BGRA, "BGRA", {4, 2, 1, 0}},
+    {PixelFormat::ARGB, "ARGB", {4, 1, 2, 3}}, {PixelFormat::ABGR, "ABGR", {4, 3, 2, 1}},
+    {PixelFormat::RGBx, "RGBx", {4, 0, 1, 2}}, {PixelFormat::BGRx, "BGRx", {4, 2, 1, 0}},
+    {PixelFormat::xRGB, "xRGB", {4, 1, 2, 3}}, {PixelFormat::xBGR, "xBGR", {4, 3, 2, 1}},
+};
+
+const FormatEntry& entry(PixelFormat format) {
+  for (const auto& e : kFormats)
+    if (e.format == format) return e;
+  throw std::logic_error("unknown PixelFormat");
+}
+
+}  // namespace
+
+PixelLayout pixel_layout(PixelFormat format) { return entry(format).layout; }
+const char* pixel_format_name(PixelFormat format) { return entry(format).name; }
+
+bool parse_pixel_format(const std::string& name, PixelFormat* format) {
+  for (const auto& e : kFormats) {
+    if (name == e.name) {
+      *format = e.format;
+      return true;
+    }
+  }
+  return false;
+}
+
+const std::vector<PixelFormat>& all_pixel_formats() {
+  static const std::vector<PixelFormat> formats = [] {
+    std::vector<PixelFormat> v;
+    for (const auto& e : kFormats) v.push_back(e.format);
+    return v;
+  }();
+  return formats;
+}
+
+Crop centre_crop(int width, int height, int multiple) {
+  if (width < multiple || height < multiple)
+    throw EncodeError("frame of " + std::to_string(width) + "x" + std::to_string(height) +
+                      " is smaller than the model's " + std::to_string(multiple) + "x" +
+                      std::to_string(multiple) + " pixel minimum");
+  Crop c;
+  c.width = width / multiple * multiple;
+  c.height = height / multiple * multiple;
+  c.x = (width % multiple) / 2;
+  c.y = (height % multiple) / 2;
+  return c;
+}
+
+FrameBatch::FrameBatch(PixelFormat format, int width, int height, int multiple, size_t capacity,
+                       bool pinned)
+    : format_(format), width_(width), height_(height), crop_(centre_crop(width, height, multiple)),
+      capacity_(capacity), storage_(std::make_unique<Storage>()) {
+  if (capacity == 0) throw EncodeError("a frame batch needs a capacity of at least 1");
+  const int bpp = pixel_layout(format).bytes_per_pixel;
+  frame_bytes_ = static_cast<size_t>(crop_.width) * crop_.height * bpp;
+  auto options = at::TensorOptions().dtype(at::kByte).pinned_memory(pinned);
+  storage_->pixels = at::empty({static_cast<int64_t>(capacity), crop_.height, crop_.width, bpp}, options);
+  indices_.reserve(capacity);
+}
+
+FrameBatch::~FrameBatch() = default;
+
+const uint8_t* FrameBatch::data() const { return storage_->pixels.data_ptr<uint8_t>(); }
+bool FrameBatch::pinned() const { return storage_->pixels.is_pinned(); }
+
+void FrameBatch::add(const uint8_t* pixels, size_t stride, uint64_t index) {
+  if (full())
+    throw EncodeError("frame batch is full (" + std::to_string(capacity_) + " frames)");
+  const int bpp = pixel_layout(format_).bytes_per_pixel;
+  if (stride < static_cast<size_t>(width_) * bpp)
+    throw EncodeError("row stride of " + std::to_string(stride) + " bytes is shorter than a " +
+                      std::to_string(width_) + "-pixel " + pixel_format_name(format_) + " row");
+  const size_t row_bytes = static_cast<size_t>(crop_.width) * bpp;
+  uint8_t* dst = storage_->pixels.data_ptr<uint8_t>() + indices_.size() * frame_bytes_;
+  const uint8_t* src = pixels + static_cast<size_t>(crop_.y) * stride + static_cast<size_t>(crop_.x) * bpp;
+  if (stride == row_bytes) {
+    std::memcpy(dst, src, frame_bytes_);
+  } else {
+    for (int row = 0; row < crop_.height; ++row)
+      std::memcpy(dst + row * row_bytes, src + row * stride, row_bytes);
+  }
+  indices_.push_back(index);
+}
+
+}  // namespace gstvae

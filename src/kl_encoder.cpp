@@ -1,0 +1,240 @@
+// The KL autoencoder encoder of Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1
+// (LDM `Encoder` + optional `quant_conv`). The architecture is read from the
+// weights: base width, levels and their widths, blocks per level, latent
+// channels and quant_conv presence.
+#include <ATen/ATen.h>
+
+#include <sstream>
+
+#include "checkpoint_keys.h"
+#include "errors.h"
+#include "families.h"
+#include "torch_encoder.h"
+
+namespace gstvae {
+
+namespace {
+
+constexpr int kGroups = 32;
+constexpr double kNormEps = 1e-6;
+
+struct Conv {
+  at::Tensor weight, bias;
+};
+struct Norm {
+  at::Tensor weight, bias;
+};
+// at::conv2d with plain ints is ambiguous (padding may be a string).
+at::Tensor conv2d(const at::Tensor& x, const Conv& c, int64_t stride = 1, int64_t padding = 0) {
+  const int64_t s[2] = {stride, stride};
+  const int64_t p[2] = {padding, padding};
+  return at::conv2d(x, c.weight, c.bias, s, p);
+}
+
+struct ResBlock {
+  Norm norm1, norm2;
+  Conv conv1, conv2;
+  Conv shortcut;  // undefined tensors when in == out
+};
+struct Level {
+  std::vector<ResBlock> blocks;
+  Conv downsample;  // undefined on the last level
+};
+struct Attention {
+  Norm norm;
+  Conv q, k, v, proj_out;
+};
+
+struct Architecture {
+  int64_t base = 0;
+  std::vector<int64_t> widths;  // per level
+  int blocks = 0;
+  int64_t z = 0;
+  bool quant_conv = false;
+};
+
+int count_indices(const NormalizedKeys& keys, const std::string& prefix) {
+  int n = 0;
+  while (true) {
+    const std::string p = prefix + std::to_string(n) + ".";
+    bool any = false;
+    for (auto it = keys.source.lower_bound(p); it != keys.source.end() && it->first.compare(0, p.size(), p) == 0; ++it)
+      any = true;
+    if (!any) return n;
+    ++n;
+  }
+}
+
+class KLEncoder final : public TorchEncoder {
+ public:
+  KLEncoder(EncoderInfo info, ComputeTarget target) : TorchEncoder(std::move(info), target) {}
+
+  void load(WeightReader& w, const Architecture& arch) {
+    arch_ = arch;
+    conv_in_ = conv(w, "encoder.conv_in", arch.base, 3, 3);
+    int64_t in = arch.base;
+    for (size_t i = 0; i < arch.widths.size(); ++i) {
+      Level level;
+      const int64_t out = arch.widths[i];
+      const std::string p = "encoder.down." + std::to_string(i);
+      for (int j = 0; j < arch.blocks; ++j) {
+        level.blocks.push_back(resblock(w, p + ".block." + std::to_string(j), in, out));
+        in = out;
+      }
+      if (i + 1 < arch.widths.size()) level.downsample = conv(w, p + ".downsample.conv", out, out, 3);
+      levels_.push_back(std::move(level));
+    }
+    mid1_ = resblock(w, "encoder.mid.block_1", in, in);
+    attn_.norm = norm(w, "encoder.mid.attn_1.norm", in);
+    attn_.q = conv(w, "encoder.mid.attn_1.q", in, in, 1);
+    attn_.k = conv(w, "encoder.mid.attn_1.k", in, in, 1);
+    attn_.v = conv(w, "encoder.mid.attn_1.v", in, in, 1);
+    attn_.proj_out = conv(w, "encoder.mid.attn_1.proj_out", in, in, 1);
+    mid2_ = resblock(w, "encoder.mid.block_2", in, in);
+    norm_out_ = norm(w, "encoder.norm_out", in);
+    conv_out_ = conv(w, "encoder.conv_out", 2 * arch.z, in, 3);
+    if (arch.quant_conv) quant_conv_ = conv(w, "quant_conv", 2 * arch.z, 2 * arch.z, 1);
+    info_.parameters = w.parameters_loaded();
+    probe();
+  }
+
+ protected:
+  Moments forward(const at::Tensor& pixels) override {
+    at::Tensor h = conv2d(pixels, conv_in_, 1, 1);
+    for (const Level& level : levels_) {
+      for (const ResBlock& b : level.blocks) h = resblock_forward(b, h);
+      if (level.downsample.weight.defined()) {
+        // Asymmetric: zero-pad right and bottom only, then a stride-2 3x3 conv.
+        h = at::constant_pad_nd(h, {0, 1, 0, 1}, 0);
+        h = conv2d(h, level.downsample, 2, 0);
+      }
+    }
+    h = resblock_forward(mid1_, h);
+    h = attention_forward(h);
+    h = resblock_forward(mid2_, h);
+    h = conv2d(norm_silu(norm_out_, h), conv_out_, 1, 1);
+    if (quant_conv_.weight.defined()) h = conv2d(h, quant_conv_);
+    auto parts = h.chunk(2, 1);
+    return {parts[0], parts[1]};
+  }
+
+ private:
+  static Conv conv(WeightReader& w, const std::string& name, int64_t out, int64_t in, int64_t k) {
+    return {w.get(name + ".weight", {out, in, k, k}), w.get(name + ".bias", {out})};
+  }
+  static Norm norm(WeightReader& w, const std::string& name, int64_t c) {
+    if (c % kGroups != 0)
+      throw CheckpointError("'" + w.path() + "': GroupNorm '" + name + "' has " + std::to_string(c) +
+                            " channels, not a multiple of " + std::to_string(kGroups) + " groups");
+    return {w.get(name + ".weight", {c}), w.get(name + ".bias", {c})};
+  }
+  static ResBlock resblock(WeightReader& w, const std::string& p, int64_t in, int64_t out) {
+    ResBlock b;
+    b.norm1 = norm(w, p + ".norm1", in);
+    b.conv1 = conv(w, p + ".conv1", out, in, 3);
+    b.norm2 = norm(w, p + ".norm2", out);
+    b.conv2 = conv(w, p + ".conv2", out, out, 3);
+    if (in != out) b.shortcut = conv(w, p + ".nin_shortcut", out, in, 1);
+    return b;
+  }
+
+  static at::Tensor norm_silu(const Norm& n, const at::Tensor& x) {
+    return at::silu(at::group_norm(x, kGroups, n.weight, n.bias, kNormEps));
+  }
+  static at::Tensor resblock_forward(const ResBlock& b, const at::Tensor& x) {
+    at::Tensor h = conv2d(norm_silu(b.norm1, x), b.conv1, 1, 1);
+    h = conv2d(norm_silu(b.norm2, h), b.conv2, 1, 1);
+    at::Tensor skip = b.shortcut.weight.defined() ? conv2d(x, b.shortcut) : x;
+    return skip + h;
+  }
+  at::Tensor attention_forward(const at::Tensor& x) const {
+    const int64_t n = x.size(0), c = x.size(1), hh = x.size(2), ww = x.size(3);
+    at::Tensor h = at::group_norm(x, kGroups, attn_.norm.weight, attn_.norm.bias, kNormEps);
+    // Single head over all h*w positions, scale C^-0.5.
+    at::Tensor q = conv2d(h, attn_.q).reshape({n, c, hh * ww}).transpose(1, 2);
+    at::Tensor k = conv2d(h, attn_.k).reshape({n, c, hh * ww});
+    at::Tensor v = conv2d(h, attn_.v).reshape({n, c, hh * ww});
+    at::Tensor weights = at::softmax(at::bmm(q, k).mul_(1.0 / std::sqrt(static_cast<double>(c))), -1);
+    at::Tensor out = at::bmm(v, weights.transpose(1, 2)).reshape({n, c, hh, ww});
+    return x + conv2d(out, attn_.proj_out);
+  }
+
+  Architecture arch_;
+  Conv conv_in_;
+  std::vector<Level> levels_;
+  ResBlock mid1_, mid2_;
+  Attention attn_;
+  Norm norm_out_;
+  Conv conv_out_, quant_conv_;
+};
+
+Architecture infer_architecture(const WeightReader& w, const NormalizedKeys& keys) {
+  Architecture a;
+  const auto conv_in = w.shape("encoder.conv_in.weight");
+  if (conv_in.size() != 4 || conv_in[1] != 3)
+    throw CheckpointError("'" + w.path() + "': tensor 'encoder.conv_in.weight' has shape " +
+                          shape_string(conv_in) + ", expected [C, 3, 3, 3]");
+  a.base = conv_in[0];
+  const int levels = count_indices(keys, "encoder.down.");
+  if (levels == 0) throw CheckpointError("'" + w.path() + "' has no encoder levels ('encoder.down.0.*')");
+  a.blocks = count_indices(keys, "encoder.down.0.block.");
+  if (a.blocks == 0) throw CheckpointError("'" + w.path() + "' has no residual blocks in 'encoder.down.0'");
+  for (int i = 0; i < levels; ++i) {
+    const std::string name = "encoder.down." + std::to_string(i) + ".block.0.conv1.weight";
+    const auto s = w.shape(name);
+    if (s.empty())
+      throw CheckpointError("'" + w.path() + "': tensor '" + name + "' has no dimensions");
+    a.widths.push_back(s[0]);
+  }
+  const auto conv_out = w.shape("encoder.conv_out.weight");
+  if (conv_out.size() != 4 || conv_out[0] % 2 != 0 || conv_out[0] == 0)
+    throw CheckpointError("'" + w.path() + "': tensor 'encoder.conv_out.weight' has shape " +
+                          shape_string(conv_out) + ", expected [2*z, C, 3, 3]");
+  a.z = conv_out[0] / 2;
+  a.quant_conv = keys.has("quant_conv.weight");
+  return a;
+}
+
+bool detect(const SafetensorsFile& file) {
+  for (const char* prefix : {"", "first_stage_model.", "vae."}) {
+    if (file.find(std::string(prefix) + "encoder.conv_in.weight") &&
+        (file.find(std::string(prefix) + "encoder.mid.attn_1.norm.weight") ||
+         file.find(std::string(prefix) + "encoder.mid_block.attentions.0.group_norm.weight")))
+      return true;
+  }
+  return false;
+}
+
+std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const EncoderOptions& options) {
+  std::vector<std::string> names;
+  for (const auto& kv : file->tensors()) names.push_back(kv.first);
+  NormalizedKeys keys = normalize_vae_keys(names, file->path());
+  ComputeTarget target = resolve_target(options);
+  apply_thread_option(options.threads);
+  WeightReader reader(file, keys.source, target);
+  Architecture arch = infer_architecture(reader, keys);
+
+  EncoderInfo info;
+  info.family = "kl";
+  info.model_path = file->path();
+  info.layout = keys.layout + (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+  info.downscale = 1 << (arch.widths.size() - 1);
+  info.latent_channels = static_cast<int>(arch.z);
+  info.input_signed = true;
+  std::ostringstream os;
+  os << "AutoencoderKL encoder: base width " << arch.base << ", levels [";
+  for (size_t i = 0; i < arch.widths.size(); ++i) os << (i ? ", " : "") << arch.widths[i];
+  os << "], " << arch.blocks << " blocks per level, z=" << arch.z
+     << (arch.quant_conv ? ", quant_conv" : ", no quant_conv");
+  info.architecture = os.str();
+
+  auto encoder = std::make_shared<KLEncoder>(std::move(info), target);
+  encoder->load(reader, arch);
+  return encoder;
+}
+
+}  // namespace
+
+const EncoderFamily kKLFamily = {"kl", detect, load};
+
+}  // namespace gstvae

@@ -1,0 +1,211 @@
+#include "torch_encoder.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/InferenceMode.h>
+
+#include <cstring>
+#include <thread>
+
+#include "errors.h"
+#include "frame_storage.h"
+
+namespace gstvae {
+
+const char* precision_name(Precision precision) {
+  switch (precision) {
+    case Precision::Auto: return "auto";
+    case Precision::F32: return "fp32";
+    case Precision::F16: return "fp16";
+    case Precision::BF16: return "bf16";
+  }
+  return "?";
+}
+
+ComputeTarget resolve_target(const EncoderOptions& options) {
+  ComputeTarget target;
+  const std::string& req = options.device;
+  const bool has_cuda = at::hasCUDA();
+  if (req == "auto") {
+    target.device = has_cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  } else if (req == "cpu") {
+    target.device = c10::Device(c10::kCPU);
+  } else if (req == "cuda" || req.rfind("cuda:", 0) == 0) {
+    int index = 0;
+    if (req.size() > 5) {
+      const std::string digits = req.substr(5);
+      if (digits.empty() || digits.size() > 3 || digits.find_first_not_of("0123456789") != std::string::npos)
+        throw EncodeError("device '" + req + "' is not valid: expected auto, cpu, cuda or cuda:N");
+      index = std::stoi(digits);
+    }
+    if (!has_cuda)
+      throw EncodeError("device '" + req +
+                        "' requested, but this LibTorch has no usable CUDA device (CPU-only build or no GPU); "
+                        "use device=cpu or device=auto");
+    const int count = at::detail::getCUDAHooks().getNumGPUs();
+    if (index >= count)
+      throw EncodeError("device '" + req + "' requested, but only " + std::to_string(count) +
+                        " CUDA device(s) are present");
+    target.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+  } else {
+    throw EncodeError("device '" + req + "' is not valid: expected auto, cpu, cuda or cuda:N");
+  }
+
+  target.precision = options.precision;
+  if (target.precision == Precision::Auto) {
+    target.precision = Precision::F32;
+    if (target.device.is_cuda()) {
+      // ComfyUI's rule: bf16 where the GPU computes it natively (compute capability >= 8.0).
+      c10::DeviceGuard guard(target.device);
+      if (at::detail::getCUDAHooks().supportsBFloat16ConvolutionWithCuDNNv8()) target.precision = Precision::BF16;
+    }
+  }
+  switch (target.precision) {
+    case Precision::F16: target.dtype = at::kHalf; break;
+    case Precision::BF16: target.dtype = at::kBFloat16; break;
+    default: target.dtype = at::kFloat; break;
+  }
+  return target;
+}
+
+void apply_thread_option(int threads) {
+  int n = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
+  if (n < 1) n = 1;
+  if (at::get_num_threads() != n) at::set_num_threads(n);
+}
+
+WeightReader::WeightReader(std::shared_ptr<const SafetensorsFile> file,
+                           std::map<std::string, std::string> names, ComputeTarget target)
+    : file_(std::move(file)), names_(std::move(names)), target_(target) {}
+
+const TensorInfo& WeightReader::info(const std::string& name) const {
+  auto it = names_.find(name);
+  const TensorInfo* t = it == names_.end() ? nullptr : file_->find(it->second);
+  if (!t) throw CheckpointError("'" + file_->path() + "' lacks tensor '" + name + "'");
+  return *t;
+}
+
+std::vector<int64_t> WeightReader::shape(const std::string& name) const { return info(name).shape; }
+
+at::Tensor WeightReader::get(const std::string& name, const std::vector<int64_t>& expected) {
+  const TensorInfo& t = info(name);
+  const std::string stored = names_.at(name);
+  const std::string label = stored == name ? "'" + name + "'" : "'" + stored + "' (" + name + ")";
+  std::vector<int64_t> shape = t.shape;
+  const bool linear_as_conv = expected.size() == 4 && expected[2] == 1 && expected[3] == 1 &&
+                              shape.size() == 2 && shape[0] == expected[0] && shape[1] == expected[1];
+  if (shape != expected && !linear_as_conv)
+    throw CheckpointError("'" + file_->path() + "': tensor " + label + " has shape " +
+                          shape_string(shape) + ", expected " + shape_string(expected));
+  at::ScalarType stored_type;
+  switch (t.dtype) {
+    case DType::F32: stored_type = at::kFloat; break;
+    case DType::F16: stored_type = at::kHalf; break;
+    case DType::BF16: stored_type = at::kBFloat16; break;
+    default:
+      throw CheckpointError("'" + file_->path() + "': tensor " + label + " has dtype " +
+                            dtype_name(t.dtype) + "; only F32, F16 and BF16 weights are supported");
+  }
+  // Copy out of the mapping first: safetensors data offsets need not be aligned.
+  at::Tensor host = at::empty(shape, at::TensorOptions().dtype(stored_type));
+  std::memcpy(host.data_ptr(), file_->data(t), t.nbytes);
+  if (linear_as_conv) host = host.reshape(expected);
+  // Converted in fp32 first so that F16 -> BF16 (or back) rounds once.
+  at::Tensor out = host.to(at::kFloat).to(target_.device, target_.dtype).contiguous();
+  parameters_ += out.numel();
+  return out;
+}
+
+TorchEncoder::TorchEncoder(EncoderInfo info, ComputeTarget target)
+    : info_(std::move(info)), target_(target) {
+  info_.device = target_.device.str();
+  info_.precision = target_.precision;
+}
+
+void TorchEncoder::probe() {
+  c10::InferenceMode guard;
+  const int64_t side = info_.downscale;
+  at::Tensor x = at::zeros({1, 3, side, side}, at::TensorOptions().device(target_.device).dtype(target_.dtype));
+  try {
+    Moments m = forward(x);
+    if (m.mean.size(1) != info_.latent_channels)
+      throw EncodeError("model produced " + std::to_string(m.mean.size(1)) + " latent channels, expected " +
+                        std::to_string(info_.latent_channels));
+  } catch (const c10::Error& e) {
+    throw EncodeError(std::string("precision ") + precision_name(target_.precision) +
+                      " does not run on device " + target_.device.str() + " with this LibTorch: " +
+                      e.what_without_backtrace());
+  }
+}
+
+at::Tensor prepare_pixels(const FrameBatch& batch, const ComputeTarget& target, bool signed_range) {
+  const PixelLayout layout = pixel_layout(batch.format());
+  at::Tensor staged = batch.storage().pixels.narrow(0, 0, static_cast<int64_t>(batch.size()));
+  at::Tensor u8 = staged.to(target.device, /*non_blocking=*/batch.pinned());
+  at::Tensor channels = at::tensor({layout.r, layout.g, layout.b},
+                                   at::TensorOptions().dtype(at::kLong).device(target.device));
+  at::Tensor rgb = u8.index_select(3, channels).permute({0, 3, 1, 2});
+  // ComfyUI: pixels = u8 / 255 in fp32, then 2 * pixels - 1, then the VAE dtype.
+  at::Tensor x = rgb.to(at::kFloat).div_(255.0f);
+  if (signed_range) x.mul_(2.0f).sub_(1.0f);
+  return x.to(target.dtype).contiguous();
+}
+
+namespace {
+
+// SplitMix64: decorrelates per-frame seeds derived from (seed, frame index).
+uint64_t mix_seed(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (index + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+void TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, float* out) {
+  if (batch.empty()) return;
+  c10::InferenceMode guard;
+  at::Tensor pixels = prepare_pixels(batch, target_, info_.input_signed);
+  Moments m;
+  try {
+    m = forward(pixels);
+  } catch (const c10::Error& e) {
+    throw EncodeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
+                      std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) +
+                      " on " + target_.device.str() + " failed: " + e.what_without_backtrace());
+  }
+  at::Tensor latents = m.mean.to(at::kFloat);
+  if (params.sample && m.logvar.defined()) {
+    // Noise is drawn per frame on the CPU from (seed, frame index), so a
+    // sample does not depend on the batch size or the device.
+    std::vector<at::Tensor> noise;
+    const auto sizes = latents.sizes().slice(1);
+    for (uint64_t index : batch.indices()) {
+      auto gen = at::detail::createCPUGenerator(mix_seed(params.seed, index));
+      noise.push_back(at::randn(sizes, gen, at::TensorOptions().dtype(at::kFloat)));
+    }
+    at::Tensor eps = at::stack(noise).to(target_.device);
+    at::Tensor std = at::exp(0.5f * m.logvar.to(at::kFloat).clamp(-30.0, 20.0));
+    latents = latents + std * eps;
+  }
+  const LatentFormat& lf = params.latent_format;
+  if (!lf.is_raw()) latents = (latents - lf.shift) * lf.scale;
+  at::Tensor host = at::from_blob(out, latents.sizes(), at::TensorOptions().dtype(at::kFloat));
+  host.copy_(latents);
+}
+
+std::unique_ptr<FrameBatch> Encoder::new_batch(PixelFormat format, int width, int height,
+                                               size_t capacity) const {
+  const bool pinned = info().device.rfind("cuda", 0) == 0;
+  return std::make_unique<FrameBatch>(format, width, height, info().downscale, capacity, pinned);
+}
+
+size_t Encoder::latent_floats_per_frame(const FrameBatch& batch) const {
+  const int d = info().downscale;
+  return static_cast<size_t>(info().latent_channels) * (batch.crop().height / d) * (batch.crop().width / d);
+}
+
+}  // namespace gstvae

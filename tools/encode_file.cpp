@@ -1,0 +1,106 @@
+// gst-vae-encode-file: encodes raw packed 8-bit frames from a file into raw
+// float32 latents with the engine alone (no GStreamer). Used by the
+// cross-check against the Python reference and by benchmarks.
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "encoder.h"
+#include "errors.h"
+
+using namespace gstvae;
+
+namespace {
+
+int usage() {
+  std::cerr << "usage: gst-vae-encode-file --model M --frames F --n N --width W --height H --format FMT\n"
+               "         [--stride BYTES] --out OUT.f32 [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
+               "         [--latent-format raw|sd15|sdxl|sd3|flux] [--sample --seed K] [--per-batch B] [--threads T]\n";
+  return 2;
+}
+
+Precision parse_precision(const std::string& s) {
+  if (s == "auto") return Precision::Auto;
+  if (s == "fp32") return Precision::F32;
+  if (s == "fp16") return Precision::F16;
+  if (s == "bf16") return Precision::BF16;
+  throw EncodeError("unknown precision '" + s + "' (auto, fp32, fp16, bf16)");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--", 0) != 0) return usage();
+    a = a.substr(2);
+    if (a == "sample") {
+      args[a] = "1";
+    } else if (i + 1 < argc) {
+      args[a] = argv[++i];
+    } else {
+      return usage();
+    }
+  }
+  for (const char* required : {"model", "frames", "n", "width", "height", "format", "out"})
+    if (!args.count(required)) return usage();
+  try {
+    PixelFormat format;
+    if (!parse_pixel_format(args["format"], &format)) throw EncodeError("unknown format '" + args["format"] + "'");
+    const int width = std::stoi(args["width"]), height = std::stoi(args["height"]);
+    const size_t n = std::stoul(args["n"]);
+    const size_t bpp = pixel_layout(format).bytes_per_pixel;
+    const size_t stride = args.count("stride") ? std::stoul(args["stride"]) : width * bpp;
+    const size_t per_batch = args.count("per-batch") ? std::stoul(args["per-batch"]) : 16;
+
+    EncoderOptions options;
+    if (args.count("device")) options.device = args["device"];
+    if (args.count("precision")) options.precision = parse_precision(args["precision"]);
+    if (args.count("threads")) options.threads = std::stoi(args["threads"]);
+    EncodeParams params;
+    params.sample = args.count("sample") != 0;
+    if (args.count("seed")) params.seed = std::stoull(args["seed"]);
+    if (args.count("latent-format")) params.latent_format = latent_format_by_name(args["latent-format"]);
+
+    std::ifstream in(args["frames"], std::ios::binary);
+    if (!in) throw EncodeError("cannot open frames file '" + args["frames"] + "'");
+    std::vector<uint8_t> pixels(n * height * stride);
+    in.read(reinterpret_cast<char*>(pixels.data()), static_cast<std::streamsize>(pixels.size()));
+    if (static_cast<size_t>(in.gcount()) != pixels.size())
+      throw EncodeError("frames file '" + args["frames"] + "' holds fewer than " + std::to_string(n) + " frames");
+
+    auto encoder = load_encoder(args["model"], options);
+    const EncoderInfo& info = encoder->info();
+    std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n";
+    auto batch = encoder->new_batch(format, width, height, per_batch);
+    const size_t per_frame = encoder->latent_floats_per_frame(*batch);
+    std::vector<float> latents(n * per_frame);
+    size_t done = 0;
+    auto start = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < n; ++i) {
+      batch->add(pixels.data() + i * height * stride, stride, i);
+      if (batch->full() || i + 1 == n) {
+        encoder->encode(*batch, params, latents.data() + done * per_frame);
+        done += batch->size();
+        batch->clear();
+      }
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::ofstream out(args["out"], std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(latents.data()), static_cast<std::streamsize>(latents.size() * 4));
+    if (!out) throw EncodeError("cannot write '" + args["out"] + "'");
+    const int d = info.downscale;
+    std::cerr << "encoded " << n << " frames to " << info.latent_channels << "x" << batch->crop().height / d << "x"
+              << batch->crop().width / d << " latents in " << seconds << " s (" << n / seconds << " frames/s)\n";
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,835 @@
+/* vaeencode: gathers `per-batch` video frames, encodes them with a
+ * Stable-Diffusion-family VAE encoder and pushes one latent buffer per frame.
+ *
+ * Settings (properties, under the object lock) are kept apart from the
+ * streaming state (touched only with the sink pad's stream lock held: by the
+ * streaming thread, serialized events, and the batch-timeout thread). The
+ * encode itself never runs with the object lock held. No C++ exception leaves
+ * this file: each vmethod catches and posts an element error. */
+#include "gstvaeencode.h"
+
+#include <gst/video/video.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "encoder.h"
+#include "errors.h"
+#include "latent_caps.h"
+
+GST_DEBUG_CATEGORY_STATIC(vae_encode_debug);
+#define GST_CAT_DEFAULT vae_encode_debug
+
+using gstvae::EncodeParams;
+using gstvae::Encoder;
+using gstvae::EncoderOptions;
+using gstvae::FrameBatch;
+using gstvae::Precision;
+
+namespace {
+
+constexpr guint kDefaultPerBatch = 16;
+constexpr const char* kDefaultDevice = "auto";
+
+enum {
+  PROP_0,
+  PROP_MODEL,
+  PROP_PER_BATCH,
+  PROP_DEVICE,
+  PROP_PRECISION,
+  PROP_SAMPLE,
+  PROP_SEED,
+  PROP_LATENT_FORMAT,
+  PROP_BATCH_TIMEOUT,
+  PROP_THREADS,
+  PROP_FRAMES_IN,
+  PROP_LATENTS_OUT,
+  PROP_BATCHES,
+  PROP_LAST_BATCH_TIME,
+  PROP_AVERAGE_FPS,
+};
+
+GType precision_get_type() {
+  static GType type = 0;
+  if (g_once_init_enter(&type)) {
+    static const GEnumValue values[] = {
+        {static_cast<gint>(Precision::Auto), "bf16 on CUDA devices of compute capability >= 8.0, else fp32",
+         "auto"},
+        {static_cast<gint>(Precision::F32), "32-bit float", "fp32"},
+        {static_cast<gint>(Precision::F16), "16-bit float (the SDXL VAE overflows in fp16)", "fp16"},
+        {static_cast<gint>(Precision::BF16), "bfloat16", "bf16"},
+        {0, nullptr, nullptr}};
+    g_once_init_leave(&type, g_enum_register_static("GstVaeEncodePrecision", values));
+  }
+  return type;
+}
+
+GType latent_format_get_type() {
+  static GType type = 0;
+  if (g_once_init_enter(&type)) {
+    static const GEnumValue values[] = {
+        {0, "Raw latents, as ComfyUI's VAE Encode returns them", "raw"},
+        {1, "SD 1.x/2.x scaling: x * 0.18215", "sd15"},
+        {2, "SDXL scaling: x * 0.13025", "sdxl"},
+        {3, "SD3 scaling: (x - 0.0609) * 1.5305", "sd3"},
+        {4, "Flux.1 scaling: (x - 0.1159) * 0.3611", "flux"},
+        {0, nullptr, nullptr}};
+    g_once_init_leave(&type, g_enum_register_static("GstVaeEncodeLatentFormat", values));
+  }
+  return type;
+}
+
+const char* latent_format_nick(gint value) {
+  GEnumClass* klass = static_cast<GEnumClass*>(g_type_class_ref(latent_format_get_type()));
+  GEnumValue* v = g_enum_get_value(klass, value);
+  const char* nick = v ? v->value_nick : "raw";
+  g_type_class_unref(klass);
+  return nick;
+}
+
+struct Settings {
+  std::string model;
+  guint per_batch = kDefaultPerBatch;
+  std::string device = kDefaultDevice;
+  Precision precision = Precision::Auto;
+  gboolean sample = FALSE;
+  guint64 seed = 0;
+  gint latent_format = 0;
+  guint64 batch_timeout = 0;
+  guint threads = 0;
+};
+
+struct Stats {
+  guint64 frames_in = 0;
+  guint64 latents_out = 0;
+  guint64 batches = 0;
+  GstClockTime last_batch_time = 0;
+  GstClockTime total_encode_time = 0;
+  guint64 frames_encoded = 0;
+
+  double average_fps() const {
+    return total_encode_time ? frames_encoded * static_cast<double>(GST_SECOND) / total_encode_time : 0.0;
+  }
+};
+
+// What a latent buffer inherits from its frame.
+struct FrameMeta {
+  GstClockTime pts, dts, duration;
+  guint64 offset, offset_end;
+  bool discont;
+};
+
+struct Streaming {
+  std::shared_ptr<Encoder> encoder;
+  GstVideoInfo in_info;
+  bool have_info = false;
+  gstvae::PixelFormat format = gstvae::PixelFormat::RGB;
+  std::unique_ptr<FrameBatch> batch;
+  std::vector<FrameMeta> pending;
+  std::chrono::steady_clock::time_point oldest_arrival;
+  std::deque<GstBuffer*> ready;  // encoded, waiting for generate_output
+  guint64 frame_index = 0;
+  GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed push from the timer thread
+
+  void drop_pending() {
+    if (batch) batch->clear();
+    pending.clear();
+    for (GstBuffer* b : ready) gst_buffer_unref(b);
+    ready.clear();
+  }
+};
+
+// What queries (any thread) need to know of the streaming side.
+struct Facts {
+  int downscale = 8;
+  int channels = 0;  // 0 until a model is loaded
+  int fps_n = 0, fps_d = 1;
+  GstClockTime reported_latency = 0;  // encode-time part last announced
+};
+
+// Wakes up when the oldest pending frame has waited `batch-timeout`.
+struct BatchTimer {
+  std::thread thread;
+  std::mutex mutex;
+  std::condition_variable cond;
+  bool quit = false;
+  bool armed = false;
+  std::chrono::steady_clock::time_point deadline;
+};
+
+}  // namespace
+
+struct _GstVaeEncode {
+  GstBaseTransform parent;
+  Settings* settings;  // object lock
+  Stats* stats;        // object lock
+  Facts* facts;        // object lock
+  Streaming* state;    // sink stream lock
+  BatchTimer* timer;
+};
+
+G_DEFINE_TYPE(GstVaeEncode, gst_vae_encode, GST_TYPE_BASE_TRANSFORM);
+GST_ELEMENT_REGISTER_DEFINE(vaeencode, "vaeencode", GST_RANK_NONE, GST_TYPE_VAE_ENCODE);
+
+static GstStaticPadTemplate sink_template = GST_STATIC_PAD_TEMPLATE(
+    "sink", GST_PAD_SINK, GST_PAD_ALWAYS,
+    GST_STATIC_CAPS("video/x-raw, format = (string) { RGB, BGR, RGBA, BGRA, ARGB, ABGR, RGBx, BGRx, xRGB, xBGR }, "
+                    "width = (int) [ 8, MAX ], height = (int) [ 8, MAX ], framerate = (fraction) [ 0/1, MAX ]"));
+
+static GstStaticPadTemplate src_template = GST_STATIC_PAD_TEMPLATE(
+    "src", GST_PAD_SRC, GST_PAD_ALWAYS,
+    GST_STATIC_CAPS(GST_LATENT_CAPS_MEDIA_TYPE ", format = (string) F32, channels = (int) [ 1, MAX ], "
+                    "width = (int) [ 1, MAX ], height = (int) [ 1, MAX ], framerate = (fraction) [ 0/1, MAX ], "
+                    "latent-format = (string) { raw, sd15, sdxl, sd3, flux }"));
+
+static Settings settings_snapshot(GstVaeEncode* self) {
+  GST_OBJECT_LOCK(self);
+  Settings s = *self->settings;
+  GST_OBJECT_UNLOCK(self);
+  return s;
+}
+
+/* ---------------------------------------------------------------- encode */
+
+static void post_progress(GstVaeEncode* self, guint batch_frames, GstClockTime batch_time) {
+  GST_OBJECT_LOCK(self);
+  Stats st = *self->stats;
+  GST_OBJECT_UNLOCK(self);
+  const double fps = batch_time ? batch_frames * static_cast<double>(GST_SECOND) / batch_time : 0.0;
+  GST_INFO_OBJECT(self, "batch %" G_GUINT64_FORMAT ": %u frames in %.3f s (%.2f frames/s), %" G_GUINT64_FORMAT
+                  " frames done, %.2f frames/s on average",
+                  st.batches, batch_frames, batch_time / 1e9, fps, st.latents_out, st.average_fps());
+  GstStructure* s = gst_structure_new(GST_VAE_ENCODE_PROGRESS_MESSAGE, "frames", G_TYPE_UINT64, st.latents_out,
+                                      "batches", G_TYPE_UINT64, st.batches, "batch-frames", G_TYPE_UINT,
+                                      batch_frames, "batch-time", G_TYPE_UINT64, batch_time, "fps", G_TYPE_DOUBLE,
+                                      fps, "average-fps", G_TYPE_DOUBLE, st.average_fps(), nullptr);
+  gst_element_post_message(GST_ELEMENT(self), gst_message_new_element(GST_OBJECT(self), s));
+}
+
+// Re-announces latency when the measured encode time moved by more than a
+// quarter (and a millisecond) from what the last latency query reported.
+static void maybe_post_latency(GstVaeEncode* self, GstClockTime encode_time) {
+  GST_OBJECT_LOCK(self);
+  const GstClockTime old = self->facts->reported_latency;
+  const GstClockTime diff = encode_time > old ? encode_time - old : old - encode_time;
+  const bool changed = diff > GST_MSECOND && diff * 4 > old;
+  if (changed) self->facts->reported_latency = encode_time;
+  GST_OBJECT_UNLOCK(self);
+  if (changed) {
+    gst_element_post_message(GST_ELEMENT(self), gst_message_new_latency(GST_OBJECT(self)));
+  }
+}
+
+// Encodes the pending batch into per-frame buffers appended to state->ready.
+static GstFlowReturn encode_pending(GstVaeEncode* self) {
+  Streaming& st = *self->state;
+  if (!st.batch || st.batch->empty()) return GST_FLOW_OK;
+  const Settings s = settings_snapshot(self);
+  EncodeParams params;
+  params.sample = s.sample;
+  params.seed = s.seed;
+  params.latent_format = gstvae::latent_format_by_name(latent_format_nick(s.latent_format));
+
+  const size_t n = st.batch->size();
+  const size_t frame_bytes = st.encoder->latent_floats_per_frame(*st.batch) * sizeof(float);
+  GstBuffer* all = gst_buffer_new_allocate(nullptr, n * frame_bytes, nullptr);
+  if (!all) {
+    GST_ELEMENT_ERROR(self, RESOURCE, NO_SPACE_LEFT, ("Could not allocate %zu bytes of latents", n * frame_bytes),
+                      (nullptr));
+    return GST_FLOW_ERROR;
+  }
+  GstMapInfo map;
+  gst_buffer_map(all, &map, GST_MAP_WRITE);
+  const auto start = std::chrono::steady_clock::now();
+  std::string error;
+  try {
+    st.encoder->encode(*st.batch, params, reinterpret_cast<float*>(map.data));
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  const GstClockTime elapsed =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+  gst_buffer_unmap(all, &map);
+  if (!error.empty()) {
+    gst_buffer_unref(all);
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("VAE encoding failed"), ("%s", error.c_str()));
+    return GST_FLOW_ERROR;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    // Each latent shares the batch's memory: no copy.
+    GstBuffer* out = gst_buffer_copy_region(all, GST_BUFFER_COPY_MEMORY, i * frame_bytes, frame_bytes);
+    const FrameMeta& m = st.pending[i];
+    GST_BUFFER_PTS(out) = m.pts;
+    GST_BUFFER_DTS(out) = m.dts;
+    GST_BUFFER_DURATION(out) = m.duration;
+    GST_BUFFER_OFFSET(out) = m.offset;
+    GST_BUFFER_OFFSET_END(out) = m.offset_end;
+    if (m.discont) GST_BUFFER_FLAG_SET(out, GST_BUFFER_FLAG_DISCONT);
+    st.ready.push_back(out);
+  }
+  gst_buffer_unref(all);
+  st.batch->clear();
+  st.pending.clear();
+
+  GST_OBJECT_LOCK(self);
+  self->stats->batches++;
+  self->stats->latents_out += n;
+  self->stats->frames_encoded += n;
+  self->stats->last_batch_time = elapsed;
+  self->stats->total_encode_time += elapsed;
+  GST_OBJECT_UNLOCK(self);
+  post_progress(self, static_cast<guint>(n), elapsed);
+  maybe_post_latency(self, elapsed);
+  return GST_FLOW_OK;
+}
+
+static GstFlowReturn push_ready(GstVaeEncode* self) {
+  GstFlowReturn ret = GST_FLOW_OK;
+  auto& ready = self->state->ready;
+  while (!ready.empty()) {
+    GstBuffer* b = ready.front();
+    ready.pop_front();
+    if (ret == GST_FLOW_OK)
+      ret = gst_pad_push(GST_BASE_TRANSFORM_SRC_PAD(self), b);
+    else
+      gst_buffer_unref(b);
+  }
+  return ret;
+}
+
+// Encodes and pushes whatever is pending (EOS, caps change, serialized events, timeout).
+static GstFlowReturn drain(GstVaeEncode* self) {
+  GstFlowReturn ret = encode_pending(self);
+  GstFlowReturn push = push_ready(self);
+  return ret != GST_FLOW_OK ? ret : push;
+}
+
+/* ----------------------------------------------------------- batch timer */
+
+static void timer_arm(GstVaeEncode* self, std::chrono::steady_clock::time_point deadline) {
+  BatchTimer& t = *self->timer;
+  std::lock_guard<std::mutex> lock(t.mutex);
+  t.armed = true;
+  t.deadline = deadline;
+  t.cond.notify_all();
+}
+
+static void timer_disarm(GstVaeEncode* self) {
+  BatchTimer& t = *self->timer;
+  std::lock_guard<std::mutex> lock(t.mutex);
+  t.armed = false;
+}
+
+static void timer_loop(GstVaeEncode* self) {
+  BatchTimer& t = *self->timer;
+  std::unique_lock<std::mutex> lock(t.mutex);
+  while (!t.quit) {
+    if (!t.armed) {
+      t.cond.wait(lock);
+      continue;
+    }
+    if (t.cond.wait_until(lock, t.deadline) != std::cv_status::timeout) continue;
+    if (t.quit || !t.armed || std::chrono::steady_clock::now() < t.deadline) continue;
+    t.armed = false;
+    lock.unlock();
+    // The streaming thread may be inside chain; take its lock like it would.
+    GST_PAD_STREAM_LOCK(GST_BASE_TRANSFORM_SINK_PAD(self));
+    bool quit;
+    {
+      std::lock_guard<std::mutex> g(t.mutex);
+      quit = t.quit;
+    }
+    Streaming& st = *self->state;
+    if (!quit && st.encoder && !st.pending.empty()) {
+      const guint64 timeout = settings_snapshot(self).batch_timeout;
+      const auto age = std::chrono::steady_clock::now() - st.oldest_arrival;
+      if (timeout && age >= std::chrono::nanoseconds(timeout)) {
+        GST_DEBUG_OBJECT(self, "batch-timeout: encoding a partial batch of %zu frames", st.pending.size());
+        GstFlowReturn ret = drain(self);
+        if (ret != GST_FLOW_OK && st.timer_flow == GST_FLOW_OK) st.timer_flow = ret;
+      }
+    }
+    GST_PAD_STREAM_UNLOCK(GST_BASE_TRANSFORM_SINK_PAD(self));
+    lock.lock();
+  }
+}
+
+static void timer_stop(GstVaeEncode* self) {
+  BatchTimer& t = *self->timer;
+  {
+    std::lock_guard<std::mutex> lock(t.mutex);
+    t.quit = true;
+    t.cond.notify_all();
+  }
+  if (t.thread.joinable()) t.thread.join();
+  std::lock_guard<std::mutex> lock(t.mutex);
+  t.quit = false;
+  t.armed = false;
+}
+
+/* ------------------------------------------------------------- lifecycle */
+
+static gboolean gst_vae_encode_start(GstBaseTransform* trans) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  const Settings s = settings_snapshot(self);
+  if (s.model.empty()) {
+    GST_ELEMENT_ERROR(self, RESOURCE, NOT_FOUND, ("No VAE model given"),
+                      ("set the 'model' property to a .safetensors VAE or full checkpoint"));
+    return FALSE;
+  }
+  EncoderOptions options;
+  options.device = s.device;
+  options.precision = s.precision;
+  options.threads = static_cast<int>(s.threads);
+  try {
+    self->state->encoder = gstvae::load_encoder(s.model, options);
+  } catch (const gstvae::EncodeError& e) {
+    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("Could not use VAE model '%s'", s.model.c_str()), ("%s", e.what()));
+    return FALSE;
+  } catch (const std::exception& e) {
+    GST_ELEMENT_ERROR(self, RESOURCE, OPEN_READ, ("Could not load VAE model '%s'", s.model.c_str()),
+                      ("%s", e.what()));
+    return FALSE;
+  }
+  const auto& info = self->state->encoder->info();
+  GST_INFO_OBJECT(self, "loaded '%s': %s (%s layout), %" G_GINT64_FORMAT " parameters, on %s in %s",
+                  s.model.c_str(), info.architecture.c_str(), info.layout.c_str(), info.parameters,
+                  info.device.c_str(), gstvae::precision_name(info.precision));
+  self->state->frame_index = 0;
+  self->state->timer_flow = GST_FLOW_OK;
+  GST_OBJECT_LOCK(self);
+  *self->stats = Stats();
+  *self->facts = Facts();
+  self->facts->downscale = info.downscale;
+  self->facts->channels = info.latent_channels;
+  GST_OBJECT_UNLOCK(self);
+  if (self->timer->thread.joinable()) timer_stop(self);
+  self->timer->thread = std::thread(timer_loop, self);
+  return TRUE;
+}
+
+static gboolean gst_vae_encode_stop(GstBaseTransform* trans) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  // Pending frames are dropped, not pushed: the pipeline is shutting down.
+  timer_disarm(self);
+  self->state->drop_pending();
+  self->state->batch.reset();
+  self->state->encoder.reset();
+  self->state->have_info = false;
+  GST_OBJECT_LOCK(self);
+  *self->facts = Facts();
+  GST_OBJECT_UNLOCK(self);
+  return TRUE;
+}
+
+static GstStateChangeReturn gst_vae_encode_change_state(GstElement* element, GstStateChange transition) {
+  GstVaeEncode* self = GST_VAE_ENCODE(element);
+  GstStateChangeReturn ret = GST_ELEMENT_CLASS(gst_vae_encode_parent_class)->change_state(element, transition);
+  // The timer thread takes the stream lock, which stop() holds: join it only
+  // after the base class has deactivated the pads.
+  if (transition == GST_STATE_CHANGE_PAUSED_TO_READY || ret == GST_STATE_CHANGE_FAILURE) timer_stop(self);
+  return ret;
+}
+
+/* ------------------------------------------------------------------ caps */
+
+static int current_downscale(GstVaeEncode* self) {
+  GST_OBJECT_LOCK(self);
+  const int d = self->facts->downscale;
+  GST_OBJECT_UNLOCK(self);
+  return d;
+}
+
+static GstCaps* gst_vae_encode_transform_caps(GstBaseTransform* trans, GstPadDirection direction, GstCaps* caps,
+                                              GstCaps* filter) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  // Caps queries come from any thread: only object-locked facts are read.
+  gst_latent_caps::Model model;
+  GST_OBJECT_LOCK(self);
+  model.downscale = self->facts->downscale;
+  model.channels = self->facts->channels;
+  model.latent_format = latent_format_nick(self->settings->latent_format);
+  GST_OBJECT_UNLOCK(self);
+  GstCaps* result = direction == GST_PAD_SINK ? gst_latent_caps::video_to_latent(caps, model)
+                                              : gst_latent_caps::latent_to_video(caps, model);
+  if (filter) {
+    GstCaps* tmp = gst_caps_intersect_full(filter, result, GST_CAPS_INTERSECT_FIRST);
+    gst_caps_unref(result);
+    result = tmp;
+  }
+  GST_DEBUG_OBJECT(self, "transformed %" GST_PTR_FORMAT " to %" GST_PTR_FORMAT, caps, result);
+  return result;
+}
+
+static gboolean gst_vae_encode_set_caps(GstBaseTransform* trans, GstCaps* incaps, GstCaps* outcaps) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  Streaming& st = *self->state;
+  GstVideoInfo info;
+  if (!gst_video_info_from_caps(&info, incaps)) {
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Invalid video caps"), ("%" GST_PTR_FORMAT, incaps));
+    return FALSE;
+  }
+  if (!gstvae::parse_pixel_format(gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&info)), &st.format)) {
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Unsupported video format %s",
+                                                gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&info))),
+                      (nullptr));
+    return FALSE;
+  }
+  const int d = current_downscale(self);
+  if (GST_VIDEO_INFO_WIDTH(&info) < d || GST_VIDEO_INFO_HEIGHT(&info) < d) {
+    GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Frames are too small for the model"),
+                      ("frame of %dx%d is smaller than the model's %dx%d pixel minimum", GST_VIDEO_INFO_WIDTH(&info),
+                       GST_VIDEO_INFO_HEIGHT(&info), d, d));
+    return FALSE;
+  }
+  // A different geometry or format needs a new staging batch (drained already).
+  st.batch.reset();
+  st.in_info = info;
+  st.have_info = true;
+  GST_OBJECT_LOCK(self);
+  self->facts->fps_n = GST_VIDEO_INFO_FPS_N(&info);
+  self->facts->fps_d = GST_VIDEO_INFO_FPS_D(&info);
+  GST_OBJECT_UNLOCK(self);
+  GST_INFO_OBJECT(self, "input %" GST_PTR_FORMAT ", output %" GST_PTR_FORMAT, incaps, outcaps);
+  return TRUE;
+}
+
+/* --------------------------------------------------------------- buffers */
+
+static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans, gboolean /*is_discont*/,
+                                                        GstBuffer* input) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  Streaming& st = *self->state;
+  if (st.timer_flow != GST_FLOW_OK) {
+    GstFlowReturn ret = st.timer_flow;
+    st.timer_flow = GST_FLOW_OK;
+    gst_buffer_unref(input);
+    return ret;
+  }
+  if (!st.have_info || !st.encoder) {
+    gst_buffer_unref(input);
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Received a buffer before caps"), (nullptr));
+    return GST_FLOW_NOT_NEGOTIATED;
+  }
+  const Settings s = settings_snapshot(self);
+  GstVideoFrame frame;
+  if (!gst_video_frame_map(&frame, &st.in_info, input, GST_MAP_READ)) {
+    gst_buffer_unref(input);
+    GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Could not map the input frame"),
+                      ("buffer of %zu bytes does not hold a %dx%d %s frame", gst_buffer_get_size(input),
+                       GST_VIDEO_INFO_WIDTH(&st.in_info), GST_VIDEO_INFO_HEIGHT(&st.in_info),
+                       GST_VIDEO_INFO_NAME(&st.in_info)));
+    return GST_FLOW_ERROR;
+  }
+  try {
+    if (!st.batch || (st.batch->empty() && st.batch->capacity() != s.per_batch))
+      st.batch = st.encoder->new_batch(st.format, GST_VIDEO_INFO_WIDTH(&st.in_info),
+                                       GST_VIDEO_INFO_HEIGHT(&st.in_info), s.per_batch);
+    st.batch->add(static_cast<const uint8_t*>(GST_VIDEO_FRAME_PLANE_DATA(&frame, 0)),
+                  GST_VIDEO_FRAME_PLANE_STRIDE(&frame, 0), st.frame_index++);
+  } catch (const std::exception& e) {
+    gst_video_frame_unmap(&frame);
+    gst_buffer_unref(input);
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("Could not stage the input frame"), ("%s", e.what()));
+    return GST_FLOW_ERROR;
+  }
+  gst_video_frame_unmap(&frame);
+  st.pending.push_back(FrameMeta{GST_BUFFER_PTS(input), GST_BUFFER_DTS(input), GST_BUFFER_DURATION(input),
+                                 GST_BUFFER_OFFSET(input), GST_BUFFER_OFFSET_END(input),
+                                 GST_BUFFER_FLAG_IS_SET(input, GST_BUFFER_FLAG_DISCONT) != 0});
+  // The frame now lives in the batch: give the buffer back to its pool at once
+  // (live sources such as v4l2src have only a few).
+  gst_buffer_unref(input);
+  GST_OBJECT_LOCK(self);
+  self->stats->frames_in++;
+  GST_OBJECT_UNLOCK(self);
+
+  if (st.batch->full()) {
+    timer_disarm(self);
+    return encode_pending(self);
+  }
+  if (st.pending.size() == 1) {
+    st.oldest_arrival = std::chrono::steady_clock::now();
+    if (s.batch_timeout) timer_arm(self, st.oldest_arrival + std::chrono::nanoseconds(s.batch_timeout));
+  }
+  return GST_FLOW_OK;
+}
+
+static GstFlowReturn gst_vae_encode_generate_output(GstBaseTransform* trans, GstBuffer** outbuf) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  auto& ready = self->state->ready;
+  *outbuf = nullptr;
+  if (!ready.empty()) {
+    *outbuf = ready.front();
+    ready.pop_front();
+  }
+  return GST_FLOW_OK;
+}
+
+/* ---------------------------------------------------------------- events */
+
+static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* event) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  Streaming& st = *self->state;
+  switch (GST_EVENT_TYPE(event)) {
+    case GST_EVENT_EOS:
+    case GST_EVENT_CAPS:
+    case GST_EVENT_SEGMENT:
+    case GST_EVENT_STREAM_START:
+    case GST_EVENT_GAP:
+    case GST_EVENT_SEGMENT_DONE:
+      // Latents of the frames before this event go out first, with the old caps.
+      if (!st.pending.empty() || !st.ready.empty()) {
+        timer_disarm(self);
+        GST_DEBUG_OBJECT(self, "draining %zu pending frames before %s", st.pending.size(),
+                         GST_EVENT_TYPE_NAME(event));
+        GstFlowReturn ret = drain(self);
+        if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING)
+          GST_WARNING_OBJECT(self, "draining before %s: %s", GST_EVENT_TYPE_NAME(event), gst_flow_get_name(ret));
+      }
+      break;
+    case GST_EVENT_FLUSH_STOP:
+      timer_disarm(self);
+      GST_DEBUG_OBJECT(self, "flush: dropping %zu pending frames", st.pending.size());
+      st.drop_pending();
+      st.timer_flow = GST_FLOW_OK;
+      break;
+    default:
+      break;
+  }
+  return GST_BASE_TRANSFORM_CLASS(gst_vae_encode_parent_class)->sink_event(trans, event);
+}
+
+/* --------------------------------------------------------------- queries */
+
+static gboolean gst_vae_encode_query(GstBaseTransform* trans, GstPadDirection direction, GstQuery* query) {
+  GstVaeEncode* self = GST_VAE_ENCODE(trans);
+  if (direction != GST_PAD_SRC || GST_QUERY_TYPE(query) != GST_QUERY_LATENCY)
+    return GST_BASE_TRANSFORM_CLASS(gst_vae_encode_parent_class)->query(trans, direction, query);
+
+  GstPad* peer = gst_pad_get_peer(GST_BASE_TRANSFORM_SINK_PAD(trans));
+  if (!peer) return FALSE;
+  gboolean ok = gst_pad_query(peer, query);
+  gst_object_unref(peer);
+  if (!ok) return FALSE;
+
+  gboolean live;
+  GstClockTime min, max;
+  gst_query_parse_latency(query, &live, &min, &max);
+  const Settings s = settings_snapshot(self);
+  GST_OBJECT_LOCK(self);
+  const GstClockTime encode_time = self->stats->batches ? self->stats->total_encode_time / self->stats->batches : 0;
+  const gint fps_n = self->facts->fps_n, fps_d = self->facts->fps_d;
+  self->facts->reported_latency = encode_time;
+  GST_OBJECT_UNLOCK(self);
+
+  // A frame waits for the (per-batch - 1) frames after it, bounded by batch-timeout.
+  GstClockTime wait = GST_CLOCK_TIME_NONE;
+  if (fps_n > 0 && fps_d > 0) wait = gst_util_uint64_scale(static_cast<guint64>(s.per_batch) - 1, GST_SECOND * fps_d, fps_n);
+  if (s.per_batch == 1) wait = 0;
+  if (s.batch_timeout && (wait == GST_CLOCK_TIME_NONE || wait > s.batch_timeout)) wait = s.batch_timeout;
+
+  const GstClockTime added_min = (wait == GST_CLOCK_TIME_NONE ? 0 : wait) + encode_time;
+  min += added_min;
+  if (max != GST_CLOCK_TIME_NONE) max = wait == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : max + wait + encode_time;
+  GST_DEBUG_OBJECT(self, "latency: batch wait %" GST_TIME_FORMAT " + encode %" GST_TIME_FORMAT
+                   " -> min %" GST_TIME_FORMAT " max %" GST_TIME_FORMAT,
+                   GST_TIME_ARGS(wait), GST_TIME_ARGS(encode_time), GST_TIME_ARGS(min), GST_TIME_ARGS(max));
+  gst_query_set_latency(query, live, min, max);
+  return TRUE;
+}
+
+/* ------------------------------------------------------------ properties */
+
+static void gst_vae_encode_set_property(GObject* object, guint prop_id, const GValue* value, GParamSpec* pspec) {
+  GstVaeEncode* self = GST_VAE_ENCODE(object);
+  if (prop_id == PROP_MODEL || prop_id == PROP_DEVICE || prop_id == PROP_PRECISION || prop_id == PROP_THREADS) {
+    // The model is loaded when the element starts: these only apply in NULL/READY.
+    GstState state = GST_STATE(self);
+    if (state > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY) {
+      g_warning("vaeencode: property '%s' can only be changed in the NULL or READY state", pspec->name);
+      return;
+    }
+  }
+  GST_OBJECT_LOCK(self);
+  Settings& s = *self->settings;
+  switch (prop_id) {
+    case PROP_MODEL: s.model = g_value_get_string(value) ? g_value_get_string(value) : ""; break;
+    case PROP_PER_BATCH: s.per_batch = g_value_get_uint(value); break;
+    case PROP_DEVICE: s.device = g_value_get_string(value) ? g_value_get_string(value) : kDefaultDevice; break;
+    case PROP_PRECISION: s.precision = static_cast<Precision>(g_value_get_enum(value)); break;
+    case PROP_SAMPLE: s.sample = g_value_get_boolean(value); break;
+    case PROP_SEED: s.seed = g_value_get_uint64(value); break;
+    case PROP_LATENT_FORMAT: s.latent_format = g_value_get_enum(value); break;
+    case PROP_BATCH_TIMEOUT: s.batch_timeout = g_value_get_uint64(value); break;
+    case PROP_THREADS: s.threads = g_value_get_uint(value); break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+  GST_OBJECT_UNLOCK(self);
+  if (prop_id == PROP_LATENT_FORMAT) gst_base_transform_reconfigure_src(GST_BASE_TRANSFORM(self));
+}
+
+static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {
+  GstVaeEncode* self = GST_VAE_ENCODE(object);
+  GST_OBJECT_LOCK(self);
+  const Settings& s = *self->settings;
+  const Stats& st = *self->stats;
+  switch (prop_id) {
+    case PROP_MODEL: g_value_set_string(value, s.model.c_str()); break;
+    case PROP_PER_BATCH: g_value_set_uint(value, s.per_batch); break;
+    case PROP_DEVICE: g_value_set_string(value, s.device.c_str()); break;
+    case PROP_PRECISION: g_value_set_enum(value, static_cast<gint>(s.precision)); break;
+    case PROP_SAMPLE: g_value_set_boolean(value, s.sample); break;
+    case PROP_SEED: g_value_set_uint64(value, s.seed); break;
+    case PROP_LATENT_FORMAT: g_value_set_enum(value, s.latent_format); break;
+    case PROP_BATCH_TIMEOUT: g_value_set_uint64(value, s.batch_timeout); break;
+    case PROP_THREADS: g_value_set_uint(value, s.threads); break;
+    case PROP_FRAMES_IN: g_value_set_uint64(value, st.frames_in); break;
+    case PROP_LATENTS_OUT: g_value_set_uint64(value, st.latents_out); break;
+    case PROP_BATCHES: g_value_set_uint64(value, st.batches); break;
+    case PROP_LAST_BATCH_TIME: g_value_set_uint64(value, st.last_batch_time); break;
+    case PROP_AVERAGE_FPS: g_value_set_double(value, st.average_fps()); break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+  GST_OBJECT_UNLOCK(self);
+}
+
+/* ------------------------------------------------------------- GObject */
+
+static void gst_vae_encode_finalize(GObject* object) {
+  GstVaeEncode* self = GST_VAE_ENCODE(object);
+  timer_stop(self);
+  self->state->drop_pending();
+  delete self->state;
+  delete self->stats;
+  delete self->facts;
+  delete self->settings;
+  delete self->timer;
+  G_OBJECT_CLASS(gst_vae_encode_parent_class)->finalize(object);
+}
+
+static void gst_vae_encode_init(GstVaeEncode* self) {
+  self->settings = new Settings();
+  self->stats = new Stats();
+  self->facts = new Facts();
+  self->state = new Streaming();
+  self->timer = new BatchTimer();
+  gst_base_transform_set_passthrough(GST_BASE_TRANSFORM(self), FALSE);
+  gst_base_transform_set_in_place(GST_BASE_TRANSFORM(self), FALSE);
+  gst_base_transform_set_qos_enabled(GST_BASE_TRANSFORM(self), FALSE);
+}
+
+static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
+  GObjectClass* gobject_class = G_OBJECT_CLASS(klass);
+  GstElementClass* element_class = GST_ELEMENT_CLASS(klass);
+  GstBaseTransformClass* trans_class = GST_BASE_TRANSFORM_CLASS(klass);
+
+  gobject_class->set_property = gst_vae_encode_set_property;
+  gobject_class->get_property = gst_vae_encode_get_property;
+  gobject_class->finalize = gst_vae_encode_finalize;
+
+  const auto rw = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+  const auto rw_ready = static_cast<GParamFlags>(rw | GST_PARAM_MUTABLE_READY);
+  const auto rw_playing = static_cast<GParamFlags>(rw | GST_PARAM_MUTABLE_PLAYING);
+  const auto ro = static_cast<GParamFlags>(G_PARAM_READABLE | G_PARAM_STATIC_STRINGS);
+
+  g_object_class_install_property(
+      gobject_class, PROP_MODEL,
+      g_param_spec_string("model", "Model",
+                          "Path to a .safetensors VAE (LDM or diffusers layout) or a full checkpoint holding one "
+                          "under 'first_stage_model.' or 'vae.'; loaded when the element starts",
+                          nullptr, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_PER_BATCH,
+      g_param_spec_uint("per-batch", "Frames per batch",
+                        "Frames gathered and encoded together; a change applies from the next batch", 1, 4096,
+                        kDefaultPerBatch, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_DEVICE,
+      g_param_spec_string("device", "Device",
+                          "Compute device: auto (CUDA when LibTorch has a GPU, else CPU), cpu, cuda or cuda:N. "
+                          "An explicit CUDA request that cannot be met is an error",
+                          kDefaultDevice, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_PRECISION,
+      g_param_spec_enum("precision", "Precision", "Compute precision of the encoder; latents are always float32",
+                        precision_get_type(), static_cast<gint>(Precision::Auto), rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_SAMPLE,
+      g_param_spec_boolean("sample", "Sample",
+                           "Output a sample mean + sigma * noise instead of the Gaussian mean (ComfyUI's default)",
+                           FALSE, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_SEED,
+      g_param_spec_uint64("seed", "Seed",
+                          "Noise seed when sampling; frame i's noise depends only on (seed, i), i counted from "
+                          "the start of the stream",
+                          0, G_MAXUINT64, 0, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_LATENT_FORMAT,
+      g_param_spec_enum("latent-format", "Latent format",
+                        "Raw latents (as ComfyUI returns them) or scaled for a diffusion model family: "
+                        "output = (raw - shift) * scale",
+                        latent_format_get_type(), 0, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_BATCH_TIMEOUT,
+      g_param_spec_uint64("batch-timeout", "Batch timeout",
+                          "Encode a partial batch once its oldest frame has waited this long, in nanoseconds "
+                          "(0 = always wait for a full batch or the end of the stream)",
+                          0, G_MAXUINT64, 0, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_THREADS,
+      g_param_spec_uint("threads", "CPU threads",
+                        "Intra-op CPU threads of LibTorch (process-wide), 0 = all cores", 0, 1024, 0, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_FRAMES_IN,
+      g_param_spec_uint64("frames-in", "Frames in", "Frames received since the element started", 0, G_MAXUINT64, 0,
+                          ro));
+  g_object_class_install_property(
+      gobject_class, PROP_LATENTS_OUT,
+      g_param_spec_uint64("latents-out", "Latents out", "Latents produced since the element started", 0,
+                          G_MAXUINT64, 0, ro));
+  g_object_class_install_property(
+      gobject_class, PROP_BATCHES,
+      g_param_spec_uint64("batches", "Batches", "Batches encoded since the element started", 0, G_MAXUINT64, 0, ro));
+  g_object_class_install_property(
+      gobject_class, PROP_LAST_BATCH_TIME,
+      g_param_spec_uint64("last-batch-time", "Last batch time", "Time the last batch took to encode, in nanoseconds",
+                          0, G_MAXUINT64, 0, ro));
+  g_object_class_install_property(
+      gobject_class, PROP_AVERAGE_FPS,
+      g_param_spec_double("average-fps", "Average frames/s",
+                          "Frames encoded per second of encode time since the element started", 0, G_MAXDOUBLE, 0,
+                          ro));
+
+  gst_element_class_set_static_metadata(
+      element_class, "VAE encoder", "Filter/Converter/Video",
+      "Encodes video frames in batches into the latents of a Stable-Diffusion-family VAE (LibTorch)",
+      "gst-vae developers");
+  gst_element_class_add_static_pad_template(element_class, &sink_template);
+  gst_element_class_add_static_pad_template(element_class, &src_template);
+  element_class->change_state = gst_vae_encode_change_state;
+
+  trans_class->start = gst_vae_encode_start;
+  trans_class->stop = gst_vae_encode_stop;
+  trans_class->transform_caps = gst_vae_encode_transform_caps;
+  trans_class->set_caps = gst_vae_encode_set_caps;
+  trans_class->submit_input_buffer = gst_vae_encode_submit_input_buffer;
+  trans_class->generate_output = gst_vae_encode_generate_output;
+  trans_class->sink_event = gst_vae_encode_sink_event;
+  trans_class->query = gst_vae_encode_query;
+  trans_class->passthrough_on_same_caps = FALSE;
+
+  gst_type_mark_as_plugin_api(precision_get_type(), static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(latent_format_get_type(), static_cast<GstPluginAPIFlags>(0));
+  GST_DEBUG_CATEGORY_INIT(vae_encode_debug, "vaeencode", 0, "VAE encoder");
+}

@@ -1,0 +1,159 @@
+#include "latent_caps.h"
+
+#include <algorithm>
+
+namespace gst_latent_caps {
+
+namespace {
+
+const char* const kVideoFormats[] = {"RGB", "BGR", "RGBA", "BGRA", "ARGB", "ABGR", "RGBx", "BGRx", "xRGB", "xBGR"};
+
+gint clamp_int(gint64 v) { return static_cast<gint>(std::min<gint64>(std::max<gint64>(v, 1), G_MAXINT)); }
+
+// Maps one width/height value (int, int range or list of them). Returns false
+// for value types that cannot be mapped.
+bool map_dimension(const GValue* in, GValue* out, bool to_latent, int d) {
+  if (G_VALUE_HOLDS_INT(in)) {
+    const gint v = g_value_get_int(in);
+    if (to_latent) {
+      if (v < d) return false;
+      g_value_init(out, G_TYPE_INT);
+      g_value_set_int(out, v / d);
+    } else {
+      g_value_init(out, GST_TYPE_INT_RANGE);
+      gst_value_set_int_range(out, clamp_int(gint64(v) * d), clamp_int(gint64(v) * d + d - 1));
+    }
+    return true;
+  }
+  if (GST_VALUE_HOLDS_INT_RANGE(in)) {
+    const gint lo = gst_value_get_int_range_min(in), hi = gst_value_get_int_range_max(in);
+    gint64 a, b;
+    if (to_latent) {
+      if (hi < d) return false;
+      a = std::max(lo, d) / d;
+      b = hi / d;
+    } else {
+      a = gint64(lo) * d;
+      b = gint64(hi) * d + d - 1;
+    }
+    if (clamp_int(a) == clamp_int(b)) {
+      g_value_init(out, G_TYPE_INT);
+      g_value_set_int(out, clamp_int(a));
+    } else {
+      g_value_init(out, GST_TYPE_INT_RANGE);
+      gst_value_set_int_range(out, clamp_int(a), clamp_int(b));
+    }
+    return true;
+  }
+  if (GST_VALUE_HOLDS_LIST(in)) {
+    g_value_init(out, GST_TYPE_LIST);
+    for (guint i = 0; i < gst_value_list_get_size(in); ++i) {
+      GValue item = G_VALUE_INIT;
+      if (map_dimension(gst_value_list_get_value(in, i), &item, to_latent, d))
+        gst_value_list_append_and_take_value(out, &item);
+    }
+    if (gst_value_list_get_size(out) == 0) {
+      g_value_unset(out);
+      return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+bool copy_dimensions(const GstStructure* in, GstStructure* out, bool to_latent, int d) {
+  for (const char* field : {"width", "height"}) {
+    const GValue* v = gst_structure_get_value(in, field);
+    if (!v) {
+      if (to_latent)
+        gst_structure_set(out, field, GST_TYPE_INT_RANGE, 1, G_MAXINT / d, nullptr);
+      else
+        gst_structure_set(out, field, GST_TYPE_INT_RANGE, d, G_MAXINT, nullptr);
+      continue;
+    }
+    GValue mapped = G_VALUE_INIT;
+    if (!map_dimension(v, &mapped, to_latent, d)) return false;
+    gst_structure_take_value(out, field, &mapped);
+  }
+  return true;
+}
+
+void copy_framerate(const GstStructure* in, GstStructure* out) {
+  if (const GValue* fr = gst_structure_get_value(in, "framerate"))
+    gst_structure_set_value(out, "framerate", fr);
+  else
+    gst_structure_set(out, "framerate", GST_TYPE_FRACTION_RANGE, 0, 1, G_MAXINT, 1, nullptr);
+}
+
+}  // namespace
+
+GstCaps* video_to_latent(const GstCaps* video, const Model& model) {
+  GstCaps* out = gst_caps_new_empty();
+  for (guint i = 0; i < gst_caps_get_size(video); ++i) {
+    const GstStructure* in = gst_caps_get_structure(video, i);
+    GstStructure* s = gst_structure_new(GST_LATENT_CAPS_MEDIA_TYPE, "format", G_TYPE_STRING, "F32", nullptr);
+    if (model.channels > 0)
+      gst_structure_set(s, "channels", G_TYPE_INT, model.channels, nullptr);
+    else
+      gst_structure_set(s, "channels", GST_TYPE_INT_RANGE, 1, G_MAXINT, nullptr);
+    if (!copy_dimensions(in, s, true, model.downscale)) {
+      gst_structure_free(s);
+      continue;
+    }
+    copy_framerate(in, s);
+    gst_structure_set(s, "latent-format", G_TYPE_STRING, model.latent_format.c_str(), nullptr);
+    out = gst_caps_merge_structure(out, s);
+  }
+  return out;
+}
+
+GstCaps* latent_to_video(const GstCaps* latent, const Model& model) {
+  GstCaps* out = gst_caps_new_empty();
+  GValue formats = G_VALUE_INIT;
+  g_value_init(&formats, GST_TYPE_LIST);
+  for (const char* f : kVideoFormats) {
+    GValue v = G_VALUE_INIT;
+    g_value_init(&v, G_TYPE_STRING);
+    g_value_set_string(&v, f);
+    gst_value_list_append_and_take_value(&formats, &v);
+  }
+  for (guint i = 0; i < gst_caps_get_size(latent); ++i) {
+    const GstStructure* in = gst_caps_get_structure(latent, i);
+    // Latents of another model or format cannot come from this element.
+    gint channels;
+    if (model.channels > 0 && gst_structure_get_int(in, "channels", &channels) && channels != model.channels) continue;
+    const char* lf = gst_structure_get_string(in, "latent-format");
+    if (lf && model.latent_format != lf) continue;
+    GstStructure* s = gst_structure_new_empty("video/x-raw");
+    gst_structure_set_value(s, "format", &formats);
+    if (!copy_dimensions(in, s, false, model.downscale)) {
+      gst_structure_free(s);
+      continue;
+    }
+    copy_framerate(in, s);
+    out = gst_caps_merge_structure(out, s);
+  }
+  g_value_unset(&formats);
+  return out;
+}
+
+bool parse(const GstCaps* caps, Info* info) {
+  if (!caps || !gst_caps_is_fixed(caps)) return false;
+  const GstStructure* s = gst_caps_get_structure(caps, 0);
+  if (!gst_structure_has_name(s, GST_LATENT_CAPS_MEDIA_TYPE)) return false;
+  const char* format = gst_structure_get_string(s, "format");
+  if (!format || g_strcmp0(format, "F32") != 0) return false;
+  if (!gst_structure_get_int(s, "channels", &info->channels) || !gst_structure_get_int(s, "width", &info->width) ||
+      !gst_structure_get_int(s, "height", &info->height))
+    return false;
+  if (info->channels < 1 || info->width < 1 || info->height < 1) return false;
+  if (!gst_structure_get_fraction(s, "framerate", &info->fps_n, &info->fps_d)) {
+    info->fps_n = 0;
+    info->fps_d = 1;
+  }
+  const char* lf = gst_structure_get_string(s, "latent-format");
+  info->latent_format = lf ? lf : "raw";
+  return true;
+}
+
+}  // namespace gst_latent_caps

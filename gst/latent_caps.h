@@ -1,0 +1,37 @@
+/* The application/x-latent caps shared by the elements: building them from
+ * video caps (and back) and reading them. See docs/latent-caps.md. */
+#pragma once
+
+#include <gst/gst.h>
+
+#include <string>
+
+#define GST_LATENT_CAPS_MEDIA_TYPE "application/x-latent"
+
+namespace gst_latent_caps {
+
+// What the loaded model contributes to the caps.
+struct Model {
+  int downscale = 8;
+  int channels = 0;  // 0: unknown yet (no model loaded): any
+  std::string latent_format = "raw";
+};
+
+// video/x-raw -> application/x-latent (width and height divided by the
+// downscale, rounding down as the crop does; framerate kept).
+GstCaps* video_to_latent(const GstCaps* video, const Model& model);
+// application/x-latent -> video/x-raw in the accepted formats (each latent
+// width w comes from video widths w*d .. w*d + d-1).
+GstCaps* latent_to_video(const GstCaps* latent, const Model& model);
+
+// The fixed fields of negotiated latent caps.
+struct Info {
+  int channels = 0, width = 0, height = 0;
+  int fps_n = 0, fps_d = 1;
+  std::string latent_format = "raw";
+  size_t frame_bytes() const { return static_cast<size_t>(channels) * width * height * sizeof(float); }
+};
+// False when the caps are not fixed latent caps in F32.
+bool parse(const GstCaps* caps, Info* info);
+
+}  // namespace gst_latent_caps

@@ -1,0 +1,18 @@
+/* The `vae` plugin: registers the elements. */
+#include <gst/gst.h>
+
+#include "gstvaeencode.h"
+
+#ifndef PACKAGE
+#define PACKAGE "gst-vae"
+#endif
+
+static gboolean plugin_init(GstPlugin* plugin) {
+  gboolean ok = FALSE;
+  ok |= GST_ELEMENT_REGISTER(vaeencode, plugin);
+  return ok;
+}
+
+GST_PLUGIN_DEFINE(GST_VERSION_MAJOR, GST_VERSION_MINOR, vae,
+                  "Stable-Diffusion-family VAE encoding of video frames (LibTorch)", plugin_init, "0.1.0",
+                  "LGPL", "gst-vae", "https://github.com/gst-vae/gst-vae")

@@ -1,0 +1,49 @@
+// Test fixtures generated at test time: random-weight VAE checkpoints with
+// real key layouts and shapes, scratch directories, synthetic frames.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "safetensors.h"
+
+namespace gstvae::test {
+
+struct VaeSpec {
+  int ch = 32;                       // base width (multiple of 32)
+  std::vector<int> mult = {1, 1, 2, 2};  // 4 levels -> downscale 8
+  int blocks = 1;                    // residual blocks per level
+  int z = 4;                         // latent channels
+  bool quant_conv = true;
+  DType dtype = DType::F32;          // F32, F16 or BF16
+  std::string layout = "ldm";        // ldm, first_stage_model, vae, diffusers, diffusers_old
+  bool include_decoder = true;       // a few decoder tensors the encoder must ignore
+  uint64_t seed = 1;
+  std::vector<std::string> drop;     // canonical (LDM) names left out of the file
+  std::map<std::string, std::vector<int64_t>> reshape;  // canonical name -> wrong shape to store instead
+};
+
+// Writes a checkpoint for `spec` to `path`.
+void write_test_vae(const std::string& path, const VaeSpec& spec);
+
+// A fresh empty directory under $TMPDIR, removed by the destructor.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Deterministic smooth-ish frame pixels (rows `stride` bytes apart).
+std::vector<uint8_t> make_frame(int width, int height, int bytes_per_pixel, size_t stride, uint64_t seed);
+
+// Writes raw bytes to a file (for hostile-file tests).
+void write_bytes(const std::string& path, const std::string& bytes);
+
+}  // namespace gstvae::test

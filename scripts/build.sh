@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what is missing, configures build/ once, then compiles.
+# Extra arguments go to `meson setup` (e.g. -Dlibtorch_root=/opt/libtorch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ ! -f build/build.ninja ]; then
+  meson setup build "$@"
+elif [ $# -gt 0 ]; then
+  meson setup --reconfigure build "$@"
+fi
+ninja -C build -j "$(nproc)"

@@ -139,6 +139,7 @@ struct Streaming {
   std::deque<GstBuffer*> ready;  // encoded, waiting for generate_output
   guint64 frame_index = 0;
   GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed push from the timer thread
+  bool tags_sent = false;
 
   void drop_pending() {
     if (batch) batch->clear();
@@ -406,6 +407,7 @@ static gboolean gst_vae_encode_start(GstBaseTransform* trans) {
                   info.device.c_str(), gstvae::precision_name(info.precision));
   self->state->frame_index = 0;
   self->state->timer_flow = GST_FLOW_OK;
+  self->state->tags_sent = false;
   GST_OBJECT_LOCK(self);
   *self->stats = Stats();
   *self->facts = Facts();
@@ -519,6 +521,19 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
     gst_buffer_unref(input);
     GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Received a buffer before caps"), (nullptr));
     return GST_FLOW_NOT_NEGOTIATED;
+  }
+  // Overriding submit_input_buffer means renegotiating here (downstream may ask).
+  if (!gst_base_transform_reconfigure(trans)) {
+    gst_buffer_unref(input);
+    return GST_PAD_IS_FLUSHING(GST_BASE_TRANSFORM_SRC_PAD(trans)) ? GST_FLOW_FLUSHING : GST_FLOW_NOT_NEGOTIATED;
+  }
+  if (!st.tags_sent) {
+    // Provenance for sinks such as latentfilesink: the model's file name.
+    gchar* base = g_path_get_basename(st.encoder->info().model_path.c_str());
+    gst_pad_push_event(GST_BASE_TRANSFORM_SRC_PAD(trans),
+                       gst_event_new_tag(gst_tag_list_new(GST_TAG_VAE_MODEL, base, nullptr)));
+    g_free(base);
+    st.tags_sent = true;
   }
   const Settings s = settings_snapshot(self);
   GstVideoFrame frame;
@@ -652,8 +667,10 @@ static gboolean gst_vae_encode_query(GstBaseTransform* trans, GstPadDirection di
 
 static void gst_vae_encode_set_property(GObject* object, guint prop_id, const GValue* value, GParamSpec* pspec) {
   GstVaeEncode* self = GST_VAE_ENCODE(object);
-  if (prop_id == PROP_MODEL || prop_id == PROP_DEVICE || prop_id == PROP_PRECISION || prop_id == PROP_THREADS) {
-    // The model is loaded when the element starts: these only apply in NULL/READY.
+  if (prop_id == PROP_MODEL || prop_id == PROP_DEVICE || prop_id == PROP_PRECISION || prop_id == PROP_THREADS ||
+      prop_id == PROP_LATENT_FORMAT) {
+    // The model is loaded when the element starts and the latent format is
+    // part of the caps: these only apply in NULL/READY.
     GstState state = GST_STATE(self);
     if (state > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY) {
       g_warning("vaeencode: property '%s' can only be changed in the NULL or READY state", pspec->name);
@@ -675,7 +692,6 @@ static void gst_vae_encode_set_property(GObject* object, guint prop_id, const GV
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
   GST_OBJECT_UNLOCK(self);
-  if (prop_id == PROP_LATENT_FORMAT) gst_base_transform_reconfigure_src(GST_BASE_TRANSFORM(self));
 }
 
 static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {

@@ -63,7 +63,14 @@ bool map_dimension(const GValue* in, GValue* out, bool to_latent, int d) {
 
 bool copy_dimensions(const GstStructure* in, GstStructure* out, bool to_latent, int d) {
   for (const char* field : {"width", "height"}) {
+    const char* source_field = g_str_equal(field, "width") ? "source-width" : "source-height";
     const GValue* v = gst_structure_get_value(in, field);
+    if (to_latent) {
+      if (v) gst_structure_set_value(out, source_field, v);
+    } else if (const GValue* src = gst_structure_get_value(in, source_field)) {
+      gst_structure_set_value(out, field, src);
+      continue;
+    }
     if (!v) {
       if (to_latent)
         gst_structure_set(out, field, GST_TYPE_INT_RANGE, 1, G_MAXINT / d, nullptr);
@@ -153,7 +160,15 @@ bool parse(const GstCaps* caps, Info* info) {
   }
   const char* lf = gst_structure_get_string(s, "latent-format");
   info->latent_format = lf ? lf : "raw";
+  if (!gst_structure_get_int(s, "source-width", &info->source_width) ||
+      !gst_structure_get_int(s, "source-height", &info->source_height))
+    info->source_width = info->source_height = 0;
   return true;
 }
 
 }  // namespace gst_latent_caps
+
+void gst_vae_register_tags() {
+  gst_tag_register_static(GST_TAG_VAE_MODEL, GST_TAG_FLAG_META, G_TYPE_STRING, "VAE model",
+                          "file name of the VAE model that produced the latents", gst_tag_merge_use_first);
+}

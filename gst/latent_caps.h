@@ -8,6 +8,11 @@
 
 #define GST_LATENT_CAPS_MEDIA_TYPE "application/x-latent"
 
+/* Stream tag (string) naming the VAE model file the latents came from;
+ * registered by the plugin, sent by vaeencode, stored by latentfilesink. */
+#define GST_TAG_VAE_MODEL "vae-model"
+void gst_vae_register_tags();
+
 namespace gst_latent_caps {
 
 // What the loaded model contributes to the caps.
@@ -18,16 +23,18 @@ struct Model {
 };
 
 // video/x-raw -> application/x-latent (width and height divided by the
-// downscale, rounding down as the crop does; framerate kept).
+// downscale, rounding down as the crop does; framerate kept; the video size
+// kept as source-width and source-height).
 GstCaps* video_to_latent(const GstCaps* video, const Model& model);
 // application/x-latent -> video/x-raw in the accepted formats (each latent
-// width w comes from video widths w*d .. w*d + d-1).
+// width w comes from video widths w*d .. w*d + d-1, or exactly source-width).
 GstCaps* latent_to_video(const GstCaps* latent, const Model& model);
 
 // The fixed fields of negotiated latent caps.
 struct Info {
   int channels = 0, width = 0, height = 0;
   int fps_n = 0, fps_d = 1;
+  int source_width = 0, source_height = 0;  // video frame size, when the caps say
   std::string latent_format = "raw";
   size_t frame_bytes() const { return static_cast<size_t>(channels) * width * height * sizeof(float); }
 };

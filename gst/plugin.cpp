@@ -1,15 +1,19 @@
 /* The `vae` plugin: registers the elements. */
 #include <gst/gst.h>
 
+#include "gstlatentfilesink.h"
 #include "gstvaeencode.h"
+#include "latent_caps.h"
 
 #ifndef PACKAGE
 #define PACKAGE "gst-vae"
 #endif
 
 static gboolean plugin_init(GstPlugin* plugin) {
+  gst_vae_register_tags();
   gboolean ok = FALSE;
   ok |= GST_ELEMENT_REGISTER(vaeencode, plugin);
+  ok |= GST_ELEMENT_REGISTER(latentfilesink, plugin);
   return ok;
 }
 

@@ -1,0 +1,492 @@
+/* latentfilesink: writes application/x-latent streams to ComfyUI .latent,
+ * .safetensors or .npy files, streaming, with atomic renames and optional
+ * segmentation by frame count or duration. The file handling lives in
+ * src/latent_file.cpp; this is the GObject glue. */
+#include "gstlatentfilesink.h"
+
+#include <memory>
+#include <string>
+
+#include "latent_caps.h"
+#include "latent_file.h"
+
+GST_DEBUG_CATEGORY_STATIC(latent_file_sink_debug);
+#define GST_CAT_DEFAULT latent_file_sink_debug
+
+using gstvae::LatentFileError;
+using gstvae::LatentFileFormat;
+using gstvae::LatentFileWriter;
+
+namespace {
+
+enum {
+  PROP_0,
+  PROP_LOCATION,
+  PROP_FORMAT,
+  PROP_MAX_FRAMES,
+  PROP_MAX_DURATION,
+  PROP_START_INDEX,
+  PROP_FRAMES_WRITTEN,
+  PROP_FILES_WRITTEN,
+};
+
+enum FormatChoice { FORMAT_AUTO = 0, FORMAT_LATENT, FORMAT_SAFETENSORS, FORMAT_NPY };
+
+GType format_choice_get_type() {
+  static GType type = 0;
+  if (g_once_init_enter(&type)) {
+    static const GEnumValue values[] = {
+        {FORMAT_AUTO, "From the extension: .npy, .safetensors, anything else .latent", "auto"},
+        {FORMAT_LATENT, "ComfyUI latent (safetensors: latent_tensor + latent_format_version_0)", "latent"},
+        {FORMAT_SAFETENSORS, "safetensors, same content as .latent", "safetensors"},
+        {FORMAT_NPY, "NumPy .npy 1.0, float32 (N, C, h, w)", "npy"},
+        {0, nullptr, nullptr}};
+    g_once_init_leave(&type, g_enum_register_static("GstLatentFileSinkFormat", values));
+  }
+  return type;
+}
+
+struct Settings {
+  std::string location;
+  gint format = FORMAT_AUTO;
+  guint64 max_frames = 0;
+  guint64 max_duration = 0;
+  guint start_index = 0;
+};
+
+// A location is either a plain path or a pattern with exactly one integer
+// conversion (%d, %05d, ...). User text is never passed to printf.
+struct Location {
+  std::string prefix, suffix;
+  int width = 0;
+  bool pattern = false;
+
+  std::string expand(guint index) const {
+    if (!pattern) return prefix;
+    std::string n = std::to_string(index);
+    if (static_cast<int>(n.size()) < width) n.insert(0, width - n.size(), '0');
+    return prefix + n + suffix;
+  }
+};
+
+// Returns an empty string on success, else what is wrong with `text`.
+std::string parse_location(const std::string& text, Location* out) {
+  Location loc;
+  std::string literal;
+  int conversions = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '%') {
+      literal += text[i];
+      continue;
+    }
+    if (i + 1 < text.size() && text[i + 1] == '%') {
+      literal += '%';
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    int width = 0;
+    while (j < text.size() && g_ascii_isdigit(text[j]) && width < 100) width = width * 10 + (text[j++] - '0');
+    if (j >= text.size() || (text[j] != 'd' && text[j] != 'i' && text[j] != 'u'))
+      return "only one integer conversion such as %05d is allowed in a location pattern";
+    if (++conversions > 1) return "a location pattern may hold only one integer conversion";
+    loc.prefix = literal;
+    literal.clear();
+    loc.width = width;
+    loc.pattern = true;
+    i = j;
+  }
+  if (loc.pattern)
+    loc.suffix = literal;
+  else
+    loc.prefix = literal;
+  *out = loc;
+  return "";
+}
+
+struct Streaming {
+  Location location;
+  LatentFileFormat format = LatentFileFormat::Latent;
+  guint next_index = 0;
+  gst_latent_caps::Info caps;
+  bool have_caps = false;
+  std::unique_ptr<LatentFileWriter> writer;
+  GstClockTime first_pts = GST_CLOCK_TIME_NONE;
+  GstClockTime end_pts = GST_CLOCK_TIME_NONE;
+  std::string model;  // from the vae-model tag
+  bool failed = false;
+};
+
+struct Stats {
+  guint64 frames_written = 0;
+  guint files_written = 0;
+};
+
+}  // namespace
+
+struct _GstLatentFileSink {
+  GstBaseSink parent;
+  Settings* settings;  // object lock
+  Stats* stats;        // object lock
+  Streaming* state;    // streaming thread
+};
+
+G_DEFINE_TYPE(GstLatentFileSink, gst_latent_file_sink, GST_TYPE_BASE_SINK);
+GST_ELEMENT_REGISTER_DEFINE(latentfilesink, "latentfilesink", GST_RANK_NONE, GST_TYPE_LATENT_FILE_SINK);
+
+static GstStaticPadTemplate sink_template =
+    GST_STATIC_PAD_TEMPLATE("sink", GST_PAD_SINK, GST_PAD_ALWAYS,
+                            GST_STATIC_CAPS(GST_LATENT_CAPS_MEDIA_TYPE ", format = (string) F32, "
+                                            "channels = (int) [ 1, MAX ], width = (int) [ 1, MAX ], "
+                                            "height = (int) [ 1, MAX ]"));
+
+static Settings settings_snapshot(GstLatentFileSink* self) {
+  GST_OBJECT_LOCK(self);
+  Settings s = *self->settings;
+  GST_OBJECT_UNLOCK(self);
+  return s;
+}
+
+static std::string timestamp_string(GstClockTime t) {
+  return GST_CLOCK_TIME_IS_VALID(t) ? std::to_string(t) : std::string("none");
+}
+
+// Crop offsets follow from the source and latent sizes: the downscale is the
+// power of two that maps one onto the other (8 for every released model).
+static std::string crop_string(const gst_latent_caps::Info& c) {
+  if (c.source_width <= 0 || c.source_height <= 0) return "";
+  for (int d = 1; d <= 64; d *= 2) {
+    if (c.source_width / d == c.width && c.source_height / d == c.height) {
+      const int cw = c.width * d, ch = c.height * d;
+      return std::to_string((c.source_width - cw) / 2) + "," + std::to_string((c.source_height - ch) / 2) + "," +
+             std::to_string(cw) + "," + std::to_string(ch);
+    }
+  }
+  return "";
+}
+
+// Finalises the open file (header, fsync, rename) and announces it.
+static bool close_file(GstLatentFileSink* self) {
+  Streaming& st = *self->state;
+  if (!st.writer) return true;
+  std::unique_ptr<LatentFileWriter> writer = std::move(st.writer);
+  const guint64 frames = writer->frames();
+  const std::string path = writer->final_path();
+  std::map<std::string, std::string> meta = {
+      {"created_by", "gst-vae latentfilesink"},
+      {"frame_count", std::to_string(frames)},
+      {"channels", std::to_string(st.caps.channels)},
+      {"height", std::to_string(st.caps.height)},
+      {"width", std::to_string(st.caps.width)},
+      {"framerate", std::to_string(st.caps.fps_n) + "/" + std::to_string(st.caps.fps_d)},
+      {"first_pts_ns", timestamp_string(st.first_pts)},
+      {"end_pts_ns", timestamp_string(st.end_pts)},
+      {"latent_format", st.caps.latent_format},
+      {"segment", std::to_string(st.next_index - 1)},
+  };
+  if (st.caps.source_width > 0) {
+    meta["source_width"] = std::to_string(st.caps.source_width);
+    meta["source_height"] = std::to_string(st.caps.source_height);
+    const std::string crop = crop_string(st.caps);
+    if (!crop.empty()) meta["crop_x_y_w_h"] = crop;
+  }
+  if (!st.model.empty()) meta["model"] = st.model;
+  try {
+    writer->finish(meta);
+  } catch (const LatentFileError& e) {
+    st.failed = true;
+    GST_ELEMENT_ERROR(self, RESOURCE, WRITE, ("Could not finish latent file '%s'", path.c_str()), ("%s", e.what()));
+    return false;
+  }
+  GST_INFO_OBJECT(self, "wrote %" G_GUINT64_FORMAT " latents to '%s'", frames, path.c_str());
+  GST_OBJECT_LOCK(self);
+  self->stats->files_written++;
+  GST_OBJECT_UNLOCK(self);
+  GstStructure* s = gst_structure_new("latentfilesink-file-closed", "location", G_TYPE_STRING, path.c_str(),
+                                      "frames", G_TYPE_UINT64, frames, "first-pts", G_TYPE_UINT64, st.first_pts,
+                                      "end-pts", G_TYPE_UINT64, st.end_pts, nullptr);
+  gst_element_post_message(GST_ELEMENT(self), gst_message_new_element(GST_OBJECT(self), s));
+  return true;
+}
+
+static bool open_file(GstLatentFileSink* self) {
+  Streaming& st = *self->state;
+  const std::string path = st.location.expand(st.next_index);
+  try {
+    st.writer = std::make_unique<LatentFileWriter>(path, st.format, st.caps.channels, st.caps.height, st.caps.width);
+  } catch (const LatentFileError& e) {
+    st.failed = true;
+    GST_ELEMENT_ERROR(self, RESOURCE, OPEN_WRITE, ("Could not open latent file '%s' for writing", path.c_str()),
+                      ("%s", e.what()));
+    return false;
+  }
+  st.next_index++;
+  st.first_pts = GST_CLOCK_TIME_NONE;
+  st.end_pts = GST_CLOCK_TIME_NONE;
+  GST_DEBUG_OBJECT(self, "writing '%s' through '%s'", path.c_str(), st.writer->temp_path().c_str());
+  return true;
+}
+
+static gboolean gst_latent_file_sink_start(GstBaseSink* sink) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(sink);
+  const Settings s = settings_snapshot(self);
+  Streaming& st = *self->state;
+  st = Streaming();
+  if (s.location.empty()) {
+    GST_ELEMENT_ERROR(self, RESOURCE, NOT_FOUND, ("No file name given"), ("set the 'location' property"));
+    return FALSE;
+  }
+  const std::string problem = parse_location(s.location, &st.location);
+  if (!problem.empty()) {
+    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("Invalid location '%s'", s.location.c_str()), ("%s", problem.c_str()));
+    return FALSE;
+  }
+  if ((s.max_frames || s.max_duration) && !st.location.pattern) {
+    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("max-frames and max-duration need a location pattern"),
+                      ("location '%s' has no integer conversion such as clip-%%05d.latent", s.location.c_str()));
+    return FALSE;
+  }
+  switch (s.format) {
+    case FORMAT_LATENT: st.format = LatentFileFormat::Latent; break;
+    case FORMAT_SAFETENSORS: st.format = LatentFileFormat::Safetensors; break;
+    case FORMAT_NPY: st.format = LatentFileFormat::Npy; break;
+    default: st.format = gstvae::latent_file_format_for(st.location.suffix.empty() ? st.location.prefix
+                                                                                   : st.location.suffix);
+  }
+  st.next_index = s.start_index;
+  GST_OBJECT_LOCK(self);
+  *self->stats = Stats();
+  GST_OBJECT_UNLOCK(self);
+  return TRUE;
+}
+
+static gboolean gst_latent_file_sink_stop(GstBaseSink* sink) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(sink);
+  Streaming& st = *self->state;
+  // Stopped without EOS (e.g. Ctrl-C without -e): every frame written so far is
+  // whole, so the file is finished rather than thrown away. After an error the
+  // temporary file is deleted instead.
+  if (st.writer && !st.failed && st.writer->frames() > 0) {
+    GST_INFO_OBJECT(self, "stopped before EOS: finishing '%s'", st.writer->final_path().c_str());
+    close_file(self);
+  }
+  st.writer.reset();
+  return TRUE;
+}
+
+static gboolean gst_latent_file_sink_set_caps(GstBaseSink* sink, GstCaps* caps) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(sink);
+  Streaming& st = *self->state;
+  gst_latent_caps::Info info;
+  if (!gst_latent_caps::parse(caps, &info)) {
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Invalid latent caps"), ("%" GST_PTR_FORMAT, caps));
+    return FALSE;
+  }
+  if (st.writer && (info.channels != st.caps.channels || info.width != st.caps.width ||
+                    info.height != st.caps.height)) {
+    if (!st.location.pattern) {
+      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Latent size changed mid-stream"),
+                        ("from %dx%dx%d to %dx%dx%d; a file holds one size: use a location pattern such as "
+                         "clip-%%05d.latent to start a new file at each change",
+                         st.caps.channels, st.caps.height, st.caps.width, info.channels, info.height, info.width));
+      return FALSE;
+    }
+    if (!close_file(self)) return FALSE;
+  }
+  st.caps = info;
+  st.have_caps = true;
+  return TRUE;
+}
+
+static GstFlowReturn gst_latent_file_sink_render(GstBaseSink* sink, GstBuffer* buffer) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(sink);
+  Streaming& st = *self->state;
+  if (st.failed) return GST_FLOW_ERROR;
+  const Settings s = settings_snapshot(self);
+  const GstClockTime pts = GST_BUFFER_PTS(buffer);
+  if (st.writer) {
+    const bool frames_full = s.max_frames && st.writer->frames() >= s.max_frames;
+    const bool time_full = s.max_duration && GST_CLOCK_TIME_IS_VALID(pts) && GST_CLOCK_TIME_IS_VALID(st.first_pts) &&
+                           pts >= st.first_pts && pts - st.first_pts >= s.max_duration;
+    if ((frames_full || time_full) && !close_file(self)) return GST_FLOW_ERROR;
+  }
+  if (!st.writer && !open_file(self)) return GST_FLOW_ERROR;
+
+  GstMapInfo map;
+  if (!gst_buffer_map(buffer, &map, GST_MAP_READ)) {
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("Could not map a latent buffer"), (nullptr));
+    return GST_FLOW_ERROR;
+  }
+  const size_t expected = st.caps.frame_bytes();
+  std::string error;
+  if (map.size != expected) {
+    error = "buffer of " + std::to_string(map.size) + " bytes, expected " + std::to_string(expected) + " (" +
+            std::to_string(st.caps.channels) + "x" + std::to_string(st.caps.height) + "x" +
+            std::to_string(st.caps.width) + " float32)";
+  } else {
+    try {
+      st.writer->append(map.data, map.size);
+    } catch (const LatentFileError& e) {
+      error = e.what();
+    }
+  }
+  gst_buffer_unmap(buffer, &map);
+  if (!error.empty()) {
+    st.failed = true;
+    const std::string path = st.writer->final_path();
+    st.writer.reset();  // deletes the temporary file: no corrupt result
+    GST_ELEMENT_ERROR(self, RESOURCE, WRITE, ("Could not write latent file '%s'", path.c_str()), ("%s", error.c_str()));
+    return GST_FLOW_ERROR;
+  }
+  if (!GST_CLOCK_TIME_IS_VALID(st.first_pts)) st.first_pts = pts;
+  if (GST_CLOCK_TIME_IS_VALID(pts))
+    st.end_pts = pts + (GST_BUFFER_DURATION_IS_VALID(buffer) ? GST_BUFFER_DURATION(buffer) : 0);
+  GST_OBJECT_LOCK(self);
+  self->stats->frames_written++;
+  GST_OBJECT_UNLOCK(self);
+  return GST_FLOW_OK;
+}
+
+static gboolean gst_latent_file_sink_event(GstBaseSink* sink, GstEvent* event) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(sink);
+  Streaming& st = *self->state;
+  switch (GST_EVENT_TYPE(event)) {
+    case GST_EVENT_EOS:
+      if (st.writer && !close_file(self)) {
+        gst_event_unref(event);
+        return FALSE;
+      }
+      if (st.next_index == settings_snapshot(self).start_index && !st.failed)
+        GST_ELEMENT_WARNING(self, STREAM, FAILED, ("No latents received: no file written"), (nullptr));
+      break;
+    case GST_EVENT_TAG: {
+      GstTagList* tags;
+      gst_event_parse_tag(event, &tags);
+      gchar* model = nullptr;
+      if (gst_tag_list_get_string(tags, GST_TAG_VAE_MODEL, &model)) {
+        st.model = model;
+        g_free(model);
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  return GST_BASE_SINK_CLASS(gst_latent_file_sink_parent_class)->event(sink, event);
+}
+
+static void gst_latent_file_sink_set_property(GObject* object, guint prop_id, const GValue* value,
+                                              GParamSpec* pspec) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(object);
+  if (prop_id == PROP_LOCATION || prop_id == PROP_FORMAT || prop_id == PROP_START_INDEX) {
+    if (GST_STATE(self) > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY) {
+      g_warning("latentfilesink: property '%s' can only be changed in the NULL or READY state", pspec->name);
+      return;
+    }
+  }
+  GST_OBJECT_LOCK(self);
+  Settings& s = *self->settings;
+  switch (prop_id) {
+    case PROP_LOCATION: s.location = g_value_get_string(value) ? g_value_get_string(value) : ""; break;
+    case PROP_FORMAT: s.format = g_value_get_enum(value); break;
+    case PROP_MAX_FRAMES: s.max_frames = g_value_get_uint64(value); break;
+    case PROP_MAX_DURATION: s.max_duration = g_value_get_uint64(value); break;
+    case PROP_START_INDEX: s.start_index = g_value_get_uint(value); break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+  GST_OBJECT_UNLOCK(self);
+}
+
+static void gst_latent_file_sink_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(object);
+  GST_OBJECT_LOCK(self);
+  const Settings& s = *self->settings;
+  switch (prop_id) {
+    case PROP_LOCATION: g_value_set_string(value, s.location.c_str()); break;
+    case PROP_FORMAT: g_value_set_enum(value, s.format); break;
+    case PROP_MAX_FRAMES: g_value_set_uint64(value, s.max_frames); break;
+    case PROP_MAX_DURATION: g_value_set_uint64(value, s.max_duration); break;
+    case PROP_START_INDEX: g_value_set_uint(value, s.start_index); break;
+    case PROP_FRAMES_WRITTEN: g_value_set_uint64(value, self->stats->frames_written); break;
+    case PROP_FILES_WRITTEN: g_value_set_uint(value, self->stats->files_written); break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+  GST_OBJECT_UNLOCK(self);
+}
+
+static void gst_latent_file_sink_finalize(GObject* object) {
+  GstLatentFileSink* self = GST_LATENT_FILE_SINK(object);
+  delete self->state;  // an unfinished writer deletes its temporary file
+  delete self->stats;
+  delete self->settings;
+  G_OBJECT_CLASS(gst_latent_file_sink_parent_class)->finalize(object);
+}
+
+static void gst_latent_file_sink_init(GstLatentFileSink* self) {
+  self->settings = new Settings();
+  self->stats = new Stats();
+  self->state = new Streaming();
+  gst_base_sink_set_sync(GST_BASE_SINK(self), FALSE);
+}
+
+static void gst_latent_file_sink_class_init(GstLatentFileSinkClass* klass) {
+  GObjectClass* gobject_class = G_OBJECT_CLASS(klass);
+  GstElementClass* element_class = GST_ELEMENT_CLASS(klass);
+  GstBaseSinkClass* sink_class = GST_BASE_SINK_CLASS(klass);
+
+  gobject_class->set_property = gst_latent_file_sink_set_property;
+  gobject_class->get_property = gst_latent_file_sink_get_property;
+  gobject_class->finalize = gst_latent_file_sink_finalize;
+
+  const auto rw_ready = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS | GST_PARAM_MUTABLE_READY);
+  const auto rw_playing =
+      static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS | GST_PARAM_MUTABLE_PLAYING);
+  const auto ro = static_cast<GParamFlags>(G_PARAM_READABLE | G_PARAM_STATIC_STRINGS);
+
+  g_object_class_install_property(
+      gobject_class, PROP_LOCATION,
+      g_param_spec_string("location", "Location",
+                          "File to write; with max-frames/max-duration or caps changes, a pattern holding one "
+                          "integer conversion (e.g. clip-%05d.latent) numbers the segments. Written under a hidden "
+                          "temporary name in the same directory and renamed when complete",
+                          nullptr, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_FORMAT,
+      g_param_spec_enum("format", "Format", "File format", format_choice_get_type(), FORMAT_AUTO, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_MAX_FRAMES,
+      g_param_spec_uint64("max-frames", "Max frames", "Start a new file after this many latents (0 = no limit)", 0,
+                          G_MAXUINT64, 0, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_MAX_DURATION,
+      g_param_spec_uint64("max-duration", "Max duration",
+                          "Start a new file once a latent's PTS is this far (in nanoseconds) past the file's first "
+                          "(0 = no limit)",
+                          0, G_MAXUINT64, 0, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_START_INDEX,
+      g_param_spec_uint("start-index", "Start index", "Number of the first file of a location pattern", 0, G_MAXUINT,
+                        0, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_FRAMES_WRITTEN,
+      g_param_spec_uint64("frames-written", "Frames written", "Latents written since the element started", 0,
+                          G_MAXUINT64, 0, ro));
+  g_object_class_install_property(
+      gobject_class, PROP_FILES_WRITTEN,
+      g_param_spec_uint("files-written", "Files written", "Files completed since the element started", 0, G_MAXUINT,
+                        0, ro));
+
+  gst_element_class_set_static_metadata(
+      element_class, "Latent file sink", "Sink/File",
+      "Writes VAE latents to ComfyUI .latent, .safetensors or NumPy .npy files", "gst-vae developers");
+  gst_element_class_add_static_pad_template(element_class, &sink_template);
+
+  sink_class->start = gst_latent_file_sink_start;
+  sink_class->stop = gst_latent_file_sink_stop;
+  sink_class->set_caps = gst_latent_file_sink_set_caps;
+  sink_class->render = gst_latent_file_sink_render;
+  sink_class->event = gst_latent_file_sink_event;
+
+  gst_type_mark_as_plugin_api(format_choice_get_type(), static_cast<GstPluginAPIFlags>(0));
+  GST_DEBUG_CATEGORY_INIT(latent_file_sink_debug, "latentfilesink", 0, "Latent file sink");
+}

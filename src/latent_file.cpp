@@ -1,0 +1,223 @@
+#include "latent_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "safetensors.h"
+
+namespace gstvae {
+
+namespace {
+
+// Room reserved for the header, so that frames can be written before the frame
+// count is known. Both keep the data 64-byte aligned.
+constexpr size_t kSafetensorsHeaderBytes = 4096;
+constexpr size_t kNpyHeaderBytes = 128;
+constexpr size_t kMaxMetadataValue = 256;
+
+std::string errno_text() { return std::strerror(errno); }
+
+std::string dir_of(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string base_of(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+const char* latent_file_format_name(LatentFileFormat format) {
+  switch (format) {
+    case LatentFileFormat::Latent: return "latent";
+    case LatentFileFormat::Safetensors: return "safetensors";
+    case LatentFileFormat::Npy: return "npy";
+  }
+  return "?";
+}
+
+LatentFileFormat latent_file_format_for(const std::string& path) {
+  if (ends_with(path, ".npy")) return LatentFileFormat::Npy;
+  if (ends_with(path, ".safetensors")) return LatentFileFormat::Safetensors;
+  return LatentFileFormat::Latent;
+}
+
+LatentFileWriter::LatentFileWriter(std::string final_path, LatentFileFormat format, int channels, int height,
+                                   int width)
+    : final_path_(std::move(final_path)), format_(format), channels_(channels), height_(height), width_(width) {
+  if (channels < 1 || height < 1 || width < 1)
+    throw LatentFileError("invalid latent shape " + std::to_string(channels) + "x" + std::to_string(height) + "x" +
+                          std::to_string(width));
+  frame_bytes_ = static_cast<size_t>(channels) * height * width * sizeof(float);
+  header_bytes_ = format == LatentFileFormat::Npy ? kNpyHeaderBytes : kSafetensorsHeaderBytes;
+  // Hidden, unique, in the same directory: rename() is then atomic.
+  std::string tmpl = dir_of(final_path_) + "/." + base_of(final_path_) + ".XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  fd_ = ::mkstemp(buf.data());
+  if (fd_ < 0)
+    throw LatentFileError("cannot create a file in '" + dir_of(final_path_) + "' for '" + final_path_ +
+                          "': " + errno_text());
+  temp_path_ = buf.data();
+  ::fchmod(fd_, 0644);  // mkstemp creates 0600; the result is an ordinary data file
+  const std::string placeholder(header_bytes_, ' ');
+  try {
+    write_at(0, placeholder.data(), placeholder.size());
+  } catch (...) {
+    abort();
+    throw;
+  }
+}
+
+LatentFileWriter::~LatentFileWriter() {
+  if (!finished_) abort();
+}
+
+void LatentFileWriter::write_at(uint64_t offset, const void* data, size_t bytes) {
+  const char* p = static_cast<const char*>(data);
+  while (bytes > 0) {
+    const ssize_t n = ::pwrite(fd_, p, bytes, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw LatentFileError("cannot write '" + temp_path_ + "' (for '" + final_path_ + "'): " + errno_text());
+    }
+    p += n;
+    bytes -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+void LatentFileWriter::append(const void* data, size_t bytes) {
+  if (fd_ < 0 || finished_) throw LatentFileError("'" + final_path_ + "' is already closed");
+  if (bytes % frame_bytes_ != 0)
+    throw LatentFileError("appending " + std::to_string(bytes) + " bytes to '" + final_path_ +
+                          "', not a whole number of " + std::to_string(frame_bytes_) + "-byte latents");
+  write_at(header_bytes_ + frames_ * frame_bytes_, data, bytes);
+  frames_ += bytes / frame_bytes_;
+}
+
+std::string LatentFileWriter::header(const std::map<std::string, std::string>& metadata) const {
+  const std::vector<int64_t> shape = {static_cast<int64_t>(frames_), channels_, height_, width_};
+  std::string h;
+  if (format_ == LatentFileFormat::Npy) {
+    std::ostringstream dict;
+    dict << "{'descr': '<f4', 'fortran_order': False, 'shape': (" << shape[0] << ", " << shape[1] << ", "
+         << shape[2] << ", " << shape[3] << "), }";
+    std::string text = dict.str();
+    const size_t prefix = 10;  // magic (6) + version (2) + header length (2)
+    if (prefix + text.size() + 1 > header_bytes_) throw LatentFileError("npy header too long");
+    text.append(header_bytes_ - prefix - text.size() - 1, ' ');
+    text += '\n';
+    h = std::string("\x93NUMPY\x01\x00", 8);
+    h += static_cast<char>(text.size() & 0xff);
+    h += static_cast<char>((text.size() >> 8) & 0xff);
+    h += text;
+    return h;
+  }
+  std::map<std::string, std::string> meta;
+  for (const auto& kv : metadata) meta[kv.first] = kv.second.substr(0, kMaxMetadataValue);
+  static const float kNoData = 0.0f;
+  // ComfyUI's SaveLatent layout: the empty marker first, then the samples.
+  std::vector<TensorToWrite> tensors = {
+      {"latent_format_version_0", DType::F32, {0}, &kNoData},
+      {"latent_tensor", DType::F32, shape, nullptr},
+  };
+  h = safetensors_header(tensors, meta);
+  if (h.size() > header_bytes_)
+    throw LatentFileError("metadata of '" + final_path_ + "' does not fit the reserved header");
+  // Pad the JSON with spaces (allowed by the format) to the reserved size.
+  h.append(header_bytes_ - h.size(), ' ');
+  const uint64_t json_len = header_bytes_ - 8;
+  for (int i = 0; i < 8; ++i) h[i] = static_cast<char>((json_len >> (8 * i)) & 0xff);
+  return h;
+}
+
+void LatentFileWriter::finish(const std::map<std::string, std::string>& metadata) {
+  if (fd_ < 0 || finished_) throw LatentFileError("'" + final_path_ + "' is already closed");
+  const std::string h = header(metadata);
+  write_at(0, h.data(), h.size());
+  if (::fsync(fd_) != 0)
+    throw LatentFileError("cannot flush '" + temp_path_ + "' (for '" + final_path_ + "'): " + errno_text());
+  if (::close(fd_) != 0) {
+    fd_ = -1;
+    throw LatentFileError("cannot close '" + temp_path_ + "' (for '" + final_path_ + "'): " + errno_text());
+  }
+  fd_ = -1;
+  if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0)
+    throw LatentFileError("cannot rename '" + temp_path_ + "' to '" + final_path_ + "': " + errno_text());
+  finished_ = true;
+  // Make the rename itself durable.
+  const int dir = ::open(dir_of(final_path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+}
+
+void LatentFileWriter::abort() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    fd_ = -1;
+  }
+  if (!finished_ && !temp_path_.empty()) ::unlink(temp_path_.c_str());
+  temp_path_.clear();
+}
+
+LatentArray read_latent_file(const std::string& path) {
+  LatentArray out;
+  if (latent_file_format_for(path) == LatentFileFormat::Npy) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw LatentFileError("cannot open '" + path + "'");
+    char pre[10];
+    f.read(pre, 10);
+    if (!f || std::memcmp(pre, "\x93NUMPY", 6) != 0 || pre[6] != 1)
+      throw LatentFileError("'" + path + "' is not a NumPy 1.0 file");
+    const size_t hlen = static_cast<uint8_t>(pre[8]) | (static_cast<size_t>(static_cast<uint8_t>(pre[9])) << 8);
+    std::string dict(hlen, '\0');
+    f.read(&dict[0], static_cast<std::streamsize>(hlen));
+    if (dict.find("'descr': '<f4'") == std::string::npos || dict.find("'fortran_order': False") == std::string::npos)
+      throw LatentFileError("'" + path + "' is not a C-ordered little-endian float32 array");
+    const size_t open = dict.find("'shape': (");
+    if (open == std::string::npos) throw LatentFileError("'" + path + "' has no shape");
+    long long d[4];
+    if (std::sscanf(dict.c_str() + open, "'shape': (%lld, %lld, %lld, %lld)", &d[0], &d[1], &d[2], &d[3]) != 4)
+      throw LatentFileError("'" + path + "' is not a 4-D array");
+    out.frames = d[0];
+    out.channels = d[1];
+    out.height = d[2];
+    out.width = d[3];
+    out.values.resize(static_cast<size_t>(d[0] * d[1] * d[2] * d[3]));
+    f.read(reinterpret_cast<char*>(out.values.data()), static_cast<std::streamsize>(out.values.size() * 4));
+    if (!f) throw LatentFileError("'" + path + "' is truncated");
+    return out;
+  }
+  SafetensorsFile file(path);
+  const TensorInfo* t = file.find("latent_tensor");
+  if (!t) throw LatentFileError("'" + path + "' has no 'latent_tensor'");
+  if (t->dtype != DType::F32 || t->shape.size() != 4)
+    throw LatentFileError("'" + path + "': 'latent_tensor' is not a 4-D F32 tensor");
+  out.frames = t->shape[0];
+  out.channels = t->shape[1];
+  out.height = t->shape[2];
+  out.width = t->shape[3];
+  out.values.resize(static_cast<size_t>(t->numel()));
+  std::memcpy(out.values.data(), file.data(*t), t->nbytes);
+  out.metadata = file.metadata();
+  out.has_version_marker = file.find("latent_format_version_0") != nullptr;
+  return out;
+}
+
+}  // namespace gstvae

@@ -263,8 +263,9 @@ static gboolean gst_latent_file_sink_start(GstBaseSink* sink) {
 static gboolean gst_latent_file_sink_stop(GstBaseSink* sink) {
   GstLatentFileSink* self = GST_LATENT_FILE_SINK(sink);
   Streaming& st = *self->state;
-  // Stopped without EOS (e.g. Ctrl-C without -e): every frame written so far is
-  // whole, so the file is finished rather than thrown away. After an error the
+  // Stopped without EOS (e.g. Ctrl-C without -e, or an error elsewhere such as
+  // a size change without a pattern): every frame written so far is whole, so
+  // the file is finished rather than thrown away. After a failed write the
   // temporary file is deleted instead.
   if (st.writer && !st.failed && st.writer->frames() > 0) {
     GST_INFO_OBJECT(self, "stopped before EOS: finishing '%s'", st.writer->final_path().c_str());

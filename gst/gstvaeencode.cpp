@@ -136,7 +136,7 @@ struct Streaming {
   std::unique_ptr<FrameBatch> batch;
   std::vector<FrameMeta> pending;
   std::chrono::steady_clock::time_point oldest_arrival;
-  std::deque<GstBuffer*> ready;  // encoded, waiting for generate_output
+  std::deque<GstBuffer*> ready;  // encoded, waiting to be pushed by drain()
   guint64 frame_index = 0;
   GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed push from the timer thread
   bool tags_sent = false;
@@ -570,7 +570,7 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
 
   if (st.batch->full()) {
     timer_disarm(self);
-    return encode_pending(self);
+    return drain(self);
   }
   if (st.pending.size() == 1) {
     st.oldest_arrival = std::chrono::steady_clock::now();
@@ -579,14 +579,11 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
   return GST_FLOW_OK;
 }
 
-static GstFlowReturn gst_vae_encode_generate_output(GstBaseTransform* trans, GstBuffer** outbuf) {
-  GstVaeEncode* self = GST_VAE_ENCODE(trans);
-  auto& ready = self->state->ready;
+// Latents are pushed by drain() as soon as their batch is encoded, never
+// handed to the base class here: it would mark its pending DISCONT on whatever
+// buffer came out next, a batch later than the frame that carried it.
+static GstFlowReturn gst_vae_encode_generate_output(GstBaseTransform*, GstBuffer** outbuf) {
   *outbuf = nullptr;
-  if (!ready.empty()) {
-    *outbuf = ready.front();
-    ready.pop_front();
-  }
   return GST_FLOW_OK;
 }
 

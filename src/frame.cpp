@@ -54,6 +54,7 @@ const std::vector<PixelFormat>& all_pixel_formats() {
 }
 
 Crop centre_crop(int width, int height, int multiple) {
+  if (multiple < 1) throw EncodeError("crop multiple must be at least 1, got " + std::to_string(multiple));
   if (width < multiple || height < multiple)
     throw EncodeError("frame of " + std::to_string(width) + "x" + std::to_string(height) +
                       " is smaller than the model's " + std::to_string(multiple) + "x" +

@@ -17,6 +17,8 @@ namespace {
 
 constexpr int kGroups = 32;
 constexpr double kNormEps = 1e-6;
+// Released models have 4 levels (downscale 8); more than 8 is not a VAE we know.
+constexpr int kMaxLevels = 8;
 
 struct Conv {
   at::Tensor weight, bias;
@@ -24,11 +26,25 @@ struct Conv {
 struct Norm {
   at::Tensor weight, bias;
 };
-// at::conv2d with plain ints is ambiguous (padding may be a string).
-at::Tensor conv2d(const at::Tensor& x, const Conv& c, int64_t stride = 1, int64_t padding = 0) {
+// fp32 convolutions on the CPU go to oneDNN directly: at::conv2d would pick a
+// different kernel for a single small frame than for a batch, so a stream's
+// latents would depend on how it was cut into batches.
+bool use_onednn(const at::Tensor& x) {
+  static const bool available = at::hasMKLDNN();
+  return available && x.is_cpu() && x.scalar_type() == at::kFloat;
+}
+
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t stride = 1,
+                  int64_t padding = 0) {
   const int64_t s[2] = {stride, stride};
   const int64_t p[2] = {padding, padding};
-  return at::conv2d(x, c.weight, c.bias, s, p);
+  const int64_t d[2] = {1, 1};
+  if (use_onednn(x)) return at::mkldnn_convolution(x.contiguous(), weight, bias, p, s, d, 1);
+  return at::conv2d(x, weight, bias, s, p);
+}
+
+at::Tensor conv2d(const at::Tensor& x, const Conv& c, int64_t stride = 1, int64_t padding = 0) {
+  return conv2d(x, c.weight, c.bias, stride, padding);
 }
 
 struct ResBlock {
@@ -139,24 +155,47 @@ class KLEncoder final : public TorchEncoder {
   }
 
   static at::Tensor norm_silu(const Norm& n, const at::Tensor& x) {
-    return at::silu(at::group_norm(x, kGroups, n.weight, n.bias, kNormEps));
+    at::Tensor y = at::group_norm(x, kGroups, n.weight, n.bias, kNormEps);
+    return at::silu_(y);
   }
   static at::Tensor resblock_forward(const ResBlock& b, const at::Tensor& x) {
     at::Tensor h = conv2d(norm_silu(b.norm1, x), b.conv1, 1, 1);
     h = conv2d(norm_silu(b.norm2, h), b.conv2, 1, 1);
-    at::Tensor skip = b.shortcut.weight.defined() ? conv2d(x, b.shortcut) : x;
-    return skip + h;
+    // h is a fresh tensor: add the skip in place.
+    return h.add_(b.shortcut.weight.defined() ? conv2d(x, b.shortcut) : x);
   }
+  // Single head over all h*w positions, scale C^-0.5.
   at::Tensor attention_forward(const at::Tensor& x) const {
     const int64_t n = x.size(0), c = x.size(1), hh = x.size(2), ww = x.size(3);
     at::Tensor h = at::group_norm(x, kGroups, attn_.norm.weight, attn_.norm.bias, kNormEps);
-    // Single head over all h*w positions, scale C^-0.5.
-    at::Tensor q = conv2d(h, attn_.q).reshape({n, c, hh * ww}).transpose(1, 2);
-    at::Tensor k = conv2d(h, attn_.k).reshape({n, c, hh * ww});
-    at::Tensor v = conv2d(h, attn_.v).reshape({n, c, hh * ww});
-    at::Tensor weights = at::softmax(at::bmm(q, k).mul_(1.0 / std::sqrt(static_cast<double>(c))), -1);
-    at::Tensor out = at::bmm(v, weights.transpose(1, 2)).reshape({n, c, hh, ww});
-    return x + conv2d(out, attn_.proj_out);
+    at::Tensor q = conv2d(h, attn_.q), k = conv2d(h, attn_.k), v = conv2d(h, attn_.v);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c));
+    at::Tensor out;
+    if (use_onednn(x)) {
+      out = attention_onednn(q, k, v, scale);
+    } else {
+      q = q.reshape({n, c, hh * ww}).transpose(1, 2);
+      at::Tensor weights = at::softmax(at::bmm(q, k.reshape({n, c, hh * ww})).mul_(scale), -1);
+      out = at::bmm(v.reshape({n, c, hh * ww}), weights.transpose(1, 2)).reshape({n, c, hh, ww});
+    }
+    return conv2d(out, attn_.proj_out).add_(x);
+  }
+  // The two attention products as 1x1 convolutions, one frame at a time.
+  // Debian's LibTorch has a generic BLAS whose bmm is ~10x slower than
+  // oneDNN here. For frame b with P = softmax_j(K^T Q):
+  //   P[j, i] = sum_c k[c, j] q[c, i]  (conv of q by the weight k^T, [hw, c, 1, 1])
+  //   out[c, i] = sum_j v[c, j] P[j, i]  (conv of P by the weight v, [c, hw, 1, 1])
+  // so no hw x hw matrix is ever transposed, and memory holds one frame's P.
+  static at::Tensor attention_onednn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+    const int64_t n = q.size(0), c = q.size(1), hh = q.size(2), ww = q.size(3), hw = hh * ww;
+    std::vector<at::Tensor> frames;
+    frames.reserve(n);
+    for (int64_t b = 0; b < n; ++b) {
+      at::Tensor kt = k[b].reshape({c, hw}).t().mul(scale).reshape({hw, c, 1, 1});
+      at::Tensor p = at::softmax(conv2d(q.narrow(0, b, 1), kt, at::Tensor()), 1);
+      frames.push_back(conv2d(p, v[b].reshape({c, hw, 1, 1}), at::Tensor()));
+    }
+    return at::cat(frames, 0);
   }
 
   Architecture arch_;
@@ -177,6 +216,10 @@ Architecture infer_architecture(const WeightReader& w, const NormalizedKeys& key
   a.base = conv_in[0];
   const int levels = count_indices(keys, "encoder.down.");
   if (levels == 0) throw CheckpointError("'" + w.path() + "' has no encoder levels ('encoder.down.0.*')");
+  if (levels > kMaxLevels)
+    throw CheckpointError("'" + w.path() + "' has " + std::to_string(levels) + " encoder levels; at most " +
+                          std::to_string(kMaxLevels) + " (a downscale of " + std::to_string(1 << (kMaxLevels - 1)) +
+                          ") are supported");
   a.blocks = count_indices(keys, "encoder.down.0.block.");
   if (a.blocks == 0) throw CheckpointError("'" + w.path() + "' has no residual blocks in 'encoder.down.0'");
   for (int i = 0; i < levels; ++i) {

@@ -126,6 +126,10 @@ void SafetensorsFile::parse() {
                           " bytes is too short to hold a JSON object");
 
   const char* text = reinterpret_cast<const char*>(base_ + 8);
+  // The JSON parser would stop at a NUL and ignore the rest, hiding entries
+  // other readers see; the format allows only spaces as padding.
+  if (std::memchr(text, '\0', header_len))
+    throw CheckpointError(where + ": safetensors header is not valid JSON: it contains a NUL byte");
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(text, text + header_len);

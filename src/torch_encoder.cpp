@@ -34,7 +34,7 @@ ComputeTarget resolve_target(const EncoderOptions& options) {
     target.device = c10::Device(c10::kCPU);
   } else if (req == "cuda" || req.rfind("cuda:", 0) == 0) {
     int index = 0;
-    if (req.size() > 5) {
+    if (req.size() >= 5) {
       const std::string digits = req.substr(5);
       if (digits.empty() || digits.size() > 3 || digits.find_first_not_of("0123456789") != std::string::npos)
         throw EncodeError("device '" + req + "' is not valid: expected auto, cpu, cuda or cuda:N");

@@ -1,0 +1,606 @@
+#!/usr/bin/python3
+"""latentfilesink pipeline tests (gst-launch-1.0 and PyGObject).
+
+Every case prints one PASS or FAIL line; the script exits non-zero if any
+failed. Environment: GST_PLUGIN_PATH (the built plugin), GSTVAE_LATENT_INFO
+(the C++ reader tools/gst-vae-latent-info) and, optionally,
+GSTVAE_PROGRESS_EXAMPLE (the built examples/c/progress).
+
+  a. bit-exact: .latent, .safetensors, .npy (and format=npy on another name)
+     hold exactly the bytes vaeencode streams, read back by Python and by C++
+  b. the files follow ComfyUI's SaveLatent/LoadLatent layout; metadata
+  c. segments by max-frames and max-duration: sizes, names, timestamps
+  d. SIGKILL mid-stream leaves no final file; a finished run leaves no temp
+     file; SIGINT without -e finishes the file
+  e. errors: missing or non-directory parent, write failure, size changes
+  f. the examples in examples/ run
+"""
+import glob
+import json
+import os
+import re
+import resource
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+EXAMPLE_PY = os.path.join(ROOT, "examples", "python", "capture_latents.py")
+PYTHON = sys.executable or "/usr/bin/python3"
+MODEL_NAME = "tiny-vae-test.safetensors"
+Z = 4  # latent channels of the test model
+NS30 = [i * 1000000000 // 30 for i in range(200)]  # videotestsrc PTS at 30/1 (rounded down, as it does)
+
+FAILED = []
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class Case:
+    """Collects failed checks of one case; `need` stops the case."""
+
+    def __init__(self):
+        self.errors = []
+
+    def check(self, cond, msg):
+        if not cond:
+            self.errors.append(msg)
+        return bool(cond)
+
+    def need(self, cond, msg):
+        if not cond:
+            self.errors.append(msg)
+            raise CheckFailed()
+
+
+def run_case(name, fn, *args):
+    c = Case()
+    t0 = time.monotonic()
+    try:
+        note = fn(c, *args)
+    except CheckFailed:
+        note = None
+    except Exception:  # noqa: BLE001 -- a crash of the test is a failure of the case
+        c.errors.append("exception:\n" + traceback.format_exc())
+        note = None
+    dt = time.monotonic() - t0
+    if c.errors:
+        FAILED.append(name)
+        print("FAIL %s (%.1f s)\n    %s" % (name, dt, "\n    ".join(e.replace("\n", "\n    ") for e in c.errors)))
+    else:
+        print("PASS %s (%.1f s)%s" % (name, dt, (": " + note) if note else ""))
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------ helpers
+
+def launch(description, preexec_fn=None, timeout=300):
+    """gst-launch-1.0 -m DESCRIPTION; returns (exit status, stdout+stderr)."""
+    p = subprocess.run(["gst-launch-1.0", "-m"] + shlex.split(description), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=timeout, preexec_fn=preexec_fn)
+    return p.returncode, p.stdout.decode("utf-8", "replace")
+
+
+def launch_ok(c, description, **kw):
+    rc, out = launch(description, **kw)
+    c.need(rc == 0, "gst-launch-1.0 exited %d:\n%s" % (rc, out[-3000:]))
+    return out
+
+
+def closed_messages(out, element):
+    """The latentfilesink-file-closed messages of one element: (location, frames, first-pts, end-pts)."""
+    pat = re.compile(r'from element "%s" \(element\): latentfilesink-file-closed, location=\(string\)(\S+?), '
+                     r'frames=\(guint64\)(\d+), first-pts=\(guint64\)(\d+), end-pts=\(guint64\)(\d+);'
+                     % re.escape(element))
+    return [(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))) for m in pat.finditer(out)]
+
+
+def read_safetensors(path):
+    """Own parser: (header without __metadata__, metadata, {name: array}, json length, data length)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    header = json.loads(blob[8:8 + n].decode("utf-8"))
+    meta = header.pop("__metadata__", {})
+    data = blob[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] != "F32":
+            raise ValueError("%s: tensor %s is %s, not F32" % (path, name, info["dtype"]))
+        a, b = info["data_offsets"]
+        tensors[name] = np.frombuffer(data[a:b], dtype="<f4").reshape(info["shape"])
+    return header, meta, tensors, n, len(data)
+
+
+def read_latent_py(path, npy=False):
+    """N x C x h x w float32 from any of the three formats (numpy.load for .npy)."""
+    if npy or path.endswith(".npy"):
+        return np.load(path)
+    return read_safetensors(path)[2]["latent_tensor"]
+
+
+def read_latent_cpp(c, path, tmp):
+    """The C++ reader's view: (raw bytes, printed text)."""
+    tool = os.environ.get("GSTVAE_LATENT_INFO")
+    c.need(tool and os.access(tool, os.X_OK), "GSTVAE_LATENT_INFO does not name the gst-vae-latent-info tool")
+    out = os.path.join(tmp, os.path.basename(path) + ".cpp.f32")
+    p = subprocess.run([tool, path, "--raw", out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    text = p.stdout.decode("utf-8", "replace")
+    c.need(p.returncode == 0, "gst-vae-latent-info %s exited %d: %s" % (path, p.returncode, text))
+    with open(out, "rb") as f:
+        return f.read(), text
+
+
+def temp_files(directory, name):
+    return glob.glob(os.path.join(directory, "." + name + ".*"))
+
+
+def src_caps(w, h, fps="30/1"):
+    return "video/x-raw,format=RGB,width=%d,height=%d,framerate=%s" % (w, h, fps)
+
+
+def encode(model, frames, w, h, per_batch, fps="30/1"):
+    return ("videotestsrc num-buffers=%d ! %s ! vaeencode model=%s per-batch=%d"
+            % (frames, src_caps(w, h, fps), model, per_batch))
+
+
+def diff_text(a, b):
+    a, b = np.frombuffer(a, "<f4"), np.frombuffer(b, "<f4")
+    if a.size != b.size:
+        return "%d floats vs %d" % (a.size, b.size)
+    return "max |diff| %g, %d values differ" % (np.abs(a - b).max(), int((a != b).sum()))
+
+
+# ------------------------------------------------------------------ a, b
+
+STREAM = {}
+
+
+def main_stream(model, tmp):
+    """7 frames of 64x48 in batches of 3 -> raw stream + 4 latentfilesink branches (run once)."""
+    if not STREAM:
+        d = os.path.join(tmp, "a")
+        os.mkdir(d)
+        p = {k: os.path.join(d, "clip." + k) for k in ("f32", "latent", "safetensors", "npy")}
+        p["forced"] = os.path.join(d, "forced.bin")
+        out = launch_ok(Case(), encode(model, 7, 64, 48, 3) +
+                        " ! tee name=t t. ! queue ! filesink location=%s" % p["f32"] +
+                        "".join(" t. ! queue ! latentfilesink name=%s location=%s" % (k, p[k])
+                                for k in ("latent", "safetensors", "npy")) +
+                        " t. ! queue ! latentfilesink name=forced format=npy location=%s" % p["forced"])
+        STREAM.update(dir=d, paths=p, out=out)
+    return STREAM
+
+
+def case_bit_exact(c, model, tmp):
+    s = main_stream(model, tmp)
+    p = s["paths"]
+    with open(p["f32"], "rb") as f:
+        raw = f.read()
+    shape = (7, Z, 6, 8)
+    c.need(len(raw) == 4 * int(np.prod(shape)), "raw stream holds %d bytes, expected %s float32" % (len(raw), shape))
+    for k in ("latent", "safetensors", "npy", "forced"):
+        arr = read_latent_py(p[k], npy=(k == "forced"))
+        c.check(arr.dtype == np.dtype("<f4") and arr.shape == shape,
+                "%s: python reads %s %s, expected <f4 %s" % (k, arr.dtype, arr.shape, shape))
+        c.check(arr.tobytes() == raw,
+                "%s: python reading differs from the stream: %s" % (k, diff_text(arr.tobytes(), raw)))
+        msgs = closed_messages(s["out"], k)
+        c.check(msgs == [(p[k], 7, 0, NS30[7])],
+                "%s: file-closed messages %s, expected [(%s, 7, 0, %d)]" % (k, msgs, p[k], NS30[7]))
+    for k in ("latent", "safetensors", "npy"):
+        got, text = read_latent_cpp(c, p[k], s["dir"])
+        c.check(got == raw, "%s: C++ reading differs from the stream: %s" % (k, diff_text(got, raw)))
+        c.check("shape 7x4x6x8 " in text, "%s: C++ reader prints %r" % (k, text[:200]))
+        if k != "npy":
+            c.check("comfyui-marker yes" in text, "%s: C++ reader sees no ComfyUI marker: %r" % (k, text))
+    # .npy details: NumPy 1.0, C order, little-endian float32, data 64-byte aligned
+    with open(p["npy"], "rb") as f:
+        head = f.read(10)
+        c.check(head[:8] == b"\x93NUMPY\x01\x00", ".npy magic/version %r" % head[:8])
+        hlen = struct.unpack("<H", head[8:10])[0]
+        c.check((10 + hlen) % 64 == 0, ".npy data starts at %d, not 64-byte aligned" % (10 + hlen))
+    c.check(np.load(p["npy"]).flags["C_CONTIGUOUS"], ".npy is not C-ordered")
+    return "7 latents of 4x6x8; .latent, .safetensors, .npy, format=npy equal the stream (Python and C++)"
+
+
+def check_comfy_file(c, path, frames, expect_meta, raw=None):
+    """ComfyUI's LoadLatent: safetensors.torch.load_file, then
+    multiplier = 1.0 if 'latent_format_version_0' in latent else 1/0.18215; samples = latent_tensor * multiplier."""
+    name = os.path.basename(path)
+    header, meta, tensors, n, data_len = read_safetensors(path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    c.check(blob[8:9] == b"{", "%s: JSON header does not start with '{'" % name)
+    c.check((8 + n) % 64 == 0, "%s: tensor data at %d, not 64-byte aligned" % (name, 8 + n))
+    c.need(set(header) == {"latent_tensor", "latent_format_version_0"},
+           "%s: tensors %s, expected exactly latent_tensor and latent_format_version_0" % (name, sorted(header)))
+    marker, lt = header["latent_format_version_0"], header["latent_tensor"]
+    c.check(marker["dtype"] == "F32" and marker["shape"] == [0]
+            and marker["data_offsets"][0] == marker["data_offsets"][1],
+            "%s: marker is %s, expected an empty F32 tensor of shape [0]" % (name, marker))
+    c.check(lt["dtype"] == "F32" and len(lt["shape"]) == 4 and lt["shape"][0] == frames,
+            "%s: latent_tensor %s %s, expected F32 of %d x C x h x w" % (name, lt["dtype"], lt["shape"], frames))
+    # safetensors' validation: offsets contiguous from 0, sizes match the shapes, nothing after the last
+    spans = sorted(tuple(v["data_offsets"]) for v in header.values())
+    pos = 0
+    for a, b in spans:
+        c.check(a == pos, "%s: data_offsets %s leave a gap or overlap at %d" % (name, spans, pos))
+        pos = b
+    c.check(pos == data_len, "%s: tensors end at %d, the data holds %d bytes" % (name, pos, data_len))
+    c.check(lt["data_offsets"][1] - lt["data_offsets"][0] == 4 * int(np.prod(lt["shape"])),
+            "%s: latent_tensor byte size does not match its shape" % name)
+    c.check(all(isinstance(v, str) for v in meta.values()), "%s: non-string metadata values" % name)
+    multiplier = 1.0 if "latent_format_version_0" in tensors else 1.0 / 0.18215
+    c.check(multiplier == 1.0, "%s: ComfyUI would rescale by 1/0.18215" % name)
+    if raw is not None:
+        samples = tensors["latent_tensor"] * multiplier
+        c.check(samples.tobytes() == raw, "%s: ComfyUI samples differ from the stream" % name)
+    for k, v in expect_meta.items():
+        c.check(meta.get(k) == v, "%s: metadata %s = %r, expected %r" % (name, k, meta.get(k), v))
+    c.check(meta.get("created_by", "").startswith("gst-vae"), "%s: created_by = %r" % (name, meta.get("created_by")))
+    return tensors["latent_tensor"], meta
+
+
+def case_comfyui(c, model, tmp):
+    s = main_stream(model, tmp)
+    with open(s["paths"]["f32"], "rb") as f:
+        raw = f.read()
+    expect = {"frame_count": "7", "channels": "4", "height": "6", "width": "8", "framerate": "30/1",
+              "first_pts_ns": "0", "end_pts_ns": str(NS30[7]), "latent_format": "raw", "segment": "0",
+              "source_width": "64", "source_height": "48", "crop_x_y_w_h": "0,0,64,48", "model": MODEL_NAME}
+    for k in ("latent", "safetensors"):
+        check_comfy_file(c, s["paths"][k], 7, expect, raw)
+    # A frame size that is no multiple of 8 is centre-cropped as ComfyUI does: x + (70 % 8) // 2.
+    d = os.path.join(tmp, "b")
+    os.mkdir(d)
+    path, rawp = os.path.join(d, "crop.latent"), os.path.join(d, "crop.f32")
+    launch_ok(c, encode(model, 3, 70, 50, 2, fps="25/1") + " ! tee name=t t. ! queue ! filesink location=%s "
+              "t. ! queue ! latentfilesink location=%s" % (rawp, path))
+    with open(rawp, "rb") as f:
+        raw = f.read()
+    check_comfy_file(c, path, 3, {"frame_count": "3", "height": "6", "width": "8", "framerate": "25/1",
+                                  "end_pts_ns": "120000000", "source_width": "70", "source_height": "50",
+                                  "crop_x_y_w_h": "3,1,64,48", "model": MODEL_NAME}, raw)
+    return "marker + latent_tensor only, valid safetensors layout, metadata right (incl. crop 3,1,64,48 of 70x50)"
+
+
+# ------------------------------------------------------------------ c
+
+def check_segments(c, paths, sizes, raw, first=0):
+    """Files hold `sizes` frames, segment numbers count up, PTS continuous, concatenation == raw."""
+    chunks, k = [], first  # k: index of the file's first frame
+    for path, n in zip(paths, sizes):
+        c.need(os.path.exists(path), "%s missing" % path)
+        arr, _ = check_comfy_file(c, path, n, {"frame_count": str(n), "first_pts_ns": str(NS30[k]),
+                                               "end_pts_ns": str(NS30[k + n])})
+        chunks.append(arr.tobytes())
+        k += n
+    joined = b"".join(chunks)
+    c.check(joined == raw, "concatenated segments differ from the stream: %s" % diff_text(joined, raw))
+
+
+def case_segments(c, model, tmp):
+    d = os.path.join(tmp, "c")
+    os.mkdir(d)
+    rawp = os.path.join(d, "stream.f32")
+    out = launch_ok(c, encode(model, 10, 64, 48, 3) + " ! tee name=t t. ! queue ! filesink location=%s" % rawp +
+                    " t. ! queue ! latentfilesink name=frames max-frames=4 location=%s/seg-%%03d.latent" % d +
+                    " t. ! queue ! latentfilesink name=npy max-frames=3 location=%s/n%%d.npy" % d)
+    with open(rawp, "rb") as f:
+        raw = f.read()
+    names = sorted(os.listdir(d))
+    expect = ["n0.npy", "n1.npy", "n2.npy", "n3.npy",
+              "seg-000.latent", "seg-001.latent", "seg-002.latent", "stream.f32"]
+    c.check(names == expect, "directory holds %s, expected %s" % (names, expect))
+    segs = [os.path.join(d, "seg-%03d.latent" % i) for i in range(3)]
+    check_segments(c, segs, [4, 4, 2], raw)
+    for i, path in enumerate(segs):
+        c.check(read_safetensors(path)[1].get("segment") == str(i), "%s: segment metadata is not %d" % (path, i))
+    msgs = closed_messages(out, "frames")
+    want = [(segs[0], 4, 0, NS30[4]), (segs[1], 4, NS30[4], NS30[8]), (segs[2], 2, NS30[8], NS30[10])]
+    c.check(msgs == want, "file-closed messages %s, expected %s" % (msgs, want))
+    npys = [np.load(os.path.join(d, "n%d.npy" % i)) for i in range(4)]
+    c.check([a.shape[0] for a in npys] == [3, 3, 3, 1], ".npy segments of %s frames, expected 3,3,3,1"
+            % [a.shape[0] for a in npys])
+    c.check(b"".join(a.tobytes() for a in npys) == raw, "concatenated .npy segments differ from the stream")
+    return "max-frames=4 over 10 -> seg-000..002 of 4,4,2 frames, PTS continuous; .npy pattern 3,3,3,1"
+
+
+def case_duration(c, model, tmp):
+    d = os.path.join(tmp, "c2")
+    os.mkdir(d)
+    rawp = os.path.join(d, "stream.f32")
+    # 200 ms at 30 fps: frame 6 (PTS 200 ms) starts the second file, frame 12 the third; start-index=5
+    out = launch_ok(c, encode(model, 14, 64, 48, 4) + " ! tee name=t t. ! queue ! filesink location=%s" % rawp +
+                    " t. ! queue ! latentfilesink name=dur max-duration=200000000 start-index=5 "
+                    "location=%s/dur-%%d.latent" % d)
+    with open(rawp, "rb") as f:
+        raw = f.read()
+    names = sorted(os.listdir(d))
+    c.check(names == ["dur-5.latent", "dur-6.latent", "dur-7.latent", "stream.f32"], "directory holds %s" % names)
+    paths = [os.path.join(d, "dur-%d.latent" % i) for i in (5, 6, 7)]
+    check_segments(c, paths, [6, 6, 2], raw)
+    c.check(len(closed_messages(out, "dur")) == 3, "expected 3 file-closed messages")
+    return "max-duration=200ms at 30 fps over 14 -> dur-5..7 of 6,6,2 frames"
+
+
+# ------------------------------------------------------------------ d
+
+LIVE = "videotestsrc is-live=true num-buffers=%d ! %s ! vaeencode model=%s per-batch=2 ! latentfilesink location=%s"
+
+
+def start_live(model, location, log):
+    return subprocess.Popen(["gst-launch-1.0"] + shlex.split(LIVE % (100000, src_caps(64, 48), model, location)),
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_temp_grown(c, proc, directory, name, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c.need(proc.poll() is None, "gst-launch-1.0 ended early (exit %s)" % proc.poll())
+        for t in temp_files(directory, name):
+            try:
+                if os.path.getsize(t) > 4096:
+                    return t
+            except OSError:
+                pass
+        time.sleep(0.05)
+    c.need(False, "no temporary file .%s.* grew beyond its 4096-byte header within %d s" % (name, timeout))
+
+
+def case_kill(c, model, tmp):
+    d = os.path.join(tmp, "d")
+    os.mkdir(d)
+    final = os.path.join(d, "live.latent")
+    with open(os.path.join(tmp, "kill.log"), "wb") as log:
+        proc = start_live(model, final, log)
+        try:
+            temp = wait_temp_grown(c, proc, d, "live.latent")
+            c.check(not os.path.exists(final), "live.latent exists while the stream is still running")
+        finally:
+            proc.kill()
+            proc.wait()
+    c.check(not os.path.exists(final), "live.latent exists after SIGKILL: a half-written file under the final name")
+    c.check(os.path.exists(temp), "the temporary file vanished (expected it to stay behind after SIGKILL)")
+    # A run that completes leaves exactly the final file.
+    d2 = os.path.join(tmp, "d2")
+    os.mkdir(d2)
+    launch_ok(c, LIVE % (5, src_caps(64, 48), model, os.path.join(d2, "live.latent")))
+    names = sorted(os.listdir(d2))
+    c.check(names == ["live.latent"], "a completed run left %s, expected ['live.latent']" % names)
+    if names == ["live.latent"]:
+        check_comfy_file(c, os.path.join(d2, "live.latent"), 5, {"frame_count": "5"})
+    return "SIGKILL after %d bytes: only %s; completed run: only live.latent" % (
+        os.path.getsize(temp) if os.path.exists(temp) else -1, os.path.basename(temp))
+
+
+def case_interrupt(c, model, tmp):
+    """Ctrl-C without -e: the sink stops without EOS and finishes the file (whole frames only)."""
+    d = os.path.join(tmp, "d3")
+    os.mkdir(d)
+    final = os.path.join(d, "live.latent")
+    with open(os.path.join(tmp, "int.log"), "wb") as log:
+        proc = start_live(model, final, log)
+        try:
+            wait_temp_grown(c, proc, d, "live.latent")
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    with open(os.path.join(tmp, "int.log"), "rb") as f:
+        log = f.read().decode("utf-8", "replace")
+    c.need(os.listdir(d) == ["live.latent"], "after SIGINT the directory holds %s\n%s" % (os.listdir(d), log[-2000:]))
+    _, meta, tensors, _, _ = read_safetensors(final)
+    n = tensors["latent_tensor"].shape[0]
+    c.check(n > 0 and meta.get("frame_count") == str(n), "%d frames, frame_count %r" % (n, meta.get("frame_count")))
+    _, meta = check_comfy_file(c, final, n, {"frame_count": str(n)})
+    c.check(meta.get("first_pts_ns", "").isdigit() and meta.get("end_pts_ns", "").isdigit(),
+            "timestamps %r .. %r" % (meta.get("first_pts_ns"), meta.get("end_pts_ns")))
+    return "SIGINT -> live.latent finished with %d frames" % n
+
+
+# ------------------------------------------------------------------ e
+
+def expect_error(c, description, needles, **kw):
+    rc, out = launch(description, **kw)
+    c.check(rc != 0, "gst-launch-1.0 exited 0, expected an error:\n%s" % out[-2000:])
+    c.check("ERROR" in out, "no ERROR message printed:\n%s" % out[-2000:])
+    for n in needles:
+        c.check(n in out, "the error output does not mention %r:\n%s" % (n, out[-2000:]))
+    return out
+
+
+def case_bad_dirs(c, model, tmp):
+    d = os.path.join(tmp, "e1")
+    os.mkdir(d)
+    missing = os.path.join(d, "missing", "sub", "out.latent")
+    expect_error(c, encode(model, 2, 64, 48, 2) + " ! latentfilesink location=%s" % missing, [missing])
+    plain = os.path.join(d, "plain.txt")
+    with open(plain, "w") as f:
+        f.write("not a directory\n")
+    below = os.path.join(plain, "out.latent")
+    expect_error(c, encode(model, 2, 64, 48, 2) + " ! latentfilesink location=%s" % below, [below])
+    c.check(sorted(os.listdir(d)) == ["plain.txt"], "left behind: %s" % os.listdir(d))
+    return "missing directory and file-as-directory: error naming the path"
+
+
+def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def case_disk_full(c, model, tmp):
+    d = os.path.join(tmp, "e2")
+    os.mkdir(d)
+    final = os.path.join(d, "full.latent")
+    # 4096-byte header + 120 x 192 bytes > 20000
+    expect_error(c, encode(model, 120, 64, 48, 8) + " ! latentfilesink location=%s" % final,
+                 ["Could not write latent file '%s'" % final, "File too large"], preexec_fn=limit_file_size)
+    c.check(not os.path.exists(final), "full.latent exists after a write failure")
+    c.check(not temp_files(d, "full.latent"), "temporary file left: %s" % temp_files(d, "full.latent"))
+    return "RLIMIT_FSIZE 20000: write error reported, nothing left"
+
+
+def appsrc_child(model, location, out_json):
+    """Runs in a child process: appsrc 64x48 (2 frames) then 40x32 (2 frames) -> vaeencode -> latentfilesink."""
+    import gi
+    gi.require_version("Gst", "1.0")
+    from gi.repository import Gst
+    Gst.init(None)
+    pipeline = Gst.parse_launch('appsrc name=src format=time ! vaeencode model="%s" per-batch=2 ! '
+                                'latentfilesink name=sink location="%s"' % (model, location))
+    src, sink = pipeline.get_by_name("src"), pipeline.get_by_name("sink")
+    pipeline.set_state(Gst.State.PLAYING)
+    rng = np.random.default_rng(5)
+    i = 0
+    for w, h in ((64, 48), (40, 32)):
+        src.set_property("caps", Gst.Caps.from_string(src_caps(w, h)))
+        for _ in range(2):
+            buf = Gst.Buffer.new_wrapped(rng.integers(0, 256, w * h * 3, dtype=np.uint8).tobytes())
+            buf.pts, buf.duration = NS30[i], NS30[i + 1] - NS30[i]
+            src.emit("push-buffer", buf)
+            i += 1
+    src.emit("end-of-stream")
+    msg = pipeline.get_bus().timed_pop_filtered(120 * Gst.SECOND, Gst.MessageType.EOS | Gst.MessageType.ERROR)
+    result = {"eos": False, "error": None, "frames_written": sink.get_property("frames-written"),
+              "files_written": sink.get_property("files-written")}
+    if msg is None:
+        result["error"] = "timeout"
+    elif msg.type == Gst.MessageType.EOS:
+        result["eos"] = True
+    else:
+        err, debug = msg.parse_error()
+        result["error"] = "%s | %s | %s" % (msg.src.get_name(), err.message, debug)
+    pipeline.set_state(Gst.State.NULL)
+    with open(out_json, "w") as f:
+        json.dump(result, f)
+
+
+def run_appsrc(c, model, location, tmp):
+    out_json = os.path.join(tmp, "appsrc-%d.json" % int(time.monotonic() * 1000))
+    p = subprocess.run([PYTHON, os.path.abspath(__file__), "--appsrc-child", model, location, out_json],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    text = p.stdout.decode("utf-8", "replace")
+    c.need(p.returncode == 0 and os.path.exists(out_json), "appsrc child exited %d:\n%s" % (p.returncode, text[-3000:]))
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def case_caps_change_error(c, model, tmp):
+    d = os.path.join(tmp, "e3")
+    os.mkdir(d)
+    final = os.path.join(d, "change.latent")
+    r = run_appsrc(c, model, final, tmp)
+    c.check(not r["eos"] and r["error"], "no error on a size change without a pattern: %s" % r)
+    c.check(r["error"] and "size changed" in r["error"] and r["error"].startswith("sink |"),
+            "the error does not come from latentfilesink or does not mention the size change: %s" % r["error"])
+    c.check(not temp_files(d, "change.latent"), "temporary file left: %s" % temp_files(d, "change.latent"))
+    note = "ERROR: %s" % (r["error"] or "").split(" | ")[1:2]
+    if os.path.exists(final):  # the frames before the change are whole: a finished file is acceptable
+        arr, _ = check_comfy_file(c, final, 2, {"frame_count": "2", "source_width": "64"})
+        c.check(arr.shape == (2, Z, 6, 8), "change.latent holds %s, expected the 2 first-size latents" % (arr.shape,))
+        note += "; the 2 latents before the change were kept in change.latent"
+    return note
+
+
+def case_caps_change_pattern(c, model, tmp):
+    d = os.path.join(tmp, "e4")
+    os.mkdir(d)
+    r = run_appsrc(c, model, os.path.join(d, "cc-%02d.latent"), tmp)
+    c.need(r["eos"] and not r["error"], "size change with a pattern did not end in EOS: %s" % r)
+    c.check(r["files_written"] == 2 and r["frames_written"] == 4, "files-written %s, frames-written %s, expected 2, 4"
+            % (r["files_written"], r["frames_written"]))
+    names = sorted(os.listdir(d))
+    c.need(names == ["cc-00.latent", "cc-01.latent"], "directory holds %s" % names)
+    a, _ = check_comfy_file(c, os.path.join(d, "cc-00.latent"), 2,
+                            {"segment": "0", "width": "8", "height": "6", "source_width": "64", "source_height": "48",
+                             "first_pts_ns": "0", "end_pts_ns": str(NS30[2])})
+    b, _ = check_comfy_file(c, os.path.join(d, "cc-01.latent"), 2,
+                            {"segment": "1", "width": "5", "height": "4", "source_width": "40", "source_height": "32",
+                             "crop_x_y_w_h": "0,0,40,32", "first_pts_ns": str(NS30[2]), "end_pts_ns": str(NS30[4])})
+    c.check(a.shape == (2, Z, 6, 8) and b.shape == (2, Z, 4, 5), "shapes %s, %s" % (a.shape, b.shape))
+    return "cc-00.latent 2x4x6x8, cc-01.latent 2x4x4x5"
+
+
+# ------------------------------------------------------------------ f
+
+def case_python_example(c, model, tmp):
+    out_path = os.path.join(tmp, "example.latent")
+    p = subprocess.run([PYTHON, EXAMPLE_PY, "--model", model, "--frames", "6", "--width", "64", "--height", "48",
+                        "--per-batch", "4", "--out", out_path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=300)
+    text = p.stdout.decode("utf-8", "replace")
+    c.need(p.returncode == 0, "capture_latents.py exited %d:\n%s" % (p.returncode, text[-3000:]))
+    c.check("(6, 4, 6, 8)" in text, "capture_latents.py did not print the shape (6, 4, 6, 8):\n%s" % text)
+    c.check(os.path.exists(out_path), "capture_latents.py wrote no %s" % out_path)
+    return text.strip().splitlines()[0]
+
+
+def case_c_example(c, model, tmp):
+    exe = os.environ["GSTVAE_PROGRESS_EXAMPLE"]
+    p = subprocess.run([exe, model, "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+    text = p.stdout.decode("utf-8", "replace")
+    c.need(p.returncode == 0, "progress exited %d:\n%s%s" % (p.returncode, text, p.stderr.decode("utf-8", "replace")))
+    lines = [l for l in text.splitlines() if re.match(r"progress: \d+ frames, [0-9.]+ frames/s", l)]
+    c.check(len(lines) >= 1, "no progress line printed:\n%s" % text)
+    c.check(lines and lines[-1].startswith("progress: 10 frames"),
+            "the last progress line is not at 10 frames: %s" % lines)
+    bad = os.path.join(tmp, "no-such-model.safetensors")
+    p = subprocess.run([exe, bad], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+    err = p.stderr.decode("utf-8", "replace")
+    c.check(p.returncode != 0 and bad in err, "with a missing model: exit %d, stderr %r" % (p.returncode, err))
+    return "%d progress lines; missing model -> exit %d" % (len(lines), p.returncode)
+
+
+# ------------------------------------------------------------------ main
+
+def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--appsrc-child":
+        appsrc_child(*sys.argv[2:])
+        return
+    sys.path.insert(0, HERE)
+    import vae_reference as V
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gstvae-lfs-") as tmp:
+        model = os.path.join(tmp, MODEL_NAME)
+        V.make_checkpoint(model, layout="ldm", ch=32, mult=(1, 2, 2, 2), blocks=1, z=Z, seed=11)
+        cases = [
+            ("a. bit-exact .latent/.safetensors/.npy vs raw stream (Python + C++ readers)", case_bit_exact),
+            ("b. ComfyUI LoadLatent layout and metadata", case_comfyui),
+            ("c. segments by max-frames (and .npy pattern)", case_segments),
+            ("c. segments by max-duration, start-index", case_duration),
+            ("d. SIGKILL mid-stream leaves no final file; completed run leaves no temp file", case_kill),
+            ("d. SIGINT without EOS finishes the file", case_interrupt),
+            ("e. unwritable locations", case_bad_dirs),
+            ("e. write failure (RLIMIT_FSIZE)", case_disk_full),
+            ("e. size change without a pattern -> error", case_caps_change_error),
+            ("e. size change with a pattern -> two files", case_caps_change_pattern),
+            ("f. examples/python/capture_latents.py", case_python_example),
+        ]
+        if os.environ.get("GSTVAE_PROGRESS_EXAMPLE"):
+            cases.append(("f. examples/c/progress", case_c_example))
+        else:
+            print("NOTE f. examples/c/progress not tested: GSTVAE_PROGRESS_EXAMPLE is not set")
+        for name, fn in cases:
+            run_case(name, fn, model, tmp)
+    print("%d of %d cases failed%s (%.1f s)" % (len(FAILED), len(cases), (": " + "; ".join(FAILED)) if FAILED else "",
+                                                 time.monotonic() - t0))
+    sys.exit(1 if FAILED else 0)
+
+
+if __name__ == "__main__":
+    main()

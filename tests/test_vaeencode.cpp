@@ -1,0 +1,1095 @@
+// GstHarness tests of the vaeencode element: batching, timestamps, events,
+// caps, latency, properties, messages and numerical agreement with the engine
+// (linked directly into this test, run in the same process).
+#include <gst/check/gstharness.h>
+#include <gst/gst.h>
+#include <gst/video/video.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "encoder.h"
+#include "fixtures.h"
+
+namespace {
+
+using gstvae::test::TempDir;
+using gstvae::test::VaeSpec;
+
+constexpr const char* kProgress = "vaeencode-progress";
+constexpr GstClockTime kFrameDur = GST_SECOND / 25;  // 40 ms at 25/1
+
+class GstEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override { gst_init(nullptr, nullptr); }
+};
+::testing::Environment* const gst_env = ::testing::AddGlobalTestEnvironment(new GstEnvironment);
+
+/* ---------------------------------------------------------------- helpers */
+
+std::string video_caps(const char* format, int w, int h, int fps_n = 25, int fps_d = 1) {
+  return "video/x-raw, format=(string)" + std::string(format) + ", width=(int)" + std::to_string(w) +
+         ", height=(int)" + std::to_string(h) + ", framerate=(fraction)" + std::to_string(fps_n) + "/" +
+         std::to_string(fps_d);
+}
+
+GstVideoInfo video_info(const char* format, int w, int h) {
+  GstVideoInfo info;
+  gst_video_info_init(&info);
+  gst_video_info_set_format(&info, gst_video_format_from_string(format), w, h);
+  return info;
+}
+
+gstvae::PixelFormat pixel_format(const char* name) {
+  gstvae::PixelFormat f;
+  if (!gstvae::parse_pixel_format(name, &f)) throw std::runtime_error(std::string("bad format ") + name);
+  return f;
+}
+
+// One input frame: its packed pixels as GStreamer lays them out (default stride).
+struct Frame {
+  std::vector<uint8_t> pixels;
+  size_t stride;
+};
+
+Frame make_frame(const char* format, int w, int h, uint64_t seed) {
+  GstVideoInfo info = video_info(format, w, h);
+  const int bpp = GST_VIDEO_INFO_COMP_PSTRIDE(&info, 0);
+  const size_t stride = GST_VIDEO_INFO_PLANE_STRIDE(&info, 0);
+  Frame f{gstvae::test::make_frame(w, h, bpp, stride, seed), stride};
+  return f;
+}
+
+// A buffer of `f` with the timestamps of frame number `n` at 25/1.
+GstBuffer* frame_buffer(const char* format, int w, int h, const Frame& f, guint64 n, bool discont = false) {
+  GstVideoInfo info = video_info(format, w, h);
+  GstBuffer* b = gst_buffer_new_allocate(nullptr, GST_VIDEO_INFO_SIZE(&info), nullptr);
+  GstMapInfo map;
+  gst_buffer_map(b, &map, GST_MAP_WRITE);
+  std::memset(map.data, 0x5A, map.size);
+  std::memcpy(map.data, f.pixels.data(), std::min(map.size, f.pixels.size()));
+  gst_buffer_unmap(b, &map);
+  GST_BUFFER_PTS(b) = n * kFrameDur;
+  GST_BUFFER_DTS(b) = n * kFrameDur;
+  GST_BUFFER_DURATION(b) = kFrameDur;
+  GST_BUFFER_OFFSET(b) = n;
+  GST_BUFFER_OFFSET_END(b) = n + 1;
+  if (discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+  return b;
+}
+
+std::vector<float> floats_of(GstBuffer* b) {
+  std::vector<float> v(gst_buffer_get_size(b) / sizeof(float));
+  gst_buffer_extract(b, 0, v.data(), v.size() * sizeof(float));
+  return v;
+}
+
+bool bit_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Counts differing values for a readable failure message.
+std::string diff_summary(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return "sizes " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
+  size_t n = 0;
+  float worst = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) {
+      ++n;
+      worst = std::max(worst, std::abs(a[i] - b[i]));
+    }
+  return std::to_string(n) + " of " + std::to_string(a.size()) + " values differ, max |diff| " +
+         std::to_string(worst);
+}
+
+// Owns a harness around a configured vaeencode, and optionally a bus.
+struct Harness {
+  GstHarness* h = nullptr;
+  GstElement* element = nullptr;  // owned by the harness
+  GstBus* bus = nullptr;
+
+  Harness(GstElement* e, bool with_bus = false) {
+    if (with_bus) {
+      bus = gst_bus_new();
+      gst_element_set_bus(e, bus);
+    }
+    h = gst_harness_new_with_element(e, "sink", "src");  // takes its own ref, starts PLAYING
+    element = h->element;
+    gst_object_unref(e);
+  }
+  ~Harness() {
+    gst_harness_teardown(h);
+    if (bus) {
+      gst_bus_set_flushing(bus, TRUE);
+      gst_object_unref(bus);
+    }
+  }
+  Harness(const Harness&) = delete;
+  Harness& operator=(const Harness&) = delete;
+
+  void caps(const std::string& s) { gst_harness_set_src_caps_str(h, s.c_str()); }
+  GstFlowReturn push(GstBuffer* b) { return gst_harness_push(h, b); }
+  guint queued() { return gst_harness_buffers_in_queue(h); }
+
+  // Every buffer queued at the harness sink.
+  std::vector<GstBuffer*> pull_all() {
+    std::vector<GstBuffer*> out;
+    while (GstBuffer* b = gst_harness_try_pull(h)) out.push_back(b);
+    return out;
+  }
+
+  // Events queued at the harness sink, by type.
+  std::vector<GstEventType> pull_event_types() {
+    std::vector<GstEventType> out;
+    while (GstEvent* e = gst_harness_try_pull_event(h)) {
+      out.push_back(GST_EVENT_TYPE(e));
+      gst_event_unref(e);
+    }
+    return out;
+  }
+
+  // Element messages of the given name waiting on the bus.
+  std::vector<GstStructure*> element_messages(const char* name) {
+    std::vector<GstStructure*> out;
+    while (GstMessage* m = gst_bus_pop_filtered(bus, GST_MESSAGE_ELEMENT)) {
+      const GstStructure* s = gst_message_get_structure(m);
+      if (s && gst_structure_has_name(s, name)) out.push_back(gst_structure_copy(s));
+      gst_message_unref(m);
+    }
+    return out;
+  }
+
+  guint64 u64(const char* prop) {
+    guint64 v = 0;
+    g_object_get(element, prop, &v, nullptr);
+    return v;
+  }
+};
+
+void unref_all(std::vector<GstBuffer*>& bufs) {
+  for (GstBuffer* b : bufs) gst_buffer_unref(b);
+  bufs.clear();
+}
+
+// What went out of the element's src pad, in order (buffers and events),
+// with the pad's caps at the time of each buffer.
+struct Recorder {
+  struct Item {
+    bool is_buffer;
+    GstEventType event;
+    gsize size;
+    GstClockTime pts;
+    int caps_width, caps_height;
+    std::string latent_format;
+  };
+  std::mutex mutex;
+  std::vector<Item> items;
+
+  static GstPadProbeReturn probe(GstPad* pad, GstPadProbeInfo* info, gpointer data) {
+    auto* self = static_cast<Recorder*>(data);
+    Item it{false, GST_EVENT_UNKNOWN, 0, GST_CLOCK_TIME_NONE, -1, -1, ""};
+    if (info->type & GST_PAD_PROBE_TYPE_BUFFER) {
+      GstBuffer* b = GST_PAD_PROBE_INFO_BUFFER(info);
+      it.is_buffer = true;
+      it.size = gst_buffer_get_size(b);
+      it.pts = GST_BUFFER_PTS(b);
+      if (GstCaps* c = gst_pad_get_current_caps(pad)) {
+        const GstStructure* s = gst_caps_get_structure(c, 0);
+        gst_structure_get_int(s, "width", &it.caps_width);
+        gst_structure_get_int(s, "height", &it.caps_height);
+        if (const char* lf = gst_structure_get_string(s, "latent-format")) it.latent_format = lf;
+        gst_caps_unref(c);
+      }
+    } else if (info->type & GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM) {
+      it.event = GST_EVENT_TYPE(GST_PAD_PROBE_INFO_EVENT(info));
+    } else {
+      return GST_PAD_PROBE_OK;
+    }
+    std::lock_guard<std::mutex> lock(self->mutex);
+    self->items.push_back(it);
+    return GST_PAD_PROBE_OK;
+  }
+
+  void attach(GstElement* element) {
+    GstPad* src = gst_element_get_static_pad(element, "src");
+    gst_pad_add_probe(src,
+                      static_cast<GstPadProbeType>(GST_PAD_PROBE_TYPE_BUFFER | GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM),
+                      probe, this, nullptr);
+    gst_object_unref(src);
+  }
+
+  std::vector<Item> take() {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::vector<Item> out;
+    out.swap(items);
+    return out;
+  }
+};
+
+/* ---------------------------------------------------------------- fixture */
+
+class VaeEncodeTest : public ::testing::Test {
+ protected:
+  static TempDir* dir_;
+  static std::string model_;
+  static std::shared_ptr<gstvae::Encoder> engine_;
+
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    model_ = dir_->file("vae.safetensors");
+    gstvae::test::write_test_vae(model_, VaeSpec{});
+    engine_ = gstvae::load_encoder(model_, gstvae::EncoderOptions{});
+  }
+  static void TearDownTestSuite() {
+    engine_.reset();
+    delete dir_;
+    dir_ = nullptr;
+  }
+
+  void SetUp() override {
+    GstElementFactory* f = gst_element_factory_find("vaeencode");
+    ASSERT_NE(f, nullptr) << "vaeencode not found: is GST_PLUGIN_PATH set to the build's gst folder?";
+    gst_object_unref(f);
+  }
+
+  // A vaeencode with the suite's model and the given per-batch.
+  static GstElement* make_element(guint per_batch) {
+    GstElement* e = gst_element_factory_make("vaeencode", nullptr);
+    g_object_set(e, "model", model_.c_str(), "per-batch", per_batch, nullptr);
+    return e;
+  }
+
+  // The engine's latents for `frames`, encoded in batches of `per_batch`
+  // (as the element groups them), frame i having stream index first_index + i.
+  static std::vector<std::vector<float>> engine_latents(const char* format, int w, int h,
+                                                       const std::vector<Frame>& frames, size_t per_batch,
+                                                       bool sample = false, uint64_t seed = 0,
+                                                       uint64_t first_index = 0,
+                                                       const char* latent_format = "raw") {
+    gstvae::EncodeParams params;
+    params.sample = sample;
+    params.seed = seed;
+    params.latent_format = gstvae::latent_format_by_name(latent_format);
+    std::vector<std::vector<float>> out;
+    for (size_t start = 0; start < frames.size(); start += per_batch) {
+      const size_t n = std::min(per_batch, frames.size() - start);
+      auto batch = engine_->new_batch(pixel_format(format), w, h, per_batch);
+      for (size_t i = 0; i < n; ++i)
+        batch->add(frames[start + i].pixels.data(), frames[start + i].stride, first_index + start + i);
+      const size_t per_frame = engine_->latent_floats_per_frame(*batch);
+      std::vector<float> all(per_frame * n);
+      engine_->encode(*batch, params, all.data());
+      for (size_t i = 0; i < n; ++i)
+        out.emplace_back(all.begin() + i * per_frame, all.begin() + (i + 1) * per_frame);
+    }
+    return out;
+  }
+
+  static std::vector<Frame> frames(const char* format, int w, int h, size_t n, uint64_t seed0 = 100) {
+    std::vector<Frame> out;
+    for (size_t i = 0; i < n; ++i) out.push_back(make_frame(format, w, h, seed0 + i));
+    return out;
+  }
+};
+
+TempDir* VaeEncodeTest::dir_ = nullptr;
+std::string VaeEncodeTest::model_;
+std::shared_ptr<gstvae::Encoder> VaeEncodeTest::engine_;
+
+/* ------------------------------------------------------------------ tests */
+
+TEST_F(VaeEncodeTest, BatchReleasedWhenFullWithTimestampsAndCaps) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 8);
+  // DISCONT on the first frame of the stream (see DiscontMidBatch* for the others).
+  auto discont = [](guint64 n) { return n == 0; };
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n, discont(n))), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u) << "latents came out before the batch was full";
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3], 3, discont(3))), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 4u);
+  for (guint64 n = 4; n < 7; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n, discont(n))), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 4u) << "the second batch came out before it was full";
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[7], 7, discont(7))), GST_FLOW_OK);
+
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 8u);
+  for (guint64 n = 0; n < 8; ++n) {
+    GstBuffer* b = out[n];
+    SCOPED_TRACE("latent " + std::to_string(n));
+    EXPECT_EQ(gst_buffer_get_size(b), 4u * 6 * 8 * sizeof(float));
+    EXPECT_EQ(GST_BUFFER_PTS(b), n * kFrameDur);
+    EXPECT_EQ(GST_BUFFER_DTS(b), n * kFrameDur);
+    EXPECT_EQ(GST_BUFFER_DURATION(b), kFrameDur);
+    EXPECT_EQ(GST_BUFFER_OFFSET(b), n);
+    EXPECT_EQ(GST_BUFFER_OFFSET_END(b), n + 1);
+    EXPECT_EQ(GST_BUFFER_FLAG_IS_SET(b, GST_BUFFER_FLAG_DISCONT) != 0, discont(n))
+        << "DISCONT must be on exactly the latents of the frames that had it";
+  }
+  unref_all(out);
+
+  GstCaps* caps = gst_pad_get_current_caps(t.h->sinkpad);
+  ASSERT_NE(caps, nullptr);
+  ASSERT_TRUE(gst_caps_is_fixed(caps));
+  const GstStructure* s = gst_caps_get_structure(caps, 0);
+  EXPECT_TRUE(gst_structure_has_name(s, "application/x-latent"));
+  EXPECT_STREQ(gst_structure_get_string(s, "format"), "F32");
+  int channels = 0, width = 0, height = 0, fps_n = 0, fps_d = 0;
+  EXPECT_TRUE(gst_structure_get_int(s, "channels", &channels));
+  EXPECT_TRUE(gst_structure_get_int(s, "width", &width));
+  EXPECT_TRUE(gst_structure_get_int(s, "height", &height));
+  EXPECT_TRUE(gst_structure_get_fraction(s, "framerate", &fps_n, &fps_d));
+  EXPECT_EQ(channels, 4);
+  EXPECT_EQ(width, 8);
+  EXPECT_EQ(height, 6);
+  EXPECT_EQ(fps_n, 25);
+  EXPECT_EQ(fps_d, 1);
+  EXPECT_STREQ(gst_structure_get_string(s, "latent-format"), "raw");
+  gst_caps_unref(caps);
+}
+
+// The base class remembers a DISCONT input and marks the next buffer it is
+// given; that must not put DISCONT on the first latent of a batch whose
+// DISCONT frame is further in.
+TEST_F(VaeEncodeTest, DiscontMidBatchStaysOnItsLatent) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 4);
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n, n == 2)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  for (guint64 n = 0; n < 4; ++n)
+    EXPECT_EQ(GST_BUFFER_FLAG_IS_SET(out[n], GST_BUFFER_FLAG_DISCONT) != 0, n == 2) << "latent " << n;
+  unref_all(out);
+}
+
+// A DISCONT frame drained by an event (here GAP) must not leave a DISCONT
+// pending for the first latent of the next batch.
+TEST_F(VaeEncodeTest, DiscontDrainedByEventIsNotRepeated) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 6);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1, true)), GST_FLOW_OK);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_gap(2 * kFrameDur, kFrameDur)));
+  for (guint64 n = 3; n < 7; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n - 1], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 6u);
+  const guint64 pts[] = {0, 1, 3, 4, 5, 6};
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(GST_BUFFER_PTS(out[i]), pts[i] * kFrameDur);
+    EXPECT_EQ(GST_BUFFER_FLAG_IS_SET(out[i], GST_BUFFER_FLAG_DISCONT) != 0, i == 1) << "latent " << i;
+  }
+  unref_all(out);
+}
+
+TEST_F(VaeEncodeTest, GapAndSegmentDrainPendingFramesFirst) {
+  Harness t(make_element(4));
+  Recorder rec;
+  rec.attach(t.element);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 3);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  rec.take();
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_gap(2 * kFrameDur, kFrameDur)));
+  auto items = rec.take();
+  ASSERT_EQ(items.size(), 3u);
+  EXPECT_TRUE(items[0].is_buffer && items[0].pts == 0);
+  EXPECT_TRUE(items[1].is_buffer && items[1].pts == kFrameDur);
+  EXPECT_EQ(items[2].event, GST_EVENT_GAP);
+
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 3)), GST_FLOW_OK);
+  GstSegment segment;
+  gst_segment_init(&segment, GST_FORMAT_TIME);
+  segment.base = 10 * GST_SECOND;
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  items = rec.take();
+  ASSERT_EQ(items.size(), 2u);
+  EXPECT_TRUE(items[0].is_buffer && items[0].pts == 3 * kFrameDur);
+  EXPECT_EQ(items[1].event, GST_EVENT_SEGMENT);
+  EXPECT_EQ(t.queued(), 3u);
+}
+
+// A downstream RECONFIGURE makes the base class renegotiate (set_caps again,
+// same caps) on the next buffer: frames already staged must survive it.
+TEST_F(VaeEncodeTest, RenegotiationKeepsPendingFrames) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 4);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gst_harness_push_upstream_event(t.h, gst_event_new_reconfigure()));
+  for (guint64 n = 2; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 4u) << "the batch of 4 did not complete";
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u) << "frames were lost across the renegotiation";
+  auto expect = engine_latents("RGB", 64, 48, fr, 4);
+  for (guint64 n = 0; n < 4; ++n) {
+    EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
+    EXPECT_TRUE(bit_equal(floats_of(out[n]), expect[n])) << "latent " << n;
+  }
+  unref_all(out);
+}
+
+TEST_F(VaeEncodeTest, EosDrainsPartialBatchBeforeEos) {
+  Harness t(make_element(4));
+  Recorder rec;
+  rec.attach(t.element);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 7);
+  for (guint64 n = 0; n < 7; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 4u);
+  rec.take();
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+
+  auto items = rec.take();
+  ASSERT_EQ(items.size(), 4u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(items[i].is_buffer) << "item " << i;
+    EXPECT_EQ(items[i].pts, (4 + i) * kFrameDur);
+  }
+  EXPECT_FALSE(items[3].is_buffer);
+  EXPECT_EQ(items[3].event, GST_EVENT_EOS) << "EOS must follow the drained latents";
+
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 7u);
+  for (guint64 n = 0; n < 7; ++n) EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
+  auto expect = engine_latents("RGB", 64, 48, fr, 4);
+  for (size_t n = 0; n < 7; ++n) EXPECT_TRUE(bit_equal(floats_of(out[n]), expect[n])) << "latent " << n;
+  unref_all(out);
+  auto events = t.pull_event_types();
+  EXPECT_NE(std::find(events.begin(), events.end(), GST_EVENT_EOS), events.end());
+}
+
+TEST_F(VaeEncodeTest, FlushDropsPendingFrames) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 7);
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u);
+
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_start()));
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
+  EXPECT_EQ(t.queued(), 0u) << "a flush must not push the pending frames";
+  GstSegment segment;
+  gst_segment_init(&segment, GST_FORMAT_TIME);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  EXPECT_EQ(t.queued(), 0u) << "stale frames came out at the segment after the flush";
+
+  // Frames 100..103: one full batch of new frames only.
+  for (guint64 i = 0; i < 3; ++i)
+    ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3 + i], 100 + i)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u) << "the batch after the flush still held stale frames";
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[6], 103)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  for (guint64 i = 0; i < 4; ++i) EXPECT_EQ(GST_BUFFER_PTS(out[i]), (100 + i) * kFrameDur);
+  std::vector<Frame> fresh(fr.begin() + 3, fr.end());
+  auto expect = engine_latents("RGB", 64, 48, fresh, 4);
+  for (size_t i = 0; i < 4; ++i) EXPECT_TRUE(bit_equal(floats_of(out[i]), expect[i])) << "latent " << i;
+  unref_all(out);
+
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  EXPECT_EQ(t.queued(), 0u);
+}
+
+TEST_F(VaeEncodeTest, CapsChangeDrainsWithOldCaps) {
+  Harness t(make_element(4));
+  Recorder rec;
+  rec.attach(t.element);
+  t.caps(video_caps("RGB", 64, 48));
+  auto old_frames = frames("RGB", 64, 48, 3);
+  auto new_frames = frames("RGB", 40, 32, 4, 500);
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, old_frames[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u);
+  rec.take();
+
+  t.caps(video_caps("RGB", 40, 32));
+  EXPECT_EQ(t.queued(), 3u) << "the caps change must drain the pending frames";
+  for (guint64 n = 3; n < 7; ++n)
+    ASSERT_EQ(t.push(frame_buffer("RGB", 40, 32, new_frames[n - 3], n)), GST_FLOW_OK);
+
+  auto items = rec.take();
+  std::vector<Recorder::Item> bufs;
+  int caps_at = -1;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (items[i].is_buffer) bufs.push_back(items[i]);
+    if (!items[i].is_buffer && items[i].event == GST_EVENT_CAPS && caps_at < 0) caps_at = static_cast<int>(i);
+  }
+  ASSERT_GE(caps_at, 0) << "no caps event went downstream";
+  EXPECT_EQ(caps_at, 3) << "the new caps must come after the 3 old latents";
+  ASSERT_EQ(bufs.size(), 7u);
+  for (size_t i = 0; i < 7; ++i) {
+    SCOPED_TRACE("latent " + std::to_string(i));
+    const bool old = i < 3;
+    EXPECT_EQ(bufs[i].pts, i * kFrameDur);
+    EXPECT_EQ(bufs[i].size, (old ? 4u * 6 * 8 : 4u * 4 * 5) * sizeof(float));
+    EXPECT_EQ(bufs[i].caps_width, old ? 8 : 5);
+    EXPECT_EQ(bufs[i].caps_height, old ? 6 : 4);
+  }
+
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 7u);
+  auto expect_old = engine_latents("RGB", 64, 48, old_frames, 4);
+  auto expect_new = engine_latents("RGB", 40, 32, new_frames, 4);
+  for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(bit_equal(floats_of(out[i]), expect_old[i])) << "old latent " << i;
+  for (size_t i = 0; i < 4; ++i) EXPECT_TRUE(bit_equal(floats_of(out[3 + i]), expect_new[i])) << "new latent " << i;
+  unref_all(out);
+
+  GstCaps* caps = gst_pad_get_current_caps(t.h->sinkpad);
+  ASSERT_NE(caps, nullptr);
+  int w = 0, h = 0;
+  gst_structure_get_int(gst_caps_get_structure(caps, 0), "width", &w);
+  gst_structure_get_int(gst_caps_get_structure(caps, 0), "height", &h);
+  EXPECT_EQ(w, 5);
+  EXPECT_EQ(h, 4);
+  gst_caps_unref(caps);
+}
+
+TEST_F(VaeEncodeTest, PerBatchOneOutputsEachFrameAtOnce) {
+  Harness t(make_element(1));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 3);
+  auto expect = engine_latents("RGB", 64, 48, fr, 1);
+  for (guint64 n = 0; n < 3; ++n) {
+    ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+    GstBuffer* b = gst_harness_try_pull(t.h);
+    ASSERT_NE(b, nullptr) << "frame " << n << " did not come out at once";
+    EXPECT_EQ(GST_BUFFER_PTS(b), n * kFrameDur);
+    EXPECT_TRUE(bit_equal(floats_of(b), expect[n]));
+    gst_buffer_unref(b);
+  }
+  EXPECT_EQ(t.u64("batches"), 3u);
+}
+
+TEST_F(VaeEncodeTest, PerBatchLargerThanStreamOutputsAllAtEos) {
+  Harness t(make_element(16));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 5);
+  for (guint64 n = 0; n < 5; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 5u);
+  auto expect = engine_latents("RGB", 64, 48, fr, 16);
+  for (size_t n = 0; n < 5; ++n) {
+    EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
+    EXPECT_TRUE(bit_equal(floats_of(out[n]), expect[n])) << "latent " << n;
+  }
+  unref_all(out);
+  EXPECT_EQ(t.u64("batches"), 1u);
+  auto events = t.pull_event_types();
+  EXPECT_NE(std::find(events.begin(), events.end(), GST_EVENT_EOS), events.end());
+}
+
+TEST_F(VaeEncodeTest, StridedInputMatchesEngine) {
+  // 45 RGB pixels = 135 bytes: GStreamer's default stride pads rows to 136.
+  GstVideoInfo info = video_info("RGB", 45, 37);
+  ASSERT_EQ(GST_VIDEO_INFO_PLANE_STRIDE(&info, 0), 136);
+  Harness t(make_element(2));
+  t.caps(video_caps("RGB", 45, 37));
+  auto fr = frames("RGB", 45, 37, 4);
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 45, 37, fr[n], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  auto expect = engine_latents("RGB", 45, 37, fr, 2);
+  for (size_t n = 0; n < 4; ++n) {
+    EXPECT_EQ(gst_buffer_get_size(out[n]), 4u * 4 * 5 * sizeof(float));  // 40x32 crop -> 5x4
+    auto got = floats_of(out[n]);
+    EXPECT_TRUE(bit_equal(got, expect[n])) << "latent " << n << ": " << diff_summary(got, expect[n]);
+  }
+  unref_all(out);
+}
+
+class VaeEncodeFormatTest : public VaeEncodeTest, public ::testing::WithParamInterface<const char*> {};
+
+TEST_P(VaeEncodeFormatTest, LatentsEqualEngine) {
+  const char* format = GetParam();
+  Harness t(make_element(2));
+  t.caps(video_caps(format, 64, 48));
+  auto fr = frames(format, 64, 48, 4);
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer(format, 64, 48, fr[n], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  auto expect = engine_latents(format, 64, 48, fr, 2);
+  for (size_t n = 0; n < 4; ++n) {
+    auto got = floats_of(out[n]);
+    EXPECT_TRUE(bit_equal(got, expect[n])) << "latent " << n << ": " << diff_summary(got, expect[n]);
+  }
+  // Different frames give different latents (the comparison is not vacuous).
+  EXPECT_FALSE(bit_equal(floats_of(out[0]), floats_of(out[1])));
+  unref_all(out);
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, VaeEncodeFormatTest, ::testing::Values("RGB", "BGRA"));
+
+TEST_F(VaeEncodeTest, AcceptCaps) {
+  Harness t(make_element(4));
+  GstPad* sink = gst_element_get_static_pad(t.element, "sink");
+  auto accepts = [&](const std::string& s) {
+    GstCaps* caps = gst_caps_from_string(s.c_str());
+    EXPECT_NE(caps, nullptr) << s;
+    const bool ok = caps && gst_pad_query_accept_caps(sink, caps);
+    if (caps) gst_caps_unref(caps);
+    return ok;
+  };
+  EXPECT_TRUE(accepts(video_caps("RGB", 64, 48)));
+  EXPECT_TRUE(accepts(video_caps("BGRA", 8, 8)));
+  EXPECT_FALSE(accepts(video_caps("I420", 64, 48)));
+  EXPECT_FALSE(accepts(video_caps("RGB", 4, 4)));
+  EXPECT_FALSE(accepts("video/x-raw, width=(int)7"));
+  EXPECT_FALSE(accepts("video/x-raw, format=(string)RGB, width=(int)7, height=(int)48, framerate=(fraction)25/1"));
+  gst_object_unref(sink);
+}
+
+TEST_F(VaeEncodeTest, LatencyAddsBatchWaitAndEncodeTime) {
+  constexpr GstClockTime upstream = 10 * GST_MSECOND;
+  {
+    Harness t(make_element(4));
+    gst_harness_set_live(t.h, TRUE);
+    gst_harness_set_upstream_latency(t.h, upstream);
+    t.caps(video_caps("RGB", 64, 48));
+    // No batch encoded yet: the encode-time part is 0.
+    EXPECT_EQ(gst_harness_query_latency(t.h), upstream + 3 * kFrameDur);
+    auto fr = frames("RGB", 64, 48, 4);
+    for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+    ASSERT_EQ(t.queued(), 4u);
+    const GstClockTime encode = t.u64("last-batch-time");
+    EXPECT_GT(encode, 0u);
+    const GstClockTime after = gst_harness_query_latency(t.h);
+    EXPECT_GE(after, upstream + 3 * kFrameDur);
+    EXPECT_EQ(after, upstream + 3 * kFrameDur + encode) << "one batch: its encode time is the mean";
+  }
+  {
+    GstElement* e = make_element(4);
+    g_object_set(e, "batch-timeout", static_cast<guint64>(50 * GST_MSECOND), nullptr);
+    Harness t(e);
+    gst_harness_set_live(t.h, TRUE);
+    gst_harness_set_upstream_latency(t.h, upstream);
+    t.caps(video_caps("RGB", 64, 48));
+    EXPECT_EQ(gst_harness_query_latency(t.h), upstream + 50 * GST_MSECOND);
+  }
+  {
+    Harness t(make_element(1));
+    gst_harness_set_live(t.h, TRUE);
+    gst_harness_set_upstream_latency(t.h, upstream);
+    t.caps(video_caps("RGB", 64, 48));
+    EXPECT_EQ(gst_harness_query_latency(t.h), upstream);
+  }
+}
+
+TEST_F(VaeEncodeTest, BatchTimeoutReleasesPartialBatch) {
+  GstElement* e = make_element(8);
+  g_object_set(e, "batch-timeout", static_cast<guint64>(100 * GST_MSECOND), nullptr);
+  Harness t(e);
+  gst_harness_set_live(t.h, TRUE);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 3);
+  const auto start = std::chrono::steady_clock::now();
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+
+  std::vector<GstBuffer*> out;
+  std::chrono::steady_clock::duration first_at{};
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (out.size() < 3 && std::chrono::steady_clock::now() < deadline) {
+    if (GstBuffer* b = gst_harness_try_pull(t.h)) {
+      if (out.empty()) first_at = std::chrono::steady_clock::now() - start;
+      out.push_back(b);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  ASSERT_EQ(out.size(), 3u) << "the partial batch did not come out after batch-timeout";
+  EXPECT_GE(first_at, std::chrono::milliseconds(100)) << "latents came out before the timeout";
+  for (guint64 n = 0; n < 3; ++n) EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
+  unref_all(out);
+  EXPECT_EQ(t.u64("latents-out"), 3u);
+}
+
+TEST_F(VaeEncodeTest, WithoutBatchTimeoutPartialBatchWaits) {
+  Harness t(make_element(8));
+  gst_harness_set_live(t.h, TRUE);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 3);
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  while (std::chrono::steady_clock::now() < deadline) {
+    ASSERT_EQ(t.queued(), 0u) << "a partial batch came out with batch-timeout 0";
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  EXPECT_EQ(t.queued(), 3u);
+}
+
+// Element errors from going to PLAYING with `model`; returns "message\ndebug".
+std::string start_error(const std::string& model) {
+  GstElement* e = gst_element_factory_make("vaeencode", nullptr);
+  g_object_set(e, "model", model.c_str(), nullptr);
+  GstBus* bus = gst_bus_new();
+  gst_element_set_bus(e, bus);
+  const GstStateChangeReturn ret = gst_element_set_state(e, GST_STATE_PLAYING);
+  EXPECT_EQ(ret, GST_STATE_CHANGE_FAILURE) << "starting with model '" << model << "' did not fail";
+  std::string text;
+  GstMessage* m = gst_bus_pop_filtered(bus, GST_MESSAGE_ERROR);
+  EXPECT_NE(m, nullptr) << "no ERROR message on the bus";
+  if (m) {
+    GError* err = nullptr;
+    gchar* debug = nullptr;
+    gst_message_parse_error(m, &err, &debug);
+    text = std::string(err ? err->message : "") + "\n" + (debug ? debug : "");
+    g_clear_error(&err);
+    g_free(debug);
+    gst_message_unref(m);
+  }
+  gst_element_set_state(e, GST_STATE_NULL);
+  gst_element_set_bus(e, nullptr);
+  gst_bus_set_flushing(bus, TRUE);
+  gst_object_unref(bus);
+  gst_object_unref(e);
+  return text;
+}
+
+TEST_F(VaeEncodeTest, MissingModelFailsToStart) {
+  const std::string path = dir_->file("no-such-vae.safetensors");
+  const std::string text = start_error(path);
+  EXPECT_NE(text.find(path), std::string::npos) << text;
+}
+
+TEST_F(VaeEncodeTest, PickleCheckpointRefused) {
+  const std::string path = dir_->file("model.ckpt");
+  gstvae::test::write_bytes(path, std::string("PK\x03\x04", 4) + std::string(60, '\0'));
+  const std::string text = start_error(path);
+  EXPECT_NE(text.find(path), std::string::npos) << text;
+  EXPECT_NE(text.find("pickle"), std::string::npos) << text;
+}
+
+TEST_F(VaeEncodeTest, TruncatedSafetensorsRefused) {
+  std::ifstream in(model_, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GT(bytes.size(), 1000u);
+  const std::string path = dir_->file("truncated.safetensors");
+  gstvae::test::write_bytes(path, bytes.substr(0, bytes.size() / 2));
+  const std::string text = start_error(path);
+  // The engine's own message (the debug part) names the file too.
+  const size_t first = text.find(path);
+  ASSERT_NE(first, std::string::npos) << text;
+  const size_t nl = text.find('\n');
+  EXPECT_NE(text.find(path, nl), std::string::npos) << "the detail does not name the file: " << text;
+}
+
+TEST_F(VaeEncodeTest, SmallestFrameGivesOneCellLatent) {
+  Harness t(make_element(1));
+  t.caps(video_caps("RGB", 8, 8));
+  auto fr = frames("RGB", 8, 8, 1);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 8, 8, fr[0], 0)), GST_FLOW_OK);
+  GstBuffer* b = gst_harness_try_pull(t.h);
+  ASSERT_NE(b, nullptr);
+  EXPECT_EQ(gst_buffer_get_size(b), 4u * sizeof(float));
+  auto expect = engine_latents("RGB", 8, 8, fr, 1);
+  EXPECT_TRUE(bit_equal(floats_of(b), expect[0]));
+  gst_buffer_unref(b);
+  GstCaps* caps = gst_pad_get_current_caps(t.h->sinkpad);
+  ASSERT_NE(caps, nullptr);
+  int w = 0, h = 0;
+  gst_structure_get_int(gst_caps_get_structure(caps, 0), "width", &w);
+  gst_structure_get_int(gst_caps_get_structure(caps, 0), "height", &h);
+  EXPECT_EQ(w, 1);
+  EXPECT_EQ(h, 1);
+  gst_caps_unref(caps);
+}
+
+TEST_F(VaeEncodeTest, PerBatchChangeAppliesFromNextBatch) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 6);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  g_object_set(t.element, "per-batch", 2u, nullptr);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 2)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u) << "the current batch must still complete at 4 frames";
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3], 3)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 4u);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[4], 4)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 4u);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[5], 5)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 6u) << "the next batch must be of 2 frames";
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 6u);
+  for (guint64 n = 0; n < 6; ++n) EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
+  unref_all(out);
+  EXPECT_EQ(t.u64("batches"), 2u);
+  guint per_batch = 0;
+  g_object_get(t.element, "per-batch", &per_batch, nullptr);
+  EXPECT_EQ(per_batch, 2u);
+}
+
+TEST_F(VaeEncodeTest, SampleAndSeedChangeWhilePlaying) {
+  Harness t(make_element(2));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 4);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  g_object_set(t.element, "sample", TRUE, "seed", static_cast<guint64>(7), nullptr);
+  for (guint64 n = 2; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  auto mean = engine_latents("RGB", 64, 48, fr, 2);
+  std::vector<Frame> later(fr.begin() + 2, fr.end());
+  auto sampled = engine_latents("RGB", 64, 48, later, 2, true, 7, 2);
+  for (size_t n = 0; n < 2; ++n) EXPECT_TRUE(bit_equal(floats_of(out[n]), mean[n])) << "latent " << n;
+  for (size_t n = 2; n < 4; ++n) {
+    EXPECT_FALSE(bit_equal(floats_of(out[n]), mean[n])) << "latent " << n << " was not sampled";
+    EXPECT_TRUE(bit_equal(floats_of(out[n]), sampled[n - 2])) << "latent " << n;
+  }
+  unref_all(out);
+  gboolean sample = FALSE;
+  guint64 seed = 0;
+  g_object_get(t.element, "sample", &sample, "seed", &seed, nullptr);
+  EXPECT_TRUE(sample);
+  EXPECT_EQ(seed, 7u);
+}
+
+TEST_F(VaeEncodeTest, StatisticsWhileRunning) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  EXPECT_EQ(t.u64("frames-in"), 0u);
+  auto fr = frames("RGB", 64, 48, 6);
+  for (guint64 n = 0; n < 6; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.u64("frames-in"), 6u);
+  EXPECT_EQ(t.u64("latents-out"), 4u);
+  EXPECT_EQ(t.u64("batches"), 1u);
+  EXPECT_GT(t.u64("last-batch-time"), 0u);
+  gdouble fps = 0;
+  g_object_get(t.element, "average-fps", &fps, nullptr);
+  EXPECT_GT(fps, 0.0);
+  auto out = t.pull_all();
+  unref_all(out);
+}
+
+// Collects GLib warnings (the element refuses some properties with g_warning).
+struct WarningCatcher {
+  std::vector<std::string> messages;
+  guint id;
+  WarningCatcher() {
+    id = g_log_set_handler(nullptr, static_cast<GLogLevelFlags>(G_LOG_LEVEL_WARNING | G_LOG_LEVEL_CRITICAL),
+                           handler, this);
+  }
+  ~WarningCatcher() { g_log_remove_handler(nullptr, id); }
+  static void handler(const gchar*, GLogLevelFlags, const gchar* message, gpointer data) {
+    static_cast<WarningCatcher*>(data)->messages.push_back(message ? message : "");
+  }
+};
+
+TEST_F(VaeEncodeTest, ModelCannotChangeWhilePlaying) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  {
+    WarningCatcher warnings;
+    g_object_set(t.element, "model", "/elsewhere/other.safetensors", nullptr);
+    EXPECT_FALSE(warnings.messages.empty()) << "no warning when refusing the change";
+  }
+  gchar* model = nullptr;
+  g_object_get(t.element, "model", &model, nullptr);
+  EXPECT_STREQ(model, model_.c_str());
+  g_free(model);
+  // The element still works with its model.
+  auto fr = frames("RGB", 64, 48, 4);
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 4u);
+}
+
+// latent-format is documented as NULL/READY only: a change while playing is
+// refused, and in any case the caps a latent goes out with must describe its values.
+TEST_F(VaeEncodeTest, LatentFormatChangeWhilePlayingKeepsCapsTruthful) {
+  Harness t(make_element(2));
+  Recorder rec;
+  rec.attach(t.element);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 4);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  {
+    WarningCatcher warnings;  // a refusal warns
+    g_object_set(t.element, "latent-format", 1 /* sd15 */, nullptr);
+  }
+  gint lf = -1;
+  g_object_get(t.element, "latent-format", &lf, nullptr);
+  EXPECT_EQ(lf, 0) << "latent-format changed while PLAYING (documented as NULL/READY only)";
+  for (guint64 n = 2; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  std::vector<Recorder::Item> bufs;
+  for (auto& it : rec.take())
+    if (it.is_buffer) bufs.push_back(it);
+  ASSERT_EQ(bufs.size(), 4u);
+  for (size_t n = 0; n < 4; ++n) {
+    SCOPED_TRACE("latent " + std::to_string(n) + " sent with latent-format=" + bufs[n].latent_format);
+    ASSERT_FALSE(bufs[n].latent_format.empty());
+    auto expect = engine_latents("RGB", 64, 48, {fr[n - n % 2], fr[n - n % 2 + 1]}, 2, false, 0, n - n % 2,
+                                 bufs[n].latent_format.c_str());
+    auto got = floats_of(out[n]);
+    EXPECT_TRUE(bit_equal(got, expect[n % 2])) << "values do not match the caps' latent-format: "
+                                               << diff_summary(got, expect[n % 2]);
+  }
+  unref_all(out);
+}
+
+// The first measured encode time differs from the 0 reported before any batch:
+// the element asks the pipeline to re-query latency.
+TEST_F(VaeEncodeTest, LatencyMessageAfterFirstBatch) {
+  Harness t(make_element(4), /*with_bus=*/true);
+  gst_harness_set_live(t.h, TRUE);
+  t.caps(video_caps("RGB", 64, 48));
+  gst_harness_query_latency(t.h);
+  auto fr = frames("RGB", 64, 48, 4);
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  GstMessage* m = gst_bus_pop_filtered(t.bus, GST_MESSAGE_LATENCY);
+  EXPECT_EQ(m, nullptr) << "LATENCY message before any batch";
+  if (m) gst_message_unref(m);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3], 3)), GST_FLOW_OK);
+  if (t.u64("last-batch-time") <= 2 * GST_MSECOND) GTEST_SKIP() << "batch encoded too fast to matter";
+  m = gst_bus_pop_filtered(t.bus, GST_MESSAGE_LATENCY);
+  EXPECT_NE(m, nullptr) << "no LATENCY message after the encode time became known";
+  if (m) gst_message_unref(m);
+  auto out = t.pull_all();
+  unref_all(out);
+}
+
+TEST_F(VaeEncodeTest, ProgressMessageAfterEachBatch) {
+  Harness t(make_element(4), /*with_bus=*/true);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 10);
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_TRUE(t.element_messages(kProgress).empty()) << "progress before any batch";
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3], 3)), GST_FLOW_OK);
+
+  auto check = [&](guint64 frames_so_far, guint64 batches, guint batch_frames) {
+    auto msgs = t.element_messages(kProgress);
+    ASSERT_EQ(msgs.size(), 1u);
+    GstStructure* s = msgs[0];
+    guint64 frames = 0, nbatches = 0, batch_time = 0;
+    guint bf = 0;
+    gdouble fps = -1, avg = -1;
+    EXPECT_TRUE(gst_structure_get_uint64(s, "frames", &frames));
+    EXPECT_TRUE(gst_structure_get_uint64(s, "batches", &nbatches));
+    EXPECT_TRUE(gst_structure_get_uint(s, "batch-frames", &bf));
+    EXPECT_TRUE(gst_structure_get_uint64(s, "batch-time", &batch_time));
+    EXPECT_TRUE(gst_structure_get_double(s, "fps", &fps));
+    EXPECT_TRUE(gst_structure_get_double(s, "average-fps", &avg));
+    EXPECT_EQ(frames, frames_so_far);
+    EXPECT_EQ(frames, t.u64("latents-out"));
+    EXPECT_EQ(nbatches, batches);
+    EXPECT_EQ(bf, batch_frames);
+    EXPECT_GT(batch_time, 0u);
+    EXPECT_GT(fps, 0.0);
+    EXPECT_GT(avg, 0.0);
+    for (GstStructure* m : msgs) gst_structure_free(m);
+  };
+  check(4, 1, 4);
+  for (guint64 n = 4; n < 8; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  check(8, 2, 4);
+  for (guint64 n = 8; n < 10; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  check(10, 3, 2);
+  auto out = t.pull_all();
+  EXPECT_EQ(out.size(), 10u);
+  unref_all(out);
+}
+
+TEST_F(VaeEncodeTest, SamplingIsReproducibleAndDiffersFromMean) {
+  auto fr = frames("RGB", 64, 48, 4);
+  auto run = [&](bool sample, guint64 seed) {
+    GstElement* e = make_element(2);
+    g_object_set(e, "sample", sample, "seed", seed, nullptr);
+    Harness t(e);
+    t.caps(video_caps("RGB", 64, 48));
+    for (guint64 n = 0; n < 4; ++n) EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+    auto out = t.pull_all();
+    std::vector<std::vector<float>> v;
+    for (GstBuffer* b : out) v.push_back(floats_of(b));
+    unref_all(out);
+    return v;
+  };
+  auto a = run(true, 5), b = run(true, 5), mean = run(false, 0), other = run(true, 6);
+  ASSERT_EQ(a.size(), 4u);
+  ASSERT_EQ(b.size(), 4u);
+  ASSERT_EQ(mean.size(), 4u);
+  ASSERT_EQ(other.size(), 4u);
+  auto engine = engine_latents("RGB", 64, 48, fr, 2, true, 5);
+  for (size_t n = 0; n < 4; ++n) {
+    SCOPED_TRACE("latent " + std::to_string(n));
+    EXPECT_TRUE(bit_equal(a[n], b[n])) << "same seed, different samples";
+    EXPECT_FALSE(bit_equal(a[n], mean[n])) << "sample equals the mean";
+    EXPECT_FALSE(bit_equal(a[n], other[n])) << "seeds 5 and 6 gave the same sample";
+    EXPECT_TRUE(bit_equal(a[n], engine[n])) << "element sample differs from the engine's";
+  }
+}
+
+// Frame i's noise depends on (seed, i) only: the batch size changes nothing
+// beyond float rounding of the mean.
+TEST_F(VaeEncodeTest, SamplingDoesNotDependOnPerBatch) {
+  auto fr = frames("RGB", 64, 48, 4);
+  auto run = [&](guint per_batch) {
+    GstElement* e = make_element(per_batch);
+    g_object_set(e, "sample", TRUE, "seed", static_cast<guint64>(11), nullptr);
+    Harness t(e);
+    t.caps(video_caps("RGB", 64, 48));
+    for (guint64 n = 0; n < 4; ++n) EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+    auto out = t.pull_all();
+    std::vector<std::vector<float>> v;
+    for (GstBuffer* b : out) v.push_back(floats_of(b));
+    unref_all(out);
+    return v;
+  };
+  auto one = run(1), four = run(4);
+  ASSERT_EQ(one.size(), 4u);
+  ASSERT_EQ(four.size(), 4u);
+  for (size_t n = 0; n < 4; ++n) {
+    ASSERT_EQ(one[n].size(), four[n].size());
+    float worst = 0;
+    for (size_t i = 0; i < one[n].size(); ++i)
+      worst = std::max(worst, std::abs(one[n][i] - four[n][i]) / (1.0f + std::abs(one[n][i])));
+    EXPECT_LT(worst, 1e-4f) << "latent " << n;
+  }
+}
+
+TEST_F(VaeEncodeTest, RestartDropsFramesPendingBeforeStop) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 7);
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u);
+
+  ASSERT_NE(gst_element_set_state(t.element, GST_STATE_READY), GST_STATE_CHANGE_FAILURE);
+  EXPECT_EQ(t.queued(), 0u) << "stopping must drop, not push, the pending frames";
+  ASSERT_EQ(gst_element_set_state(t.element, GST_STATE_PLAYING), GST_STATE_CHANGE_SUCCESS);
+  EXPECT_EQ(t.u64("frames-in"), 0u) << "statistics restart with the element";
+
+  // The element's pads lost their sticky events: send a new stream start.
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_stream_start("restarted")));
+  t.caps(video_caps("RGB", 64, 48));
+  EXPECT_EQ(t.queued(), 0u) << "stale frames came out after the restart";
+  for (guint64 i = 0; i < 3; ++i)
+    ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3 + i], 200 + i)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u) << "the first batch after the restart held stale frames";
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[6], 203)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  std::vector<Frame> fresh(fr.begin() + 3, fr.end());
+  auto expect = engine_latents("RGB", 64, 48, fresh, 4);
+  for (guint64 i = 0; i < 4; ++i) {
+    EXPECT_EQ(GST_BUFFER_PTS(out[i]), (200 + i) * kFrameDur);
+    EXPECT_TRUE(bit_equal(floats_of(out[i]), expect[i])) << "latent " << i;
+  }
+  unref_all(out);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  EXPECT_EQ(t.queued(), 0u);
+}
+
+}  // namespace

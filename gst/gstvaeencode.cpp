@@ -252,11 +252,13 @@ static GstFlowReturn encode_pending(GstVaeEncode* self) {
   gst_buffer_map(all, &map, GST_MAP_WRITE);
   const auto start = std::chrono::steady_clock::now();
   std::string error;
+  gstvae::EncodeReport report;
   try {
-    st.encoder->encode(*st.batch, params, reinterpret_cast<float*>(map.data));
+    report = st.encoder->encode(*st.batch, params, reinterpret_cast<float*>(map.data));
   } catch (const std::exception& e) {
     error = e.what();
   }
+  for (const std::string& note : report.notes) GST_WARNING_OBJECT(self, "%s", note.c_str());
   const GstClockTime elapsed =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
   gst_buffer_unmap(all, &map);

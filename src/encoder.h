@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "frame.h"
 #include "latent_format.h"
@@ -42,6 +43,13 @@ struct EncodeParams {
   LatentFormat latent_format;
 };
 
+// What an encode had to do to fit in memory (see tiling.h).
+struct EncodeReport {
+  int64_t sub_batch = 0;     // frames per forward pass in use at the end
+  int64_t tiled_frames = 0;  // frames encoded tile by tile
+  std::vector<std::string> notes;  // one line per fallback taken, for logs
+};
+
 class Encoder {
  public:
   virtual ~Encoder() = default;
@@ -53,8 +61,9 @@ class Encoder {
 
   // Encodes every frame of `batch` into `out`, which must hold
   // batch.size() x latent_channels x (crop.height/downscale) x (crop.width/downscale)
-  // float32 values, row-major. Thread-safe for distinct batches.
-  virtual void encode(const FrameBatch& batch, const EncodeParams& params, float* out) = 0;
+  // float32 values, row-major. Thread-safe for distinct batches. On
+  // out-of-memory the batch is split (and a lone frame tiled) rather than lost.
+  virtual EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, float* out) = 0;
 
   size_t latent_floats_per_frame(const FrameBatch& batch) const;
 };

@@ -11,6 +11,7 @@
 
 #include "errors.h"
 #include "frame_storage.h"
+#include "tiling.h"
 
 namespace gstvae {
 
@@ -122,6 +123,16 @@ TorchEncoder::TorchEncoder(EncoderInfo info, ComputeTarget target)
     : info_(std::move(info)), target_(target) {
   info_.device = target_.device.str();
   info_.precision = target_.precision;
+  if (target_.device.is_cuda()) {
+    // A stream keeps one frame size, so cuDNN's autotuning pays off. fp32 must
+    // mean fp32 (the 1e-4 agreement with ComfyUI): no TF32 in convolutions or
+    // matrix products. Both are process-wide LibTorch settings.
+    at::globalContext().setBenchmarkCuDNN(true);
+    if (target_.precision == Precision::F32) {
+      at::globalContext().setAllowTF32CuDNN(false);
+      at::globalContext().setFloat32MatmulPrecision("highest");
+    }
+  }
 }
 
 void TorchEncoder::probe() {
@@ -165,20 +176,37 @@ uint64_t mix_seed(uint64_t seed, uint64_t index) {
 
 }  // namespace
 
-void TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, float* out) {
-  if (batch.empty()) return;
+EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, float* out) {
+  if (batch.empty()) return EncodeReport{sub_batch_.load(), 0, {}};
   c10::InferenceMode guard;
   at::Tensor pixels = prepare_pixels(batch, target_, info_.input_signed);
-  Moments m;
+  std::vector<at::Tensor> means, logvars;
+  auto keep = [&](const Moments& m) {
+    means.push_back(m.mean.to(at::kFloat));
+    if (m.logvar.defined()) logvars.push_back(m.logvar.to(at::kFloat));
+  };
+  EncodeReport report;
   try {
-    m = forward(pixels);
+    report = run_with_memory_fallback(
+        pixels.size(0), sub_batch_,
+        [&](int64_t start, int64_t count) { keep(forward(pixels.narrow(0, start, count))); },
+        [&](int64_t index) {
+          // Mean and log-variance are blended together, then split again.
+          const int64_t z = info_.latent_channels;
+          auto moments = [&](const at::Tensor& tile) {
+            Moments m = forward(tile);
+            return m.logvar.defined() ? at::cat({m.mean, m.logvar}, 1) : m.mean;
+          };
+          at::Tensor blended = encode_tiled(moments, pixels.narrow(0, index, 1), info_.downscale);
+          keep({blended.narrow(1, 0, z), blended.size(1) > z ? blended.narrow(1, z, z) : at::Tensor()});
+        });
   } catch (const c10::Error& e) {
     throw EncodeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
                       std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) +
                       " on " + target_.device.str() + " failed: " + e.what_without_backtrace());
   }
-  at::Tensor latents = m.mean.to(at::kFloat);
-  if (params.sample && m.logvar.defined()) {
+  at::Tensor latents = at::cat(means, 0);
+  if (params.sample && logvars.size() == means.size()) {
     // Noise is drawn per frame on the CPU from (seed, frame index), so a
     // sample does not depend on the batch size or the device.
     std::vector<at::Tensor> noise;
@@ -188,13 +216,14 @@ void TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, f
       noise.push_back(at::randn(sizes, gen, at::TensorOptions().dtype(at::kFloat)));
     }
     at::Tensor eps = at::stack(noise).to(target_.device);
-    at::Tensor std = at::exp(0.5f * m.logvar.to(at::kFloat).clamp(-30.0, 20.0));
+    at::Tensor std = at::exp(0.5f * at::cat(logvars, 0).clamp(-30.0, 20.0));
     latents = latents + std * eps;
   }
   const LatentFormat& lf = params.latent_format;
   if (!lf.is_raw()) latents = (latents - lf.shift) * lf.scale;
   at::Tensor host = at::from_blob(out, latents.sizes(), at::TensorOptions().dtype(at::kFloat));
   host.copy_(latents);
+  return report;
 }
 
 std::unique_ptr<FrameBatch> Encoder::new_batch(PixelFormat format, int width, int height,

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -57,7 +59,7 @@ class WeightReader {
 class TorchEncoder : public Encoder {
  public:
   const EncoderInfo& info() const override { return info_; }
-  void encode(const FrameBatch& batch, const EncodeParams& params, float* out) override;
+  EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, float* out) override;
 
  protected:
   struct Moments {
@@ -74,6 +76,8 @@ class TorchEncoder : public Encoder {
 
   EncoderInfo info_;
   ComputeTarget target_;
+  // Frames per forward pass; lowered for good after an out-of-memory.
+  std::atomic<int64_t> sub_batch_{std::numeric_limits<int64_t>::max()};
 };
 
 // Converts a uint8 staging batch to N x 3 x H x W on `target`: upload the

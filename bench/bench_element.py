@@ -1,0 +1,179 @@
+#!/usr/bin/python3
+"""Benchmarks for vaeencode, printed as ratios against baselines measured in the
+same run (never asserted: speed is not a test).
+
+  /usr/bin/python3 bench/bench_element.py            # needs a build: bash scripts/build.sh
+
+1. element vs Python: frames/s of `vaeencode` in a pipeline (filesrc ! rawvideoparse
+   ! vaeencode ! fakesink, in this process through PyGObject, model load excluded)
+   against a PyTorch eager baseline doing what ComfyUI's VAE.encode does per
+   sub-batch (pixels/255 -> crop -> NCHW -> 2x-1 -> Encoder + quant_conv -> mean),
+   same weights (full SD VAE encoder architecture, random), same frames, sizes,
+   batch size and thread count; runs alternated.
+2. pipeline overhead: the element against the engine alone (gst-vae-encode-file,
+   encode loop only) on the same frames and batches.
+3. memory: peak RSS of a gst-launch-1.0 process per size and batch size, and RSS
+   sampled over 1,000 frames through a small model.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
+import vae_reference as V  # noqa: E402
+
+BUILD = os.path.join(ROOT, "build")
+TOOL = os.path.join(BUILD, "tools", "gst-vae-encode-file")
+os.environ["GST_PLUGIN_PATH"] = os.path.join(BUILD, "gst")
+
+import gi  # noqa: E402
+
+gi.require_version("Gst", "1.0")
+from gi.repository import Gst  # noqa: E402
+
+Gst.init(None)
+
+
+def python_baseline(state, frames_u8, per_batch):
+    """ComfyUI VAE.encode, per sub-batch, fp32 eager. Returns seconds."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        pixels = torch.from_numpy(frames_u8).float() / 255.0  # B x H x W x 3, 0..1
+        for i in range(0, pixels.shape[0], per_batch):
+            chunk = pixels[i:i + per_batch]
+            h, w = chunk.shape[1] // 8 * 8, chunk.shape[2] // 8 * 8
+            oy, ox = (chunk.shape[1] % 8) // 2, (chunk.shape[2] % 8) // 2
+            x = chunk[:, oy:oy + h, ox:ox + w, :].movedim(-1, 1) * 2.0 - 1.0
+            V.encoder_forward(state, x)[:, :4]
+    return time.perf_counter() - start
+
+
+def element_run(model, raw, n, width, height, per_batch, threads):
+    """Seconds from the moment the element has loaded its model to EOS."""
+    desc = ("filesrc location=%s blocksize=%d ! rawvideoparse width=%d height=%d format=rgb framerate=25/1 "
+            "! vaeencode model=%s per-batch=%d threads=%d ! fakesink sync=false"
+            % (raw, width * height * 3, width, height, model, per_batch, threads))
+    pipeline = Gst.parse_launch(desc)
+    bus = pipeline.get_bus()
+    pipeline.set_state(Gst.State.PAUSED)  # vaeencode loads the model in here
+    start = time.perf_counter()
+    pipeline.set_state(Gst.State.PLAYING)
+    msg = bus.timed_pop_filtered(Gst.CLOCK_TIME_NONE, Gst.MessageType.EOS | Gst.MessageType.ERROR)
+    elapsed = time.perf_counter() - start
+    pipeline.set_state(Gst.State.NULL)
+    if msg.type == Gst.MessageType.ERROR:
+        sys.exit("element error: %s" % (msg.parse_error(),))
+    return elapsed
+
+
+def engine_run(model, raw, n, width, height, per_batch, threads):
+    out = subprocess.run([TOOL, "--model", model, "--frames", raw, "--n", str(n), "--width", str(width),
+                          "--height", str(height), "--format", "RGB", "--per-batch", str(per_batch),
+                          "--threads", str(threads), "--out", os.devnull],
+                         stderr=subprocess.PIPE, check=True).stderr.decode()
+    # "encoded N frames to ... in S s (F frames/s)"
+    return float(out.split(" in ")[-1].split(" s ")[0])
+
+
+def peak_rss_mb(cmd):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0:
+        sys.exit("failed: %s" % " ".join(cmd))
+    return usage.ru_maxrss / 1024.0
+
+
+def rss_over_time(model, frames, period=0.25):
+    cmd = ["gst-launch-1.0", "-q", "videotestsrc", "num-buffers=%d" % frames, "pattern=ball", "!",
+           "video/x-raw,format=RGB,width=64,height=64", "!", "vaeencode", "model=" + model, "per-batch=8", "!",
+           "fakesink"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = []
+    while p.poll() is None:
+        try:
+            with open("/proc/%d/status" % p.pid) as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        samples.append(int(line.split()[1]) / 1024.0)
+        except OSError:
+            break
+        time.sleep(period)
+    return samples
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="128,256,512")
+    ap.add_argument("--frames", default="8,4,2", help="frames per size")
+    ap.add_argument("--per-batch", default="4,4,2", help="batch size per size")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    counts = [int(s) for s in args.frames.split(",")]
+    batches = [int(s) for s in args.per_batch.split(",")]
+    torch.set_num_threads(args.threads)
+
+    tmp = tempfile.mkdtemp(prefix="gstvae-bench-")
+    model = os.path.join(tmp, "sd-vae-untrained.safetensors")
+    V.make_checkpoint(model, layout="ldm", ch=128, mult=(1, 2, 4, 4), blocks=2, z=4, seed=0, include_decoder=False)
+    state = {k: v.float() for k, v in V.load_ldm_state(model).items()}
+    print("machine: %s, %d threads, torch %s; model: full SD VAE encoder (34.2 M parameters, random weights)"
+          % (os.uname().machine, args.threads, torch.__version__))
+
+    print("\n%-6s %6s %5s | %12s %12s %12s | %8s %9s" % ("size", "frames", "batch", "python f/s", "element f/s",
+                                                        "engine f/s", "el/py", "overhead"))
+    for size, n, per_batch in zip(sizes, counts, batches):
+        raw = os.path.join(tmp, "frames_%d.raw" % size)
+        data = V.make_frames(n, size, size, "RGB", seed=size)
+        with open(raw, "wb") as f:
+            f.write(data)
+        frames_u8 = V.unpack_frames(data, n, size, size, size * 3, "RGB")
+        t_py, t_el, t_en = [], [], []
+        for _ in range(args.reps):  # alternated, best of reps
+            t_py.append(python_baseline(state, frames_u8, per_batch))
+            t_el.append(element_run(model, raw, n, size, size, per_batch, args.threads))
+            t_en.append(engine_run(model, raw, n, size, size, per_batch, args.threads))
+        py, el, en = n / min(t_py), n / min(t_el), n / min(t_en)
+        print("%-6s %6d %5d | %12.3f %12.3f %12.3f | %7.2fx %8.1f%%" % ("%d²" % size, n, per_batch, py, el, en,
+                                                                       el / py, (en / el - 1) * 100), flush=True)
+
+    if args.skip_memory:
+        return
+    weights_mb = os.path.getsize(model) / 2**20
+    print("\npeak RSS of gst-launch-1.0 (videotestsrc ! vaeencode ! fakesink), weights %.0f MB:" % weights_mb)
+    base = peak_rss_mb(["gst-launch-1.0", "-q", "videotestsrc", "num-buffers=1", "!", "fakesink"])
+    print("  gst-launch-1.0 alone: %.0f MB" % base)
+    for size in sizes:
+        for per_batch in (1, 4) if size < 512 else (1, 2):
+            rss = peak_rss_mb(["gst-launch-1.0", "-q", "videotestsrc", "num-buffers=%d" % per_batch, "!",
+                               "video/x-raw,format=RGB,width=%d,height=%d" % (size, size), "!", "vaeencode",
+                               "model=" + model, "per-batch=%d" % per_batch, "!", "fakesink"])
+            # Activations of one batch, largest live set: a level-0 ResnetBlock
+            # holds its input, norm/SiLU output and conv output (3 x 128 x H x W
+            # floats per frame) plus oneDNN's reordered copies of two of them.
+            act_mb = per_batch * 5 * 128 * size * size * 4 / 2**20
+            print("  %4d² batch %d: peak %5.0f MB; above gst-launch alone %5.0f MB = weights %.0f + %.2f x "
+                  "estimated batch activations (%.0f MB)" % (size, per_batch, rss, rss - base, weights_mb,
+                                                            (rss - base - weights_mb) / act_mb, act_mb), flush=True)
+
+    small = os.path.join(tmp, "small.safetensors")
+    V.make_checkpoint(small, layout="ldm", ch=32, mult=(1, 2, 2, 2), blocks=1, z=4, seed=1)
+    samples = rss_over_time(small, 1000)
+    if len(samples) >= 5:
+        ref = samples[len(samples) // 5]
+        print("\nRSS over 1,000 frames (64², small model): %d samples, at 20%%: %.1f MB, max after: %.1f MB, "
+              "end: %.1f MB (growth %.1f%%)" % (len(samples), ref, max(samples[len(samples) // 5:]), samples[-1],
+                                               (max(samples[len(samples) // 5:]) / ref - 1) * 100))
+
+
+if __name__ == "__main__":
+    main()

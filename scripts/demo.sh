@@ -2,19 +2,20 @@
 # The demo: install, build, then encode a short test clip with vaeencode.
 #   bash scripts/demo.sh                                   # untrained stand-in model
 #   MODEL=/path/to/vae.safetensors bash scripts/demo.sh    # a real VAE
-# Optional: FRAMES (default 16), SIZE (default 256x256), PER_BATCH (default 8).
+# Optional: FRAMES (default 8), SIZE (default 256x256), PER_BATCH (default 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "Installing what is missing and building (the first run takes a few minutes)..."
 bash scripts/build.sh >/dev/null
 export GST_PLUGIN_PATH="$PWD/build/gst${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"
 
-frames=${FRAMES:-16}
+frames=${FRAMES:-8}
 size=${SIZE:-256x256}
 width=${size%x*}
 height=${size#*x}
-per_batch=${PER_BATCH:-8}
+per_batch=${PER_BATCH:-4}
 mkdir -p demo-out
-out="$PWD/demo-out/latents.f32"
+out="$PWD/demo-out/latents.latent"
 
 model=${MODEL:-}
 if [ -z "$model" ]; then
@@ -33,16 +34,10 @@ echo "Encoding $frames frames of ${width}x${height} (videotestsrc) in batches of
 log=$(gst-launch-1.0 -m videotestsrc num-buffers="$frames" pattern=ball \
   ! "video/x-raw,format=RGB,width=$width,height=$height,framerate=25/1" \
   ! vaeencode model="$model" per-batch="$per_batch" \
-  ! filesink location="$out" 2>&1) || { echo "$log" | tail -20; exit 1; }
+  ! latentfilesink location="$out" 2>&1) || { echo "$log" | tail -20; exit 1; }
 
-caps=$(gst-launch-1.0 -q videotestsrc num-buffers=1 ! "video/x-raw,format=RGB,width=$width,height=$height" \
-  ! vaeencode model="$model" per-batch=1 ! fakesink -v 2>&1 | grep -o 'application/x-latent[^"]*' | tail -1 || true)
 fps=$(echo "$log" | grep vaeencode-progress | tail -1 | sed -n 's/.*average-fps=(double)\([0-9.]*\).*/\1/p')
-channels=$(echo "$caps" | sed -n 's/.*channels=(int)\([0-9]*\).*/\1/p')
-lw=$(echo "$caps" | sed -n 's/.*width=(int)\([0-9]*\).*/\1/p')
-lh=$(echo "$caps" | sed -n 's/.*height=(int)\([0-9]*\).*/\1/p')
-bytes=$(stat -c %s "$out")
-echo "Latent caps:  $caps"
-echo "Latent shape: $frames x $channels x $lh x $lw (frames x channels x height x width), float32"
+shape=$(build/tools/gst-vae-latent-info "$out" | sed -n 's/^shape //p')
+echo "Latent shape: $shape"
 echo "Speed:        ${fps:-?} frames/s (encode time, $(nproc) CPU threads)"
-echo "Output:       $out ($bytes bytes: raw little-endian float32, frame after frame)"
+echo "Output:       $out (ComfyUI .latent: load it with Load Latent, or see docs/latent-files.md)"

@@ -595,8 +595,17 @@ static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* eve
   GstVaeEncode* self = GST_VAE_ENCODE(trans);
   Streaming& st = *self->state;
   switch (GST_EVENT_TYPE(event)) {
+    case GST_EVENT_CAPS: {
+      // Upstream may resend the caps it already set: nothing changes then.
+      GstCaps* caps;
+      gst_event_parse_caps(event, &caps);
+      GstCaps* current = gst_pad_get_current_caps(GST_BASE_TRANSFORM_SINK_PAD(trans));
+      const bool same = current && gst_caps_is_equal(current, caps);
+      if (current) gst_caps_unref(current);
+      if (same) break;
+    }
+      /* fall through */
     case GST_EVENT_EOS:
-    case GST_EVENT_CAPS:
     case GST_EVENT_SEGMENT:
     case GST_EVENT_STREAM_START:
     case GST_EVENT_GAP:

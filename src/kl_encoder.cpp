@@ -3,6 +3,7 @@
 // weights: base width, levels and their widths, blocks per level, latent
 // channels and quant_conv presence.
 #include <ATen/ATen.h>
+#include <torch/version.h>
 
 #include <sstream>
 
@@ -174,6 +175,15 @@ class KLEncoder final : public TorchEncoder {
     if (use_onednn(x)) {
       out = attention_onednn(q, k, v, scale);
     } else {
+#if TORCH_VERSION_MAJOR >= 2
+      // One head of width C over h*w tokens: the fused (flash or
+      // memory-efficient) kernel never materialises the hw x hw matrix.
+      auto tokens = [&](const at::Tensor& t) { return t.reshape({n, 1, c, hh * ww}).transpose(2, 3); };
+      out = at::scaled_dot_product_attention(tokens(q), tokens(k), tokens(v))
+                .transpose(2, 3)
+                .reshape({n, c, hh, ww});
+      return conv2d(out, attn_.proj_out).add_(x);
+#endif
       q = q.reshape({n, c, hh * ww}).transpose(1, 2);
       at::Tensor weights = at::softmax(at::bmm(q, k.reshape({n, c, hh * ww})).mul_(scale), -1);
       out = at::bmm(v.reshape({n, c, hh * ww}), weights.transpose(1, 2)).reshape({n, c, hh, ww});

@@ -555,6 +555,22 @@ TEST_F(VaeEncodeTest, CapsChangeDrainsWithOldCaps) {
   gst_caps_unref(caps);
 }
 
+TEST_F(VaeEncodeTest, RepeatedIdenticalCapsDoNotDrain) {
+  Harness t(make_element(4));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 4);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  GstCaps* same = gst_caps_from_string(video_caps("RGB", 64, 48).c_str());
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_caps(same)));
+  gst_caps_unref(same);
+  EXPECT_EQ(t.queued(), 0u) << "resending the same caps must not cut the batch";
+  for (guint64 n = 2; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  EXPECT_EQ(t.u64("batches"), 1u);
+  unref_all(out);
+}
+
 TEST_F(VaeEncodeTest, PerBatchOneOutputsEachFrameAtOnce) {
   Harness t(make_element(1));
   t.caps(video_caps("RGB", 64, 48));

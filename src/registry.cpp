@@ -1,10 +1,21 @@
 // load_encoder: refuses pickle checkpoints, opens the safetensors file and
-// hands it to the first family that recognises its tensor names.
+// hands it to the first family that recognises its tensor names; encoders are
+// shared between callers through the weak cache described in model_cache.h.
+#include <limits.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <condition_variable>
 #include <cstdio>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "errors.h"
 #include "families.h"
+#include "model_cache.h"
+#include "torch_encoder.h"
 
 namespace gstvae {
 
@@ -14,8 +25,14 @@ const EncoderFamily* const kFamilies[] = {
     &kKLFamily,
 };
 
+// Case-insensitive: "model.CKPT" is a pickle too.
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  if (s.size() < suffix.size()) return false;
+  for (size_t i = 0; i < suffix.size(); ++i) {
+    const char c = s[s.size() - suffix.size() + i];
+    if ((c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c) != suffix[i]) return false;
+  }
+  return true;
 }
 
 // PyTorch's .ckpt/.pt/.pth/.bin files are pickles (often inside a zip): loading
@@ -38,11 +55,7 @@ void refuse_pickle(const std::string& path) {
                           "when loaded and are not supported; convert it to .safetensors first");
 }
 
-}  // namespace
-
-std::shared_ptr<Encoder> load_encoder(const std::string& path, const EncoderOptions& options) {
-  if (path.empty()) throw CheckpointError("no model file given");
-  refuse_pickle(path);
+std::shared_ptr<Encoder> load_uncached(const std::string& path, const EncoderOptions& options) {
   auto file = std::make_shared<const SafetensorsFile>(path);
   for (const EncoderFamily* family : kFamilies)
     if (family->detect(*file)) return family->load(file, options);
@@ -52,4 +65,149 @@ std::shared_ptr<Encoder> load_encoder(const std::string& path, const EncoderOpti
                         "and 'encoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.')");
 }
 
+/* ------------------------------------------------------------------ cache */
+
+// Which file, as the kernel sees it: a rewrite changes size or mtime, a
+// replacement (rename over the path) changes the inode.
+struct FileIdentity {
+  std::string canonical;
+  dev_t dev = 0;
+  ino_t ino = 0;
+  off_t size = 0;
+  int64_t mtime_ns = 0;
+
+  auto tie() const { return std::tie(canonical, dev, ino, size, mtime_ns); }
+  bool operator==(const FileIdentity& o) const { return tie() == o.tie(); }
+};
+
+bool identify(const std::string& path, FileIdentity* id) {
+  char buf[PATH_MAX];
+  if (!::realpath(path.c_str(), buf)) return false;
+  struct stat st {};
+  if (::stat(buf, &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  id->canonical = buf;
+  id->dev = st.st_dev;
+  id->ino = st.st_ino;
+  id->size = st.st_size;
+  id->mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  return true;
+}
+
+struct CacheKey {
+  FileIdentity file;
+  std::string device;  // resolved: "cpu", "cuda:0", ...
+  Precision precision;  // resolved, never Auto
+
+  bool operator<(const CacheKey& o) const {
+    return std::tie(file.canonical, file.dev, file.ino, file.size, file.mtime_ns, device, precision) <
+           std::tie(o.file.canonical, o.file.dev, o.file.ino, o.file.size, o.file.mtime_ns, o.device, o.precision);
+  }
+};
+
+struct Slot {
+  std::weak_ptr<Encoder> encoder;
+  bool loading = false;  // one thread is loading this key; the others wait on `loaded`
+};
+
+struct Cache {
+  std::mutex mutex;
+  std::condition_variable loaded;
+  std::map<CacheKey, Slot> slots;
+
+  // Drops the entries of released encoders. Caller holds `mutex`.
+  void prune() {
+    for (auto it = slots.begin(); it != slots.end();)
+      if (!it->second.loading && it->second.encoder.expired())
+        it = slots.erase(it);
+      else
+        ++it;
+  }
+};
+
+// Never destroyed: encoders may be released by static destructors at exit.
+Cache& cache() {
+  static Cache* c = new Cache();
+  return *c;
+}
+
+}  // namespace
+
+std::shared_ptr<Encoder> load_encoder(const std::string& path, const EncoderOptions& options) {
+  if (path.empty()) throw CheckpointError("no model file given");
+  // Before anything opens it: opening a FIFO would block the caller (the
+  // element's state change) until someone writes to it.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    throw CheckpointError("'" + path + "' is not a regular file");
+  refuse_pickle(path);
+
+  // Anything that prevents a key (no such file, a bad device request) is
+  // left to the uncached load, which reports it as it always has.
+  CacheKey key;
+  if (!identify(path, &key.file)) return load_uncached(path, options);
+  try {
+    const ComputeTarget target = resolve_target(options);
+    key.device = target.device.str();
+    key.precision = target.precision;
+  } catch (const std::exception&) {
+    return load_uncached(path, options);
+  }
+
+  Cache& c = cache();
+  std::unique_lock<std::mutex> lock(c.mutex);
+  c.prune();
+  for (;;) {
+    Slot& slot = c.slots[key];
+    if (auto shared = slot.encoder.lock()) {
+      lock.unlock();
+      apply_thread_option(options.threads);  // process-wide; as a fresh load would
+      return shared;
+    }
+    if (!slot.loading) {
+      slot.loading = true;
+      break;
+    }
+    c.loaded.wait(lock);  // another thread loads this key: take its result (or retry after its failure)
+  }
+  lock.unlock();
+
+  std::shared_ptr<Encoder> encoder;
+  try {
+    encoder = load_uncached(path, options);
+  } catch (...) {
+    lock.lock();
+    c.slots.erase(key);
+    c.loaded.notify_all();
+    throw;
+  }
+  // A file replaced or rewritten while it was read: what was loaded matches
+  // neither identity, so it is handed out but not shared.
+  FileIdentity after;
+  const bool unchanged = identify(path, &after) && after == key.file;
+  lock.lock();
+  if (unchanged) {
+    Slot& slot = c.slots[key];
+    slot.encoder = encoder;
+    slot.loading = false;
+  } else {
+    c.slots.erase(key);
+  }
+  c.loaded.notify_all();
+  return encoder;
+}
+
+size_t cached_encoder_count() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.prune();
+  size_t n = 0;
+  for (const auto& kv : c.slots)
+    if (!kv.second.encoder.expired()) ++n;
+  return n;
+}
+
 }  // namespace gstvae
+
+extern "C" __attribute__((visibility("default"))) size_t gstvae_cached_encoder_count(void) {
+  return gstvae::cached_encoder_count();
+}

@@ -50,6 +50,10 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const TensorInfo* find(const std::string& name) const;
   const uint8_t* data(const TensorInfo& info) const { return base_ + info.offset; }
+  // Drops the tensor's pages from this process's memory once they have been
+  // copied (they stay in the page cache), so loading does not hold the weights
+  // twice. No effect on in-memory images.
+  void release(const TensorInfo& info) const;
 
  private:
   void parse();

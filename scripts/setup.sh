@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages gst-vae needs to build, test and run. Idempotent:
 # when everything is present it only checks and returns in about a second.
+# Arguments name optional package groups (see below).
 set -euo pipefail
 
 packages=(
@@ -11,6 +12,19 @@ packages=(
   python3 python3-torch python3-numpy python3-gi
   gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
 )
+
+# Optional groups, installed only when named: `bash scripts/setup.sh fuzz`.
+#   fuzz:     Debian's clang with libFuzzer and its ASan/UBSan runtimes (scripts/fuzz.sh);
+#   coverage: llvm-profdata/llvm-cov (FUZZ_COVERAGE=1 bash scripts/fuzz.sh).
+# The sanitizer test build (scripts/test-sanitizers.sh) uses g++, whose ASan/UBSan
+# runtimes (libasan8, libubsan1) come with it.
+for group in "$@"; do
+  case "$group" in
+    fuzz) packages+=(clang-14 libclang-rt-14-dev) ;;
+    coverage) packages+=(llvm-14) ;;
+    *) echo "setup: unknown package group '$group' (known: fuzz, coverage)" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${packages[@]}"; do

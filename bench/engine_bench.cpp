@@ -26,13 +26,6 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
-Precision parse_precision(const std::string& s) {
-  if (s == "fp32") return Precision::F32;
-  if (s == "fp16") return Precision::F16;
-  if (s == "bf16") return Precision::BF16;
-  return Precision::Auto;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -59,10 +52,10 @@ int main(int argc, char** argv) {
   for (const std::string& p : split(precisions)) {
     EncoderOptions options;
     options.device = device;
-    options.precision = parse_precision(p);
     options.threads = threads;
     std::shared_ptr<Encoder> encoder;
     try {
+      options.precision = precision_by_name(p);
       encoder = load_encoder(model, options);
     } catch (const std::exception& e) {
       std::printf("%-6d %-5s skipped: %s\n", size, p.c_str(), e.what());

@@ -14,6 +14,8 @@ namespace gstvae {
 
 enum class Precision { Auto, F32, F16, BF16 };
 const char* precision_name(Precision precision);
+// "auto", "fp32", "fp16" or "bf16"; throws EncodeError listing them otherwise.
+Precision precision_by_name(const std::string& name);
 
 struct EncoderOptions {
   // "auto" (CUDA when LibTorch has a device, else CPU), "cpu", "cuda", "cuda:N".

@@ -182,11 +182,11 @@ class KLEncoder final : public TorchEncoder {
       out = at::scaled_dot_product_attention(tokens(q), tokens(k), tokens(v))
                 .transpose(2, 3)
                 .reshape({n, c, hh, ww});
-      return conv2d(out, attn_.proj_out).add_(x);
-#endif
+#else
       q = q.reshape({n, c, hh * ww}).transpose(1, 2);
       at::Tensor weights = at::softmax(at::bmm(q, k.reshape({n, c, hh * ww})).mul_(scale), -1);
       out = at::bmm(v.reshape({n, c, hh * ww}), weights.transpose(1, 2)).reshape({n, c, hh, ww});
+#endif
     }
     return conv2d(out, attn_.proj_out).add_(x);
   }

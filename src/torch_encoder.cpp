@@ -25,6 +25,12 @@ const char* precision_name(Precision precision) {
   return "?";
 }
 
+Precision precision_by_name(const std::string& name) {
+  for (Precision p : {Precision::Auto, Precision::F32, Precision::F16, Precision::BF16})
+    if (name == precision_name(p)) return p;
+  throw EncodeError("unknown precision '" + name + "' (auto, fp32, fp16, bf16)");
+}
+
 ComputeTarget resolve_target(const EncoderOptions& options) {
   ComputeTarget target;
   const std::string& req = options.device;

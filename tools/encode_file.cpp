@@ -24,14 +24,6 @@ int usage() {
   return 2;
 }
 
-Precision parse_precision(const std::string& s) {
-  if (s == "auto") return Precision::Auto;
-  if (s == "fp32") return Precision::F32;
-  if (s == "fp16") return Precision::F16;
-  if (s == "bf16") return Precision::BF16;
-  throw EncodeError("unknown precision '" + s + "' (auto, fp32, fp16, bf16)");
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -61,7 +53,7 @@ int main(int argc, char** argv) {
 
     EncoderOptions options;
     if (args.count("device")) options.device = args["device"];
-    if (args.count("precision")) options.precision = parse_precision(args["precision"]);
+    if (args.count("precision")) options.precision = precision_by_name(args["precision"]);
     if (args.count("threads")) options.threads = std::stoi(args["threads"]);
     EncodeParams params;
     params.sample = args.count("sample") != 0;

@@ -1,11 +1,20 @@
 /* vaeencode: gathers `per-batch` video frames, encodes them with a
  * Stable-Diffusion-family VAE encoder and pushes one latent buffer per frame.
  *
+ * Three threads meet here. The streaming thread copies each frame into the
+ * batch being gathered and, once it is full, prepares it (on GPUs: starts its
+ * upload) and hands it to the encode thread, which encodes it and pushes its
+ * latents. So batch k+1 is gathered, and upstream keeps running, while batch k
+ * encodes. The batch-timeout thread hands over partial batches. Serialized
+ * events wait until every latent before them is out; a flush drops what is
+ * queued and fences off the latents of the batch being encoded.
+ *
  * Settings (properties, under the object lock) are kept apart from the
  * streaming state (touched only with the sink pad's stream lock held: by the
- * streaming thread, serialized events, and the batch-timeout thread). The
- * encode itself never runs with the object lock held. No C++ exception leaves
- * this file: each vmethod catches and posts an element error. */
+ * streaming thread, serialized events, and the batch-timeout thread) and from
+ * the encode thread's queue (its own mutex). The encode itself never runs
+ * with a lock held. No C++ exception leaves this file: each vmethod catches
+ * and posts an element error. */
 #include "gstvaeencode.h"
 
 #include <gst/video/video.h>
@@ -33,11 +42,15 @@ using gstvae::EncodeParams;
 using gstvae::Encoder;
 using gstvae::EncoderOptions;
 using gstvae::FrameBatch;
+using gstvae::LatentBlock;
 using gstvae::Precision;
 
 namespace {
 
 constexpr guint kDefaultPerBatch = 16;
+// Batches handed over and waiting while another encodes: one keeps the
+// encoder busy; more would only add latency and memory.
+constexpr size_t kMaxWaitingBatches = 1;
 constexpr const char* kDefaultDevice = "auto";
 
 enum {
@@ -56,6 +69,7 @@ enum {
   PROP_BATCHES,
   PROP_LAST_BATCH_TIME,
   PROP_AVERAGE_FPS,
+  PROP_FRAMES_IN_FLIGHT,
 };
 
 GType precision_get_type() {
@@ -133,19 +147,48 @@ struct Streaming {
   GstVideoInfo in_info;
   bool have_info = false;
   gstvae::PixelFormat format = gstvae::PixelFormat::RGB;
-  std::unique_ptr<FrameBatch> batch;
-  std::vector<FrameMeta> pending;
+  std::unique_ptr<FrameBatch> batch;  // being gathered
+  std::vector<FrameMeta> pending;     // its frames' metadata
   std::chrono::steady_clock::time_point oldest_arrival;
-  std::deque<GstBuffer*> ready;  // encoded, waiting to be pushed by drain()
   guint64 frame_index = 0;
-  GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed push from the timer thread
+  GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed hand-over by the timer thread
   bool tags_sent = false;
 
   void drop_pending() {
     if (batch) batch->clear();
     pending.clear();
-    for (GstBuffer* b : ready) gst_buffer_unref(b);
-    ready.clear();
+  }
+};
+
+// A full (or drained) batch on its way through the encode thread.
+struct EncodeJob {
+  std::shared_ptr<Encoder> encoder;
+  std::unique_ptr<FrameBatch> batch;
+  std::vector<FrameMeta> frames;
+  EncodeParams params;
+  guint64 generation = 0;
+};
+
+// The encode thread and its queue.
+struct EncodeWorker {
+  std::thread thread;
+  std::mutex mutex;  // everything below but push_mutex
+  std::condition_variable cond;
+  std::deque<EncodeJob> queue;  // waiting, at most kMaxWaitingBatches
+  bool busy = false;            // a job is being encoded or its latents pushed
+  bool flushing = false;        // between FLUSH_START and FLUSH_STOP, or stopping
+  bool quit = false;
+  guint64 generation = 0;  // a flush bumps it: latents of older jobs are dropped
+  GstFlowReturn flow = GST_FLOW_OK;  // first failure of an encode or a push
+  guint64 frames_in_flight = 0;      // handed over, latents not pushed yet
+  std::vector<std::unique_ptr<FrameBatch>> spare;  // encoded batches, for reuse
+  // Held while latents are pushed; FLUSH_STOP takes it, so that no latent of a
+  // batch from before the flush goes out after it.
+  std::mutex push_mutex;
+
+  void drop_queue() {
+    for (const EncodeJob& job : queue) frames_in_flight -= job.frames.size();
+    queue.clear();
   }
 };
 
@@ -175,6 +218,7 @@ struct _GstVaeEncode {
   Stats* stats;        // object lock
   Facts* facts;        // object lock
   Streaming* state;    // sink stream lock
+  EncodeWorker* worker;
   BatchTimer* timer;
 };
 
@@ -230,58 +274,76 @@ static void maybe_post_latency(GstVaeEncode* self, GstClockTime encode_time) {
   }
 }
 
-// Encodes the pending batch into per-frame buffers appended to state->ready.
-static GstFlowReturn encode_pending(GstVaeEncode* self) {
-  Streaming& st = *self->state;
-  if (!st.batch || st.batch->empty()) return GST_FLOW_OK;
-  const Settings s = settings_snapshot(self);
-  EncodeParams params;
-  params.sample = s.sample;
-  params.seed = s.seed;
-  params.latent_format = gstvae::latent_format_by_name(latent_format_nick(s.latent_format));
+static GstMemory* wrap_latents(std::unique_ptr<LatentBlock> block) {
+  LatentBlock* raw = block.release();
+  return gst_memory_new_wrapped(static_cast<GstMemoryFlags>(0), raw->data(), raw->bytes(), 0, raw->bytes(), raw,
+                                [](gpointer p) { delete static_cast<LatentBlock*>(p); });
+}
 
-  const size_t n = st.batch->size();
-  const size_t frame_bytes = st.encoder->latent_floats_per_frame(*st.batch) * sizeof(float);
-  GstBuffer* all = gst_buffer_new_allocate(nullptr, n * frame_bytes, nullptr);
-  if (!all) {
-    GST_ELEMENT_ERROR(self, RESOURCE, NO_SPACE_LEFT, ("Could not allocate %zu bytes of latents", n * frame_bytes),
-                      (nullptr));
-    return GST_FLOW_ERROR;
+// Pushes a job's latents unless a flush came after the job was handed over.
+static void push_latents(GstVaeEncode* self, const EncodeJob& job, std::vector<GstBuffer*>& latents) {
+  EncodeWorker& w = *self->worker;
+  std::lock_guard<std::mutex> fence(w.push_mutex);
+  bool stale;
+  {
+    std::lock_guard<std::mutex> lock(w.mutex);
+    stale = w.flushing || job.generation != w.generation;
   }
-  GstMapInfo map;
-  gst_buffer_map(all, &map, GST_MAP_WRITE);
+  GstFlowReturn ret = stale ? GST_FLOW_FLUSHING : GST_FLOW_OK;
+  if (stale) GST_DEBUG_OBJECT(self, "flushed: dropping the latents of %zu frames", latents.size());
+  for (GstBuffer* b : latents) {
+    if (ret == GST_FLOW_OK)
+      ret = gst_pad_push(GST_BASE_TRANSFORM_SRC_PAD(self), b);
+    else
+      gst_buffer_unref(b);
+  }
+  latents.clear();
+  if (ret != GST_FLOW_OK && !stale) {
+    GST_DEBUG_OBJECT(self, "pushing latents: %s", gst_flow_get_name(ret));
+    std::lock_guard<std::mutex> lock(w.mutex);
+    if (w.flow == GST_FLOW_OK) w.flow = ret;
+  }
+}
+
+// Encode thread: encodes one job into per-frame latent buffers and pushes them.
+static void run_job(GstVaeEncode* self, EncodeJob& job) {
+  const size_t n = job.batch->size();
   const auto start = std::chrono::steady_clock::now();
+  std::unique_ptr<LatentBlock> block;
   std::string error;
   gstvae::EncodeReport report;
   try {
-    report = st.encoder->encode(*st.batch, params, reinterpret_cast<float*>(map.data));
+    block = job.encoder->new_latents(*job.batch);
+    report = job.encoder->encode(*job.batch, job.params, *block);
   } catch (const std::exception& e) {
     error = e.what();
   }
   for (const std::string& note : report.notes) GST_WARNING_OBJECT(self, "%s", note.c_str());
   const GstClockTime elapsed =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
-  gst_buffer_unmap(all, &map);
   if (!error.empty()) {
-    gst_buffer_unref(all);
     GST_ELEMENT_ERROR(self, STREAM, FAILED, ("VAE encoding failed"), ("%s", error.c_str()));
-    return GST_FLOW_ERROR;
+    std::lock_guard<std::mutex> lock(self->worker->mutex);
+    if (self->worker->flow == GST_FLOW_OK) self->worker->flow = GST_FLOW_ERROR;
+    return;
   }
+  const size_t frame_bytes = block->bytes() / n;
+  GstBuffer* all = gst_buffer_new();
+  gst_buffer_append_memory(all, wrap_latents(std::move(block)));
+  std::vector<GstBuffer*> latents;
   for (size_t i = 0; i < n; ++i) {
     // Each latent shares the batch's memory: no copy.
     GstBuffer* out = gst_buffer_copy_region(all, GST_BUFFER_COPY_MEMORY, i * frame_bytes, frame_bytes);
-    const FrameMeta& m = st.pending[i];
+    const FrameMeta& m = job.frames[i];
     GST_BUFFER_PTS(out) = m.pts;
     GST_BUFFER_DTS(out) = m.dts;
     GST_BUFFER_DURATION(out) = m.duration;
     GST_BUFFER_OFFSET(out) = m.offset;
     GST_BUFFER_OFFSET_END(out) = m.offset_end;
     if (m.discont) GST_BUFFER_FLAG_SET(out, GST_BUFFER_FLAG_DISCONT);
-    st.ready.push_back(out);
+    latents.push_back(out);
   }
   gst_buffer_unref(all);
-  st.batch->clear();
-  st.pending.clear();
 
   GST_OBJECT_LOCK(self);
   self->stats->batches++;
@@ -292,28 +354,129 @@ static GstFlowReturn encode_pending(GstVaeEncode* self) {
   GST_OBJECT_UNLOCK(self);
   post_progress(self, static_cast<guint>(n), elapsed);
   maybe_post_latency(self, elapsed);
-  return GST_FLOW_OK;
+  push_latents(self, job, latents);
 }
 
-static GstFlowReturn push_ready(GstVaeEncode* self) {
-  GstFlowReturn ret = GST_FLOW_OK;
-  auto& ready = self->state->ready;
-  while (!ready.empty()) {
-    GstBuffer* b = ready.front();
-    ready.pop_front();
-    if (ret == GST_FLOW_OK)
-      ret = gst_pad_push(GST_BASE_TRANSFORM_SRC_PAD(self), b);
-    else
-      gst_buffer_unref(b);
+static void worker_loop(GstVaeEncode* self) {
+  EncodeWorker& w = *self->worker;
+  std::unique_lock<std::mutex> lock(w.mutex);
+  for (;;) {
+    w.cond.wait(lock, [&] { return w.quit || !w.queue.empty(); });
+    if (w.quit) break;
+    EncodeJob job = std::move(w.queue.front());
+    w.queue.pop_front();
+    w.busy = true;
+    w.cond.notify_all();  // a slot is free for the next batch
+    lock.unlock();
+    run_job(self, job);
+    job.batch->clear();
+    lock.lock();
+    w.busy = false;
+    w.frames_in_flight -= job.frames.size();
+    if (w.spare.size() < 2) w.spare.push_back(std::move(job.batch));
+    w.cond.notify_all();
   }
-  return ret;
 }
 
-// Encodes and pushes whatever is pending (EOS, caps change, serialized events, timeout).
+static void worker_start(GstVaeEncode* self) {
+  EncodeWorker& w = *self->worker;
+  std::lock_guard<std::mutex> lock(w.mutex);
+  w.quit = false;
+  w.flushing = false;
+  w.flow = GST_FLOW_OK;
+  w.generation++;
+  w.frames_in_flight = 0;
+  w.thread = std::thread(worker_loop, self);
+}
+
+// Drops the queue and joins the thread, after the batch it is encoding (a
+// LibTorch forward pass cannot be interrupted). Its latents are not pushed.
+static void worker_stop(GstVaeEncode* self) {
+  EncodeWorker& w = *self->worker;
+  {
+    std::lock_guard<std::mutex> lock(w.mutex);
+    w.quit = true;
+    w.flushing = true;
+    w.drop_queue();
+    w.cond.notify_all();
+  }
+  if (w.thread.joinable()) w.thread.join();
+  std::lock_guard<std::mutex> lock(w.mutex);
+  w.spare.clear();
+  w.frames_in_flight = 0;
+}
+
+// Streaming side: a staging batch for the current caps and `per-batch`,
+// reusing one the encode thread is done with.
+static void acquire_batch(GstVaeEncode* self, guint per_batch) {
+  Streaming& st = *self->state;
+  if (st.batch && (!st.batch->empty() || st.batch->capacity() == per_batch)) return;
+  const int width = GST_VIDEO_INFO_WIDTH(&st.in_info), height = GST_VIDEO_INFO_HEIGHT(&st.in_info);
+  EncodeWorker& w = *self->worker;
+  {
+    std::lock_guard<std::mutex> lock(w.mutex);
+    while (!w.spare.empty()) {
+      std::unique_ptr<FrameBatch> b = std::move(w.spare.back());
+      w.spare.pop_back();
+      if (b->format() == st.format && b->frame_width() == width && b->frame_height() == height &&
+          b->capacity() == per_batch) {
+        st.batch = std::move(b);
+        return;
+      }
+    }
+  }
+  st.batch = st.encoder->new_batch(st.format, width, height, per_batch);
+}
+
+// Streaming side: prepares the gathered batch and hands it to the encode
+// thread, waiting while another batch is already waiting there.
+static GstFlowReturn hand_over(GstVaeEncode* self) {
+  Streaming& st = *self->state;
+  if (!st.batch || st.batch->empty()) return GST_FLOW_OK;
+  const Settings s = settings_snapshot(self);
+  EncodeJob job;
+  job.encoder = st.encoder;
+  job.params.sample = s.sample;
+  job.params.seed = s.seed;
+  job.params.latent_format = gstvae::latent_format_by_name(latent_format_nick(s.latent_format));
+  job.frames = std::move(st.pending);
+  job.batch = std::move(st.batch);
+  st.pending.clear();
+  try {
+    // On GPUs this starts the upload, which then overlaps the encode in progress.
+    job.encoder->prepare(*job.batch);
+  } catch (const std::exception& e) {
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("VAE encoding failed"), ("%s", e.what()));
+    return GST_FLOW_ERROR;
+  }
+  const size_t n = job.frames.size();
+  EncodeWorker& w = *self->worker;
+  std::unique_lock<std::mutex> lock(w.mutex);
+  w.cond.wait(lock, [&] { return w.queue.size() < kMaxWaitingBatches || w.flushing; });
+  if (w.flushing) {
+    GST_DEBUG_OBJECT(self, "flushing: dropping a batch of %zu frames", n);
+    return GST_FLOW_FLUSHING;
+  }
+  job.generation = w.generation;
+  w.frames_in_flight += n;
+  w.queue.push_back(std::move(job));
+  w.cond.notify_all();
+  return w.flow;
+}
+
+// Streaming side: waits until every batch handed over is encoded and pushed.
+static GstFlowReturn wait_idle(GstVaeEncode* self) {
+  EncodeWorker& w = *self->worker;
+  std::unique_lock<std::mutex> lock(w.mutex);
+  w.cond.wait(lock, [&] { return (w.queue.empty() && !w.busy) || w.flushing; });
+  return w.flushing ? GST_FLOW_FLUSHING : w.flow;
+}
+
+// Encodes and pushes whatever is pending (EOS, caps change, serialized events).
 static GstFlowReturn drain(GstVaeEncode* self) {
-  GstFlowReturn ret = encode_pending(self);
-  GstFlowReturn push = push_ready(self);
-  return ret != GST_FLOW_OK ? ret : push;
+  GstFlowReturn ret = hand_over(self);
+  GstFlowReturn idle = wait_idle(self);
+  return ret != GST_FLOW_OK ? ret : idle;
 }
 
 /* ----------------------------------------------------------- batch timer */
@@ -357,7 +520,7 @@ static void timer_loop(GstVaeEncode* self) {
       const auto age = std::chrono::steady_clock::now() - st.oldest_arrival;
       if (timeout && age >= std::chrono::nanoseconds(timeout)) {
         GST_DEBUG_OBJECT(self, "batch-timeout: encoding a partial batch of %zu frames", st.pending.size());
-        GstFlowReturn ret = drain(self);
+        GstFlowReturn ret = hand_over(self);
         if (ret != GST_FLOW_OK && st.timer_flow == GST_FLOW_OK) st.timer_flow = ret;
       }
     }
@@ -418,13 +581,18 @@ static gboolean gst_vae_encode_start(GstBaseTransform* trans) {
   GST_OBJECT_UNLOCK(self);
   if (self->timer->thread.joinable()) timer_stop(self);
   self->timer->thread = std::thread(timer_loop, self);
+  if (self->worker->thread.joinable()) worker_stop(self);
+  worker_start(self);
   return TRUE;
 }
 
 static gboolean gst_vae_encode_stop(GstBaseTransform* trans) {
   GstVaeEncode* self = GST_VAE_ENCODE(trans);
   // Pending frames are dropped, not pushed: the pipeline is shutting down.
+  // The pads are inactive already, so nothing the encode thread pushes gets
+  // through, and it needs no stream lock: it can be joined here.
   timer_disarm(self);
+  worker_stop(self);
   self->state->drop_pending();
   self->state->batch.reset();
   self->state->encoder.reset();
@@ -519,6 +687,14 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
     gst_buffer_unref(input);
     return ret;
   }
+  {
+    // A failed encode or push in the encode thread stops the stream here.
+    std::lock_guard<std::mutex> lock(self->worker->mutex);
+    if (self->worker->flow != GST_FLOW_OK) {
+      gst_buffer_unref(input);
+      return self->worker->flow;
+    }
+  }
   if (!st.have_info || !st.encoder) {
     gst_buffer_unref(input);
     GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Received a buffer before caps"), (nullptr));
@@ -548,9 +724,7 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
     return GST_FLOW_ERROR;
   }
   try {
-    if (!st.batch || (st.batch->empty() && st.batch->capacity() != s.per_batch))
-      st.batch = st.encoder->new_batch(st.format, GST_VIDEO_INFO_WIDTH(&st.in_info),
-                                       GST_VIDEO_INFO_HEIGHT(&st.in_info), s.per_batch);
+    acquire_batch(self, s.per_batch);
     st.batch->add(static_cast<const uint8_t*>(GST_VIDEO_FRAME_PLANE_DATA(&frame, 0)),
                   GST_VIDEO_FRAME_PLANE_STRIDE(&frame, 0), st.frame_index++);
   } catch (const std::exception& e) {
@@ -572,7 +746,7 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
 
   if (st.batch->full()) {
     timer_disarm(self);
-    return drain(self);
+    return hand_over(self);
   }
   if (st.pending.size() == 1) {
     st.oldest_arrival = std::chrono::steady_clock::now();
@@ -581,7 +755,7 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
   return GST_FLOW_OK;
 }
 
-// Latents are pushed by drain() as soon as their batch is encoded, never
+// Latents are pushed by the encode thread as soon as their batch is encoded, never
 // handed to the base class here: it would mark its pending DISCONT on whatever
 // buffer came out next, a batch later than the frame that carried it.
 static GstFlowReturn gst_vae_encode_generate_output(GstBaseTransform*, GstBuffer** outbuf) {
@@ -610,23 +784,46 @@ static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* eve
     case GST_EVENT_STREAM_START:
     case GST_EVENT_GAP:
     case GST_EVENT_SEGMENT_DONE:
+    {
       // Latents of the frames before this event go out first, with the old caps.
-      if (!st.pending.empty() || !st.ready.empty()) {
-        timer_disarm(self);
-        GST_DEBUG_OBJECT(self, "draining %zu pending frames before %s", st.pending.size(),
-                         GST_EVENT_TYPE_NAME(event));
-        GstFlowReturn ret = drain(self);
-        if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING)
-          GST_WARNING_OBJECT(self, "draining before %s: %s", GST_EVENT_TYPE_NAME(event), gst_flow_get_name(ret));
-      }
+      timer_disarm(self);
+      GST_DEBUG_OBJECT(self, "draining %zu pending frames before %s", st.pending.size(), GST_EVENT_TYPE_NAME(event));
+      GstFlowReturn ret = drain(self);
+      if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING)
+        GST_WARNING_OBJECT(self, "draining before %s: %s", GST_EVENT_TYPE_NAME(event), gst_flow_get_name(ret));
       break;
-    case GST_EVENT_FLUSH_STOP:
+    }
+    case GST_EVENT_FLUSH_START: {
+      // Any thread. Wakes a streaming thread waiting on the encode thread; the
+      // batch being encoded cannot be stopped, its latents will be dropped.
+      EncodeWorker& w = *self->worker;
+      std::lock_guard<std::mutex> lock(w.mutex);
+      GST_DEBUG_OBJECT(self, "flush start: dropping %zu queued batches", w.queue.size());
+      w.flushing = true;
+      w.drop_queue();
+      w.cond.notify_all();
+      break;
+    }
+    case GST_EVENT_FLUSH_STOP: {
       timer_disarm(self);
       GST_DEBUG_OBJECT(self, "flush: dropping %zu pending frames", st.pending.size());
       st.drop_pending();
       st.timer_flow = GST_FLOW_OK;
+      // The src pad is still flushing here, so a push in progress returns at
+      // once; after this, latents of batches from before the flush are stale.
+      EncodeWorker& w = *self->worker;
+      std::lock_guard<std::mutex> fence(w.push_mutex);
+      std::lock_guard<std::mutex> lock(w.mutex);
+      w.drop_queue();
+      w.generation++;
+      w.flushing = false;
+      w.flow = GST_FLOW_OK;
       break;
+    }
     default:
+      // Other serialized events (tags, custom events) must not overtake the
+      // latents of batches already handed over.
+      if (GST_EVENT_IS_SERIALIZED(event)) wait_idle(self);
       break;
   }
   return GST_BASE_TRANSFORM_CLASS(gst_vae_encode_parent_class)->sink_event(trans, event);
@@ -722,9 +919,14 @@ static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* 
     case PROP_BATCHES: g_value_set_uint64(value, st.batches); break;
     case PROP_LAST_BATCH_TIME: g_value_set_uint64(value, st.last_batch_time); break;
     case PROP_AVERAGE_FPS: g_value_set_double(value, st.average_fps()); break;
+    case PROP_FRAMES_IN_FLIGHT: break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
   GST_OBJECT_UNLOCK(self);
+  if (prop_id == PROP_FRAMES_IN_FLIGHT) {
+    std::lock_guard<std::mutex> lock(self->worker->mutex);
+    g_value_set_uint64(value, self->worker->frames_in_flight);
+  }
 }
 
 /* ------------------------------------------------------------- GObject */
@@ -732,8 +934,10 @@ static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* 
 static void gst_vae_encode_finalize(GObject* object) {
   GstVaeEncode* self = GST_VAE_ENCODE(object);
   timer_stop(self);
+  worker_stop(self);
   self->state->drop_pending();
   delete self->state;
+  delete self->worker;
   delete self->stats;
   delete self->facts;
   delete self->settings;
@@ -747,6 +951,7 @@ static void gst_vae_encode_init(GstVaeEncode* self) {
   self->facts = new Facts();
   self->state = new Streaming();
   self->timer = new BatchTimer();
+  self->worker = new EncodeWorker();
   gst_base_transform_set_passthrough(GST_BASE_TRANSFORM(self), FALSE);
   gst_base_transform_set_in_place(GST_BASE_TRANSFORM(self), FALSE);
   gst_base_transform_set_qos_enabled(GST_BASE_TRANSFORM(self), FALSE);
@@ -834,6 +1039,12 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       g_param_spec_double("average-fps", "Average frames/s",
                           "Frames encoded per second of encode time since the element started", 0, G_MAXDOUBLE, 0,
                           ro));
+  g_object_class_install_property(
+      gobject_class, PROP_FRAMES_IN_FLIGHT,
+      g_param_spec_uint64("frames-in-flight", "Frames in flight",
+                          "Frames of full (or drained) batches handed to the encode thread whose latents have "
+                          "not been pushed yet; frames of the batch being gathered are not counted",
+                          0, G_MAXUINT64, 0, ro));
 
   gst_element_class_set_static_metadata(
       element_class, "VAE encoder", "Filter/Converter/Video",

@@ -60,12 +60,24 @@ class Encoder {
   // A staging batch suited to this encoder (page-locked on GPUs).
   std::unique_ptr<FrameBatch> new_batch(PixelFormat format, int width, int height,
                                         size_t capacity) const;
+  // A block for the latents of `batch`'s frames (page-locked on GPUs).
+  std::unique_ptr<LatentBlock> new_latents(const FrameBatch& batch) const;
+
+  // Optional: turns a filled batch into the encoder's input ahead of encode(),
+  // so that it overlaps another batch's encode from another thread. On GPUs the
+  // 8-bit frames are uploaded and converted on a side stream, asynchronously;
+  // on the CPU they are converted. encode() uses (and waits for) the result;
+  // adding a frame or clearing the batch drops it. Thread-safe.
+  virtual void prepare(FrameBatch& batch) = 0;
 
   // Encodes every frame of `batch` into `out`, which must hold
   // batch.size() x latent_channels x (crop.height/downscale) x (crop.width/downscale)
   // float32 values, row-major. Thread-safe for distinct batches. On
   // out-of-memory the batch is split (and a lone frame tiled) rather than lost.
   virtual EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, float* out) = 0;
+  // The same into a block from new_latents(): on GPUs one asynchronous copy
+  // into page-locked memory, waited for before returning.
+  virtual EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) = 0;
 
   size_t latent_floats_per_frame(const FrameBatch& batch) const;
 };

@@ -100,7 +100,23 @@ void FrameBatch::add(const uint8_t* pixels, size_t stride, uint64_t index) {
     for (int row = 0; row < crop_.height; ++row)
       std::memcpy(dst + row * row_bytes, src + row * stride, row_bytes);
   }
+  storage_->forget_prepared();
   indices_.push_back(index);
 }
+
+void FrameBatch::clear() {
+  indices_.clear();
+  storage_->forget_prepared();
+}
+
+LatentBlock::LatentBlock(size_t floats, bool pinned) : floats_(floats), storage_(std::make_unique<Storage>()) {
+  storage_->values = at::empty({static_cast<int64_t>(floats)},
+                               at::TensorOptions().dtype(at::kFloat).pinned_memory(pinned));
+}
+
+LatentBlock::~LatentBlock() = default;
+
+float* LatentBlock::data() { return storage_->values.data_ptr<float>(); }
+bool LatentBlock::pinned() const { return storage_->values.is_pinned(); }
 
 }  // namespace gstvae

@@ -50,7 +50,8 @@ class FrameBatch {
   // Copies the cropped region of a frame whose rows are `stride` bytes apart.
   // `index` is the frame's position in its stream (seeds sampling noise).
   void add(const uint8_t* pixels, size_t stride, uint64_t index);
-  void clear() { indices_.clear(); }
+  // Empties the batch for reuse (and forgets what Encoder::prepare made of it).
+  void clear();
 
   PixelFormat format() const { return format_; }
   int frame_width() const { return width_; }
@@ -68,6 +69,7 @@ class FrameBatch {
   // LibTorch-side storage, opaque here.
   struct Storage;
   const Storage& storage() const { return *storage_; }
+  Storage& storage() { return *storage_; }
 
  private:
   PixelFormat format_;
@@ -76,6 +78,30 @@ class FrameBatch {
   size_t capacity_;
   size_t frame_bytes_;
   std::vector<uint64_t> indices_;
+  std::unique_ptr<Storage> storage_;
+};
+
+// Host memory receiving a batch's latents: float32, frames x channels x h x w,
+// row-major. Page-locked when the encoder runs on a GPU, so that the latents
+// come back in one asynchronous device->host copy per batch. Encoders create
+// blocks (Encoder::new_latents); the GStreamer glue wraps them in buffers.
+class LatentBlock {
+ public:
+  LatentBlock(size_t floats, bool pinned);
+  ~LatentBlock();
+  LatentBlock(const LatentBlock&) = delete;
+  LatentBlock& operator=(const LatentBlock&) = delete;
+
+  float* data();
+  size_t floats() const { return floats_; }
+  size_t bytes() const { return floats_ * sizeof(float); }
+  bool pinned() const;
+
+  struct Storage;
+  const Storage& storage() const { return *storage_; }
+
+ private:
+  size_t floats_;
   std::unique_ptr<Storage> storage_;
 };
 

@@ -1,7 +1,11 @@
-// LibTorch side of FrameBatch: the staging tensor. Only engine sources include this.
+// LibTorch side of FrameBatch and LatentBlock: the host tensors, and what an
+// encoder prepared ahead of the encode. Only engine sources include this.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+
+#include <memory>
 
 #include "frame.h"
 
@@ -9,6 +13,20 @@ namespace gstvae {
 
 struct FrameBatch::Storage {
   at::Tensor pixels;  // uint8, capacity x crop.height x crop.width x bytes_per_pixel
+  // Set by Encoder::prepare: the encoder's input (N x 3 x H x W, compute dtype,
+  // on the compute device) and, on GPUs, the event that marks the end of its
+  // upload on a side stream. Dropped by clear() and add().
+  at::Tensor prepared;
+  std::unique_ptr<c10::Event> prepared_ready;
+
+  void forget_prepared() {
+    prepared = at::Tensor();
+    prepared_ready.reset();
+  }
+};
+
+struct LatentBlock::Storage {
+  at::Tensor values;  // float32, 1-D, page-locked on GPUs
 };
 
 }  // namespace gstvae

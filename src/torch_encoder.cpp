@@ -5,7 +5,10 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <atomic>
 #include <cstring>
 #include <thread>
 
@@ -77,10 +80,20 @@ ComputeTarget resolve_target(const EncoderOptions& options) {
   return target;
 }
 
+namespace {
+std::atomic<int> configured_threads{0};
+}  // namespace
+
 void apply_thread_option(int threads) {
   int n = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
   if (n < 1) n = 1;
-  if (at::get_num_threads() != n) at::set_num_threads(n);
+  configured_threads = n;
+  use_configured_threads();
+}
+
+void use_configured_threads() {
+  const int n = configured_threads.load();
+  if (n > 0 && at::get_num_threads() != n) at::set_num_threads(n);
 }
 
 WeightReader::WeightReader(std::shared_ptr<const SafetensorsFile> file,
@@ -162,13 +175,43 @@ at::Tensor prepare_pixels(const FrameBatch& batch, const ComputeTarget& target, 
   const PixelLayout layout = pixel_layout(batch.format());
   at::Tensor staged = batch.storage().pixels.narrow(0, 0, static_cast<int64_t>(batch.size()));
   at::Tensor u8 = staged.to(target.device, /*non_blocking=*/batch.pinned());
-  at::Tensor channels = at::tensor({layout.r, layout.g, layout.b},
-                                   at::TensorOptions().dtype(at::kLong).device(target.device));
-  at::Tensor rgb = u8.index_select(3, channels).permute({0, 3, 1, 2});
+  // N x H x W x bpp -> N x 3 x H x W in R, G, B order (views, then one copy).
+  at::Tensor rgb = at::stack({u8.select(3, layout.r), u8.select(3, layout.g), u8.select(3, layout.b)}, 1);
   // ComfyUI: pixels = u8 / 255 in fp32, then 2 * pixels - 1, then the VAE dtype.
   at::Tensor x = rgb.to(at::kFloat).div_(255.0f);
   if (signed_range) x.mul_(2.0f).sub_(1.0f);
   return x.to(target.dtype).contiguous();
+}
+
+void TorchEncoder::prepare(FrameBatch& batch) {
+  if (batch.empty()) return;
+  use_configured_threads();
+  c10::InferenceMode guard;
+  FrameBatch::Storage& storage = batch.storage();
+  storage.forget_prepared();
+  try {
+    if (target_.device.is_cuda()) {
+      // A side stream, so that the upload overlaps the encode running on the
+      // compute stream; encode() makes the compute stream wait for the event.
+      c10::impl::VirtualGuardImpl impl(target_.device.type());
+      c10::StreamGuard on_side_stream(impl.getStreamFromGlobalPool(target_.device));
+      storage.prepared = prepare_pixels(batch, target_, info_.input_signed);
+      storage.prepared_ready = std::make_unique<c10::Event>(target_.device.type());
+      storage.prepared_ready->record(impl.getStream(target_.device));
+    } else {
+      storage.prepared = prepare_pixels(batch, target_, info_.input_signed);
+    }
+  } catch (const c10::Error& e) {
+    storage.forget_prepared();
+    throw EncodeError(std::string("preparing a batch of ") + std::to_string(batch.size()) + " frames for " +
+                      target_.device.str() + " failed: " + e.what_without_backtrace());
+  }
+}
+
+void TorchEncoder::synchronize() const {
+  if (!target_.device.is_cuda()) return;
+  c10::impl::VirtualGuardImpl impl(target_.device.type());
+  impl.getStream(target_.device).synchronize();
 }
 
 namespace {
@@ -183,35 +226,36 @@ uint64_t mix_seed(uint64_t seed, uint64_t index) {
 
 }  // namespace
 
-EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, float* out) {
-  if (batch.empty()) return EncodeReport{sub_batch_.load(), 0, {}};
-  c10::InferenceMode guard;
-  at::Tensor pixels = prepare_pixels(batch, target_, info_.input_signed);
+at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeParams& params,
+                                          EncodeReport& report) {
+  at::Tensor pixels;
+  if (batch.storage().prepared.defined()) {
+    pixels = batch.storage().prepared;
+    if (const auto& ready = batch.storage().prepared_ready) {
+      c10::impl::VirtualGuardImpl impl(target_.device.type());
+      ready->block(impl.getStream(target_.device));
+    }
+  } else {
+    pixels = prepare_pixels(batch, target_, info_.input_signed);
+  }
   std::vector<at::Tensor> means, logvars;
   auto keep = [&](const Moments& m) {
     means.push_back(m.mean.to(at::kFloat));
     if (m.logvar.defined()) logvars.push_back(m.logvar.to(at::kFloat));
   };
-  EncodeReport report;
-  try {
-    report = run_with_memory_fallback(
-        pixels.size(0), sub_batch_,
-        [&](int64_t start, int64_t count) { keep(forward(pixels.narrow(0, start, count))); },
-        [&](int64_t index) {
-          // Mean and log-variance are blended together, then split again.
-          const int64_t z = info_.latent_channels;
-          auto moments = [&](const at::Tensor& tile) {
-            Moments m = forward(tile);
-            return m.logvar.defined() ? at::cat({m.mean, m.logvar}, 1) : m.mean;
-          };
-          at::Tensor blended = encode_tiled(moments, pixels.narrow(0, index, 1), info_.downscale);
-          keep({blended.narrow(1, 0, z), blended.size(1) > z ? blended.narrow(1, z, z) : at::Tensor()});
-        });
-  } catch (const c10::Error& e) {
-    throw EncodeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
-                      std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) +
-                      " on " + target_.device.str() + " failed: " + e.what_without_backtrace());
-  }
+  report = run_with_memory_fallback(
+      pixels.size(0), sub_batch_,
+      [&](int64_t start, int64_t count) { keep(forward(pixels.narrow(0, start, count))); },
+      [&](int64_t index) {
+        // Mean and log-variance are blended together, then split again.
+        const int64_t z = info_.latent_channels;
+        auto moments = [&](const at::Tensor& tile) {
+          Moments m = forward(tile);
+          return m.logvar.defined() ? at::cat({m.mean, m.logvar}, 1) : m.mean;
+        };
+        at::Tensor blended = encode_tiled(moments, pixels.narrow(0, index, 1), info_.downscale);
+        keep({blended.narrow(1, 0, z), blended.size(1) > z ? blended.narrow(1, z, z) : at::Tensor()});
+      });
   at::Tensor latents = at::cat(means, 0);
   if (params.sample && logvars.size() == means.size()) {
     // Noise is drawn per frame on the CPU from (seed, frame index), so a
@@ -228,8 +272,49 @@ EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& p
   }
   const LatentFormat& lf = params.latent_format;
   if (!lf.is_raw()) latents = (latents - lf.shift) * lf.scale;
-  at::Tensor host = at::from_blob(out, latents.sizes(), at::TensorOptions().dtype(at::kFloat));
-  host.copy_(latents);
+  return latents;
+}
+
+EncodeError TorchEncoder::encode_failure(const FrameBatch& batch, const c10::Error& e) const {
+  return EncodeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
+                     std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) + " on " +
+                     target_.device.str() + " failed: " + e.what_without_backtrace());
+}
+
+EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, float* out) {
+  EncodeReport report{sub_batch_.load(), 0, {}};
+  if (batch.empty()) return report;
+  use_configured_threads();
+  c10::InferenceMode guard;
+  try {
+    at::Tensor latents = encode_on_device(batch, params, report);
+    at::from_blob(out, latents.sizes(), at::TensorOptions().dtype(at::kFloat)).copy_(latents);
+  } catch (const c10::Error& e) {
+    throw encode_failure(batch, e);
+  }
+  return report;
+}
+
+EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) {
+  EncodeReport report{sub_batch_.load(), 0, {}};
+  if (batch.empty()) return report;
+  const size_t needed = batch.size() * latent_floats_per_frame(batch);
+  if (out.floats() < needed)
+    throw EncodeError("latent block of " + std::to_string(out.floats()) + " floats is too small for " +
+                      std::to_string(batch.size()) + " frames (" + std::to_string(needed) + " floats)");
+  use_configured_threads();
+  c10::InferenceMode guard;
+  try {
+    at::Tensor latents = encode_on_device(batch, params, report);
+    at::Tensor host = out.storage().values.narrow(0, 0, static_cast<int64_t>(needed)).view(latents.sizes());
+    // One device->host copy per batch; asynchronous into page-locked memory,
+    // so wait for it (and everything before it on the stream) here.
+    const bool async = out.pinned() && target_.device.is_cuda();
+    host.copy_(latents, /*non_blocking=*/async);
+    if (async) synchronize();
+  } catch (const c10::Error& e) {
+    throw encode_failure(batch, e);
+  }
   return report;
 }
 
@@ -237,6 +322,11 @@ std::unique_ptr<FrameBatch> Encoder::new_batch(PixelFormat format, int width, in
                                                size_t capacity) const {
   const bool pinned = info().device.rfind("cuda", 0) == 0;
   return std::make_unique<FrameBatch>(format, width, height, info().downscale, capacity, pinned);
+}
+
+std::unique_ptr<LatentBlock> Encoder::new_latents(const FrameBatch& batch) const {
+  const bool pinned = info().device.rfind("cuda", 0) == 0;
+  return std::make_unique<LatentBlock>(batch.size() * latent_floats_per_frame(batch), pinned);
 }
 
 size_t Encoder::latent_floats_per_frame(const FrameBatch& batch) const {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "encoder.h"
+#include "errors.h"
 #include "safetensors.h"
 
 namespace gstvae {
@@ -28,8 +29,11 @@ struct ComputeTarget {
 // request that cannot be met throws EncodeError; there is no silent fallback.
 ComputeTarget resolve_target(const EncoderOptions& options);
 
-// Sets LibTorch's intra-op thread count (0 = all cores).
+// Sets LibTorch's intra-op thread count (0 = all cores) for the process: the
+// calling thread now, and every thread that computes through
+// use_configured_threads() (OpenMP keeps the count per thread).
 void apply_thread_option(int threads);
+void use_configured_threads();
 
 // Reads checkpoint tensors by canonical name onto the compute target, checking
 // each shape. Weights are converted to the compute dtype once, here.
@@ -59,7 +63,9 @@ class WeightReader {
 class TorchEncoder : public Encoder {
  public:
   const EncoderInfo& info() const override { return info_; }
+  void prepare(FrameBatch& batch) override;
   EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, float* out) override;
+  EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) override;
 
  protected:
   struct Moments {
@@ -73,6 +79,12 @@ class TorchEncoder : public Encoder {
   // Runs one minimal frame through forward() so that an unsupported
   // device/precision combination fails at load time with a clear message.
   void probe();
+
+  // The batch's latents as float32 on the compute device, formatted per params.
+  at::Tensor encode_on_device(const FrameBatch& batch, const EncodeParams& params, EncodeReport& report);
+  EncodeError encode_failure(const FrameBatch& batch, const c10::Error& e) const;
+  // Waits for the work queued so far on the compute device's current stream.
+  void synchronize() const;
 
   EncoderInfo info_;
   ComputeTarget target_;

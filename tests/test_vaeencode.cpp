@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -247,6 +248,64 @@ struct Recorder {
     out.swap(items);
     return out;
   }
+};
+
+// Stands for a slow or blocked downstream: the harness sink's chain function
+// waits until the gate opens (or returns `refuse` instead of chaining).
+class DownstreamGate {
+ public:
+  explicit DownstreamGate(GstHarness* h) : pad_(h->sinkpad) {
+    original_ = GST_PAD_CHAINFUNC(pad_);
+    g_object_set_data(G_OBJECT(pad_), "test-gate", this);
+    gst_pad_set_chain_function(pad_, chain);
+  }
+  ~DownstreamGate() {
+    open();
+    gst_pad_set_chain_function(pad_, original_);
+    g_object_set_data(G_OBJECT(pad_), "test-gate", nullptr);
+  }
+  void open() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    cond_.notify_all();
+  }
+  void refuse(GstFlowReturn ret) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    refuse_ = ret;
+  }
+  // Buffers that reached the gate (whether or not they have passed it).
+  int arrived() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return arrived_;
+  }
+  // Waits until `n` buffers reached the gate, at most 60 s.
+  bool wait_arrived(int n) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    return cond_.wait_for(lock, std::chrono::seconds(60), [&] { return arrived_ >= n; });
+  }
+
+ private:
+  static GstFlowReturn chain(GstPad* pad, GstObject* parent, GstBuffer* buffer) {
+    auto* self = static_cast<DownstreamGate*>(g_object_get_data(G_OBJECT(pad), "test-gate"));
+    std::unique_lock<std::mutex> lock(self->mutex_);
+    self->arrived_++;
+    self->cond_.notify_all();
+    if (self->refuse_ != GST_FLOW_OK) {
+      gst_buffer_unref(buffer);
+      return self->refuse_;
+    }
+    self->cond_.wait(lock, [&] { return self->open_; });
+    lock.unlock();
+    return self->original_(pad, parent, buffer);
+  }
+
+  GstPad* pad_;
+  GstPadChainFunction original_;
+  std::mutex mutex_;
+  std::condition_variable cond_;
+  bool open_ = false;
+  int arrived_ = 0;
+  GstFlowReturn refuse_ = GST_FLOW_OK;
 };
 
 /* ---------------------------------------------------------------- fixture */
@@ -1127,6 +1186,174 @@ TEST_F(VaeEncodeTest, RestartDropsFramesPendingBeforeStop) {
   unref_all(out);
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
   EXPECT_EQ(t.queued(), 0u);
+}
+
+/* ------------------------------------------------- the encode thread */
+
+// While batch k's latents are held downstream, the streaming thread keeps
+// gathering: one batch waits, the next fills, then upstream is held back.
+TEST_F(VaeEncodeTest, BoundedQueueWhileDownstreamBlocks) {
+  Harness t(make_element(2));
+  DownstreamGate gate(t.h);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 12);
+  std::thread pusher([&] {
+    for (guint64 n = 0; n < 12; ++n) EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  });
+  ASSERT_TRUE(gate.wait_arrived(1));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (t.u64("frames-in") < 6 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // Batch 1 at the gate, batch 2 waiting, batch 3 full and its hand-over held.
+  EXPECT_EQ(t.u64("frames-in"), 6u);
+  EXPECT_EQ(t.u64("frames-in-flight"), 4u);
+  EXPECT_EQ(gate.arrived(), 1);
+  gate.open();
+  pusher.join();
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 12u);
+  auto expect = engine_latents("RGB", 64, 48, fr, 2);
+  for (size_t i = 0; i < 12; ++i) {
+    EXPECT_EQ(GST_BUFFER_PTS(out[i]), i * kFrameDur);
+    EXPECT_TRUE(bit_equal(floats_of(out[i]), expect[i])) << "latent " << i;
+  }
+  unref_all(out);
+}
+
+// A serialized event waits for the latents of the frames before it, even
+// those of a batch the encode thread is still busy with.
+TEST_F(VaeEncodeTest, SerializedEventWaitsForLatentsInFlight) {
+  Harness t(make_element(2));
+  Recorder rec;
+  rec.attach(t.element);
+  DownstreamGate gate(t.h);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 2);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gate.wait_arrived(1));
+  rec.take();
+  GstStructure* tag = gst_structure_new_empty("test-marker");
+  std::thread sender(
+      [&] { EXPECT_TRUE(gst_harness_push_event(t.h, gst_event_new_custom(GST_EVENT_CUSTOM_DOWNSTREAM, tag))); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  for (const auto& it : rec.take()) EXPECT_TRUE(it.is_buffer) << "an event overtook the latents in flight";
+  gate.open();
+  sender.join();
+  auto items = rec.take();
+  ASSERT_EQ(items.size(), 2u);  // the second latent, then the event
+  EXPECT_TRUE(items[0].is_buffer);
+  EXPECT_EQ(items[1].event, GST_EVENT_CUSTOM_DOWNSTREAM);
+  auto out = t.pull_all();
+  EXPECT_EQ(out.size(), 2u);
+  unref_all(out);
+}
+
+// A flush while a batch is at the gate and another waits: the waiting one is
+// dropped, the rest of the busy one never goes out, new frames do.
+TEST_F(VaeEncodeTest, FlushWhileEncodingDropsStaleLatents) {
+  Harness t(make_element(2));
+  DownstreamGate gate(t.h);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 6);
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gate.wait_arrived(1));
+  EXPECT_EQ(t.u64("frames-in-flight"), 4u);
+
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_start()));
+  gate.open();
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
+  GstSegment segment;
+  gst_segment_init(&segment, GST_FORMAT_TIME);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  EXPECT_EQ(t.u64("frames-in-flight"), 0u) << "the waiting batch survived the flush";
+  for (guint64 i = 0; i < 2; ++i)
+    ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[4 + i], 100 + i)), GST_FLOW_OK);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+
+  auto out = t.pull_all();
+  // Latent 0 was inside the downstream chain when the flush began; no other
+  // latent from before the flush may come out.
+  ASSERT_GE(out.size(), 2u);
+  ASSERT_LE(out.size(), 3u);
+  if (out.size() == 3) EXPECT_EQ(GST_BUFFER_PTS(out[0]), 0u);
+  EXPECT_EQ(GST_BUFFER_PTS(out[out.size() - 2]), 100 * kFrameDur);
+  EXPECT_EQ(GST_BUFFER_PTS(out[out.size() - 1]), 101 * kFrameDur);
+  std::vector<Frame> fresh(fr.begin() + 4, fr.end());
+  auto expect = engine_latents("RGB", 64, 48, fresh, 2);
+  EXPECT_TRUE(bit_equal(floats_of(out[out.size() - 2]), expect[0]));
+  EXPECT_TRUE(bit_equal(floats_of(out[out.size() - 1]), expect[1]));
+  unref_all(out);
+}
+
+// A flush while a batch is still encoding: its latents are stale when the
+// encode ends, and never go out.
+TEST_F(VaeEncodeTest, FlushDuringEncodeDropsItsLatents) {
+  Harness t(make_element(2));
+  // Large enough that the encode outlasts the flush by far.
+  t.caps(video_caps("RGB", 512, 512));
+  auto fr = frames("RGB", 512, 512, 2);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 512, 512, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_start()));
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
+  ASSERT_EQ(t.u64("frames-in-flight"), 2u) << "the batch finished encoding before the flush: the test proves nothing";
+  GstSegment segment;
+  gst_segment_init(&segment, GST_FORMAT_TIME);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  for (guint64 i = 0; i < 2; ++i)
+    ASSERT_EQ(t.push(frame_buffer("RGB", 512, 512, fr[i], 100 + i)), GST_FLOW_OK);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(GST_BUFFER_PTS(out[0]), 100 * kFrameDur);
+  EXPECT_EQ(GST_BUFFER_PTS(out[1]), 101 * kFrameDur);
+  unref_all(out);
+}
+
+// A flow error downstream reaches upstream at its next buffer.
+TEST_F(VaeEncodeTest, DownstreamFlowReturnReachesUpstream) {
+  Harness t(make_element(1));
+  DownstreamGate gate(t.h);
+  gate.refuse(GST_FLOW_NOT_LINKED);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 2);
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
+  t.settle();
+  EXPECT_EQ(gate.arrived(), 1);
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1)), GST_FLOW_NOT_LINKED);
+}
+
+// Stopping while the encode thread is busy waits for it, then pushes nothing
+// stale after a restart.
+TEST_F(VaeEncodeTest, StopWhileEncodingDoesNotHangOrLeak) {
+  Harness t(make_element(2));
+  auto gate = std::make_unique<DownstreamGate>(t.h);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 6);
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gate->wait_arrived(1));
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    gate->open();
+  });
+  ASSERT_EQ(gst_element_set_state(t.element, GST_STATE_READY), GST_STATE_CHANGE_SUCCESS);
+  opener.join();
+  gate.reset();
+  EXPECT_LE(t.queued(), 1u) << "latents pushed after the element stopped";
+  auto stale = t.pull_all();
+  unref_all(stale);
+
+  ASSERT_EQ(gst_element_set_state(t.element, GST_STATE_PLAYING), GST_STATE_CHANGE_SUCCESS);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_stream_start("restarted")));
+  t.caps(video_caps("RGB", 64, 48));
+  for (guint64 i = 0; i < 2; ++i)
+    ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[4 + i], 200 + i)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(GST_BUFFER_PTS(out[0]), 200 * kFrameDur);
+  EXPECT_EQ(GST_BUFFER_PTS(out[1]), 201 * kFrameDur);
+  unref_all(out);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // The engine through its public, LibTorch-free interface: key normalisation,
 // the centre crop, pixel formats, frame batches, latent formats, and loading
 // and running KL encoders from generated random-weight checkpoints.
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -1150,6 +1151,113 @@ TEST(Encode, ConcurrentBatchesOnOneEncoder) {
   tb.join();
   EXPECT_EQ(ca, ra);
   EXPECT_EQ(cb, rb);
+}
+
+/* ------------------------------------------- prepare() and LatentBlock */
+
+// Fills a batch of the encoder's with `frames` (RGB, w x h), indices 0..n-1.
+std::unique_ptr<FrameBatch> rgb_batch(const Encoder& enc, int w, int h, const std::vector<Frame>& frames,
+                                      size_t capacity = 0) {
+  auto batch = enc.new_batch(PixelFormat::RGB, w, h, capacity ? capacity : frames.size());
+  for (size_t i = 0; i < frames.size(); ++i) batch->add(frames[i].pixels.data(), frames[i].stride, i);
+  return batch;
+}
+
+std::vector<float> block_values(LatentBlock& block) { return {block.data(), block.data() + block.floats()}; }
+
+TEST(PreparedEncode, PreparedBatchIntoLatentBlockEqualsPlainEncode) {
+  auto enc = ldm_encoder();
+  const auto frames = rgb_frames(64, 48, 3);
+  for (bool sample : {false, true}) {
+    SCOPED_TRACE(sample ? "sample" : "mean");
+    EncodeParams p;
+    p.sample = sample;
+    p.seed = 5;
+    const auto expect = encode_frames(*enc, PixelFormat::RGB, 64, 48, frames, iota(3), p);
+    auto batch = rgb_batch(*enc, 64, 48, frames);
+    enc->prepare(*batch);
+    auto block = enc->new_latents(*batch);
+    EXPECT_FALSE(block->pinned()) << "page-locked memory is for GPU encoders";
+    ASSERT_EQ(block->floats(), expect.size());
+    EXPECT_EQ(block->bytes(), expect.size() * sizeof(float));
+    enc->encode(*batch, p, *block);
+    EXPECT_EQ(block_values(*block), expect);
+    // The unprepared batch through a LatentBlock, too.
+    auto plain = rgb_batch(*enc, 64, 48, frames);
+    auto block2 = enc->new_latents(*plain);
+    enc->encode(*plain, p, *block2);
+    EXPECT_EQ(block_values(*block2), expect);
+  }
+}
+
+TEST(PreparedEncode, FrameAddedAfterPrepareIsEncoded) {
+  auto enc = ldm_encoder();
+  const auto frames = rgb_frames(64, 48, 3);
+  const auto expect = encode_frames(*enc, PixelFormat::RGB, 64, 48, frames, iota(3));
+  auto batch = rgb_batch(*enc, 64, 48, {frames[0], frames[1]}, 3);
+  enc->prepare(*batch);
+  batch->add(frames[2].pixels.data(), frames[2].stride, 2);
+  std::vector<float> out(expect.size());
+  enc->encode(*batch, {}, out.data());
+  EXPECT_EQ(out, expect) << "encode used what prepare() made of the first two frames";
+}
+
+TEST(PreparedEncode, ClearedBatchForgetsWhatWasPrepared) {
+  auto enc = ldm_encoder();
+  const auto a = rgb_frames(64, 48, 2, 1), b = rgb_frames(64, 48, 2, 2);
+  const auto expect = encode_frames(*enc, PixelFormat::RGB, 64, 48, b, iota(2));
+  auto batch = rgb_batch(*enc, 64, 48, a);
+  enc->prepare(*batch);
+  batch->clear();
+  for (size_t i = 0; i < b.size(); ++i) batch->add(b[i].pixels.data(), b[i].stride, i);
+  std::vector<float> out(expect.size());
+  enc->encode(*batch, {}, out.data());
+  EXPECT_EQ(out, expect) << "a reused batch encoded the frames prepared before clear()";
+}
+
+TEST(PreparedEncode, PrepareOnOneThreadEncodeOnAnother) {
+  auto enc = ldm_encoder();
+  const auto frames = rgb_frames(64, 48, 2, 3);
+  const auto expect = encode_frames(*enc, PixelFormat::RGB, 64, 48, frames, iota(2));
+  auto batch = rgb_batch(*enc, 64, 48, frames);
+  std::thread([&] { enc->prepare(*batch); }).join();
+  auto block = enc->new_latents(*batch);
+  std::thread([&] { enc->encode(*batch, {}, *block); }).join();
+  EXPECT_EQ(block_values(*block), expect);
+}
+
+TEST(PreparedEncode, TooSmallLatentBlockIsAnError) {
+  auto enc = ldm_encoder();
+  const auto frames = rgb_frames(64, 48, 2);
+  auto batch = rgb_batch(*enc, 64, 48, frames);
+  LatentBlock small(enc->latent_floats_per_frame(*batch), false);
+  try {
+    enc->encode(*batch, {}, small);
+    FAIL() << "a block for one frame took two";
+  } catch (const EncodeError& e) {
+    EXPECT_NE(std::string(e.what()).find("too small"), std::string::npos) << e.what();
+  }
+}
+
+// OpenMP keeps the thread count per thread: the `threads` option must reach
+// threads that only encode (the element's encode thread), not only the loader.
+TEST(PreparedEncode, ThreadOptionAppliesInEveryEncodingThread) {
+  int fresh = -1;  // what a new thread gets by default
+  std::thread([&] { fresh = at::get_num_threads(); }).join();
+  const int wanted = fresh == 1 ? 2 : 1;
+  EncoderOptions options;
+  options.threads = wanted;
+  auto enc = load_encoder(Models::get().path("ldm", small_spec()), options);
+  const auto frames = rgb_frames(32, 32, 1);
+  int seen = -1;
+  std::thread([&] {
+    auto batch = rgb_batch(*enc, 32, 32, frames);
+    std::vector<float> out(enc->latent_floats_per_frame(*batch));
+    enc->encode(*batch, {}, out.data());
+    seen = at::get_num_threads();
+  }).join();
+  EXPECT_EQ(seen, wanted);
+  load_encoder(Models::get().path("ldm", small_spec()), EncoderOptions{});  // back to all cores
 }
 
 }  // namespace

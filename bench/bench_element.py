@@ -14,6 +14,9 @@ same run (never asserted: speed is not a test).
    encode loop only) on the same frames and batches.
 3. memory: peak RSS of a gst-launch-1.0 process per size and batch size, and RSS
    sampled over 1,000 frames through a small model.
+4. overlap: with upstream work per frame (identity sleep-time, set to the engine's
+   time per frame), the element against the sequential sum upstream + engine: the
+   encode thread gathers batch k+1 while batch k encodes.
 """
 import argparse
 import os
@@ -55,11 +58,26 @@ def python_baseline(state, frames_u8, per_batch):
     return time.perf_counter() - start
 
 
-def element_run(model, raw, n, width, height, per_batch, threads):
+def source_desc(raw, width, height, upstream_us=0):
+    desc = ("filesrc location=%s blocksize=%d ! rawvideoparse width=%d height=%d format=rgb framerate=25/1"
+            % (raw, width * height * 3, width, height))
+    if upstream_us:
+        desc += " ! identity sleep-time=%d" % upstream_us  # stands for a decoder or a camera
+    return desc
+
+
+def element_run(model, raw, n, width, height, per_batch, threads, upstream_us=0):
     """Seconds from the moment the element has loaded its model to EOS."""
-    desc = ("filesrc location=%s blocksize=%d ! rawvideoparse width=%d height=%d format=rgb framerate=25/1 "
-            "! vaeencode model=%s per-batch=%d threads=%d ! fakesink sync=false"
-            % (raw, width * height * 3, width, height, model, per_batch, threads))
+    desc = ("%s ! vaeencode model=%s per-batch=%d threads=%d ! fakesink sync=false"
+            % (source_desc(raw, width, height, upstream_us), model, per_batch, threads))
+    return run_pipeline(desc)
+
+
+def upstream_run(raw, width, height, upstream_us):
+    return run_pipeline("%s ! fakesink sync=false" % source_desc(raw, width, height, upstream_us))
+
+
+def run_pipeline(desc):
     pipeline = Gst.parse_launch(desc)
     bus = pipeline.get_bus()
     pipeline.set_state(Gst.State.PAUSED)  # vaeencode loads the model in here
@@ -128,6 +146,10 @@ def main():
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-overlap", action="store_true")
+    ap.add_argument("--overlap-size", type=int, default=128)
+    ap.add_argument("--overlap-frames", type=int, default=16)
+    ap.add_argument("--overlap-per-batch", type=int, default=4)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(s) for s in args.frames.split(",")]
@@ -159,6 +181,25 @@ def main():
         py, el, en = n / min(t_py), n / min(t_el), n / min(t_en)
         print("%-6s %6d %5d | %12.3f %12.3f %12.3f | %7.2fx %8.1f%%" % ("%d²" % size, n, per_batch, py, el, en,
                                                                        el / py, (en / el - 1) * 100), flush=True)
+
+    if not args.skip_overlap:
+        size, n, per_batch = args.overlap_size, args.overlap_frames, args.overlap_per_batch
+        raw = os.path.join(tmp, "overlap_%d.raw" % size)
+        with open(raw, "wb") as f:
+            f.write(V.make_frames(n, size, size, "RGB", seed=size + 1))
+        t_en = engine_run(model, raw, n, size, size, per_batch, args.threads)
+        upstream_us = int(t_en / n * 1e6)  # upstream as slow as the encoder, per frame
+        t_up, t_el = [], []
+        for _ in range(args.reps):
+            t_up.append(upstream_run(raw, size, size, upstream_us))
+            t_el.append(element_run(model, raw, n, size, size, per_batch, args.threads, upstream_us))
+        up, el = min(t_up), min(t_el)
+        batches = -(-n // per_batch)
+        ideal = up + t_en / batches  # gathering hidden behind encoding, but the last batch's encode
+        print("\noverlap (%d², %d frames, per-batch %d, upstream %.0f ms/frame): upstream alone %.2f s, engine alone "
+              "%.2f s, sequential sum %.2f s; element %.2f s = %.2fx the sequential sum (ideal %.2f s = %.2fx)"
+              % (size, n, per_batch, upstream_us / 1000, up, t_en, up + t_en, el, el / (up + t_en), ideal,
+                 ideal / (up + t_en)), flush=True)
 
     if args.skip_memory:
         return

@@ -65,12 +65,18 @@ int main(int argc, char** argv) {
       const size_t n = std::stoul(b);
       auto batch = encoder->new_batch(PixelFormat::RGB, size, size, n);
       for (size_t i = 0; i < n; ++i) batch->add(frame.data(), static_cast<size_t>(size) * 3, i);
-      std::vector<float> out(n * encoder->latent_floats_per_frame(*batch));
+      // As the element does: prepare (upload), then encode into a block from
+      // new_latents() (page-locked on GPUs: one async copy back per batch).
+      auto out = encoder->new_latents(*batch);
       EncodeParams params;
+      auto run = [&] {
+        encoder->prepare(*batch);
+        encoder->encode(*batch, params, *out);
+      };
       try {
-        encoder->encode(*batch, params, out.data());  // warm-up
+        run();  // warm-up
         const auto t0 = std::chrono::steady_clock::now();
-        for (int i = 0; i < iters; ++i) encoder->encode(*batch, params, out.data());
+        for (int i = 0; i < iters; ++i) run();
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         std::printf("%-6d %-5s %6zu %10.1f %12.2f   (%s on %s)\n", size, p.c_str(), n, s / iters * 1000,
                     n * iters / s, precision_name(encoder->info().precision), encoder->info().device.c_str());

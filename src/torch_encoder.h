@@ -29,10 +29,11 @@ struct ComputeTarget {
 // request that cannot be met throws EncodeError; there is no silent fallback.
 ComputeTarget resolve_target(const EncoderOptions& options);
 
-// Sets LibTorch's intra-op thread count (0 = all cores) for the process: the
-// calling thread now, and every thread that computes through
-// use_configured_threads() (OpenMP keeps the count per thread).
+// Sets LibTorch's intra-op thread count (0 = all cores) for the process.
 void apply_thread_option(int threads);
+// ATen gives a thread the count once, when it first computes, and OpenMP keeps
+// it per thread: encode() and prepare() call this so that a long-lived thread
+// (the element's encode thread) follows a later apply_thread_option().
 void use_configured_threads();
 
 // Reads checkpoint tensors by canonical name onto the compute target, checking

@@ -232,8 +232,12 @@ at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeP
   if (batch.storage().prepared.defined()) {
     pixels = batch.storage().prepared;
     if (const auto& ready = batch.storage().prepared_ready) {
+      // Made on a side stream: the compute stream waits for it, and the
+      // caching allocator learns that the compute stream uses its memory.
       c10::impl::VirtualGuardImpl impl(target_.device.type());
-      ready->block(impl.getStream(target_.device));
+      const c10::Stream compute = impl.getStream(target_.device);
+      ready->block(compute);
+      impl.recordDataPtrOnStream(pixels.storage().data_ptr(), compute);
     }
   } else {
     pixels = prepare_pixels(batch, target_, info_.input_signed);

@@ -1288,16 +1288,18 @@ TEST_F(VaeEncodeTest, FlushWhileEncodingDropsStaleLatents) {
 }
 
 // A flush while a batch is still encoding: its latents are stale when the
-// encode ends, and never go out.
+// encode ends, and never go out; the batch waiting behind it is dropped.
 TEST_F(VaeEncodeTest, FlushDuringEncodeDropsItsLatents) {
   Harness t(make_element(2));
-  // Large enough that the encode outlasts the flush by far.
+  // Large enough that an encode outlasts the flush by far.
   t.caps(video_caps("RGB", 512, 512));
-  auto fr = frames("RGB", 512, 512, 2);
-  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 512, 512, fr[n], n)), GST_FLOW_OK);
+  auto fr = frames("RGB", 512, 512, 4);
+  // Batch A (frames 0, 1), then batch B (2, 3): B's hand-over returns only once
+  // the encode thread has taken A from the queue, so A is encoding now.
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 512, 512, fr[n], n)), GST_FLOW_OK);
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_start()));
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
-  ASSERT_EQ(t.u64("frames-in-flight"), 2u) << "the batch finished encoding before the flush: the test proves nothing";
+  ASSERT_EQ(t.u64("frames-in-flight"), 2u) << "batch A should still be encoding (and B dropped)";
   GstSegment segment;
   gst_segment_init(&segment, GST_FORMAT_TIME);
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));

@@ -183,8 +183,9 @@ struct EncodeWorker {
   guint64 frames_in_flight = 0;      // handed over, latents not pushed yet
   std::vector<std::unique_ptr<FrameBatch>> spare;  // encoded batches, for reuse
   // Held while latents are pushed; FLUSH_STOP takes it, so that no latent of a
-  // batch from before the flush goes out after it.
-  std::mutex push_mutex;
+  // batch from before the flush goes out after it. Recursive: an application
+  // may (against advice) seek from a probe inside our push, on this thread.
+  std::recursive_mutex push_mutex;
 
   void drop_queue() {
     for (const EncodeJob& job : queue) frames_in_flight -= job.frames.size();
@@ -283,16 +284,19 @@ static GstMemory* wrap_latents(std::unique_ptr<LatentBlock> block) {
 // Pushes a job's latents unless a flush came after the job was handed over.
 static void push_latents(GstVaeEncode* self, const EncodeJob& job, std::vector<GstBuffer*>& latents) {
   EncodeWorker& w = *self->worker;
-  std::lock_guard<std::mutex> fence(w.push_mutex);
-  bool stale;
-  {
+  std::lock_guard<std::recursive_mutex> fence(w.push_mutex);
+  auto is_stale = [&] {
     std::lock_guard<std::mutex> lock(w.mutex);
-    stale = w.flushing || job.generation != w.generation;
-  }
-  GstFlowReturn ret = stale ? GST_FLOW_FLUSHING : GST_FLOW_OK;
-  if (stale) GST_DEBUG_OBJECT(self, "flushed: dropping the latents of %zu frames", latents.size());
+    return w.flushing || job.generation != w.generation;
+  };
+  bool stale = false;
+  GstFlowReturn ret = GST_FLOW_OK;
   for (GstBuffer* b : latents) {
-    if (ret == GST_FLOW_OK)
+    if (ret == GST_FLOW_OK && !stale && is_stale()) {
+      stale = true;
+      GST_DEBUG_OBJECT(self, "flushed: dropping latents of a batch from before the flush");
+    }
+    if (ret == GST_FLOW_OK && !stale)
       ret = gst_pad_push(GST_BASE_TRANSFORM_SRC_PAD(self), b);
     else
       gst_buffer_unref(b);
@@ -812,7 +816,7 @@ static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* eve
       // The src pad is still flushing here, so a push in progress returns at
       // once; after this, latents of batches from before the flush are stale.
       EncodeWorker& w = *self->worker;
-      std::lock_guard<std::mutex> fence(w.push_mutex);
+      std::lock_guard<std::recursive_mutex> fence(w.push_mutex);
       std::lock_guard<std::mutex> lock(w.mutex);
       w.drop_queue();
       w.generation++;

@@ -195,6 +195,17 @@ void unref_all(std::vector<GstBuffer*>& bufs) {
   bufs.clear();
 }
 
+// The latents of frames first, first+1, ...: one each, in order, with the
+// frame's PTS and the engine's exact values.
+void expect_latents(const std::vector<GstBuffer*>& out, const std::vector<std::vector<float>>& expect,
+                    guint64 first = 0) {
+  ASSERT_EQ(out.size(), expect.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    EXPECT_EQ(GST_BUFFER_PTS(out[i]), (first + i) * kFrameDur) << "latent " << i;
+    EXPECT_TRUE(bit_equal(floats_of(out[i]), expect[i])) << "latent " << i;
+  }
+}
+
 // What went out of the element's src pad, in order (buffers and events),
 // with the pad's caps at the time of each buffer.
 struct Recorder {
@@ -505,11 +516,7 @@ TEST_F(VaeEncodeTest, RenegotiationKeepsPendingFrames) {
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
   auto out = t.pull_all();
   ASSERT_EQ(out.size(), 4u) << "frames were lost across the renegotiation";
-  auto expect = engine_latents("RGB", 64, 48, fr, 4);
-  for (guint64 n = 0; n < 4; ++n) {
-    EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
-    EXPECT_TRUE(bit_equal(floats_of(out[n]), expect[n])) << "latent " << n;
-  }
+  expect_latents(out, engine_latents("RGB", 64, 48, fr, 4));
   unref_all(out);
 }
 
@@ -670,12 +677,7 @@ TEST_F(VaeEncodeTest, PerBatchLargerThanStreamOutputsAllAtEos) {
   EXPECT_EQ(t.queued(), 0u);
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
   auto out = t.pull_all();
-  ASSERT_EQ(out.size(), 5u);
-  auto expect = engine_latents("RGB", 64, 48, fr, 16);
-  for (size_t n = 0; n < 5; ++n) {
-    EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
-    EXPECT_TRUE(bit_equal(floats_of(out[n]), expect[n])) << "latent " << n;
-  }
+  expect_latents(out, engine_latents("RGB", 64, 48, fr, 16));
   unref_all(out);
   EXPECT_EQ(t.u64("batches"), 1u);
   auto events = t.pull_event_types();
@@ -1213,12 +1215,7 @@ TEST_F(VaeEncodeTest, BoundedQueueWhileDownstreamBlocks) {
   pusher.join();
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
   auto out = t.pull_all();
-  ASSERT_EQ(out.size(), 12u);
-  auto expect = engine_latents("RGB", 64, 48, fr, 2);
-  for (size_t i = 0; i < 12; ++i) {
-    EXPECT_EQ(GST_BUFFER_PTS(out[i]), i * kFrameDur);
-    EXPECT_TRUE(bit_equal(floats_of(out[i]), expect[i])) << "latent " << i;
-  }
+  expect_latents(out, engine_latents("RGB", 64, 48, fr, 2));
   unref_all(out);
 }
 

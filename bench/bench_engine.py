@@ -14,7 +14,9 @@ crop -> NCHW -> 2x-1 -> Encoder + quant_conv in the VAE dtype, eager, under
 inference_mode, attention through scaled_dot_product_attention where PyTorch has
 it, as ComfyUI's pytorch attention does). Frames/s count the upload of the 8-bit
 frames and the latents' way back to the host on both sides. One warm-up batch,
-then --iters timed batches per configuration.
+then --iters timed batches per configuration. The engine is timed twice: serial
+(prepare, encode, batch after batch) and overlapped as in the element (the next
+batch prepared, on GPUs uploaded, by another thread while one encodes).
 """
 import argparse
 import os
@@ -73,15 +75,15 @@ def python_fps(state, size, batch, device, dtype, iters):
 
 
 def engine_fps(tool, model, size, batches, precisions, device, iters, threads):
-    """{(precision, batch): frames/s} from gst-vae-engine-bench's table."""
+    """{(precision, batch): (serial frames/s, overlapped frames/s)} from gst-vae-engine-bench's table."""
     out = subprocess.run([tool, model, "--size", str(size), "--batches", ",".join(map(str, batches)),
                           "--precisions", ",".join(precisions), "--device", device, "--iters", str(iters),
                           "--threads", str(threads)], stdout=subprocess.PIPE, check=True).stdout.decode()
     result = {}
     for line in out.splitlines():
-        m = re.match(r"\s*(\d+)\s+(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
+        m = re.match(r"\s*(\d+)\s+(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line)
         if m:
-            result[(m.group(2), int(m.group(3)))] = float(m.group(5))
+            result[(m.group(2), int(m.group(3)))] = (float(m.group(5)), float(m.group(6)))
         elif "skipped" in line or "failed" in line:
             print("engine: " + line.strip())
     return result
@@ -124,7 +126,8 @@ def main():
                                                       "full SD VAE encoder, random weights", args.size))
 
     engine = engine_fps(args.tool, model, args.size, batches, precisions, args.device, args.iters, args.threads)
-    print("%-5s %6s | %12s %12s | %7s" % ("prec", "batch", "python f/s", "engine f/s", "ratio"))
+    print("%-5s %6s | %12s %12s %12s | %7s %7s" % ("prec", "batch", "python f/s", "engine f/s", "overlapped",
+                                                  "ratio", "ovl."))
     for p in precisions:
         state = {k: v.to(device, DTYPES[p]) for k, v in state32.items()}
         for b in batches:
@@ -133,9 +136,12 @@ def main():
             except RuntimeError as e:
                 print("%-5s %6d | python failed: %s" % (p, b, str(e).splitlines()[0]))
                 continue
-            en = engine.get((p, b))
-            print("%-5s %6d | %12.3f %12s | %7s" % (p, b, py, "%.3f" % en if en else "-",
-                                                    "%.2fx" % (en / py) if en else "-"), flush=True)
+            if (p, b) not in engine:
+                print("%-5s %6d | %12.3f %12s" % (p, b, py, "engine: -"), flush=True)
+                continue
+            serial, overlapped = engine[(p, b)]
+            print("%-5s %6d | %12.3f %12.3f %12.3f | %6.2fx %6.2fx" % (p, b, py, serial, overlapped, serial / py,
+                                                                      overlapped / py), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 //   gst-vae-engine-bench MODEL [--size 512] [--batches 1,4,16] [--precisions fp32,bf16]
 //                              [--device auto] [--iters 3] [--threads 0]
 // Each configuration runs one warm-up batch (cuDNN autotuning, allocator), then
-// `iters` timed batches; frames/s = frames / wall time including the upload
-// and the device->host copy of the latents.
+// `iters` timed batches twice: serially, and overlapped as in the element (the
+// next batch prepared by another thread while one encodes). frames/s = frames /
+// wall time, including the upload and the device->host copy of the latents.
 #include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "encoder.h"
@@ -48,7 +50,7 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> frame(static_cast<size_t>(size) * size * 3);
   for (size_t i = 0; i < frame.size(); ++i) frame[i] = static_cast<uint8_t>((i * 2654435761u) >> 24);
 
-  std::printf("%-6s %-5s %6s %10s %12s\n", "size", "prec", "batch", "ms/batch", "frames/s");
+  std::printf("%-6s %-5s %6s %10s %12s %12s\n", "size", "prec", "batch", "ms/batch", "frames/s", "overlapped");
   for (const std::string& p : split(precisions)) {
     EncoderOptions options;
     options.device = device;
@@ -63,23 +65,40 @@ int main(int argc, char** argv) {
     }
     for (const std::string& b : split(batches)) {
       const size_t n = std::stoul(b);
-      auto batch = encoder->new_batch(PixelFormat::RGB, size, size, n);
-      for (size_t i = 0; i < n; ++i) batch->add(frame.data(), static_cast<size_t>(size) * 3, i);
+      // Two staging batches, as the element keeps one gathering while one encodes.
+      std::unique_ptr<FrameBatch> staged[2];
+      for (auto& batch : staged) {
+        batch = encoder->new_batch(PixelFormat::RGB, size, size, n);
+        for (size_t i = 0; i < n; ++i) batch->add(frame.data(), static_cast<size_t>(size) * 3, i);
+      }
       // As the element does: prepare (upload), then encode into a block from
       // new_latents() (page-locked on GPUs: one async copy back per batch).
-      auto out = encoder->new_latents(*batch);
+      auto out = encoder->new_latents(*staged[0]);
       EncodeParams params;
-      auto run = [&] {
-        encoder->prepare(*batch);
-        encoder->encode(*batch, params, *out);
+      auto timed = [&](auto&& body) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) body(i);
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       };
       try {
-        run();  // warm-up
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int i = 0; i < iters; ++i) run();
-        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        std::printf("%-6d %-5s %6zu %10.1f %12.2f   (%s on %s)\n", size, p.c_str(), n, s / iters * 1000,
-                    n * iters / s, precision_name(encoder->info().precision), encoder->info().device.c_str());
+        encoder->prepare(*staged[0]);
+        encoder->encode(*staged[0], params, *out);  // warm-up (cuDNN autotuning, allocator)
+        // Serial: prepare, then encode, batch after batch.
+        const double serial = timed([&](int) {
+          encoder->prepare(*staged[0]);
+          encoder->encode(*staged[0], params, *out);
+        });
+        // Overlapped, as in the element: batch k+1 is prepared (on GPUs:
+        // uploaded on a side stream) by another thread while batch k encodes.
+        encoder->prepare(*staged[0]);
+        const double overlapped = timed([&](int i) {
+          std::thread next([&] { encoder->prepare(*staged[(i + 1) % 2]); });
+          encoder->encode(*staged[i % 2], params, *out);
+          next.join();
+        });
+        std::printf("%-6d %-5s %6zu %10.1f %12.2f %12.2f   (%s on %s)\n", size, p.c_str(), n,
+                    serial / iters * 1000, n * iters / serial, n * iters / overlapped,
+                    precision_name(encoder->info().precision), encoder->info().device.c_str());
       } catch (const std::exception& e) {
         std::printf("%-6d %-5s %6zu failed: %s\n", size, p.c_str(), n, e.what());
       }

@@ -53,6 +53,8 @@ def python_baseline(state, frames_u8, per_batch):
             chunk = pixels[i:i + per_batch]
             h, w = chunk.shape[1] // 8 * 8, chunk.shape[2] // 8 * 8
             oy, ox = (chunk.shape[1] % 8) // 2, (chunk.shape[2] % 8) // 2
+            # movedim leaves channels-last strides, kept by eager through the
+            # network, as in ComfyUI (bench_engine.py compares NCHW eager too).
             x = chunk[:, oy:oy + h, ox:ox + w, :].movedim(-1, 1) * 2.0 - 1.0
             V.encoder_forward(state, x)[:, :4]
     return time.perf_counter() - start

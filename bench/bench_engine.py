@@ -12,7 +12,8 @@ random) in the same precision: the engine through gst-vae-engine-bench, the
 baseline doing what ComfyUI's VAE.encode does per sub-batch (uint8 -> /255 ->
 crop -> NCHW -> 2x-1 -> Encoder + quant_conv in the VAE dtype, eager, under
 inference_mode, attention through scaled_dot_product_attention where PyTorch has
-it, as ComfyUI's pytorch attention does). Frames/s count the upload of the 8-bit
+it, as ComfyUI's pytorch attention does; input made NCHW-contiguous unless
+--comfyui-layout keeps the channels-last strides of ComfyUI's movedim). Frames/s count the upload of the 8-bit
 frames and the latents' way back to the host on both sides. One warm-up batch,
 then --iters timed batches per configuration. The engine is timed twice: serial
 (prepare, encode, batch after batch) and overlapped as in the element (the next
@@ -52,24 +53,31 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def python_batch(state, frames_u8, device, dtype):
-    """ComfyUI VAE.encode for one sub-batch; returns the mean on the host."""
+def python_batch(state, frames_u8, device, dtype, comfyui_layout):
+    """ComfyUI VAE.encode for one sub-batch; returns the mean on the host.
+
+    ComfyUI's movedim leaves channels-last strides, which eager keeps through
+    the network. By default the input is made NCHW-contiguous instead: faster in
+    fp32 on the CPU, and correct in bf16, where the CPU GroupNorm of Debian's
+    torch 1.13 is wrong on channels-last input (see docs/performance.md)."""
     pixels = frames_u8.to(device).float() / 255.0  # N x H x W x 3
     h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
     oy, ox = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
     x = (pixels[:, oy:oy + h, ox:ox + w, :].movedim(-1, 1) * 2.0 - 1.0).to(dtype)
+    if not comfyui_layout:
+        x = x.contiguous()
     return V.encoder_forward(state, x)[:, :4].float().cpu()
 
 
-def python_fps(state, size, batch, device, dtype, iters):
+def python_fps(state, size, batch, device, dtype, iters, comfyui_layout):
     gen = torch.Generator().manual_seed(batch)
     frames = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
     with torch.inference_mode():
-        python_batch(state, frames, device, dtype)  # warm-up (cuDNN autotuning, allocator)
+        python_batch(state, frames, device, dtype, comfyui_layout)  # warm-up (cuDNN autotuning, allocator)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(iters):
-            python_batch(state, frames, device, dtype)
+            python_batch(state, frames, device, dtype, comfyui_layout)
         synchronize(device)
     return batch * iters / (time.perf_counter() - start)
 
@@ -99,6 +107,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--tool", default=os.path.join(ROOT, "build", "bench", "gst-vae-engine-bench"))
     ap.add_argument("--model", help="a checkpoint to use instead of a random full SD VAE")
+    ap.add_argument("--comfyui-layout", action="store_true",
+                    help="keep the channels-last strides ComfyUI's movedim gives (default: NCHW-contiguous input)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     precisions = args.precisions.split(",")
@@ -132,7 +142,7 @@ def main():
         state = {k: v.to(device, DTYPES[p]) for k, v in state32.items()}
         for b in batches:
             try:
-                py = python_fps(state, args.size, b, device, DTYPES[p], args.iters)
+                py = python_fps(state, args.size, b, device, DTYPES[p], args.iters, args.comfyui_layout)
             except RuntimeError as e:
                 print("%-5s %6d | python failed: %s" % (p, b, str(e).splitlines()[0]))
                 continue

@@ -144,6 +144,14 @@ struct Harness {
     return gst_harness_buffers_in_queue(h);
   }
 
+  // A new TIME segment (as after a flushing seek), running time from `base`.
+  bool segment(GstClockTime base = 0) {
+    GstSegment seg;
+    gst_segment_init(&seg, GST_FORMAT_TIME);
+    seg.base = base;
+    return gst_harness_push_event(h, gst_event_new_segment(&seg));
+  }
+
   // Waits until the encode thread has pushed the latents of every batch
   // handed to it (the batch being gathered stays), at most 60 s.
   void settle() {
@@ -492,10 +500,7 @@ TEST_F(VaeEncodeTest, GapAndSegmentDrainPendingFramesFirst) {
   EXPECT_EQ(items[2].event, GST_EVENT_GAP);
 
   ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 3)), GST_FLOW_OK);
-  GstSegment segment;
-  gst_segment_init(&segment, GST_FORMAT_TIME);
-  segment.base = 10 * GST_SECOND;
-  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  ASSERT_TRUE(t.segment(10 * GST_SECOND));
   items = rec.take();
   ASSERT_EQ(items.size(), 2u);
   EXPECT_TRUE(items[0].is_buffer && items[0].pts == 3 * kFrameDur);
@@ -560,9 +565,7 @@ TEST_F(VaeEncodeTest, FlushDropsPendingFrames) {
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_start()));
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
   EXPECT_EQ(t.queued(), 0u) << "a flush must not push the pending frames";
-  GstSegment segment;
-  gst_segment_init(&segment, GST_FORMAT_TIME);
-  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  ASSERT_TRUE(t.segment());
   EXPECT_EQ(t.queued(), 0u) << "stale frames came out at the segment after the flush";
 
   // Frames 100..103: one full batch of new frames only.
@@ -1261,9 +1264,7 @@ TEST_F(VaeEncodeTest, FlushWhileEncodingDropsStaleLatents) {
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_start()));
   gate.open();
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
-  GstSegment segment;
-  gst_segment_init(&segment, GST_FORMAT_TIME);
-  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  ASSERT_TRUE(t.segment());
   EXPECT_EQ(t.u64("frames-in-flight"), 0u) << "the waiting batch survived the flush";
   for (guint64 i = 0; i < 2; ++i)
     ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[4 + i], 100 + i)), GST_FLOW_OK);
@@ -1297,9 +1298,7 @@ TEST_F(VaeEncodeTest, FlushDuringEncodeDropsItsLatents) {
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_start()));
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
   ASSERT_EQ(t.u64("frames-in-flight"), 2u) << "batch A should still be encoding (and B dropped)";
-  GstSegment segment;
-  gst_segment_init(&segment, GST_FORMAT_TIME);
-  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_segment(&segment)));
+  ASSERT_TRUE(t.segment());
   for (guint64 i = 0; i < 2; ++i)
     ASSERT_EQ(t.push(frame_buffer("RGB", 512, 512, fr[i], 100 + i)), GST_FLOW_OK);
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));

@@ -326,9 +326,17 @@ static void run_job(GstVaeEncode* self, EncodeJob& job) {
   const GstClockTime elapsed =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
   if (!error.empty()) {
+    EncodeWorker& w = *self->worker;
+    std::unique_lock<std::mutex> lock(w.mutex);
+    if (w.flushing || job.generation != w.generation) {
+      // Frames the application flushed away: no reason to stop the new stream.
+      lock.unlock();
+      GST_WARNING_OBJECT(self, "encoding a flushed batch failed: %s", error.c_str());
+      return;
+    }
+    if (w.flow == GST_FLOW_OK) w.flow = GST_FLOW_ERROR;
+    lock.unlock();
     GST_ELEMENT_ERROR(self, STREAM, FAILED, ("VAE encoding failed"), ("%s", error.c_str()));
-    std::lock_guard<std::mutex> lock(self->worker->mutex);
-    if (self->worker->flow == GST_FLOW_OK) self->worker->flow = GST_FLOW_ERROR;
     return;
   }
   const size_t frame_bytes = block->bytes() / n;
@@ -526,6 +534,9 @@ static void timer_loop(GstVaeEncode* self) {
         GST_DEBUG_OBJECT(self, "batch-timeout: encoding a partial batch of %zu frames", st.pending.size());
         GstFlowReturn ret = hand_over(self);
         if (ret != GST_FLOW_OK && st.timer_flow == GST_FLOW_OK) st.timer_flow = ret;
+      } else if (timeout) {
+        // batch-timeout was raised (or set) after the oldest frame came.
+        timer_arm(self, st.oldest_arrival + std::chrono::nanoseconds(timeout));
       }
     }
     GST_PAD_STREAM_UNLOCK(GST_BASE_TRANSFORM_SINK_PAD(self));
@@ -593,9 +604,17 @@ static gboolean gst_vae_encode_start(GstBaseTransform* trans) {
 static gboolean gst_vae_encode_stop(GstBaseTransform* trans) {
   GstVaeEncode* self = GST_VAE_ENCODE(trans);
   // Pending frames are dropped, not pushed: the pipeline is shutting down.
-  // The pads are inactive already, so nothing the encode thread pushes gets
-  // through, and it needs no stream lock: it can be joined here.
-  timer_disarm(self);
+  // The base class calls this after taking and releasing the stream lock, not
+  // under it, so the batch-timeout thread (which takes that lock) could still
+  // hand a batch over: wake it if it waits for a slot, and join it before the
+  // streaming state is touched. The pads are inactive, so nothing the encode
+  // thread pushes gets through; it needs no stream lock and is joined next.
+  {
+    std::lock_guard<std::mutex> lock(self->worker->mutex);
+    self->worker->flushing = true;
+    self->worker->cond.notify_all();
+  }
+  timer_stop(self);
   worker_stop(self);
   self->state->drop_pending();
   self->state->batch.reset();
@@ -610,8 +629,7 @@ static gboolean gst_vae_encode_stop(GstBaseTransform* trans) {
 static GstStateChangeReturn gst_vae_encode_change_state(GstElement* element, GstStateChange transition) {
   GstVaeEncode* self = GST_VAE_ENCODE(element);
   GstStateChangeReturn ret = GST_ELEMENT_CLASS(gst_vae_encode_parent_class)->change_state(element, transition);
-  // The timer thread takes the stream lock, which stop() holds: join it only
-  // after the base class has deactivated the pads.
+  // stop() joins the timer thread; a failed start does not reach stop().
   if (transition == GST_STATE_CHANGE_PAUSED_TO_READY || ret == GST_STATE_CHANGE_FAILURE) timer_stop(self);
   return ret;
 }
@@ -692,11 +710,15 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
     return ret;
   }
   {
-    // A failed encode or push in the encode thread stops the stream here.
+    // A failed encode or push in the encode thread reaches upstream here. An
+    // error stays; NOT_LINKED, FLUSHING and EOS are returned once, as the pad
+    // would return them, so that a relinked or restarted downstream recovers.
     std::lock_guard<std::mutex> lock(self->worker->mutex);
-    if (self->worker->flow != GST_FLOW_OK) {
+    const GstFlowReturn flow = self->worker->flow;
+    if (flow != GST_FLOW_OK) {
+      if (flow > GST_FLOW_NOT_NEGOTIATED) self->worker->flow = GST_FLOW_OK;
       gst_buffer_unref(input);
-      return self->worker->flow;
+      return flow;
     }
   }
   if (!st.have_info || !st.encoder) {
@@ -788,6 +810,8 @@ static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* eve
     case GST_EVENT_STREAM_START:
     case GST_EVENT_GAP:
     case GST_EVENT_SEGMENT_DONE:
+    case GST_EVENT_STREAM_GROUP_DONE:
+    case GST_EVENT_CUSTOM_DOWNSTREAM:
     {
       // Latents of the frames before this event go out first, with the old caps.
       timer_disarm(self);
@@ -825,8 +849,9 @@ static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* eve
       break;
     }
     default:
-      // Other serialized events (tags, custom events) must not overtake the
-      // latents of batches already handed over.
+      // Other serialized events (tags, which decoders send often, and the
+      // rest) must not overtake the latents of batches already handed over,
+      // but do not cut the batch being gathered.
       if (GST_EVENT_IS_SERIALIZED(event)) wait_idle(self);
       break;
   }
@@ -900,7 +925,11 @@ static void gst_vae_encode_set_property(GObject* object, guint prop_id, const GV
     case PROP_THREADS: s.threads = g_value_get_uint(value); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
+  const bool timeout_set = prop_id == PROP_BATCH_TIMEOUT && s.batch_timeout != 0;
   GST_OBJECT_UNLOCK(self);
+  // Frames may be waiting already: let the timer thread look at them now (it
+  // re-arms for their own deadline); this thread may not touch them.
+  if (timeout_set) timer_arm(self, std::chrono::steady_clock::now());
 }
 
 static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {

@@ -1309,17 +1309,82 @@ TEST_F(VaeEncodeTest, FlushDuringEncodeDropsItsLatents) {
   unref_all(out);
 }
 
-// A flow error downstream reaches upstream at its next buffer.
-TEST_F(VaeEncodeTest, DownstreamFlowReturnReachesUpstream) {
+// A flow return downstream reaches upstream at its next buffer; a non-fatal
+// one (NOT_LINKED) only once, so a relinked downstream gets latents again.
+TEST_F(VaeEncodeTest, DownstreamFlowReturnReachesUpstreamOnce) {
   Harness t(make_element(1));
   DownstreamGate gate(t.h);
   gate.refuse(GST_FLOW_NOT_LINKED);
   t.caps(video_caps("RGB", 64, 48));
-  auto fr = frames("RGB", 64, 48, 2);
+  auto fr = frames("RGB", 64, 48, 3);
   EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
   t.settle();
   EXPECT_EQ(gate.arrived(), 1);
   EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1)), GST_FLOW_NOT_LINKED);
+  gate.refuse(GST_FLOW_OK);  // relinked
+  gate.open();
+  t.settle();  // frame 1 was refused with the NOT_LINKED, before staging
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 2)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(GST_BUFFER_PTS(out[0]), 2 * kFrameDur);
+  unref_all(out);
+}
+
+// An error stays: every later buffer gets it.
+TEST_F(VaeEncodeTest, DownstreamErrorStays) {
+  Harness t(make_element(1));
+  DownstreamGate gate(t.h);
+  gate.refuse(GST_FLOW_ERROR);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 3);
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
+  t.settle();
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1)), GST_FLOW_ERROR);
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 2)), GST_FLOW_ERROR);
+}
+
+// batch-timeout set while frames already wait: they come out after it, not
+// only when more frames or EOS arrive.
+TEST_F(VaeEncodeTest, BatchTimeoutSetWhileFramesWait) {
+  Harness t(make_element(8));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 2);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(t.queued(), 0u);
+  g_object_set(t.element, "batch-timeout", static_cast<guint64>(200 * GST_MSECOND), nullptr);
+  std::vector<GstBuffer*> out;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (out.size() < 2 && std::chrono::steady_clock::now() < deadline) {
+    if (GstBuffer* b = gst_harness_try_pull(t.h))
+      out.push_back(b);
+    else
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  expect_latents(out, engine_latents("RGB", 64, 48, fr, 8));
+  unref_all(out);
+}
+
+// A custom downstream event is a marker in the stream: the latents of every
+// frame before it, the partial batch's too, come out first.
+TEST_F(VaeEncodeTest, CustomEventDrainsThePartialBatch) {
+  Harness t(make_element(4));
+  Recorder rec;
+  rec.attach(t.element);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 2);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  rec.take();
+  ASSERT_TRUE(gst_harness_push_event(
+      t.h, gst_event_new_custom(GST_EVENT_CUSTOM_DOWNSTREAM, gst_structure_new_empty("scene-cut"))));
+  auto items = rec.take();
+  ASSERT_EQ(items.size(), 3u);
+  EXPECT_TRUE(items[0].is_buffer && items[0].pts == 0);
+  EXPECT_TRUE(items[1].is_buffer && items[1].pts == kFrameDur);
+  EXPECT_EQ(items[2].event, GST_EVENT_CUSTOM_DOWNSTREAM);
+  auto out = t.pull_all();
+  unref_all(out);
 }
 
 // Stopping while the encode thread is busy waits for it, then pushes nothing

@@ -212,12 +212,6 @@ void TorchEncoder::prepare(FrameBatch& batch) {
   }
 }
 
-void TorchEncoder::synchronize() const {
-  if (!target_.device.is_cuda()) return;
-  c10::impl::VirtualGuardImpl impl(target_.device.type());
-  impl.getStream(target_.device).synchronize();
-}
-
 namespace {
 
 // SplitMix64: decorrelates per-frame seeds derived from (seed, frame index).
@@ -283,58 +277,54 @@ at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeP
   return latents;
 }
 
-EncodeError TorchEncoder::encode_failure(const FrameBatch& batch, const c10::Error& e) const {
-  return EncodeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
-                     std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) + " on " +
-                     target_.device.str() + " failed: " + e.what_without_backtrace());
-}
-
-EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, float* out) {
+EncodeReport TorchEncoder::encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host) {
   EncodeReport report{sub_batch_.load(), 0, {}};
   if (batch.empty()) return report;
   use_configured_threads();
   c10::InferenceMode guard;
   try {
     at::Tensor latents = encode_on_device(batch, params, report);
-    at::from_blob(out, latents.sizes(), at::TensorOptions().dtype(at::kFloat)).copy_(latents);
+    // One device->host copy per batch; asynchronous into page-locked memory,
+    // so wait for it (and everything before it on the stream) here.
+    const bool async = host.is_pinned() && target_.device.is_cuda();
+    host.narrow(0, 0, latents.numel()).view(latents.sizes()).copy_(latents, /*non_blocking=*/async);
+    if (async) {
+      c10::impl::VirtualGuardImpl impl(target_.device.type());
+      impl.getStream(target_.device).synchronize();
+    }
   } catch (const c10::Error& e) {
-    throw encode_failure(batch, e);
+    throw EncodeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
+                      std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) + " on " +
+                      target_.device.str() + " failed: " + e.what_without_backtrace());
   }
   return report;
 }
 
+EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, float* out) {
+  const auto floats = static_cast<int64_t>(batch.size() * latent_floats_per_frame(batch));
+  return encode_into(batch, params, at::from_blob(out, {floats}, at::TensorOptions().dtype(at::kFloat)));
+}
+
 EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) {
-  EncodeReport report{sub_batch_.load(), 0, {}};
-  if (batch.empty()) return report;
   const size_t needed = batch.size() * latent_floats_per_frame(batch);
   if (out.floats() < needed)
     throw EncodeError("latent block of " + std::to_string(out.floats()) + " floats is too small for " +
                       std::to_string(batch.size()) + " frames (" + std::to_string(needed) + " floats)");
-  use_configured_threads();
-  c10::InferenceMode guard;
-  try {
-    at::Tensor latents = encode_on_device(batch, params, report);
-    at::Tensor host = out.storage().values.narrow(0, 0, static_cast<int64_t>(needed)).view(latents.sizes());
-    // One device->host copy per batch; asynchronous into page-locked memory,
-    // so wait for it (and everything before it on the stream) here.
-    const bool async = out.pinned() && target_.device.is_cuda();
-    host.copy_(latents, /*non_blocking=*/async);
-    if (async) synchronize();
-  } catch (const c10::Error& e) {
-    throw encode_failure(batch, e);
-  }
-  return report;
+  return encode_into(batch, params, out.storage().values);
 }
+
+namespace {
+// Host buffers of GPU encoders are page-locked.
+bool pinned_host(const EncoderInfo& info) { return info.device.rfind("cuda", 0) == 0; }
+}  // namespace
 
 std::unique_ptr<FrameBatch> Encoder::new_batch(PixelFormat format, int width, int height,
                                                size_t capacity) const {
-  const bool pinned = info().device.rfind("cuda", 0) == 0;
-  return std::make_unique<FrameBatch>(format, width, height, info().downscale, capacity, pinned);
+  return std::make_unique<FrameBatch>(format, width, height, info().downscale, capacity, pinned_host(info()));
 }
 
 std::unique_ptr<LatentBlock> Encoder::new_latents(const FrameBatch& batch) const {
-  const bool pinned = info().device.rfind("cuda", 0) == 0;
-  return std::make_unique<LatentBlock>(batch.size() * latent_floats_per_frame(batch), pinned);
+  return std::make_unique<LatentBlock>(batch.size() * latent_floats_per_frame(batch), pinned_host(info()));
 }
 
 size_t Encoder::latent_floats_per_frame(const FrameBatch& batch) const {

@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "encoder.h"
-#include "errors.h"
 #include "safetensors.h"
 
 namespace gstvae {
@@ -83,9 +82,9 @@ class TorchEncoder : public Encoder {
 
   // The batch's latents as float32 on the compute device, formatted per params.
   at::Tensor encode_on_device(const FrameBatch& batch, const EncodeParams& params, EncodeReport& report);
-  EncodeError encode_failure(const FrameBatch& batch, const c10::Error& e) const;
-  // Waits for the work queued so far on the compute device's current stream.
-  void synchronize() const;
+  // Both encode()s: the latents into `host`, a 1-D float32 tensor with room for
+  // them (one asynchronous copy when it is page-locked and the device a GPU).
+  EncodeReport encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host);
 
   EncoderInfo info_;
   ComputeTarget target_;

@@ -1311,16 +1311,22 @@ TEST_F(VaeEncodeTest, FlushDuringEncodeDropsItsLatents) {
 
 // A flow return downstream reaches upstream at its next buffer; a non-fatal
 // one (NOT_LINKED) only once, so a relinked downstream gets latents again.
-TEST_F(VaeEncodeTest, DownstreamFlowReturnReachesUpstreamOnce) {
-  Harness t(make_element(1));
-  DownstreamGate gate(t.h);
-  gate.refuse(GST_FLOW_NOT_LINKED);
+// Per-batch 1, a downstream refusing latents with `ret`: frame 0 goes in, its
+// latent is refused, and upstream learns of it with frame 1.
+void expect_refusal_returned(Harness& t, DownstreamGate& gate, GstFlowReturn ret, const std::vector<Frame>& fr) {
+  gate.refuse(ret);
   t.caps(video_caps("RGB", 64, 48));
-  auto fr = frames("RGB", 64, 48, 3);
   EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
   t.settle();
   EXPECT_EQ(gate.arrived(), 1);
-  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1)), GST_FLOW_NOT_LINKED);
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1)), ret);
+}
+
+TEST_F(VaeEncodeTest, DownstreamFlowReturnReachesUpstreamOnce) {
+  Harness t(make_element(1));
+  DownstreamGate gate(t.h);
+  auto fr = frames("RGB", 64, 48, 3);
+  expect_refusal_returned(t, gate, GST_FLOW_NOT_LINKED, fr);
   gate.refuse(GST_FLOW_OK);  // relinked
   gate.open();
   t.settle();  // frame 1 was refused with the NOT_LINKED, before staging
@@ -1335,12 +1341,8 @@ TEST_F(VaeEncodeTest, DownstreamFlowReturnReachesUpstreamOnce) {
 TEST_F(VaeEncodeTest, DownstreamErrorStays) {
   Harness t(make_element(1));
   DownstreamGate gate(t.h);
-  gate.refuse(GST_FLOW_ERROR);
-  t.caps(video_caps("RGB", 64, 48));
   auto fr = frames("RGB", 64, 48, 3);
-  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
-  t.settle();
-  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1)), GST_FLOW_ERROR);
+  expect_refusal_returned(t, gate, GST_FLOW_ERROR, fr);
   EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 2)), GST_FLOW_ERROR);
 }
 

@@ -1,20 +1,33 @@
 /* vaeencode: gathers `per-batch` video frames, encodes them with a
  * Stable-Diffusion-family VAE encoder and pushes one latent buffer per frame.
  *
- * Three threads meet here. The streaming thread copies each frame into the
+ * Four threads meet here. The streaming thread copies each frame into the
  * batch being gathered and, once it is full, prepares it (on GPUs: starts its
- * upload) and hands it to the encode thread, which encodes it and pushes its
- * latents. So batch k+1 is gathered, and upstream keeps running, while batch k
- * encodes. The batch-timeout thread hands over partial batches. Serialized
- * events wait until every latent before them is out; a flush drops what is
- * queued and fences off the latents of the batch being encoded.
+ * upload) and hands it to the encode thread, which encodes it and hands its
+ * latents to the push thread, which pushes them downstream. So batch k+1 is
+ * gathered, and upstream keeps running, while batch k encodes, and batch k
+ * encodes while the latents of batch k-1 wait downstream (a sink syncing to
+ * the clock, or one prerolling in PAUSED). The streaming thread therefore only
+ * ever waits for an encode, never for downstream: an application can send EOS
+ * to a prerolling pipeline (gst_element_send_event holds the state lock while
+ * it waits for the source's stream lock) and get it back within one encode.
+ * The batch-timeout thread hands over partial batches. Serialized events wait
+ * until every latent before them is out; a flush drops what is queued and
+ * fences off the latents of the batch being encoded or pushed.
  *
  * Settings (properties, under the object lock) are kept apart from the
  * streaming state (touched only with the sink pad's stream lock held: by the
  * streaming thread, serialized events, and the batch-timeout thread) and from
- * the encode thread's queue (its own mutex). The encode itself never runs
- * with a lock held. No C++ exception leaves this file: each vmethod catches
- * and posts an element error. */
+ * the worker queues (their own mutex). The encode itself never runs with a
+ * lock held.
+ *
+ * Lock order (take left before right, never the reverse):
+ *   sink pad stream lock -> EncodeWorker::push_mutex -> EncodeWorker::mutex
+ *   sink pad stream lock -> BatchTimer::mutex (released before the stream
+ *                           lock is taken by the timer thread)
+ *   object lock: a leaf, never held while another lock is taken.
+ * No C++ exception leaves this file: each vmethod catches and posts an
+ * element error. */
 #include "gstvaeencode.h"
 
 #include <gst/video/video.h>
@@ -51,6 +64,12 @@ constexpr guint kDefaultPerBatch = 16;
 // Batches handed over and waiting while another encodes: one keeps the
 // encoder busy; more would only add latency and memory.
 constexpr size_t kMaxWaitingBatches = 1;
+// Encoded batches waiting while the latents of another are pushed: one lets
+// the encoder start the next batch while a syncing sink holds the last one.
+constexpr size_t kMaxWaitingOutputs = 1;
+// Batch times the latency estimate looks back over: a slow first (warm-up)
+// batch stops counting after this many.
+constexpr size_t kLatencyWindow = 8;
 constexpr const char* kDefaultDevice = "auto";
 
 enum {
@@ -129,9 +148,22 @@ struct Stats {
   GstClockTime last_batch_time = 0;
   GstClockTime total_encode_time = 0;
   guint64 frames_encoded = 0;
+  // Time from a batch's hand-over to its latents being ready (preparing it
+  // and encoding it), for the last kLatencyWindow batches.
+  GstClockTime recent[kLatencyWindow] = {};
+  guint64 recent_count = 0;
 
   double average_fps() const {
     return total_encode_time ? frames_encoded * static_cast<double>(GST_SECOND) / total_encode_time : 0.0;
+  }
+  void add_batch_time(GstClockTime t) { recent[recent_count++ % kLatencyWindow] = t; }
+  // What a latency query reports as the processing part: the slowest recent
+  // batch, so that a latent is not late whenever a batch is a little slower
+  // than the mean, and an early slow batch is forgotten.
+  GstClockTime processing_estimate() const {
+    GstClockTime m = 0;
+    for (guint64 i = 0; i < std::min<guint64>(recent_count, kLatencyWindow); ++i) m = std::max(m, recent[i]);
+    return m;
   }
 };
 
@@ -167,30 +199,52 @@ struct EncodeJob {
   std::vector<FrameMeta> frames;
   EncodeParams params;
   guint64 generation = 0;
+  GstClockTime prepare_time = 0;  // spent in prepare() by the streaming thread
 };
 
-// The encode thread and its queue.
+// An encoded batch's latents on their way through the push thread.
+struct PushJob {
+  std::vector<GstBuffer*> latents;
+  guint64 generation = 0;
+
+  void drop() {
+    for (GstBuffer* b : latents) gst_buffer_unref(b);
+    latents.clear();
+  }
+};
+
+// The encode and push threads and their queues.
 struct EncodeWorker {
-  std::thread thread;
-  std::mutex mutex;  // everything below but push_mutex
+  std::thread thread;       // encodes
+  std::thread push_thread;  // pushes latents downstream
+  std::mutex mutex;         // everything below but push_mutex
   std::condition_variable cond;
   std::deque<EncodeJob> queue;  // waiting, at most kMaxWaitingBatches
-  bool busy = false;            // a job is being encoded or its latents pushed
+  bool busy = false;            // a job is being encoded (or its latents queued)
+  std::deque<PushJob> out;      // encoded, waiting to be pushed, at most kMaxWaitingOutputs
+  bool pushing = false;         // latents are being pushed
   bool flushing = false;        // between FLUSH_START and FLUSH_STOP, or stopping
   bool quit = false;
   guint64 generation = 0;  // a flush bumps it: latents of older jobs are dropped
   GstFlowReturn flow = GST_FLOW_OK;  // first failure of an encode or a push
-  guint64 frames_in_flight = 0;      // handed over, latents not pushed yet
+  guint64 frames_in_flight = 0;      // handed over, latents not pushed (or dropped) yet
   std::vector<std::unique_ptr<FrameBatch>> spare;  // encoded batches, for reuse
   // Held while latents are pushed; FLUSH_STOP takes it, so that no latent of a
   // batch from before the flush goes out after it. Recursive: an application
   // may (against advice) seek from a probe inside our push, on this thread.
   std::recursive_mutex push_mutex;
 
+  // Drops the batches waiting to be encoded and the latents waiting to be pushed.
   void drop_queue() {
     for (const EncodeJob& job : queue) frames_in_flight -= job.frames.size();
     queue.clear();
+    for (PushJob& job : out) {
+      frames_in_flight -= job.latents.size();
+      job.drop();
+    }
+    out.clear();
   }
+  bool idle() const { return queue.empty() && !busy && out.empty() && !pushing; }
 };
 
 // What queries (any thread) need to know of the streaming side.
@@ -198,7 +252,7 @@ struct Facts {
   int downscale = 8;
   int channels = 0;  // 0 until a model is loaded
   int fps_n = 0, fps_d = 1;
-  GstClockTime reported_latency = 0;  // encode-time part last announced
+  GstClockTime reported_latency = 0;  // processing part last announced
 };
 
 // Wakes up when the oldest pending frame has waited `batch-timeout`.
@@ -261,14 +315,15 @@ static void post_progress(GstVaeEncode* self, guint batch_frames, GstClockTime b
   gst_element_post_message(GST_ELEMENT(self), gst_message_new_element(GST_OBJECT(self), s));
 }
 
-// Re-announces latency when the measured encode time moved by more than a
+// Re-announces latency when the processing estimate moved by more than a
 // quarter (and a millisecond) from what the last latency query reported.
-static void maybe_post_latency(GstVaeEncode* self, GstClockTime encode_time) {
+static void maybe_post_latency(GstVaeEncode* self) {
   GST_OBJECT_LOCK(self);
+  const GstClockTime estimate = self->stats->processing_estimate();
   const GstClockTime old = self->facts->reported_latency;
-  const GstClockTime diff = encode_time > old ? encode_time - old : old - encode_time;
+  const GstClockTime diff = estimate > old ? estimate - old : old - estimate;
   const bool changed = diff > GST_MSECOND && diff * 4 > old;
-  if (changed) self->facts->reported_latency = encode_time;
+  if (changed) self->facts->reported_latency = estimate;
   GST_OBJECT_UNLOCK(self);
   if (changed) {
     gst_element_post_message(GST_ELEMENT(self), gst_message_new_latency(GST_OBJECT(self)));
@@ -281,8 +336,9 @@ static GstMemory* wrap_latents(std::unique_ptr<LatentBlock> block) {
                                 [](gpointer p) { delete static_cast<LatentBlock*>(p); });
 }
 
-// Pushes a job's latents unless a flush came after the job was handed over.
-static void push_latents(GstVaeEncode* self, const EncodeJob& job, std::vector<GstBuffer*>& latents) {
+// Push thread: pushes a batch's latents unless a flush came after the batch
+// was handed over.
+static void push_latents(GstVaeEncode* self, PushJob& job) {
   EncodeWorker& w = *self->worker;
   std::lock_guard<std::recursive_mutex> fence(w.push_mutex);
   auto is_stale = [&] {
@@ -291,7 +347,7 @@ static void push_latents(GstVaeEncode* self, const EncodeJob& job, std::vector<G
   };
   bool stale = false;
   GstFlowReturn ret = GST_FLOW_OK;
-  for (GstBuffer* b : latents) {
+  for (GstBuffer* b : job.latents) {
     if (ret == GST_FLOW_OK && !stale && is_stale()) {
       stale = true;
       GST_DEBUG_OBJECT(self, "flushed: dropping latents of a batch from before the flush");
@@ -301,7 +357,7 @@ static void push_latents(GstVaeEncode* self, const EncodeJob& job, std::vector<G
     else
       gst_buffer_unref(b);
   }
-  latents.clear();
+  job.latents.clear();
   if (ret != GST_FLOW_OK && !stale) {
     GST_DEBUG_OBJECT(self, "pushing latents: %s", gst_flow_get_name(ret));
     std::lock_guard<std::mutex> lock(w.mutex);
@@ -309,8 +365,9 @@ static void push_latents(GstVaeEncode* self, const EncodeJob& job, std::vector<G
   }
 }
 
-// Encode thread: encodes one job into per-frame latent buffers and pushes them.
-static void run_job(GstVaeEncode* self, EncodeJob& job) {
+// Encode thread: encodes one job into per-frame latent buffers. Returns no
+// latents when the encode failed (the error is posted here).
+static std::vector<GstBuffer*> run_job(GstVaeEncode* self, EncodeJob& job) {
   const size_t n = job.batch->size();
   const auto start = std::chrono::steady_clock::now();
   std::unique_ptr<LatentBlock> block;
@@ -325,6 +382,7 @@ static void run_job(GstVaeEncode* self, EncodeJob& job) {
   for (const std::string& note : report.notes) GST_WARNING_OBJECT(self, "%s", note.c_str());
   const GstClockTime elapsed =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+  std::vector<GstBuffer*> latents;
   if (!error.empty()) {
     EncodeWorker& w = *self->worker;
     std::unique_lock<std::mutex> lock(w.mutex);
@@ -332,17 +390,16 @@ static void run_job(GstVaeEncode* self, EncodeJob& job) {
       // Frames the application flushed away: no reason to stop the new stream.
       lock.unlock();
       GST_WARNING_OBJECT(self, "encoding a flushed batch failed: %s", error.c_str());
-      return;
+      return latents;
     }
     if (w.flow == GST_FLOW_OK) w.flow = GST_FLOW_ERROR;
     lock.unlock();
     GST_ELEMENT_ERROR(self, STREAM, FAILED, ("VAE encoding failed"), ("%s", error.c_str()));
-    return;
+    return latents;
   }
   const size_t frame_bytes = block->bytes() / n;
   GstBuffer* all = gst_buffer_new();
   gst_buffer_append_memory(all, wrap_latents(std::move(block)));
-  std::vector<GstBuffer*> latents;
   for (size_t i = 0; i < n; ++i) {
     // Each latent shares the batch's memory: no copy.
     GstBuffer* out = gst_buffer_copy_region(all, GST_BUFFER_COPY_MEMORY, i * frame_bytes, frame_bytes);
@@ -363,10 +420,11 @@ static void run_job(GstVaeEncode* self, EncodeJob& job) {
   self->stats->frames_encoded += n;
   self->stats->last_batch_time = elapsed;
   self->stats->total_encode_time += elapsed;
+  self->stats->add_batch_time(job.prepare_time + elapsed);
   GST_OBJECT_UNLOCK(self);
   post_progress(self, static_cast<guint>(n), elapsed);
-  maybe_post_latency(self, elapsed);
-  push_latents(self, job, latents);
+  maybe_post_latency(self);
+  return latents;
 }
 
 static void worker_loop(GstVaeEncode* self) {
@@ -380,12 +438,43 @@ static void worker_loop(GstVaeEncode* self) {
     w.busy = true;
     w.cond.notify_all();  // a slot is free for the next batch
     lock.unlock();
-    run_job(self, job);
+    PushJob out;
+    out.latents = run_job(self, job);
+    out.generation = job.generation;
     job.batch->clear();
     lock.lock();
-    w.busy = false;
-    w.frames_in_flight -= job.frames.size();
     if (w.spare.size() < 2) w.spare.push_back(std::move(job.batch));
+    // Wait for room behind the latents being pushed; downstream holds them
+    // for as long as it likes (a syncing sink, a prerolled one), the encoder
+    // does not wait for more than that one batch.
+    w.cond.wait(lock, [&] { return w.out.size() < kMaxWaitingOutputs || w.flushing || w.quit; });
+    if (out.latents.empty() || w.flushing || w.quit || out.generation != w.generation) {
+      w.frames_in_flight -= job.frames.size();
+      out.drop();
+    } else {
+      w.out.push_back(std::move(out));
+    }
+    w.busy = false;
+    w.cond.notify_all();
+  }
+}
+
+static void push_loop(GstVaeEncode* self) {
+  EncodeWorker& w = *self->worker;
+  std::unique_lock<std::mutex> lock(w.mutex);
+  for (;;) {
+    w.cond.wait(lock, [&] { return w.quit || !w.out.empty(); });
+    if (w.quit) break;
+    PushJob job = std::move(w.out.front());
+    w.out.pop_front();
+    const size_t n = job.latents.size();
+    w.pushing = true;
+    w.cond.notify_all();  // room for the next encoded batch
+    lock.unlock();
+    push_latents(self, job);
+    lock.lock();
+    w.pushing = false;
+    w.frames_in_flight -= n;
     w.cond.notify_all();
   }
 }
@@ -399,10 +488,12 @@ static void worker_start(GstVaeEncode* self) {
   w.generation++;
   w.frames_in_flight = 0;
   w.thread = std::thread(worker_loop, self);
+  w.push_thread = std::thread(push_loop, self);
 }
 
-// Drops the queue and joins the thread, after the batch it is encoding (a
-// LibTorch forward pass cannot be interrupted). Its latents are not pushed.
+// Drops the queues and joins the threads, the encode thread after the batch it
+// is encoding (a LibTorch forward pass cannot be interrupted). Its latents are
+// not pushed. The pads are inactive by then, so a push in progress returns.
 static void worker_stop(GstVaeEncode* self) {
   EncodeWorker& w = *self->worker;
   {
@@ -413,7 +504,9 @@ static void worker_stop(GstVaeEncode* self) {
     w.cond.notify_all();
   }
   if (w.thread.joinable()) w.thread.join();
+  if (w.push_thread.joinable()) w.push_thread.join();
   std::lock_guard<std::mutex> lock(w.mutex);
+  w.drop_queue();
   w.spare.clear();
   w.frames_in_flight = 0;
 }
@@ -454,9 +547,12 @@ static GstFlowReturn hand_over(GstVaeEncode* self) {
   job.frames = std::move(st.pending);
   job.batch = std::move(st.batch);
   st.pending.clear();
+  const auto prepare_start = std::chrono::steady_clock::now();
   try {
     // On GPUs this starts the upload, which then overlaps the encode in progress.
     job.encoder->prepare(*job.batch);
+    job.prepare_time =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - prepare_start).count();
   } catch (const std::exception& e) {
     GST_ELEMENT_ERROR(self, STREAM, FAILED, ("VAE encoding failed"), ("%s", e.what()));
     return GST_FLOW_ERROR;
@@ -480,7 +576,7 @@ static GstFlowReturn hand_over(GstVaeEncode* self) {
 static GstFlowReturn wait_idle(GstVaeEncode* self) {
   EncodeWorker& w = *self->worker;
   std::unique_lock<std::mutex> lock(w.mutex);
-  w.cond.wait(lock, [&] { return (w.queue.empty() && !w.busy) || w.flushing; });
+  w.cond.wait(lock, [&] { return w.idle() || w.flushing; });
   return w.flushing ? GST_FLOW_FLUSHING : w.flow;
 }
 
@@ -528,9 +624,16 @@ static void timer_loop(GstVaeEncode* self) {
     }
     Streaming& st = *self->state;
     if (!quit && st.encoder && !st.pending.empty()) {
-      const guint64 timeout = settings_snapshot(self).batch_timeout;
+      const Settings s = settings_snapshot(self);
+      const guint64 timeout = s.batch_timeout;
       const auto age = std::chrono::steady_clock::now() - st.oldest_arrival;
-      if (timeout && age >= std::chrono::nanoseconds(timeout)) {
+      if (st.pending.size() >= s.per_batch) {
+        // per-batch was lowered while frames waited: that batch is full now.
+        GST_DEBUG_OBJECT(self, "per-batch lowered to %u: encoding the %zu waiting frames", s.per_batch,
+                         st.pending.size());
+        GstFlowReturn ret = hand_over(self);
+        if (ret != GST_FLOW_OK && st.timer_flow == GST_FLOW_OK) st.timer_flow = ret;
+      } else if (timeout && age >= std::chrono::nanoseconds(timeout)) {
         GST_DEBUG_OBJECT(self, "batch-timeout: encoding a partial batch of %zu frames", st.pending.size());
         GstFlowReturn ret = hand_over(self);
         if (ret != GST_FLOW_OK && st.timer_flow == GST_FLOW_OK) st.timer_flow = ret;
@@ -685,6 +788,23 @@ static gboolean gst_vae_encode_set_caps(GstBaseTransform* trans, GstCaps* incaps
                        GST_VIDEO_INFO_HEIGHT(&info), d, d));
     return FALSE;
   }
+  if (GST_VIDEO_INFO_IS_INTERLACED(&info)) {
+    // The encoder would see both fields woven into one frame: combing in the latents.
+    GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Interlaced video cannot be encoded"),
+                      ("interlace-mode %s: put a deinterlacer before vaeencode, e.g. '... ! deinterlace ! "
+                       "videoconvert ! vaeencode ...'",
+                       gst_video_interlace_mode_to_string(GST_VIDEO_INFO_INTERLACE_MODE(&info))));
+    return FALSE;
+  }
+  if (GST_VIDEO_INFO_PAR_N(&info) != GST_VIDEO_INFO_PAR_D(&info) && GST_VIDEO_INFO_PAR_N(&info) > 0) {
+    // Latents cover the stored pixels; a diffusion model assumes square ones.
+    GST_ELEMENT_WARNING(self, STREAM, FORMAT, ("Non-square pixels: the latents will look stretched"),
+                        ("pixel-aspect-ratio %d/%d; the latents encode the %dx%d stored pixels as they are. To "
+                         "encode square pixels, scale first: '... ! videoscale ! "
+                         "video/x-raw,pixel-aspect-ratio=1/1 ! vaeencode ...'",
+                         GST_VIDEO_INFO_PAR_N(&info), GST_VIDEO_INFO_PAR_D(&info), GST_VIDEO_INFO_WIDTH(&info),
+                         GST_VIDEO_INFO_HEIGHT(&info)));
+  }
   // A different geometry or format needs a new staging batch (drained already).
   st.batch.reset();
   st.in_info = info;
@@ -770,7 +890,8 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
   self->stats->frames_in++;
   GST_OBJECT_UNLOCK(self);
 
-  if (st.batch->full()) {
+  // per-batch may have been lowered below the staging batch's capacity.
+  if (st.batch->full() || st.pending.size() >= s.per_batch) {
     timer_disarm(self);
     return hand_over(self);
   }
@@ -876,7 +997,7 @@ static gboolean gst_vae_encode_query(GstBaseTransform* trans, GstPadDirection di
   gst_query_parse_latency(query, &live, &min, &max);
   const Settings s = settings_snapshot(self);
   GST_OBJECT_LOCK(self);
-  const GstClockTime encode_time = self->stats->batches ? self->stats->total_encode_time / self->stats->batches : 0;
+  const GstClockTime encode_time = self->stats->processing_estimate();
   const gint fps_n = self->facts->fps_n, fps_d = self->facts->fps_d;
   self->facts->reported_latency = encode_time;
   GST_OBJECT_UNLOCK(self);
@@ -925,11 +1046,12 @@ static void gst_vae_encode_set_property(GObject* object, guint prop_id, const GV
     case PROP_THREADS: s.threads = g_value_get_uint(value); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
-  const bool timeout_set = prop_id == PROP_BATCH_TIMEOUT && s.batch_timeout != 0;
+  const bool look_now = (prop_id == PROP_BATCH_TIMEOUT && s.batch_timeout != 0) || prop_id == PROP_PER_BATCH;
   GST_OBJECT_UNLOCK(self);
   // Frames may be waiting already: let the timer thread look at them now (it
-  // re-arms for their own deadline); this thread may not touch them.
-  if (timeout_set) timer_arm(self, std::chrono::steady_clock::now());
+  // hands them over if per-batch fell to their number, else re-arms for their
+  // own deadline); this thread may not touch them.
+  if (look_now) timer_arm(self, std::chrono::steady_clock::now());
 }
 
 static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {

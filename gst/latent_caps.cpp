@@ -65,22 +65,30 @@ bool copy_dimensions(const GstStructure* in, GstStructure* out, bool to_latent, 
   for (const char* field : {"width", "height"}) {
     const char* source_field = g_str_equal(field, "width") ? "source-width" : "source-height";
     const GValue* v = gst_structure_get_value(in, field);
-    if (to_latent) {
-      if (v) gst_structure_set_value(out, source_field, v);
-    } else if (const GValue* src = gst_structure_get_value(in, source_field)) {
-      gst_structure_set_value(out, field, src);
-      continue;
-    }
-    if (!v) {
-      if (to_latent)
-        gst_structure_set(out, field, GST_TYPE_INT_RANGE, 1, G_MAXINT / d, nullptr);
-      else
-        gst_structure_set(out, field, GST_TYPE_INT_RANGE, d, G_MAXINT, nullptr);
-      continue;
-    }
+    if (to_latent && v) gst_structure_set_value(out, source_field, v);
     GValue mapped = G_VALUE_INIT;
-    if (!map_dimension(v, &mapped, to_latent, d)) return false;
-    gst_structure_take_value(out, field, &mapped);
+    if (!v) {
+      g_value_init(&mapped, GST_TYPE_INT_RANGE);
+      if (to_latent)
+        gst_value_set_int_range(&mapped, 1, G_MAXINT / d);
+      else
+        gst_value_set_int_range(&mapped, d, G_MAXINT);
+    } else if (!map_dimension(v, &mapped, to_latent, d)) {
+      return false;
+    }
+    // Latent to video: the frame size must fit both the latent size and, when
+    // given, the source size (downstream caps often carry both, a fixed width
+    // next to the source-width range this element announced earlier).
+    const GValue* source = to_latent ? nullptr : gst_structure_get_value(in, source_field);
+    if (source) {
+      GValue both = G_VALUE_INIT;
+      const bool fits = gst_value_intersect(&both, &mapped, source);
+      g_value_unset(&mapped);
+      if (!fits) return false;
+      gst_structure_take_value(out, field, &both);
+    } else {
+      gst_structure_take_value(out, field, &mapped);
+    }
   }
   return true;
 }

@@ -747,6 +747,98 @@ TEST_F(VaeEncodeTest, AcceptCaps) {
   gst_object_unref(sink);
 }
 
+// The first ERROR or WARNING on `bus`: its message and debug text, or "".
+std::string bus_text(GstBus* bus, GstMessageType type) {
+  GstMessage* m = gst_bus_pop_filtered(bus, type);
+  if (!m) return "";
+  GError* err = nullptr;
+  gchar* debug = nullptr;
+  if (type == GST_MESSAGE_ERROR)
+    gst_message_parse_error(m, &err, &debug);
+  else
+    gst_message_parse_warning(m, &err, &debug);
+  std::string text = std::string(err ? err->message : "") + "\n" + (debug ? debug : "");
+  g_clear_error(&err);
+  g_free(debug);
+  gst_message_unref(m);
+  return text;
+}
+
+// Woven fields would comb the latents: refused, naming the fix.
+TEST_F(VaeEncodeTest, InterlacedInputRefused) {
+  Harness t(make_element(1), true);
+  t.caps(video_caps("RGB", 64, 48) + ", interlace-mode=(string)interleaved");
+  auto fr = frames("RGB", 64, 48, 1);
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_NOT_NEGOTIATED);
+  const std::string error = bus_text(t.bus, GST_MESSAGE_ERROR);
+  EXPECT_NE(error.find("Interlaced"), std::string::npos) << error;
+  EXPECT_NE(error.find("deinterlace"), std::string::npos) << error;
+  EXPECT_EQ(t.queued(), 0u);
+}
+
+// Non-square pixels are encoded as stored, with a warning saying how to
+// encode square ones.
+TEST_F(VaeEncodeTest, NonSquarePixelsWarn) {
+  Harness t(make_element(1), true);
+  t.caps(video_caps("RGB", 64, 48) + ", pixel-aspect-ratio=(fraction)16/15");
+  auto fr = frames("RGB", 64, 48, 1);
+  EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 1u);
+  const std::string warning = bus_text(t.bus, GST_MESSAGE_WARNING);
+  EXPECT_NE(warning.find("16/15"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("pixel-aspect-ratio=1/1"), std::string::npos) << warning;
+  Harness square(make_element(1), true);
+  square.caps(video_caps("RGB", 64, 48) + ", pixel-aspect-ratio=(fraction)1/1");
+  EXPECT_EQ(square.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
+  EXPECT_EQ(square.queued(), 1u);
+  EXPECT_EQ(bus_text(square.bus, GST_MESSAGE_WARNING), "");
+}
+
+// A latent size asked downstream reaches upstream as the frame sizes that
+// give it, also when the downstream caps carry vaeencode's own source-width
+// range next to it (as a capsfilter's do): videoscale picks one of them.
+TEST_F(VaeEncodeTest, LatentSizeFromDownstreamNegotiates) {
+  const std::string desc = "videotestsrc num-buffers=2 ! videoscale ! videoconvert ! vaeencode model=\"" + model_ +
+                           "\" per-batch=2 name=enc ! application/x-latent,width=12,height=10 ! fakesink";
+  GError* err = nullptr;
+  GstElement* pipeline = gst_parse_launch(desc.c_str(), &err);
+  ASSERT_NE(pipeline, nullptr) << (err ? err->message : "?");
+  GstBus* bus = gst_element_get_bus(pipeline);
+  gst_element_set_state(pipeline, GST_STATE_PLAYING);
+  GstMessage* m = gst_bus_timed_pop_filtered(bus, 60 * GST_SECOND,
+                                             static_cast<GstMessageType>(GST_MESSAGE_EOS | GST_MESSAGE_ERROR));
+  ASSERT_NE(m, nullptr) << "no EOS within 60 s";
+  std::string error;
+  if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) {
+    GError* e = nullptr;
+    gchar* debug = nullptr;
+    gst_message_parse_error(m, &e, &debug);
+    error = std::string(e->message) + " " + (debug ? debug : "");
+    g_clear_error(&e);
+    g_free(debug);
+  }
+  gst_message_unref(m);
+  EXPECT_EQ(error, "");
+  GstElement* enc = gst_bin_get_by_name(GST_BIN(pipeline), "enc");
+  GstPad* sink = gst_element_get_static_pad(enc, "sink");
+  GstCaps* caps = gst_pad_get_current_caps(sink);
+  int w = 0, h = 0;
+  if (caps) {
+    gst_structure_get_int(gst_caps_get_structure(caps, 0), "width", &w);
+    gst_structure_get_int(gst_caps_get_structure(caps, 0), "height", &h);
+    gst_caps_unref(caps);
+  }
+  EXPECT_GE(w, 96);
+  EXPECT_LE(w, 103);
+  EXPECT_GE(h, 80);
+  EXPECT_LE(h, 87);
+  gst_object_unref(sink);
+  gst_object_unref(enc);
+  gst_element_set_state(pipeline, GST_STATE_NULL);
+  gst_object_unref(bus);
+  gst_object_unref(pipeline);
+}
+
 TEST_F(VaeEncodeTest, LatencyAddsBatchWaitAndEncodeTime) {
   constexpr GstClockTime upstream = 10 * GST_MSECOND;
   {
@@ -762,8 +854,10 @@ TEST_F(VaeEncodeTest, LatencyAddsBatchWaitAndEncodeTime) {
     const GstClockTime encode = t.u64("last-batch-time");
     EXPECT_GT(encode, 0u);
     const GstClockTime after = gst_harness_query_latency(t.h);
-    EXPECT_GE(after, upstream + 3 * kFrameDur);
-    EXPECT_EQ(after, upstream + 3 * kFrameDur + encode) << "one batch: its encode time is the mean";
+    // The processing part covers the batch's preparation (on the streaming
+    // thread) and its encode.
+    EXPECT_GE(after, upstream + 3 * kFrameDur + encode);
+    EXPECT_LT(after, upstream + 3 * kFrameDur + encode + GST_SECOND);
   }
   {
     GstElement* e = make_element(4);
@@ -781,6 +875,31 @@ TEST_F(VaeEncodeTest, LatencyAddsBatchWaitAndEncodeTime) {
     t.caps(video_caps("RGB", 64, 48));
     EXPECT_EQ(gst_harness_query_latency(t.h), upstream);
   }
+}
+
+// The processing part of the latency follows the recent batches: a slow
+// first batch (here 64 frames, then batches of one) stops counting.
+TEST_F(VaeEncodeTest, LatencyForgetsASlowFirstBatch) {
+  Harness t(make_element(64));
+  gst_harness_set_live(t.h, TRUE);
+  gst_harness_set_upstream_latency(t.h, 0);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 64);
+  for (guint64 n = 0; n < 64; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_EQ(t.queued(), 64u);
+  const GstClockTime slow = t.u64("last-batch-time");
+  g_object_set(t.element, "per-batch", 1u, nullptr);  // no batch wait any more
+  GstClockTime fast = 0;
+  for (guint64 n = 0; n < 8; ++n) {
+    ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], 64 + n)), GST_FLOW_OK);
+    ASSERT_EQ(t.queued(), 65u + n);
+    fast = std::max(fast, t.u64("last-batch-time"));
+  }
+  const GstClockTime latency = gst_harness_query_latency(t.h);
+  // Then a mean over every batch, above (slow + 8 fast) / 9, would be above the bound below.
+  ASSERT_GT(slow, 16 * fast + 9 * GST_MSECOND) << "the first batch must be much slower for this test to tell";
+  EXPECT_GE(latency, fast);
+  EXPECT_LT(latency, 2 * fast + GST_MSECOND) << "slow batch " << slow << " ns, fast batches up to " << fast << " ns";
 }
 
 TEST_F(VaeEncodeTest, BatchTimeoutReleasesPartialBatch) {
@@ -904,28 +1023,51 @@ TEST_F(VaeEncodeTest, SmallestFrameGivesOneCellLatent) {
   gst_caps_unref(caps);
 }
 
-TEST_F(VaeEncodeTest, PerBatchChangeAppliesFromNextBatch) {
+// Lowering per-batch to (or below) the number of frames waiting releases
+// them at once; the following batches have the new size.
+TEST_F(VaeEncodeTest, PerBatchLoweredReleasesTheBatchNowFull) {
   Harness t(make_element(4));
   t.caps(video_caps("RGB", 64, 48));
   auto fr = frames("RGB", 64, 48, 6);
   for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 0u);
   g_object_set(t.element, "per-batch", 2u, nullptr);
+  // The hand-over happens on the batch-timeout thread: no more input needed.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (t.queued() < 2u && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  EXPECT_EQ(t.queued(), 2u) << "the 2 waiting frames are a full batch now";
   ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 2)), GST_FLOW_OK);
-  EXPECT_EQ(t.queued(), 0u) << "the current batch must still complete at 4 frames";
+  EXPECT_EQ(t.queued(), 2u);
   ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3], 3)), GST_FLOW_OK);
   EXPECT_EQ(t.queued(), 4u);
   ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[4], 4)), GST_FLOW_OK);
   EXPECT_EQ(t.queued(), 4u);
   ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[5], 5)), GST_FLOW_OK);
-  EXPECT_EQ(t.queued(), 6u) << "the next batch must be of 2 frames";
   auto out = t.pull_all();
   ASSERT_EQ(out.size(), 6u);
   for (guint64 n = 0; n < 6; ++n) EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
+  expect_latents(out, engine_latents("RGB", 64, 48, fr, 2));
   unref_all(out);
-  EXPECT_EQ(t.u64("batches"), 2u);
-  guint per_batch = 0;
-  g_object_get(t.element, "per-batch", &per_batch, nullptr);
-  EXPECT_EQ(per_batch, 2u);
+  EXPECT_EQ(t.u64("batches"), 3u);
+}
+
+// Raising per-batch applies from the next batch: the one being gathered was
+// staged for the old size.
+TEST_F(VaeEncodeTest, PerBatchRaisedAppliesFromTheNextBatch) {
+  Harness t(make_element(2));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 4);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
+  g_object_set(t.element, "per-batch", 4u, nullptr);
+  for (guint64 n = 1; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 2u) << "the staging batch was made for 2 frames: it goes out full";
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[3], 3)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 2u);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 4u);
+  unref_all(out);
 }
 
 TEST_F(VaeEncodeTest, SampleAndSeedChangeWhilePlaying) {
@@ -1195,8 +1337,9 @@ TEST_F(VaeEncodeTest, RestartDropsFramesPendingBeforeStop) {
 
 /* ------------------------------------------------- the encode thread */
 
-// While batch k's latents are held downstream, the streaming thread keeps
-// gathering: one batch waits, the next fills, then upstream is held back.
+// While batch k's latents are held downstream, the encoder goes on: batch
+// k+1's latents wait behind them, k+2 is encoded and waits for room, k+3
+// waits to be encoded, k+4 fills, then upstream is held back.
 TEST_F(VaeEncodeTest, BoundedQueueWhileDownstreamBlocks) {
   Harness t(make_element(2));
   DownstreamGate gate(t.h);
@@ -1207,12 +1350,51 @@ TEST_F(VaeEncodeTest, BoundedQueueWhileDownstreamBlocks) {
   });
   ASSERT_TRUE(gate.wait_arrived(1));
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (t.u64("frames-in") < 6 && std::chrono::steady_clock::now() < deadline)
+  while (t.u64("frames-in") < 10 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  // Batch 1 at the gate, batch 2 waiting, batch 3 full and its hand-over held.
-  EXPECT_EQ(t.u64("frames-in"), 6u);
-  EXPECT_EQ(t.u64("frames-in-flight"), 4u);
+  EXPECT_EQ(t.u64("frames-in"), 10u);
+  EXPECT_EQ(t.u64("frames-in-flight"), 8u);
+  EXPECT_EQ(t.u64("batches"), 3u);
+  EXPECT_EQ(gate.arrived(), 1);
+  gate.open();
+  pusher.join();
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  expect_latents(out, engine_latents("RGB", 64, 48, fr, 2));
+  unref_all(out);
+}
+
+// The streaming thread waits for an encode, never for downstream: with the
+// first latent held (a sink prerolling in PAUSED, or syncing to the clock),
+// two more batches are taken and the next batch is encoded meanwhile. An
+// application's EOS during preroll needs the streaming thread back (basesrc
+// takes its stream lock while gst_element_send_event holds the state lock).
+TEST_F(VaeEncodeTest, StreamingThreadNeverWaitsForDownstream) {
+  Harness t(make_element(2));
+  DownstreamGate gate(t.h);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 6);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gate.wait_arrived(1));
+  std::mutex m;
+  std::condition_variable cv;
+  bool returned = false;
+  std::thread pusher([&] {
+    for (guint64 n = 2; n < 6; ++n) EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+    std::lock_guard<std::mutex> lock(m);
+    returned = true;
+    cv.notify_all();
+  });
+  {
+    std::unique_lock<std::mutex> lock(m);
+    cv.wait_for(lock, std::chrono::seconds(60), [&] { return returned; });
+    EXPECT_TRUE(returned) << "upstream was held back while downstream held the first latent";
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (t.u64("batches") < 2 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  EXPECT_GE(t.u64("batches"), 2u) << "batch 2 was not encoded while batch 1 waited downstream";
   EXPECT_EQ(gate.arrived(), 1);
   gate.open();
   pusher.join();

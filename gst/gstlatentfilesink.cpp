@@ -4,8 +4,10 @@
  * src/latent_file.cpp; this is the GObject glue. */
 #include "gstlatentfilesink.h"
 
+#include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "latent_caps.h"
 #include "latent_file.h"
@@ -13,7 +15,6 @@
 GST_DEBUG_CATEGORY_STATIC(latent_file_sink_debug);
 #define GST_CAT_DEFAULT latent_file_sink_debug
 
-using gstvae::LatentFileError;
 using gstvae::LatentFileFormat;
 using gstvae::LatentFileWriter;
 
@@ -104,6 +105,17 @@ std::string parse_location(const std::string& text, Location* out) {
   return "";
 }
 
+// A run of latents in one file with the same caps and continuous timestamps.
+// A file written to a plain location can hold several (a caps change that
+// keeps the latent size, a flushing seek); with a pattern each starts a file.
+struct Range {
+  guint64 first_frame = 0;
+  gst_latent_caps::Info caps;
+  GstClockTime first_pts = GST_CLOCK_TIME_NONE;
+  GstClockTime end_pts = GST_CLOCK_TIME_NONE;
+  const char* after = "start";  // what began it: "start", "caps" or "flush"
+};
+
 struct Streaming {
   Location location;
   LatentFileFormat format = LatentFileFormat::Latent;
@@ -113,6 +125,8 @@ struct Streaming {
   std::unique_ptr<LatentFileWriter> writer;
   GstClockTime first_pts = GST_CLOCK_TIME_NONE;
   GstClockTime end_pts = GST_CLOCK_TIME_NONE;
+  std::vector<Range> ranges;          // of the open file, in order
+  const char* new_range = nullptr;    // the next latent starts a range: "caps" or "flush"
   std::string model;  // from the vae-model tag
   bool failed = false;
 };
@@ -165,6 +179,112 @@ static std::string crop_string(const gst_latent_caps::Info& c) {
   return "";
 }
 
+static std::string framerate_string(const gst_latent_caps::Info& c) {
+  return std::to_string(c.fps_n) + "/" + std::to_string(c.fps_d);
+}
+
+// The caps fields that the metadata records besides the latent size, which a
+// file cannot change (see set_caps).
+static bool same_recorded_caps(const gst_latent_caps::Info& a, const gst_latent_caps::Info& b) {
+  return a.source_width == b.source_width && a.source_height == b.source_height && a.fps_n == b.fps_n &&
+         a.fps_d == b.fps_d && a.latent_format == b.latent_format;
+}
+
+static std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      g_snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+static std::string json_timestamp(GstClockTime t) { return GST_CLOCK_TIME_IS_VALID(t) ? std::to_string(t) : "null"; }
+
+// One entry of the "ranges" metadata (compact JSON, see docs/latent-files.md).
+static std::string range_json(const Range& r, guint64 frames) {
+  std::string j = "{\"first_frame\":" + std::to_string(r.first_frame) + ",\"frames\":" + std::to_string(frames) +
+                  ",\"first_pts_ns\":" + json_timestamp(r.first_pts) + ",\"end_pts_ns\":" + json_timestamp(r.end_pts);
+  if (r.caps.source_width > 0) {
+    j += ",\"source_width\":" + std::to_string(r.caps.source_width) +
+         ",\"source_height\":" + std::to_string(r.caps.source_height);
+    const std::string crop = crop_string(r.caps);
+    if (!crop.empty()) j += ",\"crop_x_y_w_h\":" + json_string(crop);
+  }
+  j += ",\"framerate\":" + json_string(framerate_string(r.caps)) +
+       ",\"latent_format\":" + json_string(r.caps.latent_format) + ",\"after\":" + json_string(r.after) + "}";
+  return j;
+}
+
+// The metadata of the open file. Top-level keys hold for every frame: one that
+// differs between ranges is left out, and "ranges" then tells each range's.
+// Returns how many ranges could not be recorded for want of header room.
+static size_t file_metadata(const Streaming& st, const LatentFileWriter& writer,
+                            std::map<std::string, std::string>* out) {
+  const guint64 frames = writer.frames();
+  const Range& first = st.ranges.front();
+  std::map<std::string, std::string> meta = {
+      {"created_by", "gst-vae latentfilesink"},
+      {"frame_count", std::to_string(frames)},
+      {"channels", std::to_string(first.caps.channels)},
+      {"height", std::to_string(first.caps.height)},
+      {"width", std::to_string(first.caps.width)},
+      {"first_pts_ns", timestamp_string(st.first_pts)},
+      {"end_pts_ns", timestamp_string(st.end_pts)},
+      {"segment", std::to_string(st.next_index - 1)},
+  };
+  bool same_source = true, same_rate = true, same_format = true;
+  for (const Range& r : st.ranges) {
+    same_source = same_source && r.caps.source_width == first.caps.source_width &&
+                  r.caps.source_height == first.caps.source_height;
+    same_rate = same_rate && r.caps.fps_n == first.caps.fps_n && r.caps.fps_d == first.caps.fps_d;
+    same_format = same_format && r.caps.latent_format == first.caps.latent_format;
+  }
+  if (same_rate) meta["framerate"] = framerate_string(first.caps);
+  if (same_format) meta["latent_format"] = first.caps.latent_format;
+  if (same_source && first.caps.source_width > 0) {
+    meta["source_width"] = std::to_string(first.caps.source_width);
+    meta["source_height"] = std::to_string(first.caps.source_height);
+    const std::string crop = crop_string(first.caps);
+    if (!crop.empty()) meta["crop_x_y_w_h"] = crop;
+  }
+  if (!st.model.empty()) meta["model"] = st.model;
+  size_t unrecorded = 0;
+  if (st.ranges.size() > 1) {
+    // The header's room is fixed when the file is opened (the latents follow
+    // it), about 15 ranges: keep the first ones that fit and say from which
+    // frame on the rest are not recorded, rather than cut the JSON. An entry
+    // takes over 100 bytes, so no more than 64 can fit in 4096: a stream
+    // whose caps change at every frame costs no more at close than others.
+    const size_t n = st.ranges.size();
+    std::vector<std::string> entries;
+    for (size_t i = 0; i < n && i < 64; ++i) {
+      const guint64 end = i + 1 < n ? st.ranges[i + 1].first_frame : frames;
+      entries.push_back(range_json(st.ranges[i], end - st.ranges[i].first_frame));
+    }
+    for (size_t kept = entries.size();; --kept) {
+      std::string json = "[";
+      for (size_t i = 0; i < kept; ++i) json += (i ? "," : "") + entries[i];
+      if (kept < n)
+        json += std::string(kept ? "," : "") + "{\"first_frame\":" + std::to_string(st.ranges[kept].first_frame) +
+                ",\"unrecorded_ranges\":" + std::to_string(n - kept) + "}";
+      meta["ranges"] = json + "]";
+      unrecorded = n - kept;
+      if (kept == 0 || writer.header_fits(meta)) break;
+    }
+  }
+  *out = std::move(meta);
+  return unrecorded;
+}
+
 // Finalises the open file (header, fsync, rename) and announces it.
 static bool close_file(GstLatentFileSink* self) {
   Streaming& st = *self->state;
@@ -172,31 +292,29 @@ static bool close_file(GstLatentFileSink* self) {
   std::unique_ptr<LatentFileWriter> writer = std::move(st.writer);
   const guint64 frames = writer->frames();
   const std::string path = writer->final_path();
-  std::map<std::string, std::string> meta = {
-      {"created_by", "gst-vae latentfilesink"},
-      {"frame_count", std::to_string(frames)},
-      {"channels", std::to_string(st.caps.channels)},
-      {"height", std::to_string(st.caps.height)},
-      {"width", std::to_string(st.caps.width)},
-      {"framerate", std::to_string(st.caps.fps_n) + "/" + std::to_string(st.caps.fps_d)},
-      {"first_pts_ns", timestamp_string(st.first_pts)},
-      {"end_pts_ns", timestamp_string(st.end_pts)},
-      {"latent_format", st.caps.latent_format},
-      {"segment", std::to_string(st.next_index - 1)},
-  };
-  if (st.caps.source_width > 0) {
-    meta["source_width"] = std::to_string(st.caps.source_width);
-    meta["source_height"] = std::to_string(st.caps.source_height);
-    const std::string crop = crop_string(st.caps);
-    if (!crop.empty()) meta["crop_x_y_w_h"] = crop;
-  }
-  if (!st.model.empty()) meta["model"] = st.model;
+  std::map<std::string, std::string> meta;
+  size_t unrecorded = 0;
+  if (!st.ranges.empty()) unrecorded = file_metadata(st, *writer, &meta);
   try {
     writer->finish(meta);
-  } catch (const LatentFileError& e) {
+  } catch (const std::exception& e) {  // LatentFileError, or the JSON library's or allocation errors
     st.failed = true;
     GST_ELEMENT_ERROR(self, RESOURCE, WRITE, ("Could not finish latent file '%s'", path.c_str()), ("%s", e.what()));
     return false;
+  }
+  if (st.ranges.size() > 1 && st.format == LatentFileFormat::Npy) {
+    GST_ELEMENT_WARNING(self, STREAM, FORMAT,
+                        ("'%s' holds %zu ranges (caps changes or flushes) that a .npy file cannot record",
+                         path.c_str(), st.ranges.size()),
+                        ("use a location pattern (a new file at each change) or a .latent or .safetensors file "
+                         "(whose 'ranges' metadata records them)"));
+  } else if (unrecorded > 0) {
+    GST_ELEMENT_WARNING(self, STREAM, FORMAT,
+                        ("The metadata of '%s' records only %zu of its %zu ranges", path.c_str(),
+                         st.ranges.size() - unrecorded, st.ranges.size()),
+                        ("the reserved header has no room for more; the last 'ranges' entry says from which "
+                         "frame on the ranges (caps changes, flushes) are not recorded; a location pattern starts "
+                         "a new file at each change instead"));
   }
   GST_INFO_OBJECT(self, "wrote %" G_GUINT64_FORMAT " latents to '%s'", frames, path.c_str());
   GST_OBJECT_LOCK(self);
@@ -214,7 +332,7 @@ static bool open_file(GstLatentFileSink* self) {
   const std::string path = st.location.expand(st.next_index);
   try {
     st.writer = std::make_unique<LatentFileWriter>(path, st.format, st.caps.channels, st.caps.height, st.caps.width);
-  } catch (const LatentFileError& e) {
+  } catch (const std::exception& e) {
     st.failed = true;
     GST_ELEMENT_ERROR(self, RESOURCE, OPEN_WRITE, ("Could not open latent file '%s' for writing", path.c_str()),
                       ("%s", e.what()));
@@ -223,8 +341,60 @@ static bool open_file(GstLatentFileSink* self) {
   st.next_index++;
   st.first_pts = GST_CLOCK_TIME_NONE;
   st.end_pts = GST_CLOCK_TIME_NONE;
+  st.ranges.assign(1, Range());
+  st.ranges[0].caps = st.caps;
+  st.new_range = nullptr;
   GST_DEBUG_OBJECT(self, "writing '%s' through '%s'", path.c_str(), st.writer->temp_path().c_str());
   return true;
+}
+
+static std::string dir_part(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+static std::string base_part(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// Temporary files of our final names left by a process that was killed: not
+// deleted (on a shared filesystem another process may still be writing one),
+// only reported, so that they do not pile up unseen.
+static void warn_leftover_temp_files(GstLatentFileSink* self, const Location& loc, guint start_index) {
+  // A pattern in the file name matches every segment; one in a directory
+  // name (dir-%d/clip.latent) only the first segment's directory is looked at.
+  const bool in_name = loc.pattern && loc.suffix.find('/') == std::string::npos;
+  const std::string first = loc.expand(start_index);
+  const std::string dir = in_name ? dir_part(loc.prefix) : dir_part(first);
+  const std::string prefix = in_name ? base_part(loc.prefix) : base_part(first);
+  const std::string suffix = in_name ? loc.suffix : "";
+  GDir* d = g_dir_open(dir.c_str(), 0, nullptr);
+  if (!d) return;  // a missing directory is reported when the first file is opened
+  guint count = 0;
+  std::string example;
+  while (const gchar* entry = g_dir_read_name(d)) {
+    const std::string target = gstvae::latent_temp_file_target(entry);
+    if (target.empty()) continue;
+    bool match = target == prefix;
+    if (in_name && target.size() > prefix.size() + suffix.size() && target.compare(0, prefix.size(), prefix) == 0 &&
+        target.compare(target.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      match = true;
+      for (size_t i = prefix.size(); i < target.size() - suffix.size(); ++i)
+        match = match && g_ascii_isdigit(target[i]);
+    }
+    if (!match) continue;
+    if (count++ == 0 || std::string(entry) < base_part(example)) example = dir + "/" + entry;
+  }
+  g_dir_close(d);
+  if (count > 0)
+    GST_ELEMENT_WARNING(self, RESOURCE, WRITE,
+                        ("%u leftover temporary file%s of latentfilesink in '%s', e.g. '%s'", count,
+                         count == 1 ? "" : "s", dir.c_str(), example.c_str()),
+                        ("left by a process killed before it finished (or still being written by another process "
+                         "on a shared filesystem); not deleted: remove them once no pipeline writes them, see "
+                         "docs/latent-files.md"));
 }
 
 static gboolean gst_latent_file_sink_start(GstBaseSink* sink) {
@@ -246,6 +416,15 @@ static gboolean gst_latent_file_sink_start(GstBaseSink* sink) {
                       ("location '%s' has no integer conversion such as clip-%%05d.latent", s.location.c_str()));
     return FALSE;
   }
+  // Later segments are checked as they are opened (by the writer).
+  const std::string first_path = st.location.expand(s.start_index);
+  const std::string problem_path = gstvae::latent_file_target_problem(first_path);
+  if (!problem_path.empty()) {
+    GST_ELEMENT_ERROR(self, RESOURCE, OPEN_WRITE, ("Could not open latent file '%s' for writing", first_path.c_str()),
+                      ("%s", problem_path.c_str()));
+    return FALSE;
+  }
+  warn_leftover_temp_files(self, st.location, s.start_index);
   switch (s.format) {
     case FORMAT_LATENT: st.format = LatentFileFormat::Latent; break;
     case FORMAT_SAFETENSORS: st.format = LatentFileFormat::Safetensors; break;
@@ -293,6 +472,14 @@ static gboolean gst_latent_file_sink_set_caps(GstBaseSink* sink, GstCaps* caps) 
       return FALSE;
     }
     if (!close_file(self)) return FALSE;
+  } else if (st.writer && !same_recorded_caps(info, st.caps)) {
+    // Same latent size, but another source size (so another crop), frame
+    // rate or latent format: the metadata must stay true for every frame.
+    if (st.location.pattern) {
+      if (!close_file(self)) return FALSE;
+    } else if (!st.new_range) {
+      st.new_range = "caps";
+    }
   }
   st.caps = info;
   st.have_caps = true;
@@ -305,13 +492,28 @@ static GstFlowReturn gst_latent_file_sink_render(GstBaseSink* sink, GstBuffer* b
   if (st.failed) return GST_FLOW_ERROR;
   const Settings s = settings_snapshot(self);
   const GstClockTime pts = GST_BUFFER_PTS(buffer);
-  if (st.writer) {
+  // Only a pattern is split: segments of a plain location would all be
+  // renamed onto the same name, each replacing the one before (set_property
+  // refuses such a change, this guards against any other way in).
+  if (st.writer && st.location.pattern) {
     const bool frames_full = s.max_frames && st.writer->frames() >= s.max_frames;
     const bool time_full = s.max_duration && GST_CLOCK_TIME_IS_VALID(pts) && GST_CLOCK_TIME_IS_VALID(st.first_pts) &&
                            pts >= st.first_pts && pts - st.first_pts >= s.max_duration;
     if ((frames_full || time_full) && !close_file(self)) return GST_FLOW_ERROR;
   }
   if (!st.writer && !open_file(self)) return GST_FLOW_ERROR;
+  if (st.new_range) {
+    // A flush always starts a range (the timeline jumps); a caps change only
+    // when the caps differ from the range's at this latent (not A, B, A).
+    if (std::strcmp(st.new_range, "flush") == 0 || !same_recorded_caps(st.caps, st.ranges.back().caps)) {
+      Range r;
+      r.first_frame = st.writer->frames();
+      r.caps = st.caps;
+      r.after = st.new_range;
+      st.ranges.push_back(r);
+    }
+    st.new_range = nullptr;
+  }
 
   GstMapInfo map;
   if (!gst_buffer_map(buffer, &map, GST_MAP_READ)) {
@@ -327,7 +529,7 @@ static GstFlowReturn gst_latent_file_sink_render(GstBaseSink* sink, GstBuffer* b
   } else {
     try {
       st.writer->append(map.data, map.size);
-    } catch (const LatentFileError& e) {
+    } catch (const std::exception& e) {
       error = e.what();
     }
   }
@@ -340,8 +542,12 @@ static GstFlowReturn gst_latent_file_sink_render(GstBaseSink* sink, GstBuffer* b
     return GST_FLOW_ERROR;
   }
   if (!GST_CLOCK_TIME_IS_VALID(st.first_pts)) st.first_pts = pts;
-  if (GST_CLOCK_TIME_IS_VALID(pts))
+  Range& range = st.ranges.back();
+  if (!GST_CLOCK_TIME_IS_VALID(range.first_pts)) range.first_pts = pts;
+  if (GST_CLOCK_TIME_IS_VALID(pts)) {
     st.end_pts = pts + (GST_BUFFER_DURATION_IS_VALID(buffer) ? GST_BUFFER_DURATION(buffer) : 0);
+    range.end_pts = st.end_pts;
+  }
   GST_OBJECT_LOCK(self);
   self->stats->frames_written++;
   GST_OBJECT_UNLOCK(self);
@@ -359,6 +565,19 @@ static gboolean gst_latent_file_sink_event(GstBaseSink* sink, GstEvent* event) {
       }
       if (st.next_index == settings_snapshot(self).start_index && !st.failed)
         GST_ELEMENT_WARNING(self, STREAM, FAILED, ("No latents received: no file written"), (nullptr));
+      break;
+    case GST_EVENT_FLUSH_STOP:
+      // After a flushing seek the latents may repeat or skip a stretch of the
+      // stream: with a pattern they go to a new file, else to a new range
+      // (recorded in the metadata). Serialized, so never during render(). On
+      // a failure the error is posted; the base class must still see the
+      // event, or the sink would stay flushing.
+      if (st.writer) {
+        if (st.location.pattern)
+          close_file(self);
+        else
+          st.new_range = "flush";
+      }
       break;
     case GST_EVENT_TAG: {
       GstTagList* tags;
@@ -379,9 +598,28 @@ static gboolean gst_latent_file_sink_event(GstBaseSink* sink, GstEvent* event) {
 static void gst_latent_file_sink_set_property(GObject* object, guint prop_id, const GValue* value,
                                               GParamSpec* pspec) {
   GstLatentFileSink* self = GST_LATENT_FILE_SINK(object);
+  const bool running = GST_STATE(self) > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY;
   if (prop_id == PROP_LOCATION || prop_id == PROP_FORMAT || prop_id == PROP_START_INDEX) {
-    if (GST_STATE(self) > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY) {
+    if (running) {
       g_warning("latentfilesink: property '%s' can only be changed in the NULL or READY state", pspec->name);
+      return;
+    }
+  }
+  if ((prop_id == PROP_MAX_FRAMES || prop_id == PROP_MAX_DURATION) && running && g_value_get_uint64(value) != 0) {
+    // start() refuses a limit without a pattern; while running, the location
+    // cannot change, so the check is here: each segment would be renamed onto
+    // the same name and replace the one before. Any thread may call this;
+    // GST_ELEMENT_WARNING only posts a message.
+    Location loc;
+    const std::string location = settings_snapshot(self).location;
+    if (!parse_location(location, &loc).empty() || !loc.pattern) {
+      GST_ELEMENT_WARNING(self, RESOURCE, SETTINGS,
+                          ("Not applying %s=%" G_GUINT64_FORMAT ": location '%s' is not a pattern", pspec->name,
+                           g_value_get_uint64(value), location.c_str()),
+                          ("every segment would be renamed onto the same file, replacing the one before; %s needs "
+                           "a location with an integer conversion such as clip-%%05d.latent, set before the "
+                           "pipeline starts. %s keeps its value",
+                           pspec->name, pspec->name));
       return;
     }
   }
@@ -447,22 +685,24 @@ static void gst_latent_file_sink_class_init(GstLatentFileSinkClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_LOCATION,
       g_param_spec_string("location", "Location",
-                          "File to write; with max-frames/max-duration or caps changes, a pattern holding one "
-                          "integer conversion (e.g. clip-%05d.latent) numbers the segments. Written under a hidden "
-                          "temporary name in the same directory and renamed when complete",
+                          "File to write; with max-frames/max-duration, caps changes or flushing seeks, a pattern "
+                          "holding one integer conversion (e.g. clip-%05d.latent) numbers the segments (a plain "
+                          "name records caps changes and flushes in its 'ranges' metadata). Written under a hidden "
+                          "temporary name (.NAME.partial-XXXXXX) in the same directory and renamed when complete",
                           nullptr, rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_FORMAT,
       g_param_spec_enum("format", "Format", "File format", format_choice_get_type(), FORMAT_AUTO, rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_MAX_FRAMES,
-      g_param_spec_uint64("max-frames", "Max frames", "Start a new file after this many latents (0 = no limit)", 0,
+      g_param_spec_uint64("max-frames", "Max frames",
+                          "Start a new file after this many latents (0 = no limit); needs a location pattern", 0,
                           G_MAXUINT64, 0, rw_playing));
   g_object_class_install_property(
       gobject_class, PROP_MAX_DURATION,
       g_param_spec_uint64("max-duration", "Max duration",
                           "Start a new file once a latent's PTS is this far (in nanoseconds) past the file's first "
-                          "(0 = no limit)",
+                          "(0 = no limit); needs a location pattern",
                           0, G_MAXUINT64, 0, rw_playing));
   g_object_class_install_property(
       gobject_class, PROP_START_INDEX,

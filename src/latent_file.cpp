@@ -1,12 +1,15 @@
 #include "latent_file.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <sstream>
 
 #include "safetensors.h"
@@ -20,6 +23,10 @@ namespace {
 constexpr size_t kSafetensorsHeaderBytes = 4096;
 constexpr size_t kNpyHeaderBytes = 128;
 constexpr size_t kMaxMetadataValue = 256;
+// Metadata whose value is JSON: never cut (the caller fits it, see header_fits).
+constexpr const char* kRangesKey = "ranges";
+constexpr const char* kTempInfix = ".partial-";
+constexpr size_t kTempRandomChars = 6;
 
 std::string errno_text() { return std::strerror(errno); }
 
@@ -34,9 +41,17 @@ std::string base_of(const std::string& path) {
   return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+bool ends_with_ignoring_case(const std::string& s, const std::string& lower_suffix) {
+  if (s.size() < lower_suffix.size()) return false;
+  const size_t at = s.size() - lower_suffix.size();
+  for (size_t i = 0; i < lower_suffix.size(); ++i) {
+    const char c = s[at + i];
+    if ((c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c) != lower_suffix[i]) return false;
+  }
+  return true;
 }
+
+bool is_alnum(char c) { return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z'); }
 
 }  // namespace
 
@@ -50,9 +65,29 @@ const char* latent_file_format_name(LatentFileFormat format) {
 }
 
 LatentFileFormat latent_file_format_for(const std::string& path) {
-  if (ends_with(path, ".npy")) return LatentFileFormat::Npy;
-  if (ends_with(path, ".safetensors")) return LatentFileFormat::Safetensors;
+  if (ends_with_ignoring_case(path, ".npy")) return LatentFileFormat::Npy;
+  if (ends_with_ignoring_case(path, ".safetensors")) return LatentFileFormat::Safetensors;
   return LatentFileFormat::Latent;
+}
+
+std::string latent_file_target_problem(const std::string& final_path) {
+  // lstat: rename() replaces a symbolic link itself, even one to a directory,
+  // but it cannot replace a directory; finding that out at the end of the
+  // stream would throw away everything written.
+  struct stat st;
+  if (::lstat(final_path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    return "'" + final_path + "' is a directory: a latent file cannot replace it";
+  return "";
+}
+
+std::string latent_temp_file_target(const std::string& entry_name) {
+  const size_t tail = std::strlen(kTempInfix) + kTempRandomChars;
+  if (entry_name.size() < 2 + tail || entry_name[0] != '.') return "";
+  const size_t infix = entry_name.size() - tail;
+  if (entry_name.compare(infix, std::strlen(kTempInfix), kTempInfix) != 0) return "";
+  for (size_t i = entry_name.size() - kTempRandomChars; i < entry_name.size(); ++i)
+    if (!is_alnum(entry_name[i])) return "";
+  return entry_name.substr(1, infix - 1);
 }
 
 LatentFileWriter::LatentFileWriter(std::string final_path, LatentFileFormat format, int channels, int height,
@@ -63,16 +98,36 @@ LatentFileWriter::LatentFileWriter(std::string final_path, LatentFileFormat form
                           std::to_string(width));
   frame_bytes_ = static_cast<size_t>(channels) * height * width * sizeof(float);
   header_bytes_ = format == LatentFileFormat::Npy ? kNpyHeaderBytes : kSafetensorsHeaderBytes;
-  // Hidden, unique, in the same directory: rename() is then atomic.
-  std::string tmpl = dir_of(final_path_) + "/." + base_of(final_path_) + ".XXXXXX";
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  fd_ = ::mkstemp(buf.data());
+  const std::string problem = latent_file_target_problem(final_path_);
+  if (!problem.empty()) throw LatentFileError(problem);
+  // Hidden, unique, in the same directory: rename() is then atomic. Not
+  // mkstemp: it creates mode 0600, and forcing a mode would ignore the umask;
+  // open() with 0666 gives what any other new file gets. The ".partial-" infix
+  // makes files left by a killed process recognisable (latent_temp_file_target).
+  std::mt19937_64 random;
+  try {
+    std::random_device device;
+    random.seed((static_cast<uint64_t>(device()) << 32) ^ device());
+  } catch (const std::exception&) {
+    random.seed(static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                static_cast<uint64_t>(::getpid()));
+  }
+  static const char kChars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+  const std::string stem = dir_of(final_path_) + "/." + base_of(final_path_) + kTempInfix;
+  for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
+    std::string name = stem;
+    for (size_t i = 0; i < kTempRandomChars; ++i) name += kChars[random() % (sizeof(kChars) - 1)];
+    fd_ = ::open(name.c_str(), O_CREAT | O_EXCL | O_CLOEXEC | O_RDWR, 0666);
+    if (fd_ >= 0) {
+      temp_path_ = name;
+    } else if (errno != EEXIST) {
+      throw LatentFileError("cannot create a file in '" + dir_of(final_path_) + "' for '" + final_path_ +
+                            "': " + errno_text());
+    }
+  }
   if (fd_ < 0)
     throw LatentFileError("cannot create a file in '" + dir_of(final_path_) + "' for '" + final_path_ +
-                          "': " + errno_text());
-  temp_path_ = buf.data();
-  ::fchmod(fd_, 0644);  // mkstemp creates 0600; the result is an ordinary data file
+                          "': 100 random temporary names were all taken");
   const std::string placeholder(header_bytes_, ' ');
   try {
     write_at(0, placeholder.data(), placeholder.size());
@@ -87,6 +142,16 @@ LatentFileWriter::~LatentFileWriter() {
 }
 
 void LatentFileWriter::write_at(uint64_t offset, const void* data, size_t bytes) {
+  // The kernel answers a write past RLIMIT_FSIZE with SIGXFSZ, which kills the
+  // process before any error can be reported or the temporary file removed
+  // (only a process that ignores the signal gets EFBIG). Asked at each write:
+  // the limit can change while the stream runs.
+  struct rlimit limit;
+  if (::getrlimit(RLIMIT_FSIZE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+      offset + bytes > static_cast<uint64_t>(limit.rlim_cur))
+    throw LatentFileError("cannot write '" + temp_path_ + "' (for '" + final_path_ + "'): " +
+                          std::to_string(offset + bytes) + " bytes would exceed the file size limit (ulimit -f / "
+                          "RLIMIT_FSIZE, " + std::to_string(limit.rlim_cur) + " bytes)");
   const char* p = static_cast<const char*>(data);
   while (bytes > 0) {
     const ssize_t n = ::pwrite(fd_, p, bytes, static_cast<off_t>(offset));
@@ -128,7 +193,8 @@ std::string LatentFileWriter::header(const std::map<std::string, std::string>& m
     return h;
   }
   std::map<std::string, std::string> meta;
-  for (const auto& kv : metadata) meta[kv.first] = kv.second.substr(0, kMaxMetadataValue);
+  for (const auto& kv : metadata)
+    meta[kv.first] = kv.first == kRangesKey ? kv.second : kv.second.substr(0, kMaxMetadataValue);
   static const float kNoData = 0.0f;
   // ComfyUI's SaveLatent layout: the empty marker first, then the samples.
   std::vector<TensorToWrite> tensors = {
@@ -143,6 +209,15 @@ std::string LatentFileWriter::header(const std::map<std::string, std::string>& m
   const uint64_t json_len = header_bytes_ - 8;
   for (int i = 0; i < 8; ++i) h[i] = static_cast<char>((json_len >> (8 * i)) & 0xff);
   return h;
+}
+
+bool LatentFileWriter::header_fits(const std::map<std::string, std::string>& metadata) const {
+  try {
+    header(metadata);
+  } catch (const std::exception&) {  // too long, or metadata the JSON library refuses (finish() would too)
+    return false;
+  }
+  return true;
 }
 
 void LatentFileWriter::finish(const std::map<std::string, std::string>& metadata) {

@@ -23,24 +23,41 @@ class LatentFileError : public std::runtime_error {
 };
 
 const char* latent_file_format_name(LatentFileFormat format);
-// From the extension: .npy -> Npy, .safetensors -> Safetensors, anything else -> Latent.
+// From the extension, ignoring case as the checkpoint loader does (y.NPY is a
+// NumPy file): .npy -> Npy, .safetensors -> Safetensors, anything else -> Latent.
 LatentFileFormat latent_file_format_for(const std::string& path);
+
+// Why `final_path` cannot become a latent file before anything is written
+// (it is an existing directory), or "" when nothing is known against it.
+std::string latent_file_target_problem(const std::string& final_path);
+
+// The temporary file of `dir/NAME` is `dir/.NAME.partial-XXXXXX` (six letters
+// or digits): hidden, and in the same directory so that the final rename is
+// atomic. For a directory entry name of that form returns NAME, else "".
+std::string latent_temp_file_target(const std::string& entry_name);
 
 class LatentFileWriter {
  public:
-  // Creates the temporary file next to `final_path`. Throws LatentFileError
-  // naming the directory and the reason when it cannot.
+  // Creates the temporary file next to `final_path` (mode 0666 less the
+  // umask, as any new file). Throws LatentFileError naming the path and the
+  // reason when it cannot, or when `final_path` is an existing directory.
   LatentFileWriter(std::string final_path, LatentFileFormat format, int channels, int height, int width);
   // Removes the temporary file unless finish() succeeded.
   ~LatentFileWriter();
   LatentFileWriter(const LatentFileWriter&) = delete;
   LatentFileWriter& operator=(const LatentFileWriter&) = delete;
 
-  // Appends whole frames (C x h x w little-endian float32 each).
+  // Appends whole frames (C x h x w little-endian float32 each). Every write
+  // stays within the file size limit (RLIMIT_FSIZE): one that would pass it
+  // throws LatentFileError instead, so the kernel never sends SIGXFSZ.
   void append(const void* data, size_t bytes);
   // Writes the header (frame count, shape, metadata), flushes to disk and
   // renames to the final path. Metadata is ignored by the .npy format.
+  // Values are cut to 256 bytes, except `ranges` (JSON, which a cut would
+  // make invalid); all of it must fit the reserved header, else this throws.
   void finish(const std::map<std::string, std::string>& metadata);
+  // Whether finish(metadata) would find room for it in the reserved header.
+  bool header_fits(const std::map<std::string, std::string>& metadata) const;
   // Deletes the temporary file.
   void abort();
 

@@ -3,6 +3,9 @@
 // and running KL encoders from generated random-weight checkpoints.
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +28,7 @@
 #include "errors.h"
 #include "fixtures.h"
 #include "frame.h"
+#include "latent_file.h"
 #include "latent_format.h"
 #include "safetensors.h"
 
@@ -1281,6 +1285,105 @@ TEST(PreparedEncode, ThreadOptionChangeReachesAnEncodingThread) {
   EXPECT_EQ(before, 2);
   EXPECT_EQ(after, 1) << "the encoding thread kept its first thread count";
   load_encoder(path, EncoderOptions{});  // back to all cores
+}
+
+// ------------------------------------------------------------ latent files
+
+TEST(LatentFile, FormatFromTheExtensionIgnoresCase) {
+  EXPECT_EQ(latent_file_format_for("dir/y.NPY"), LatentFileFormat::Npy);
+  EXPECT_EQ(latent_file_format_for("y.Npy"), LatentFileFormat::Npy);
+  EXPECT_EQ(latent_file_format_for("z.SafeTensors"), LatentFileFormat::Safetensors);
+  EXPECT_EQ(latent_file_format_for("clip.latent"), LatentFileFormat::Latent);
+  EXPECT_EQ(latent_file_format_for("npy"), LatentFileFormat::Latent);
+}
+
+TEST(LatentFile, TemporaryNamesAreRecognisable) {
+  EXPECT_EQ(latent_temp_file_target(".clip.latent.partial-AbC123"), "clip.latent");
+  EXPECT_EQ(latent_temp_file_target(".seg-007.npy.partial-000000"), "seg-007.npy");
+  EXPECT_EQ(latent_temp_file_target(".clip.latent.partial-AbC12"), "");   // 5 characters
+  EXPECT_EQ(latent_temp_file_target(".clip.latent.partial-AbC12_"), "");  // not a letter or digit
+  EXPECT_EQ(latent_temp_file_target("clip.latent.partial-AbC123"), "");   // not hidden
+  EXPECT_EQ(latent_temp_file_target(".clip.latent.AbC123"), "");          // the old mkstemp name
+  EXPECT_EQ(latent_temp_file_target("..partial-AbC123"), "");
+}
+
+TEST(LatentFile, WriterHonoursTheUmaskAndNamesItsTemporaryFile) {
+  TempDir dir;
+  const mode_t old_umask = ::umask(027);
+  std::string temp;
+  {
+    LatentFileWriter w(dir.file("m.latent"), LatentFileFormat::Latent, 4, 2, 3);
+    temp = w.temp_path();
+    const std::vector<float> frame(24, 1.0f);
+    w.append(frame.data(), frame.size() * sizeof(float));
+    w.finish({});
+  }
+  ::umask(old_umask);
+  EXPECT_EQ(latent_temp_file_target(temp.substr(temp.rfind('/') + 1)), "m.latent") << temp;
+  struct stat st;
+  ASSERT_EQ(::stat(dir.file("m.latent").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0640u);
+}
+
+TEST(LatentFile, WriterRefusesAnExistingDirectory) {
+  TempDir dir;
+  ASSERT_EQ(::mkdir(dir.file("d.latent").c_str(), 0755), 0);
+  EXPECT_TRUE(contains(latent_file_target_problem(dir.file("d.latent")), "is a directory"));
+  EXPECT_EQ(latent_file_target_problem(dir.file("new.latent")), "");
+  try {
+    LatentFileWriter w(dir.file("d.latent"), LatentFileFormat::Latent, 4, 2, 3);
+    FAIL() << "no error for a directory";
+  } catch (const LatentFileError& e) {
+    EXPECT_TRUE(contains(e.what(), dir.file("d.latent"))) << e.what();
+  }
+}
+
+// Were the check missing, the kernel would end this test binary with SIGXFSZ.
+TEST(LatentFile, FileSizeLimitIsAnErrorBeforeTheWrite) {
+  TempDir dir;
+  struct rlimit old_limit;
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  const size_t frame_bytes = 4 * 2 * 3 * sizeof(float);
+  struct rlimit limit = old_limit;
+  limit.rlim_cur = 4096 + 2 * frame_bytes;  // the header and two frames
+  if (old_limit.rlim_cur != RLIM_INFINITY && old_limit.rlim_cur < limit.rlim_cur) GTEST_SKIP();
+  std::string error, temp;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+  {
+    LatentFileWriter w(dir.file("l.latent"), LatentFileFormat::Latent, 4, 2, 3);
+    temp = w.temp_path();
+    const std::vector<float> frame(24, 0.5f);
+    w.append(frame.data(), frame_bytes);
+    w.append(frame.data(), frame_bytes);  // up to the limit exactly: allowed
+    try {
+      w.append(frame.data(), frame_bytes);
+    } catch (const LatentFileError& e) {
+      error = e.what();
+    }
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old_limit);
+  EXPECT_TRUE(contains(error, "RLIMIT_FSIZE, " + std::to_string(limit.rlim_cur) + " bytes")) << error;
+  EXPECT_NE(::access(temp.c_str(), F_OK), 0) << "temporary file left: " << temp;
+  EXPECT_NE(::access(dir.file("l.latent").c_str(), F_OK), 0);
+}
+
+TEST(LatentFile, RangesMetadataIsNeverCut) {
+  TempDir dir;
+  std::string ranges = "[";
+  for (int i = 0; i < 150; ++i) ranges += std::to_string(i) + ",";
+  ranges += "150]";  // over 256 characters
+  const std::map<std::string, std::string> meta = {{"ranges", ranges}, {"model", std::string(600, 'm')}};
+  {
+    LatentFileWriter w(dir.file("r.latent"), LatentFileFormat::Latent, 4, 2, 3);
+    const std::vector<float> frame(24, 0.25f);
+    w.append(frame.data(), frame.size() * sizeof(float));
+    EXPECT_TRUE(w.header_fits(meta));
+    EXPECT_FALSE(w.header_fits({{"ranges", std::string(5000, '1')}}));
+    w.finish(meta);
+  }
+  const LatentArray a = read_latent_file(dir.file("r.latent"));
+  EXPECT_EQ(a.metadata.at("ranges"), ranges);
+  EXPECT_EQ(a.metadata.at("model").size(), 256u) << "other values are still cut";
 }
 
 }  // namespace

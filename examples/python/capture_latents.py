@@ -4,6 +4,10 @@ and, at the same time, save them to a ComfyUI .latent file; then read the file
 back and check that both hold the same values.
 
     GST_PLUGIN_PATH=build/gst python3 capture_latents.py --model vae.safetensors
+
+With --frames 0 nothing is encoded: it says so and exits 0 (latentfilesink
+warns and writes no file). Exits 1 when frames were asked for but no latent
+came, or on a pipeline error.
 """
 import argparse, json, struct, sys
 
@@ -25,10 +29,27 @@ def read_latent(path):
     return np.frombuffer(data[begin:end], dtype="<f4").reshape(t["shape"])
 
 
+def non_negative(text):
+    n = int(text)
+    if n < 0:  # videotestsrc reads num-buffers=-1 as "no end"
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
+def end_message(bus, timeout):
+    """The EOS or ERROR message (None if none came within `timeout`), printing warnings on the way."""
+    while True:
+        msg = bus.timed_pop_filtered(timeout, Gst.MessageType.EOS | Gst.MessageType.ERROR | Gst.MessageType.WARNING)
+        if msg is None or msg.type != Gst.MessageType.WARNING:
+            return msg
+        err, _ = msg.parse_warning()
+        print("warning from %s: %s" % (msg.src.get_name(), err.message), file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="VAE .safetensors file")
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--frames", type=non_negative, default=8)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--per-batch", type=int, default=4)
@@ -43,11 +64,11 @@ def main():
     sink, bus = pipeline.get_by_name("sink"), pipeline.get_bus()
     pipeline.set_state(Gst.State.PLAYING)
 
-    latents, msg, done = [], None, Gst.MessageType.EOS | Gst.MessageType.ERROR
+    latents, msg = [], None
     while msg is None and not sink.get_property("eos"):
         sample = sink.try_pull_sample(Gst.SECOND)
         if sample is None:  # nothing yet (or the end): has the pipeline stopped?
-            msg = bus.pop_filtered(done)
+            msg = end_message(bus, 0)
             continue
         s = sample.get_caps().get_structure(0)  # application/x-latent, see docs/latent-caps.md
         shape = [s.get_value(f) for f in ("channels", "height", "width")]
@@ -55,12 +76,16 @@ def main():
         latents.append(np.frombuffer(buf.extract_dup(0, buf.get_size()), dtype="<f4").reshape(shape))
 
     # The file is renamed into place at EOS: wait for the whole pipeline.
-    msg = msg or bus.timed_pop_filtered(Gst.CLOCK_TIME_NONE, done)
+    msg = msg or end_message(bus, Gst.CLOCK_TIME_NONE)
     pipeline.set_state(Gst.State.NULL)
     if msg.type == Gst.MessageType.ERROR:
         err, debug = msg.parse_error()
         sys.exit("error: %s\n%s" % (err.message, debug))
 
+    if not latents:  # nothing to stack or compare; latentfilesink wrote no file
+        print("no latents: the stream ended before any frame was encoded (--frames %d); no file written"
+              % args.frames, file=sys.stderr)
+        sys.exit(0 if args.frames == 0 else 1)
     stream = np.stack(latents)  # N x C x h x w, ComfyUI's LATENT["samples"] layout
     saved = read_latent(args.out)
     print("latents: shape %s float32, saved to %s" % (stream.shape, args.out))

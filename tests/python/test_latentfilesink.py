@@ -14,6 +14,13 @@ GSTVAE_PROGRESS_EXAMPLE (the built examples/c/progress).
      file; SIGINT without -e finishes the file
   e. errors: missing or non-directory parent, write failure, size changes
   f. the examples in examples/ run
+  g. fixed defects: max-frames/max-duration set in PLAYING on a plain
+     location, location that is a directory, extension case, umask, source
+     size changes and flushing seeks (segments or "ranges" metadata),
+     leftover temporary files, capture_latents.py --frames 0
+
+GSTVAE_LFS_CASES=WORD[,WORD...] runs only the cases whose name holds one of
+the words (for quick local runs).
 """
 import glob
 import json
@@ -26,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -91,9 +99,15 @@ def launch(description, preexec_fn=None, timeout=300):
     return p.returncode, p.stdout.decode("utf-8", "replace")
 
 
+def excerpt(out, chars=2500):
+    """The end of a gst-launch-1.0 -m log without the state-change and progress chatter."""
+    keep = [l for l in out.splitlines() if not l.startswith("Got message #") or "latentfilesink-file-closed" in l]
+    return "\n".join(keep)[-chars:]
+
+
 def launch_ok(c, description, **kw):
     rc, out = launch(description, **kw)
-    c.need(rc == 0, "gst-launch-1.0 exited %d:\n%s" % (rc, out[-3000:]))
+    c.need(rc == 0, "gst-launch-1.0 exited %d:\n%s" % (rc, excerpt(out, 3000)))
     return out
 
 
@@ -373,6 +387,9 @@ def case_kill(c, model, tmp):
             proc.wait()
     c.check(not os.path.exists(final), "live.latent exists after SIGKILL: a half-written file under the final name")
     c.check(os.path.exists(temp), "the temporary file vanished (expected it to stay behind after SIGKILL)")
+    # Recognisable, so that leftovers can be found and removed (docs/latent-files.md).
+    c.check(re.fullmatch(r"\.live\.latent\.partial-[A-Za-z0-9]{6}", os.path.basename(temp)),
+            "temporary file name %r is not .live.latent.partial-XXXXXX" % os.path.basename(temp))
     # A run that completes leaves exactly the final file.
     d2 = os.path.join(tmp, "d2")
     os.mkdir(d2)
@@ -416,10 +433,10 @@ def case_interrupt(c, model, tmp):
 
 def expect_error(c, description, needles, **kw):
     rc, out = launch(description, **kw)
-    c.check(rc != 0, "gst-launch-1.0 exited 0, expected an error:\n%s" % out[-2000:])
-    c.check("ERROR" in out, "no ERROR message printed:\n%s" % out[-2000:])
+    c.check(rc != 0, "gst-launch-1.0 exited 0, expected an error:\n%s" % excerpt(out))
+    c.check("ERROR" in out, "no ERROR message printed:\n%s" % excerpt(out))
     for n in needles:
-        c.check(n in out, "the error output does not mention %r:\n%s" % (n, out[-2000:]))
+        c.check(n in out, "the error output does not mention %r:\n%s" % (n, excerpt(out)))
     return out
 
 
@@ -438,24 +455,33 @@ def case_bad_dirs(c, model, tmp):
 
 
 def limit_file_size():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # SIGXFSZ keeps its default action (terminate): the sink must stop short of
+    # the limit itself. (Python ignores SIGXFSZ; subprocess restores the default
+    # in the child, and this makes it explicit.)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (70000, 70000))
 
 
 def case_disk_full(c, model, tmp):
     d = os.path.join(tmp, "e2")
     os.mkdir(d)
     final = os.path.join(d, "full.latent")
-    # 4096-byte header + 120 x 192 bytes > 20000
-    expect_error(c, encode(model, 120, 64, 48, 8) + " ! latentfilesink location=%s" % final,
-                 ["Could not write latent file '%s'" % final, "File too large"], preexec_fn=limit_file_size)
+    # 4096-byte header + 120 x 768 bytes > 70000
+    rc, out = launch(encode(model, 120, 64, 48, 8) + " ! latentfilesink location=%s" % final,
+                     preexec_fn=limit_file_size)
+    c.check(rc > 0, "gst-launch-1.0 %s, expected a clean error exit:\n%s"
+            % ("was killed by signal %d" % -rc if rc < 0 else "exited 0", excerpt(out)))
+    for needle in ("ERROR", "Could not write latent file '%s'" % final, "file size limit", "RLIMIT_FSIZE",
+                   "70000 bytes"):
+        c.check(needle in out, "the output does not mention %r:\n%s" % (needle, excerpt(out)))
     c.check(not os.path.exists(final), "full.latent exists after a write failure")
     c.check(not temp_files(d, "full.latent"), "temporary file left: %s" % temp_files(d, "full.latent"))
-    return "RLIMIT_FSIZE 20000: write error reported, nothing left"
+    return "RLIMIT_FSIZE 70000, SIGXFSZ not ignored: error exit %d, no signal, nothing left" % rc
 
 
-def appsrc_child(model, location, out_json):
-    """Runs in a child process: appsrc 64x48 (2 frames) then 40x32 (2 frames) -> vaeencode -> latentfilesink."""
+def appsrc_child(model, location, out_json, sizes="64x48,40x32"):
+    """Runs in a child process: appsrc, 2 frames of each size (default 64x48 then 40x32) -> vaeencode ->
+    latentfilesink."""
     import gi
     gi.require_version("Gst", "1.0")
     from gi.repository import Gst
@@ -466,32 +492,25 @@ def appsrc_child(model, location, out_json):
     pipeline.set_state(Gst.State.PLAYING)
     rng = np.random.default_rng(5)
     i = 0
-    for w, h in ((64, 48), (40, 32)):
+    for w, h in (tuple(int(v) for v in size.split("x")) for size in sizes.split(",")):
         src.set_property("caps", Gst.Caps.from_string(src_caps(w, h)))
         for _ in range(2):
-            buf = Gst.Buffer.new_wrapped(rng.integers(0, 256, w * h * 3, dtype=np.uint8).tobytes())
+            stride = (w * 3 + 3) // 4 * 4  # GStreamer's default RGB stride: rows padded to 4 bytes
+            buf = Gst.Buffer.new_wrapped(rng.integers(0, 256, h * stride, dtype=np.uint8).tobytes())
             buf.pts, buf.duration = NS30[i], NS30[i + 1] - NS30[i]
             src.emit("push-buffer", buf)
             i += 1
     src.emit("end-of-stream")
-    msg = pipeline.get_bus().timed_pop_filtered(120 * Gst.SECOND, Gst.MessageType.EOS | Gst.MessageType.ERROR)
-    result = {"eos": False, "error": None, "frames_written": sink.get_property("frames-written"),
-              "files_written": sink.get_property("files-written")}
-    if msg is None:
-        result["error"] = "timeout"
-    elif msg.type == Gst.MessageType.EOS:
-        result["eos"] = True
-    else:
-        err, debug = msg.parse_error()
-        result["error"] = "%s | %s | %s" % (msg.src.get_name(), err.message, debug)
+    result = bus_until_end(Gst, pipeline)  # eos, error, warnings, file-closed messages
+    result.update(frames_written=sink.get_property("frames-written"), files_written=sink.get_property("files-written"))
     pipeline.set_state(Gst.State.NULL)
     with open(out_json, "w") as f:
         json.dump(result, f)
 
 
-def run_appsrc(c, model, location, tmp):
+def run_appsrc(c, model, location, tmp, sizes="64x48,40x32"):
     out_json = os.path.join(tmp, "appsrc-%d.json" % int(time.monotonic() * 1000))
-    p = subprocess.run([PYTHON, os.path.abspath(__file__), "--appsrc-child", model, location, out_json],
+    p = subprocess.run([PYTHON, os.path.abspath(__file__), "--appsrc-child", model, location, out_json, sizes],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     text = p.stdout.decode("utf-8", "replace")
     c.need(p.returncode == 0 and os.path.exists(out_json), "appsrc child exited %d:\n%s" % (p.returncode, text[-3000:]))
@@ -565,11 +584,344 @@ def case_c_example(c, model, tmp):
     return "%d progress lines; missing model -> exit %d" % (len(lines), p.returncode)
 
 
+# ------------------------------------------------------------------ g
+
+def gst_init():
+    import gi
+    gi.require_version("Gst", "1.0")
+    from gi.repository import Gst
+    Gst.init(None)
+    return Gst
+
+
+def bus_until_end(Gst, pipeline, timeout_s=120):
+    """The bus messages up to EOS or an error: eos, error, warnings, file-closed messages."""
+    bus = pipeline.get_bus()
+    r = {"eos": False, "error": None, "warnings": [], "closed": []}
+    types = Gst.MessageType.EOS | Gst.MessageType.ERROR | Gst.MessageType.WARNING | Gst.MessageType.ELEMENT
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        msg = bus.timed_pop_filtered(int(left * Gst.SECOND), types) if left > 0 else None
+        if msg is None:
+            r["error"] = "timeout"
+            break
+        if msg.type == Gst.MessageType.EOS:
+            r["eos"] = True
+            break
+        if msg.type == Gst.MessageType.ERROR:
+            err, debug = msg.parse_error()
+            r["error"] = "%s | %s | %s" % (msg.src.get_name(), err.message, debug)
+            break
+        if msg.type == Gst.MessageType.WARNING:
+            err, debug = msg.parse_warning()
+            r["warnings"].append("%s | %s | %s" % (msg.src.get_name(), err.message, debug))
+        elif msg.get_structure() is not None and msg.get_structure().get_name() == "latentfilesink-file-closed":
+            st = msg.get_structure()
+            r["closed"].append([st.get_string("location"), st.get_value("frames"), st.get_value("first-pts"),
+                                st.get_value("end-pts")])
+    return r
+
+
+def child_playing_limits(model, location, props):
+    """videotestsrc 40 frames -> latentfilesink; `props` are set in PLAYING while the 6th latent is held."""
+    Gst = gst_init()
+    pipeline = Gst.parse_launch('videotestsrc num-buffers=40 ! %s ! vaeencode model="%s" per-batch=4 ! '
+                                'latentfilesink name=sink location="%s"' % (src_caps(64, 48), model, location))
+    sink = pipeline.get_by_name("sink")
+    held, go, count = threading.Event(), threading.Event(), [0]
+
+    def probe(pad, info):
+        count[0] += 1
+        if count[0] == 6:  # 5 latents rendered, so the sink is PLAYING: hold the 6th until the change is made
+            held.set()
+            go.wait(60)
+        return Gst.PadProbeReturn.OK
+
+    sink.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, probe)
+    pipeline.set_state(Gst.State.PLAYING)
+    r = {"held": held.wait(60)}
+    r["sink_state"] = sink.get_state(0)[1].value_nick
+    for k, v in props.items():
+        sink.set_property(k, v)
+    r["props_after"] = {k: sink.get_property(k) for k in props}
+    go.set()
+    r.update(bus_until_end(Gst, pipeline))
+    r["frames_written"] = sink.get_property("frames-written")
+    pipeline.set_state(Gst.State.NULL)
+    return r
+
+
+def case_playing_limits_plain(c, model, tmp):
+    d = os.path.join(tmp, "g1")
+    os.mkdir(d)
+    plain = os.path.join(d, "plain.latent")
+    r = run_child(c, tmp, "playing_limits", model, plain, {"max-frames": 10, "max-duration": 100000000})
+    c.need(r["held"] and r["sink_state"] == "playing", "the change was not made in PLAYING: %s" % r)
+    c.check(r["eos"] and not r["error"], "did not end in EOS: %s" % r["error"])
+    c.check(r["props_after"] == {"max-frames": 0, "max-duration": 0},
+            "max-frames/max-duration accepted on a plain location in PLAYING: %s" % r["props_after"])
+    for prop in ("max-frames", "max-duration"):
+        c.check(any(w.startswith("sink |") and prop in w and "pattern" in w for w in r["warnings"]),
+                "no warning from the sink about refusing %s: %s" % (prop, r["warnings"]))
+    c.check(r["closed"] == [[plain, 40, 0, NS30[40]]], "file-closed messages %s, expected one of 40 latents"
+            % r["closed"])
+    c.check(sorted(os.listdir(d)) == ["plain.latent"], "directory holds %s" % os.listdir(d))
+    if os.path.exists(plain):
+        check_comfy_file(c, plain, 40, {"frame_count": "40", "first_pts_ns": "0", "end_pts_ns": str(NS30[40])})
+    # With a pattern the change is applied in PLAYING, as documented.
+    d2 = os.path.join(tmp, "g1p")
+    os.mkdir(d2)
+    r = run_child(c, tmp, "playing_limits", model, os.path.join(d2, "p-%d.latent"), {"max-frames": 10})
+    c.check(r["eos"] and not r["error"] and not r["warnings"], "pattern: %s" % r)
+    c.check(r["props_after"] == {"max-frames": 10}, "pattern: max-frames not applied: %s" % r["props_after"])
+    c.check([m[1] for m in r["closed"]] == [10, 10, 10, 10], "pattern: files of %s latents, expected 4 x 10"
+            % [m[1] for m in r["closed"]])
+    return "plain: both refused with warnings, 1 file of 40; pattern: max-frames=10 applied -> 4 files"
+
+
+def case_location_directory(c, model, tmp):
+    d = os.path.join(tmp, "g4")
+    os.mkdir(d)
+    # A plain location that is a directory: refused at start, before anything is encoded.
+    target = os.path.join(d, "out.latent")
+    os.mkdir(target)
+    out = expect_error(c, encode(model, 4, 64, 48, 2) + " ! latentfilesink location=%s" % target,
+                       ["Could not open latent file '%s' for writing" % target, "is a directory"])
+    c.check("Failed to set pipeline to PAUSED" in out, "the error did not come at start:\n%s" % excerpt(out))
+    # The first name of a pattern: also at start.
+    os.mkdir(os.path.join(d, "seg-0.latent"))
+    out = expect_error(c, encode(model, 4, 64, 48, 2) + " ! latentfilesink location=%s/seg-%%d.latent" % d,
+                       ["Could not open latent file '%s/seg-0.latent' for writing" % d, "is a directory"])
+    c.check("Failed to set pipeline to PAUSED" in out, "pattern: the error did not come at start:\n%s" % excerpt(out))
+    # A later segment: when that segment is opened; the segments before it are kept.
+    os.mkdir(os.path.join(d, "s-1.latent"))
+    out = expect_error(c, encode(model, 6, 64, 48, 2) +
+                       " ! latentfilesink max-frames=2 location=%s/s-%%d.latent" % d,
+                       ["Could not open latent file '%s/s-1.latent' for writing" % d, "is a directory"])
+    names = sorted(os.listdir(d))
+    c.check(names == ["out.latent", "s-0.latent", "s-1.latent", "seg-0.latent"], "directory holds %s" % names)
+    for sub in ("out.latent", "seg-0.latent", "s-1.latent"):
+        c.check(os.path.isdir(os.path.join(d, sub)) and not os.listdir(os.path.join(d, sub)),
+                "%s is no longer an empty directory" % sub)
+    if os.path.isfile(os.path.join(d, "s-0.latent")):
+        check_comfy_file(c, os.path.join(d, "s-0.latent"), 2, {"frame_count": "2"})
+    return "plain and first pattern name: error at start; s-1.latent a directory: error at that segment"
+
+
+def case_extension_case(c, model, tmp):
+    d = os.path.join(tmp, "g8")
+    os.mkdir(d)
+    rawp, npy, st = os.path.join(d, "s.f32"), os.path.join(d, "y.NPY"), os.path.join(d, "z.SafeTensors")
+    launch_ok(c, encode(model, 2, 64, 48, 2) + " ! tee name=t t. ! queue ! filesink location=%s" % rawp +
+              " t. ! queue ! latentfilesink location=%s t. ! queue ! latentfilesink location=%s" % (npy, st))
+    with open(rawp, "rb") as f:
+        raw = f.read()
+    with open(npy, "rb") as f:
+        c.need(f.read(6) == b"\x93NUMPY", "y.NPY does not hold a NumPy file")
+    c.check(np.load(npy).tobytes() == raw, "y.NPY differs from the stream")
+    check_comfy_file(c, st, 2, {"frame_count": "2"}, raw)
+    got, text = read_latent_cpp(c, npy, d)
+    c.check(got == raw and "shape 2x4x6x8 " in text, "C++ reader on y.NPY: %r" % text[:200])
+    return "y.NPY -> .npy (read back by Python and C++), z.SafeTensors -> safetensors"
+
+
+def case_umask(c, model, tmp):
+    modes = {}
+    for umask, want in ((0o027, 0o640), (0o022, 0o644)):
+        d = os.path.join(tmp, "g9-%03o" % umask)
+        os.mkdir(d)
+        path = os.path.join(d, "m.latent")
+        launch_ok(c, encode(model, 2, 64, 48, 2) + " ! latentfilesink location=%s" % path,
+                  preexec_fn=lambda u=umask: os.umask(u))
+        modes[umask] = os.stat(path).st_mode & 0o777
+        c.check(modes[umask] == want, "umask %03o: file mode %03o, expected %03o" % (umask, modes[umask], want))
+    return "umask 027 -> %03o, 022 -> %03o" % (modes[0o027], modes[0o022])
+
+
+def case_source_size_change(c, model, tmp):
+    """64x64 then 70x66: the same 8x8 latent size, another source size and crop."""
+    d = os.path.join(tmp, "g7")
+    os.mkdir(d)
+    r = run_appsrc(c, model, os.path.join(d, "sz-%02d.latent"), tmp, sizes="64x64,70x66")
+    c.need(r["eos"] and not r["error"], "pattern: no EOS: %s" % r)
+    names = sorted(os.listdir(d))
+    c.need(names == ["sz-00.latent", "sz-01.latent"], "pattern: directory holds %s, expected 2 segments" % names)
+    check_comfy_file(c, os.path.join(d, "sz-00.latent"), 2,
+                     {"segment": "0", "source_width": "64", "source_height": "64", "crop_x_y_w_h": "0,0,64,64",
+                      "first_pts_ns": "0", "end_pts_ns": str(NS30[2])})
+    check_comfy_file(c, os.path.join(d, "sz-01.latent"), 2,
+                     {"segment": "1", "source_width": "70", "source_height": "66", "crop_x_y_w_h": "3,1,64,64",
+                      "first_pts_ns": str(NS30[2]), "end_pts_ns": str(NS30[4])})
+    # A plain location: one file, the sizes recorded per range; no top-level key false for any frame.
+    d2 = os.path.join(tmp, "g7p")
+    os.mkdir(d2)
+    plain = os.path.join(d2, "sz.latent")
+    r = run_appsrc(c, model, plain, tmp, sizes="64x64,70x66")
+    c.need(r["eos"] and not r["error"], "plain: no EOS: %s" % r)
+    _, meta = check_comfy_file(c, plain, 4, {"frame_count": "4", "first_pts_ns": "0", "end_pts_ns": str(NS30[4])})
+    for k in ("source_width", "source_height", "crop_x_y_w_h"):
+        c.check(k not in meta, "plain: top-level %s = %r describes only some frames" % (k, meta.get(k)))
+    c.need("ranges" in meta, "plain: no 'ranges' metadata: %s" % meta)
+    ranges = json.loads(meta["ranges"])
+    want = [{"first_frame": 0, "frames": 2, "source_width": 64, "source_height": 64, "crop_x_y_w_h": "0,0,64,64",
+             "first_pts_ns": 0, "end_pts_ns": NS30[2]},
+            {"first_frame": 2, "frames": 2, "source_width": 70, "source_height": 66, "crop_x_y_w_h": "3,1,64,64",
+             "first_pts_ns": NS30[2], "end_pts_ns": NS30[4], "after": "caps"}]
+    c.check(len(ranges) == 2 and all(all(rg.get(k) == v for k, v in w.items()) for rg, w in zip(ranges, want)),
+            "plain: ranges %s, expected %s" % (ranges, want))
+    # 20 ranges do not fit the 4096-byte header: the first ones that do are kept, the last entry says from
+    # which frame on the rest are not recorded, and the element warns.
+    d3 = os.path.join(tmp, "g7m")
+    os.mkdir(d3)
+    many = os.path.join(d3, "many.latent")
+    r = run_appsrc(c, model, many, tmp, sizes=",".join(["64x64", "70x66"] * 10))
+    c.need(r["eos"] and not r["error"], "many: no EOS: %s" % r)
+    _, meta3 = check_comfy_file(c, many, 40, {"frame_count": "40"})
+    many_ranges = json.loads(meta3.get("ranges", "[]"))
+    kept = len(many_ranges) - 1
+    c.check(kept >= 2 and many_ranges[-1] == {"first_frame": 2 * kept, "unrecorded_ranges": 20 - kept}
+            and all(rg["first_frame"] == 2 * i and rg["source_width"] == (64, 70)[i % 2]
+                    for i, rg in enumerate(many_ranges[:-1])),
+            "many: ranges %s" % many_ranges)
+    c.check(any(w.startswith("sink |") and "records only %d of its 20 ranges" % kept in w for w in r["warnings"]),
+            "many: no warning about unrecorded ranges: %s" % r["warnings"])
+    return "pattern: sz-00 64x64, sz-01 70x66 crop 3,1,64,64; plain: ranges %s; 20 ranges: %d recorded + marker" % (
+        meta["ranges"], kept)
+
+
+def child_flush_seek(model, location):
+    """videotestsrc -> latentfilesink; after 10 latents a flushing seek to 2.0-2.5 s (15 frames)."""
+    Gst = gst_init()
+    pipeline = Gst.parse_launch('videotestsrc num-buffers=40 ! %s ! vaeencode model="%s" per-batch=2 ! '
+                                'latentfilesink name=sink location="%s"' % (src_caps(64, 48), model, location))
+    sink = pipeline.get_by_name("sink")
+    reached, flush_started = threading.Event(), threading.Event()
+    st = {"before": 0, "after_flush": False}
+
+    def probe(pad, info):
+        # Exactly 10 latents before the flush: the 11th is held until FLUSH_START, then dropped
+        # with any other latent from before the seek.
+        if info.type & Gst.PadProbeType.BUFFER:
+            if st["after_flush"]:
+                return Gst.PadProbeReturn.OK
+            if st["before"] < 10:
+                st["before"] += 1
+                return Gst.PadProbeReturn.OK
+            reached.set()
+            flush_started.wait(60)
+            return Gst.PadProbeReturn.DROP
+        ev = info.get_event()
+        if ev.type == Gst.EventType.FLUSH_START:
+            flush_started.set()
+        elif ev.type == Gst.EventType.FLUSH_STOP:
+            st["after_flush"] = True
+        return Gst.PadProbeReturn.OK
+
+    sink.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER | Gst.PadProbeType.EVENT_FLUSH, probe)
+    pipeline.set_state(Gst.State.PLAYING)
+    r = {"reached": reached.wait(60)}
+    r["seek"] = pipeline.seek(1.0, Gst.Format.TIME, Gst.SeekFlags.FLUSH | Gst.SeekFlags.ACCURATE,
+                              Gst.SeekType.SET, 2 * Gst.SECOND, Gst.SeekType.SET, 2500 * Gst.MSECOND)
+    r.update(bus_until_end(Gst, pipeline))
+    r["frames_written"] = sink.get_property("frames-written")
+    pipeline.set_state(Gst.State.NULL)
+    return r
+
+
+def case_flush_seek(c, model, tmp):
+    after = [i * 1000000000 // 30 for i in range(60, 76)]  # frames 60..74 of the seek, and the end of 74
+    d = os.path.join(tmp, "g11")
+    os.mkdir(d)
+    r = run_child(c, tmp, "flush_seek", model, os.path.join(d, "f-%d.latent"))
+    c.need(r["reached"] and r["seek"] and r["eos"] and not r["error"], "pattern: %s" % r)
+    c.check(r["frames_written"] == 25, "pattern: %d latents written, expected 10 + 15" % r["frames_written"])
+    names = sorted(os.listdir(d))
+    c.need(names == ["f-0.latent", "f-1.latent"], "pattern: directory holds %s, expected a new file after the "
+           "flush" % names)
+    check_comfy_file(c, os.path.join(d, "f-0.latent"), 10,
+                     {"frame_count": "10", "first_pts_ns": "0", "end_pts_ns": str(NS30[10])})
+    check_comfy_file(c, os.path.join(d, "f-1.latent"), 15,
+                     {"frame_count": "15", "first_pts_ns": str(after[0]), "end_pts_ns": str(after[15])})
+    # A plain location: one file, the flush starts a new range in the metadata.
+    d2 = os.path.join(tmp, "g11p")
+    os.mkdir(d2)
+    plain = os.path.join(d2, "f.latent")
+    r = run_child(c, tmp, "flush_seek", model, plain)
+    c.need(r["reached"] and r["seek"] and r["eos"] and not r["error"], "plain: %s" % r)
+    _, meta = check_comfy_file(c, plain, 25, {"frame_count": "25", "first_pts_ns": "0",
+                                              "end_pts_ns": str(after[15]), "source_width": "64"})
+    c.need("ranges" in meta, "plain: no 'ranges' metadata marks the flush: %s" % meta)
+    ranges = json.loads(meta["ranges"])
+    want = [{"first_frame": 0, "frames": 10, "first_pts_ns": 0, "end_pts_ns": NS30[10]},
+            {"first_frame": 10, "frames": 15, "first_pts_ns": after[0], "end_pts_ns": after[15], "after": "flush"}]
+    c.check(len(ranges) == 2 and all(all(rg.get(k) == v for k, v in w.items()) for rg, w in zip(ranges, want)),
+            "plain: ranges %s, expected %s" % (ranges, want))
+    return "pattern: f-0 (10, 0 s..), f-1 (15, 2 s..); plain: ranges %s" % meta["ranges"]
+
+
+def case_leftover_temp(c, model, tmp):
+    d = os.path.join(tmp, "gt")
+    os.mkdir(d)
+    left = [os.path.join(d, n) for n in (".left.latent.partial-AbC123", ".other.latent.partial-xyz789",
+                                         ".seg-007.latent.partial-Q1w2E3", ".seg-12.latent.partial-000000",
+                                         ".seg-x.latent.partial-Q1w2E3", ".seg-007.latent.partial-toolong7")]
+    for p in left:
+        with open(p, "wb") as f:
+            f.write(b"x" * 5000)
+    out = launch_ok(c, encode(model, 2, 64, 48, 2) + " ! latentfilesink name=plain location=%s/left.latent" % d)
+    c.check(re.search(r"WARNING: from element \S+plain: .*\b1 leftover temporary file\b", out),
+            "plain: no warning about 1 leftover temporary file:\n%s" % excerpt(out))
+    c.check(left[0] in out, "plain: the warning does not name %s:\n%s" % (left[0], excerpt(out)))
+    out = launch_ok(c, encode(model, 2, 64, 48, 2) + " ! latentfilesink name=pat location=%s/seg-%%03d.latent" % d)
+    c.check(re.search(r"WARNING: from element \S+pat: .*\b2 leftover temporary files\b", out),
+            "pattern: no warning about 2 leftover temporary files:\n%s" % excerpt(out))
+    c.check(left[2] in out or left[3] in out, "pattern: the warning names neither leftover:\n%s" % excerpt(out))
+    c.check(all(os.path.exists(p) for p in left), "a leftover temporary file was deleted")
+    out = launch_ok(c, encode(model, 2, 64, 48, 2) + " ! latentfilesink name=clean location=%s/new.latent" % d)
+    c.check("leftover" not in out, "a warning without leftovers:\n%s" % excerpt(out))
+    c.check(os.path.exists(os.path.join(d, "left.latent")) and os.path.exists(os.path.join(d, "seg-000.latent")),
+            "files not written: %s" % sorted(os.listdir(d)))
+    return "warned (1 for left.latent, 2 for seg-%03d.latent), nothing deleted"
+
+
+def case_python_example_zero(c, model, tmp):
+    out_path = os.path.join(tmp, "zero.latent")
+    p = subprocess.run([PYTHON, EXAMPLE_PY, "--model", model, "--frames", "0", "--out", out_path],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    text = p.stdout.decode("utf-8", "replace")
+    c.check(p.returncode == 0, "capture_latents.py --frames 0 exited %d:\n%s" % (p.returncode, text[-3000:]))
+    c.check("Traceback" not in text, "capture_latents.py --frames 0 crashed:\n%s" % text[-3000:])
+    c.check("no latents" in text, "capture_latents.py --frames 0 does not say 'no latents':\n%s" % text)
+    c.check(not os.path.exists(out_path), "capture_latents.py --frames 0 wrote %s" % out_path)
+    return text.strip().splitlines()[-1] if text.strip() else "(no output)"
+
+
+CHILDREN = {"playing_limits": child_playing_limits, "flush_seek": child_flush_seek}
+
+
+def run_child(c, tmp, name, *args):
+    """Runs CHILDREN[name](*args) in a child process (a crash there fails the case, not the script)."""
+    out_json = os.path.join(tmp, "child-%s-%d.json" % (name, int(time.monotonic() * 1000)))
+    p = subprocess.run([PYTHON, os.path.abspath(__file__), "--child", name, json.dumps(args), out_json],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    text = p.stdout.decode("utf-8", "replace")
+    c.need(p.returncode == 0 and os.path.exists(out_json), "child %s exited %d:\n%s" % (name, p.returncode,
+                                                                                     text[-3000:]))
+    with open(out_json) as f:
+        return json.load(f)
+
+
 # ------------------------------------------------------------------ main
 
 def main():
-    if len(sys.argv) == 5 and sys.argv[1] == "--appsrc-child":
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--appsrc-child":
         appsrc_child(*sys.argv[2:])
+        return
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        result = CHILDREN[sys.argv[2]](*json.loads(sys.argv[3]))
+        with open(sys.argv[4], "w") as f:
+            json.dump(result, f)
         return
     sys.path.insert(0, HERE)
     import vae_reference as V
@@ -586,15 +938,27 @@ def main():
             ("d. SIGKILL mid-stream leaves no final file; completed run leaves no temp file", case_kill),
             ("d. SIGINT without EOS finishes the file", case_interrupt),
             ("e. unwritable locations", case_bad_dirs),
-            ("e. write failure (RLIMIT_FSIZE)", case_disk_full),
+            ("e. write failure (RLIMIT_FSIZE, SIGXFSZ not ignored)", case_disk_full),
             ("e. size change without a pattern -> error", case_caps_change_error),
             ("e. size change with a pattern -> two files", case_caps_change_pattern),
             ("f. examples/python/capture_latents.py", case_python_example),
+            ("f. capture_latents.py --frames 0", case_python_example_zero),
+            ("g. max-frames/max-duration set in PLAYING on a plain location: refused, nothing lost",
+             case_playing_limits_plain),
+            ("g. location that is a directory: error at start / at that segment", case_location_directory),
+            ("g. extensions are case-insensitive", case_extension_case),
+            ("g. the umask applies to the file mode", case_umask),
+            ("g. source size change with the same latent size: segments or ranges", case_source_size_change),
+            ("g. flushing seek: new segment or new range", case_flush_seek),
+            ("g. leftover temporary files: warning at start, not deleted", case_leftover_temp),
         ]
         if os.environ.get("GSTVAE_PROGRESS_EXAMPLE"):
             cases.append(("f. examples/c/progress", case_c_example))
         else:
             print("NOTE f. examples/c/progress not tested: GSTVAE_PROGRESS_EXAMPLE is not set")
+        only = [w for w in os.environ.get("GSTVAE_LFS_CASES", "").split(",") if w]
+        if only:
+            cases = [(n, f) for n, f in cases if any(w in n for w in only)]
         for name, fn in cases:
             run_case(name, fn, model, tmp)
     print("%d of %d cases failed%s (%.1f s)" % (len(FAILED), len(cases), (": " + "; ".join(FAILED)) if FAILED else "",

@@ -862,9 +862,10 @@ static GstFlowReturn gst_vae_encode_submit_input_buffer(GstBaseTransform* trans,
   const Settings s = settings_snapshot(self);
   GstVideoFrame frame;
   if (!gst_video_frame_map(&frame, &st.in_info, input, GST_MAP_READ)) {
+    const gsize size = gst_buffer_get_size(input);
     gst_buffer_unref(input);
     GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Could not map the input frame"),
-                      ("buffer of %zu bytes does not hold a %dx%d %s frame", gst_buffer_get_size(input),
+                      ("buffer of %zu bytes does not hold a %dx%d %s frame", size,
                        GST_VIDEO_INFO_WIDTH(&st.in_info), GST_VIDEO_INFO_HEIGHT(&st.in_info),
                        GST_VIDEO_INFO_NAME(&st.in_info)));
     return GST_FLOW_ERROR;

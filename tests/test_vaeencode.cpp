@@ -764,6 +764,15 @@ std::string bus_text(GstBus* bus, GstMessageType type) {
   return text;
 }
 
+// A buffer too small for its caps: the error names its real size.
+TEST_F(VaeEncodeTest, ShortBufferErrorNamesItsSize) {
+  Harness t(make_element(1), true);
+  t.caps(video_caps("RGB", 64, 48));
+  EXPECT_EQ(t.push(gst_buffer_new_allocate(nullptr, 100, nullptr)), GST_FLOW_ERROR);
+  const std::string error = bus_text(t.bus, GST_MESSAGE_ERROR);
+  EXPECT_NE(error.find("buffer of 100 bytes does not hold a 64x48 RGB frame"), std::string::npos) << error;
+}
+
 // Woven fields would comb the latents: refused, naming the fix.
 TEST_F(VaeEncodeTest, InterlacedInputRefused) {
   Harness t(make_element(1), true);

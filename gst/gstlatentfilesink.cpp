@@ -29,6 +29,7 @@ enum {
   PROP_START_INDEX,
   PROP_FRAMES_WRITTEN,
   PROP_FILES_WRITTEN,
+  PROP_METADATA,
 };
 
 enum FormatChoice { FORMAT_AUTO = 0, FORMAT_LATENT, FORMAT_SAFETENSORS, FORMAT_NPY };
@@ -53,6 +54,8 @@ struct Settings {
   guint64 max_frames = 0;
   guint64 max_duration = 0;
   guint start_index = 0;
+  // Application fields added to every file's metadata (the `metadata` property).
+  std::map<std::string, std::string> extra;
 };
 
 // A location is either a plain path or a pattern with exactly one integer
@@ -129,6 +132,7 @@ struct Streaming {
   const char* new_range = nullptr;    // the next latent starts a range: "caps" or "flush"
   std::string model;  // from the vae-model tag
   bool failed = false;
+  std::map<std::string, std::string> extra;  // from Settings at start
 };
 
 struct Stats {
@@ -257,6 +261,7 @@ static size_t file_metadata(const Streaming& st, const LatentFileWriter& writer,
     if (!crop.empty()) meta["crop_x_y_w_h"] = crop;
   }
   if (!st.model.empty()) meta["model"] = st.model;
+  for (const auto& kv : st.extra) meta.emplace(kv.first, kv.second);  // never over the sink's own keys
   size_t unrecorded = 0;
   if (st.ranges.size() > 1) {
     // The header's room is fixed when the file is opened (the latents follow
@@ -425,6 +430,7 @@ static gboolean gst_latent_file_sink_start(GstBaseSink* sink) {
     return FALSE;
   }
   warn_leftover_temp_files(self, st.location, s.start_index);
+  st.extra = s.extra;
   switch (s.format) {
     case FORMAT_LATENT: st.format = LatentFileFormat::Latent; break;
     case FORMAT_SAFETENSORS: st.format = LatentFileFormat::Safetensors; break;
@@ -599,7 +605,7 @@ static void gst_latent_file_sink_set_property(GObject* object, guint prop_id, co
                                               GParamSpec* pspec) {
   GstLatentFileSink* self = GST_LATENT_FILE_SINK(object);
   const bool running = GST_STATE(self) > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY;
-  if (prop_id == PROP_LOCATION || prop_id == PROP_FORMAT || prop_id == PROP_START_INDEX) {
+  if (prop_id == PROP_LOCATION || prop_id == PROP_FORMAT || prop_id == PROP_START_INDEX || prop_id == PROP_METADATA) {
     if (running) {
       g_warning("latentfilesink: property '%s' can only be changed in the NULL or READY state", pspec->name);
       return;
@@ -631,6 +637,18 @@ static void gst_latent_file_sink_set_property(GObject* object, guint prop_id, co
     case PROP_MAX_FRAMES: s.max_frames = g_value_get_uint64(value); break;
     case PROP_MAX_DURATION: s.max_duration = g_value_get_uint64(value); break;
     case PROP_START_INDEX: s.start_index = g_value_get_uint(value); break;
+    case PROP_METADATA: {
+      s.extra.clear();
+      const GstStructure* st = gst_value_get_structure(value);
+      for (gint i = 0; st && i < gst_structure_n_fields(st); ++i) {
+        const gchar* name = gst_structure_nth_field_name(st, i);
+        const GValue* v = gst_structure_get_value(st, name);
+        gchar* text = G_VALUE_HOLDS_STRING(v) ? g_value_dup_string(v) : gst_value_serialize(v);
+        s.extra[name] = text ? text : "";
+        g_free(text);
+      }
+      break;
+    }
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
   GST_OBJECT_UNLOCK(self);
@@ -646,6 +664,12 @@ static void gst_latent_file_sink_get_property(GObject* object, guint prop_id, GV
     case PROP_MAX_FRAMES: g_value_set_uint64(value, s.max_frames); break;
     case PROP_MAX_DURATION: g_value_set_uint64(value, s.max_duration); break;
     case PROP_START_INDEX: g_value_set_uint(value, s.start_index); break;
+    case PROP_METADATA: {
+      GstStructure* st = gst_structure_new_empty("metadata");
+      for (const auto& kv : s.extra) gst_structure_set(st, kv.first.c_str(), G_TYPE_STRING, kv.second.c_str(), nullptr);
+      g_value_take_boxed(value, st);
+      break;
+    }
     case PROP_FRAMES_WRITTEN: g_value_set_uint64(value, self->stats->frames_written); break;
     case PROP_FILES_WRITTEN: g_value_set_uint(value, self->stats->files_written); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
@@ -708,6 +732,13 @@ static void gst_latent_file_sink_class_init(GstLatentFileSinkClass* klass) {
       gobject_class, PROP_START_INDEX,
       g_param_spec_uint("start-index", "Start index", "Number of the first file of a location pattern", 0, G_MAXUINT,
                         0, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_METADATA,
+      g_param_spec_boxed("metadata", "Metadata",
+                         "Fields added to the metadata of every .latent/.safetensors file written, as strings "
+                         "(e.g. metadata=\"meta,dataset=(string)clips,item=(string)42\"); a field named like one "
+                         "of the sink's own keys (frame_count, model, ...) is ignored. Not written to .npy",
+                         GST_TYPE_STRUCTURE, rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_FRAMES_WRITTEN,
       g_param_spec_uint64("frames-written", "Frames written", "Latents written since the element started", 0,

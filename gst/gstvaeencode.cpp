@@ -7,13 +7,18 @@
  * latents to the push thread, which pushes them downstream. So batch k+1 is
  * gathered, and upstream keeps running, while batch k encodes, and batch k
  * encodes while the latents of batch k-1 wait downstream (a sink syncing to
- * the clock, or one prerolling in PAUSED). The streaming thread therefore only
- * ever waits for an encode, never for downstream: an application can send EOS
- * to a prerolling pipeline (gst_element_send_event holds the state lock while
- * it waits for the source's stream lock) and get it back within one encode.
- * The batch-timeout thread hands over partial batches. Serialized events wait
- * until every latent before them is out; a flush drops what is queued and
- * fences off the latents of the batch being encoded or pushed.
+ * the clock, or one prerolling in PAUSED). While downstream holds one batch
+ * for less than about three encodes, the streaming thread waits only for
+ * encodes, never for downstream: an application can send EOS to a pipeline
+ * that is prerolling (gst_element_send_event holds the state lock while it
+ * waits for the source's stream lock) and get it back within one encode.
+ * Downstream holding latents longer (a pipeline kept in PAUSED) fills the
+ * bounded queues and then holds upstream back, as a full `queue` would.
+ * The batch-timeout thread hands over partial batches. Drain events (EOS,
+ * caps, segments...) wait until every latent before them is out; other
+ * serialized events (tags) travel through the queues behind those latents,
+ * pushed by the push thread. A flush drops what is queued and fences off the
+ * latents of the batch being encoded or pushed.
  *
  * Settings (properties, under the object lock) are kept apart from the
  * streaming state (touched only with the sink pad's stream lock held: by the
@@ -192,8 +197,10 @@ struct Streaming {
   }
 };
 
-// A full (or drained) batch on its way through the encode thread.
+// A full (or drained) batch on its way through the encode thread, or a
+// serialized event that must follow the latents of the batches before it.
 struct EncodeJob {
+  GstEvent* event = nullptr;  // owned; an event job has no batch
   std::shared_ptr<Encoder> encoder;
   std::unique_ptr<FrameBatch> batch;
   std::vector<FrameMeta> frames;
@@ -202,14 +209,17 @@ struct EncodeJob {
   GstClockTime prepare_time = 0;  // spent in prepare() by the streaming thread
 };
 
-// An encoded batch's latents on their way through the push thread.
+// An encoded batch's latents (or an event) on their way through the push thread.
 struct PushJob {
   std::vector<GstBuffer*> latents;
+  GstEvent* event = nullptr;  // owned
   guint64 generation = 0;
 
   void drop() {
     for (GstBuffer* b : latents) gst_buffer_unref(b);
     latents.clear();
+    if (event) gst_event_unref(event);
+    event = nullptr;
   }
 };
 
@@ -236,7 +246,10 @@ struct EncodeWorker {
 
   // Drops the batches waiting to be encoded and the latents waiting to be pushed.
   void drop_queue() {
-    for (const EncodeJob& job : queue) frames_in_flight -= job.frames.size();
+    for (EncodeJob& job : queue) {
+      frames_in_flight -= job.frames.size();
+      if (job.event) gst_event_unref(job.event);
+    }
     queue.clear();
     for (PushJob& job : out) {
       frames_in_flight -= job.latents.size();
@@ -245,6 +258,15 @@ struct EncodeWorker {
     out.clear();
   }
   bool idle() const { return queue.empty() && !busy && out.empty() && !pushing; }
+  // Batches (not events) waiting: the bounds count only these.
+  size_t waiting_batches() const {
+    return std::count_if(queue.begin(), queue.end(), [](const EncodeJob& j) { return !j.event; });
+  }
+  size_t waiting_outputs() const {
+    return std::count_if(out.begin(), out.end(), [](const PushJob& j) { return !j.event; });
+  }
+  // An encode or a push failed for good: what is still queued is not wanted.
+  bool failed() const { return flow != GST_FLOW_OK && flow <= GST_FLOW_NOT_NEGOTIATED; }
 };
 
 // What queries (any thread) need to know of the streaming side.
@@ -345,8 +367,22 @@ static void push_latents(GstVaeEncode* self, PushJob& job) {
     std::lock_guard<std::mutex> lock(w.mutex);
     return w.flushing || job.generation != w.generation;
   };
+  if (job.event) {
+    GstEvent* event = job.event;
+    job.event = nullptr;
+    if (is_stale())
+      gst_event_unref(event);
+    else
+      gst_pad_push_event(GST_BASE_TRANSFORM_SRC_PAD(self), event);
+    return;
+  }
   bool stale = false;
   GstFlowReturn ret = GST_FLOW_OK;
+  {
+    // After an error nothing more goes out: downstream would see latents after a hole.
+    std::lock_guard<std::mutex> lock(w.mutex);
+    if (w.failed()) stale = true;
+  }
   for (GstBuffer* b : job.latents) {
     if (ret == GST_FLOW_OK && !stale && is_stale()) {
       stale = true;
@@ -435,6 +471,15 @@ static void worker_loop(GstVaeEncode* self) {
     if (w.quit) break;
     EncodeJob job = std::move(w.queue.front());
     w.queue.pop_front();
+    if (job.event) {
+      // In order behind the latents queued before it; events are not bounded.
+      PushJob out;
+      out.event = job.event;
+      out.generation = job.generation;
+      w.out.push_back(std::move(out));
+      w.cond.notify_all();
+      continue;
+    }
     w.busy = true;
     w.cond.notify_all();  // a slot is free for the next batch
     lock.unlock();
@@ -447,7 +492,7 @@ static void worker_loop(GstVaeEncode* self) {
     // Wait for room behind the latents being pushed; downstream holds them
     // for as long as it likes (a syncing sink, a prerolled one), the encoder
     // does not wait for more than that one batch.
-    w.cond.wait(lock, [&] { return w.out.size() < kMaxWaitingOutputs || w.flushing || w.quit; });
+    w.cond.wait(lock, [&] { return w.waiting_outputs() < kMaxWaitingOutputs || w.flushing || w.quit; });
     if (out.latents.empty() || w.flushing || w.quit || out.generation != w.generation) {
       w.frames_in_flight -= job.frames.size();
       out.drop();
@@ -467,7 +512,7 @@ static void push_loop(GstVaeEncode* self) {
     if (w.quit) break;
     PushJob job = std::move(w.out.front());
     w.out.pop_front();
-    const size_t n = job.latents.size();
+    const size_t n = job.latents.size();  // 0 for an event
     w.pushing = true;
     w.cond.notify_all();  // room for the next encoded batch
     lock.unlock();
@@ -493,7 +538,10 @@ static void worker_start(GstVaeEncode* self) {
 
 // Drops the queues and joins the threads, the encode thread after the batch it
 // is encoding (a LibTorch forward pass cannot be interrupted). Its latents are
-// not pushed. The pads are inactive by then, so a push in progress returns.
+// not pushed. Our pads are inactive by then, so the push thread pushes nothing
+// new, but a push already inside downstream's chain returns only when
+// downstream lets it go (as for a `queue`); in a pipeline the sinks have
+// stopped first, so it has.
 static void worker_stop(GstVaeEncode* self) {
   EncodeWorker& w = *self->worker;
   {
@@ -560,16 +608,39 @@ static GstFlowReturn hand_over(GstVaeEncode* self) {
   const size_t n = job.frames.size();
   EncodeWorker& w = *self->worker;
   std::unique_lock<std::mutex> lock(w.mutex);
-  w.cond.wait(lock, [&] { return w.queue.size() < kMaxWaitingBatches || w.flushing; });
+  w.cond.wait(lock, [&] { return w.waiting_batches() < kMaxWaitingBatches || w.flushing; });
   if (w.flushing) {
     GST_DEBUG_OBJECT(self, "flushing: dropping a batch of %zu frames", n);
     return GST_FLOW_FLUSHING;
+  }
+  if (w.failed()) {
+    GST_DEBUG_OBJECT(self, "%s before: dropping a batch of %zu frames", gst_flow_get_name(w.flow), n);
+    return w.flow;
   }
   job.generation = w.generation;
   w.frames_in_flight += n;
   w.queue.push_back(std::move(job));
   w.cond.notify_all();
-  return w.flow;
+  // A non-fatal downstream return (NOT_LINKED, EOS, FLUSHING) goes upstream once.
+  const GstFlowReturn flow = w.flow;
+  if (flow > GST_FLOW_NOT_NEGOTIATED) w.flow = GST_FLOW_OK;
+  return flow;
+}
+
+// Streaming side: puts a serialized event behind the latents in flight,
+// without waiting for them (a TAG from a parser must not hold the streaming
+// thread while a prerolling sink holds a latent). Returns false when there is
+// nothing in flight: the caller then forwards it at once.
+static bool queue_event(GstVaeEncode* self, GstEvent* event) {
+  EncodeWorker& w = *self->worker;
+  std::lock_guard<std::mutex> lock(w.mutex);
+  if (w.idle() || w.flushing) return false;
+  EncodeJob job;
+  job.event = event;
+  job.generation = w.generation;
+  w.queue.push_back(std::move(job));
+  w.cond.notify_all();
+  return true;
 }
 
 // Streaming side: waits until every batch handed over is encoded and pushed.
@@ -941,6 +1012,8 @@ static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* eve
       GstFlowReturn ret = drain(self);
       if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING)
         GST_WARNING_OBJECT(self, "draining before %s: %s", GST_EVENT_TYPE_NAME(event), gst_flow_get_name(ret));
+      // A new stream drops the sticky tags of the last one: announce the model again.
+      if (GST_EVENT_TYPE(event) == GST_EVENT_STREAM_START) st.tags_sent = false;
       break;
     }
     case GST_EVENT_FLUSH_START: {
@@ -973,8 +1046,9 @@ static gboolean gst_vae_encode_sink_event(GstBaseTransform* trans, GstEvent* eve
     default:
       // Other serialized events (tags, which decoders send often, and the
       // rest) must not overtake the latents of batches already handed over,
-      // but do not cut the batch being gathered.
-      if (GST_EVENT_IS_SERIALIZED(event)) wait_idle(self);
+      // but do not cut the batch being gathered; the push thread sends them
+      // after those latents.
+      if (GST_EVENT_IS_SERIALIZED(event) && queue_event(self, event)) return TRUE;
       break;
   }
   return GST_BASE_TRANSFORM_CLASS(gst_vae_encode_parent_class)->sink_event(trans, event);

@@ -26,3 +26,6 @@ size_t cached_encoder_count();
 // executable that links it and also loads the GStreamer plugin has two
 // caches, and reaches the plugin's with dlsym(plugin module, this name).
 extern "C" size_t gstvae_cached_encoder_count(void);
+// Models read from disk since the process started (the cache's misses), e.g.
+// for gst-vae-batch's "model loads" line.
+extern "C" size_t gstvae_model_load_count(void);

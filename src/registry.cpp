@@ -1,6 +1,7 @@
 // load_encoder: refuses pickle checkpoints, opens the safetensors file and
 // hands it to the first family that recognises its tensor names; encoders are
 // shared between callers through the weak cache described in model_cache.h.
+#include <atomic>
 #include <limits.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -55,7 +56,11 @@ void refuse_pickle(const std::string& path) {
                           "when loaded and are not supported; convert it to .safetensors first");
 }
 
+// Models read from disk (cache misses), for tools and tests that count loads.
+std::atomic<size_t> g_model_loads{0};
+
 std::shared_ptr<Encoder> load_uncached(const std::string& path, const EncoderOptions& options) {
+  g_model_loads++;
   auto file = std::make_shared<const SafetensorsFile>(path);
   for (const EncoderFamily* family : kFamilies)
     if (family->detect(*file)) return family->load(file, options);
@@ -207,6 +212,10 @@ size_t cached_encoder_count() {
 }
 
 }  // namespace gstvae
+
+extern "C" __attribute__((visibility("default"))) size_t gstvae_model_load_count(void) {
+  return gstvae::g_model_loads.load();
+}
 
 extern "C" __attribute__((visibility("default"))) size_t gstvae_cached_encoder_count(void) {
   return gstvae::cached_encoder_count();

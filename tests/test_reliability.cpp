@@ -654,6 +654,25 @@ TEST_F(StateCycles, StopRacesTheBatchTimeout) {
   GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
   gst_object_unref(e);
   const int log_before = log_problems();
+  // How long one frame takes from push to latent here (sanitizers and a busy
+  // machine make it several times slower): the sweep of stop moments below
+  // covers twice that, so that some stops come after the latent is out.
+  GstClockTime span = 32 * GST_MSECOND;
+  {
+    gst_harness_set_src_caps_str(h, rgb_caps(kW, kH).c_str());
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_EQ(gst_harness_push(h, frame_buffer(frames_[0], 0)), GST_FLOW_OK);
+    GstBuffer* b = gst_harness_pull(h);  // waits (60 s at most)
+    ASSERT_NE(b, nullptr);
+    gst_buffer_unref(b);
+    const GstClockTime took =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    span = std::max(span, 2 * took);
+    ASSERT_EQ(gst_element_set_state(h->element, GST_STATE_READY), GST_STATE_CHANGE_SUCCESS);
+    while (GstEvent* ev = gst_harness_try_pull_event(h)) gst_event_unref(ev);
+    ASSERT_EQ(gst_element_set_state(h->element, GST_STATE_PLAYING), GST_STATE_CHANGE_SUCCESS);
+    ASSERT_TRUE(gst_harness_push_event(h, gst_event_new_stream_start("warm-up done")));
+  }
   guint64 latents = 0;
   for (long c = 0; c < cycles; ++c) {
     const std::string where = "cycle " + std::to_string(c);
@@ -663,9 +682,9 @@ TEST_F(StateCycles, StopRacesTheBatchTimeout) {
     }
     gst_harness_set_src_caps_str(h, rgb_caps(kW, kH).c_str());
     ASSERT_EQ(gst_harness_push(h, frame_buffer(frames_[c % 8], c)), GST_FLOW_OK) << where;
-    // 0 to 32 ms: before the timer fires, while it hands the batch over,
-    // during the encode (about 20 ms here), after the latent is out.
-    std::this_thread::sleep_for(std::chrono::microseconds(250 * (c % 129)));
+    // 0 to `span`: before the timer fires, while it hands the batch over,
+    // during the encode, after the latent is out.
+    std::this_thread::sleep_for(std::chrono::nanoseconds(span / 128 * (c % 129)));
     ASSERT_EQ(gst_element_set_state(h->element, GST_STATE_READY), GST_STATE_CHANGE_SUCCESS) << where;
     while (GstBuffer* b = gst_harness_try_pull(h)) {
       EXPECT_EQ(GST_BUFFER_PTS(b), static_cast<guint64>(c) * kFrameDur) << where << ": a latent of another cycle";
@@ -674,9 +693,9 @@ TEST_F(StateCycles, StopRacesTheBatchTimeout) {
     }
     while (GstEvent* ev = gst_harness_try_pull_event(h)) gst_event_unref(ev);
   }
-  std::printf("[ cycles   ] %ld stops racing a 1 ms batch-timeout: %" G_GUINT64_FORMAT
+  std::printf("[ cycles   ] %ld stops racing a 1 ms batch-timeout over 0-%.0f ms: %" G_GUINT64_FORMAT
               " latents out before their stop, the other frames dropped\n",
-              cycles, latents);
+              cycles, span / 1e6, latents);
   if (cycles >= 258) {  // the full sweep of stop moments
     EXPECT_GT(latents, 0u) << "no stop came after an encode: the test covers less than it says";
     EXPECT_LT(latents, static_cast<guint64>(cycles)) << "no stop came before a push: the test covers less than it says";

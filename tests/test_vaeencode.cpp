@@ -1441,6 +1441,51 @@ TEST_F(VaeEncodeTest, SerializedEventWaitsForLatentsInFlight) {
   unref_all(out);
 }
 
+// A tag (parsers send them mid-stream) does not hold the streaming thread
+// while downstream holds a latent (a sink prerolling): it goes out after the
+// latents before it, pushed by the push thread.
+TEST_F(VaeEncodeTest, TagDoesNotHoldTheStreamingThread) {
+  Harness t(make_element(2));
+  Recorder rec;
+  rec.attach(t.element);
+  DownstreamGate gate(t.h);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 2);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gate.wait_arrived(1));
+  rec.take();
+  std::mutex m;
+  std::condition_variable cv;
+  bool returned = false;
+  std::thread sender([&] {
+    EXPECT_TRUE(gst_harness_push_event(
+        t.h, gst_event_new_tag(gst_tag_list_new(GST_TAG_TITLE, "mid-stream", nullptr))));
+    std::lock_guard<std::mutex> lock(m);
+    returned = true;
+    cv.notify_all();
+  });
+  {
+    std::unique_lock<std::mutex> lock(m);
+    cv.wait_for(lock, std::chrono::seconds(30), [&] { return returned; });
+    EXPECT_TRUE(returned) << "the tag held the streaming thread while downstream held a latent";
+  }
+  for (const auto& it : rec.take()) EXPECT_TRUE(it.is_buffer) << "the tag overtook the latents in flight";
+  gate.open();
+  sender.join();
+  std::vector<Recorder::Item> items;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (items.size() < 2 && std::chrono::steady_clock::now() < deadline) {
+    for (auto& it : rec.take()) items.push_back(it);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(items.size(), 2u);  // the second latent, then the tag
+  EXPECT_TRUE(items[0].is_buffer);
+  EXPECT_EQ(items[1].event, GST_EVENT_TAG);
+  auto out = t.pull_all();
+  EXPECT_EQ(out.size(), 2u);
+  unref_all(out);
+}
+
 // A flush while a batch is at the gate and another waits: the waiting one is
 // dropped, the rest of the busy one never goes out, new frames do.
 TEST_F(VaeEncodeTest, FlushWhileEncodingDropsStaleLatents) {
@@ -1456,6 +1501,10 @@ TEST_F(VaeEncodeTest, FlushWhileEncodingDropsStaleLatents) {
   gate.open();
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
   ASSERT_TRUE(t.segment());
+  // The push thread counts its (dropped) batch off just after the flush fence.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (t.u64("frames-in-flight") != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(t.u64("frames-in-flight"), 0u) << "the waiting batch survived the flush";
   for (guint64 i = 0; i < 2; ++i)
     ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[4 + i], 100 + i)), GST_FLOW_OK);

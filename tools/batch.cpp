@@ -1,0 +1,916 @@
+// gst-vae-batch: encodes one shard of a manifest of video files into latent
+// files, as a well-behaved worker for Slurm job arrays, Kubernetes Indexed
+// Jobs or Ray: a deterministic shard per task, idempotent and resumable,
+// atomic outputs, one results file per shard that `--summary` merges.
+// docs/scale-out.md is the user's guide; this file keeps to the mechanics.
+//
+// Each item runs `uridecodebin ! videoconvert ! videoscale ! videorate !
+// capsfilter ! vaeencode ! latentfilesink` in its own pipeline. The model is
+// loaded once per process: an idle vaeencode started at the beginning holds
+// it in the plugin's model cache, which every item's vaeencode then shares.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gst/gst.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "latent_file.h"
+
+namespace {
+
+using nlohmann::json;
+
+std::atomic<int> g_interrupted{0};  // the signal that asked us to stop, or 0
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/* ------------------------------------------------------------- options */
+
+struct Options {
+  std::string manifest, model, out_dir, summary;
+  std::string format = "latent";
+  unsigned per_batch = 16;
+  std::string device = "auto", precision = "auto", latent_format = "raw";
+  int max_side = 0, size_w = 0, size_h = 0;
+  std::string fps;  // "" or "N" or "N/D"
+  long long max_frames = 0;
+  long long shard = -1, shards = 0;  // from --shard I/N
+  long long k8s_shards = 0;          // --shards N (with JOB_COMPLETION_INDEX)
+  unsigned jobs = 1;
+  bool retry_failed = false, dry_run = false;
+};
+
+const char* kUsage =
+    "usage: gst-vae-batch --manifest FILE --model M --out-dir DIR [options]\n"
+    "       gst-vae-batch --summary DIR\n"
+    "options: --format latent|safetensors|npy  --per-batch N  --device auto|cpu|cuda[:N]\n"
+    "         --precision auto|fp32|fp16|bf16  --latent-format raw|sd15|sdxl|sd3|flux\n"
+    "         --max-side N | --size WxH  --fps F  --max-frames N\n"
+    "         --shard I/N | --shards N (with JOB_COMPLETION_INDEX)  --jobs J  --retry-failed  --dry-run\n"
+    "Shard, when --shard is not given: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN),\n"
+    "JOB_COMPLETION_INDEX with --shards N, RANK/WORLD_SIZE, else 0/1. See docs/scale-out.md.\n";
+
+long long parse_int(const std::string& flag, const std::string& v, long long lo, long long hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end || errno || n < lo || n > hi)
+    throw UsageError(flag + " wants an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], not '" +
+                     v + "'");
+  return n;
+}
+
+bool one_of(const std::string& v, std::initializer_list<const char*> names) {
+  for (const char* n : names)
+    if (v == n) return true;
+  return false;
+}
+
+Options parse_args(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw UsageError(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--manifest") o.manifest = value();
+    else if (a == "--model") o.model = value();
+    else if (a == "--out-dir") o.out_dir = value();
+    else if (a == "--summary") o.summary = value();
+    else if (a == "--format") o.format = value();
+    else if (a == "--per-batch") o.per_batch = static_cast<unsigned>(parse_int(a, value(), 1, 4096));
+    else if (a == "--device") o.device = value();
+    else if (a == "--precision") o.precision = value();
+    else if (a == "--latent-format") o.latent_format = value();
+    else if (a == "--max-side") o.max_side = static_cast<int>(parse_int(a, value(), 8, 1 << 16));
+    else if (a == "--size") {
+      const std::string v = value();
+      int w = 0, h = 0;
+      char x = 0, extra = 0;
+      if (std::sscanf(v.c_str(), "%d%c%d%c", &w, &x, &h, &extra) != 3 || (x != 'x' && x != 'X') || w < 8 || h < 8)
+        throw UsageError("--size wants WxH with both at least 8, not '" + v + "'");
+      o.size_w = w;
+      o.size_h = h;
+    } else if (a == "--fps") {
+      o.fps = value();
+      int n = 0, d = 1;
+      char slash = 0, extra = 0;
+      const int got = std::sscanf(o.fps.c_str(), "%d%c%d%c", &n, &slash, &d, &extra);
+      if (!((got == 1 && n > 0) || (got == 3 && slash == '/' && n > 0 && d > 0)))
+        throw UsageError("--fps wants N or N/D, not '" + o.fps + "'");
+    } else if (a == "--max-frames") o.max_frames = parse_int(a, value(), 1, 1LL << 40);
+    else if (a == "--shard") {
+      const std::string v = value();
+      const size_t slash = v.find('/');
+      if (slash == std::string::npos) throw UsageError("--shard wants I/N, not '" + v + "'");
+      o.shards = parse_int("--shard N", v.substr(slash + 1), 1, 1 << 24);
+      o.shard = parse_int("--shard I", v.substr(0, slash), 0, o.shards - 1);
+    } else if (a == "--shards") o.k8s_shards = parse_int(a, value(), 1, 1 << 24);
+    else if (a == "--jobs") o.jobs = static_cast<unsigned>(parse_int(a, value(), 1, 64));
+    else if (a == "--retry-failed") o.retry_failed = true;
+    else if (a == "--dry-run") o.dry_run = true;
+    else if (a == "--help" || a == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else throw UsageError("unknown argument '" + a + "'");
+  }
+  if (!o.summary.empty()) return o;
+  if (o.manifest.empty() || o.model.empty() || o.out_dir.empty())
+    throw UsageError("--manifest, --model and --out-dir are required");
+  if (!one_of(o.format, {"latent", "safetensors", "npy"})) throw UsageError("--format: latent, safetensors or npy");
+  if (!one_of(o.precision, {"auto", "fp32", "fp16", "bf16"})) throw UsageError("--precision: auto, fp32, fp16 or bf16");
+  if (!one_of(o.latent_format, {"raw", "sd15", "sdxl", "sd3", "flux"}))
+    throw UsageError("--latent-format: raw, sd15, sdxl, sd3 or flux");
+  if (o.max_side && o.size_w) throw UsageError("--max-side and --size exclude each other");
+  return o;
+}
+
+// Which shard this process is: the first of --shard, Slurm, Kubernetes, torchrun-style RANK.
+void resolve_shard(Options& o, std::string* source) {
+  auto env = [](const char* name) -> const char* {
+    const char* v = std::getenv(name);
+    return v && *v ? v : nullptr;
+  };
+  if (o.shard >= 0) {
+    *source = "--shard";
+    return;
+  }
+  if (env("SLURM_ARRAY_TASK_ID") && env("SLURM_ARRAY_TASK_COUNT")) {
+    const long long id = parse_int("SLURM_ARRAY_TASK_ID", env("SLURM_ARRAY_TASK_ID"), 0, 1LL << 30);
+    const long long min = env("SLURM_ARRAY_TASK_MIN") ? parse_int("SLURM_ARRAY_TASK_MIN", env("SLURM_ARRAY_TASK_MIN"), 0, id) : 0;
+    o.shards = parse_int("SLURM_ARRAY_TASK_COUNT", env("SLURM_ARRAY_TASK_COUNT"), 1, 1 << 24);
+    o.shard = parse_int("SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN", std::to_string(id - min), 0, o.shards - 1);
+    *source = "Slurm array";
+    return;
+  }
+  if (env("JOB_COMPLETION_INDEX")) {
+    if (!o.k8s_shards) throw UsageError("JOB_COMPLETION_INDEX is set: give the number of shards with --shards N");
+    o.shards = o.k8s_shards;
+    o.shard = parse_int("JOB_COMPLETION_INDEX", env("JOB_COMPLETION_INDEX"), 0, o.shards - 1);
+    *source = "Kubernetes Indexed Job";
+    return;
+  }
+  if (env("RANK") && env("WORLD_SIZE")) {
+    o.shards = parse_int("WORLD_SIZE", env("WORLD_SIZE"), 1, 1 << 24);
+    o.shard = parse_int("RANK", env("RANK"), 0, o.shards - 1);
+    *source = "RANK/WORLD_SIZE";
+    return;
+  }
+  if (o.k8s_shards) throw UsageError("--shards N is for Kubernetes Indexed Jobs: JOB_COMPLETION_INDEX is not set");
+  o.shard = 0;
+  o.shards = 1;
+  *source = "default (one shard)";
+}
+
+/* ------------------------------------------------------------ manifest */
+
+uint64_t fnv1a64(const void* data, size_t n, uint64_t h = 1469598103934665603ULL) {
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  return h;
+}
+uint64_t fnv1a64(const std::string& s) { return fnv1a64(s.data(), s.size()); }
+
+std::string hex16(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+struct Item {
+  int line = 0;
+  std::string input;   // as written
+  std::string uri;     // for uridecodebin
+  std::string local;   // local path, when the input is one
+  std::string key;
+  std::string output;  // final path
+  double start = -1, end = -1;
+  std::string problem;  // a failed row without encoding (duplicate, collision)
+};
+
+bool is_uri(const std::string& s) { return gst_uri_is_valid(s.c_str()); }
+
+std::string dir_of(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+
+std::string absolute(const std::string& path, const std::string& base_dir) {
+  std::string p = path[0] == '/' ? path : base_dir + "/" + path;
+  if (p[0] != '/') {
+    char cwd[4096];
+    if (getcwd(cwd, sizeof cwd)) p = std::string(cwd) + "/" + p;
+  }
+  // Lexical clean-up of "." and ".." (symlinks are not resolved: the key is the path as the user sees it).
+  std::vector<std::string> parts;
+  std::stringstream ss(p);
+  std::string part;
+  while (std::getline(ss, part, '/')) {
+    if (part.empty() || part == ".") continue;
+    if (part == "..") {
+      if (!parts.empty()) parts.pop_back();
+      continue;
+    }
+    parts.push_back(part);
+  }
+  std::string out;
+  for (const auto& x : parts) out += "/" + x;
+  return out.empty() ? "/" : out;
+}
+
+std::string stem_of(const std::string& input) {
+  std::string s = input;
+  const size_t q = s.find_first_of("?#");
+  if (is_uri(s) && q != std::string::npos) s = s.substr(0, q);
+  while (!s.empty() && s.back() == '/') s.pop_back();
+  const size_t slash = s.rfind('/');
+  if (slash != std::string::npos) s = s.substr(slash + 1);
+  const size_t dot = s.rfind('.');
+  if (dot != std::string::npos && dot > 0) s = s.substr(0, dot);
+  if (s.empty()) s = "item";
+  for (char& c : s)
+    if (c == '/' || static_cast<unsigned char>(c) < 0x20) c = '_';
+  return s;
+}
+
+std::string number_text(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+std::vector<Item> read_manifest(const Options& o) {
+  std::ifstream f(o.manifest);
+  if (!f) throw UsageError("cannot read the manifest '" + o.manifest + "': " + std::strerror(errno));
+  const std::string base = dir_of(absolute(o.manifest, "."));
+  std::vector<Item> items;
+  std::map<std::string, int> by_key, by_output;
+  std::string text;
+  int line = 0;
+  while (std::getline(f, text)) {
+    ++line;
+    if (!text.empty() && text.back() == '\r') text.pop_back();
+    const size_t first = text.find_first_not_of(" \t");
+    if (first == std::string::npos || text[first] == '#') continue;
+    Item it;
+    it.line = line;
+    std::string output;
+    if (text[first] == '{') {
+      json j;
+      try {
+        j = json::parse(text.substr(first));
+      } catch (const std::exception& e) {
+        throw UsageError("manifest line " + std::to_string(line) + ": not valid JSON: " + e.what());
+      }
+      if (!j.is_object() || !j.contains("input") || !j["input"].is_string() || j["input"].get<std::string>().empty())
+        throw UsageError("manifest line " + std::to_string(line) + ": a JSON line needs a string \"input\"");
+      it.input = j["input"].get<std::string>();
+      auto number = [&](const char* name) -> double {
+        if (!j.contains(name)) return -1;
+        if (!j[name].is_number() || j[name].get<double>() < 0)
+          throw UsageError("manifest line " + std::to_string(line) + ": \"" + name + "\" must be seconds >= 0");
+        return j[name].get<double>();
+      };
+      it.start = number("start");
+      it.end = number("end");
+      if (it.start >= 0 && it.end >= 0 && it.start >= it.end)
+        throw UsageError("manifest line " + std::to_string(line) + ": \"start\" must be before \"end\"");
+      if (j.contains("output")) {
+        if (!j["output"].is_string() || j["output"].get<std::string>().empty() || j["output"].get<std::string>()[0] == '/' ||
+            j["output"].get<std::string>().find("..") != std::string::npos)
+          throw UsageError("manifest line " + std::to_string(line) +
+                           ": \"output\" must be a relative path inside --out-dir");
+        output = j["output"].get<std::string>();
+      }
+    } else {
+      it.input = text.substr(first);
+      while (!it.input.empty() && (it.input.back() == ' ' || it.input.back() == '\t')) it.input.pop_back();
+    }
+    if (is_uri(it.input)) {
+      it.uri = it.key = it.input;
+      if (it.input.rfind("file://", 0) == 0) {
+        gchar* local = g_filename_from_uri(it.input.c_str(), nullptr, nullptr);
+        if (local) it.local = local;
+        g_free(local);
+      }
+    } else {
+      it.local = it.key = absolute(it.input, base);
+      gchar* uri = g_filename_to_uri(it.local.c_str(), nullptr, nullptr);
+      it.uri = uri ? uri : "";
+      g_free(uri);
+    }
+    if (it.start >= 0 || it.end >= 0)
+      it.key += "#t=" + (it.start >= 0 ? number_text(it.start) : "") + "," + (it.end >= 0 ? number_text(it.end) : "");
+    it.output = o.out_dir + "/" + (output.empty() ? stem_of(it.input) + "-" + hex16(fnv1a64(it.key)) + "." + o.format : output);
+    if (by_key.count(it.key))
+      it.problem = "duplicate of line " + std::to_string(by_key[it.key]);
+    else if (by_output.count(it.output))
+      it.problem = "output collides with line " + std::to_string(by_output[it.output]);
+    else {
+      by_key[it.key] = line;
+      by_output[it.output] = line;
+    }
+    items.push_back(it);
+  }
+  return items;
+}
+
+/* ---------------------------------------------------------- fingerprint */
+
+// The model's content identity: its size and a hash of every byte.
+std::string model_identity(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw UsageError("cannot read the model '" + path + "': " + std::strerror(errno));
+  std::vector<char> buf(1 << 20);
+  uint64_t h = 1469598103934665603ULL, size = 0;
+  while (f) {
+    f.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const size_t n = static_cast<size_t>(f.gcount());
+    h = fnv1a64(buf.data(), n, h);
+    size += n;
+  }
+  return std::to_string(size) + ":" + hex16(h);
+}
+
+std::string fingerprint(const Options& o, const std::string& model_id, const Item& it) {
+  std::ostringstream s;
+  s << "gst-vae-batch/1|" << it.key << "|" << model_id << "|" << o.format << "|" << o.device << "|" << o.precision
+    << "|" << o.latent_format << "|max-side=" << o.max_side << "|size=" << o.size_w << "x" << o.size_h
+    << "|fps=" << o.fps << "|max-frames=" << o.max_frames << "|start=" << number_text(it.start)
+    << "|end=" << number_text(it.end);
+  return hex16(fnv1a64(s.str()));
+}
+
+/* -------------------------------------------------------------- results */
+
+struct Row {
+  std::string status;  // ok, skipped, failed
+  long long frames = 0;
+  std::vector<long long> shape;
+  double seconds = 0;
+  std::string error;
+};
+
+json row_json(const Item& it, const Row& r) {
+  json j = {{"line", it.line}, {"input", it.input},     {"key", it.key},
+            {"output", it.output}, {"status", r.status}, {"frames", r.frames}};
+  j["shape"] = r.shape.empty() ? json(nullptr) : json(r.shape);
+  j["seconds"] = std::round(r.seconds * 1000) / 1000;
+  j["fps"] = r.seconds > 0 ? std::round(r.frames / r.seconds * 100) / 100 : 0.0;
+  if (r.status == "failed") j["error"] = r.error;
+  return j;
+}
+
+bool write_file_atomically(const std::string& path, const std::string& content) {
+  const std::string tmp = dir_of(path) + "/." + path.substr(path.rfind('/') + 1) + ".tmp-" + std::to_string(getpid());
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) return false;
+    f << content;
+    f.flush();
+    if (!f) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+// Whether `it`'s output is there, whole, and made with these settings; fills frames and shape.
+bool output_is_current(const Options& o, const Item& it, const std::string& fp, Row* row) {
+  struct stat st {};
+  if (::stat(it.output.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  try {
+    gstvae::LatentArray a = gstvae::read_latent_file(it.output);
+    std::string stored;
+    if (o.format == "npy") {
+      std::ifstream f(it.output + ".json");
+      if (!f) return false;
+      json j = json::parse(f);
+      if (j.value("batch_fingerprint", "") != fp || j.value("frames", -1LL) != a.frames) return false;
+    } else {
+      auto found = a.metadata.find("batch_fingerprint");
+      if (found == a.metadata.end() || found->second != fp) return false;
+    }
+    row->frames = a.frames;
+    row->shape = {a.channels, a.height, a.width};
+    return a.frames > 0;
+  } catch (const std::exception&) {
+    return false;  // truncated or not a latent file: encode again
+  }
+}
+
+/* ----------------------------------------------------------------- items */
+
+struct ItemRun {
+  const Options* o = nullptr;
+  long long max_frames = 0;
+  GstClockTime start = GST_CLOCK_TIME_NONE, end = GST_CLOCK_TIME_NONE;
+  std::atomic<long long> passed{0};
+  std::atomic<bool> ended{false};
+  GstElement* capsfilter = nullptr;
+  GstElement* convert = nullptr;
+  std::string caps_base;  // video/x-raw,format=RGB[,framerate=F]
+};
+
+// Keeps frames in [start, end) and at most max-frames of them, then ends the stream.
+GstPadProbeReturn frame_filter(GstPad* pad, GstPadProbeInfo* info, gpointer data) {
+  ItemRun* run = static_cast<ItemRun*>(data);
+  GstBuffer* buf = GST_PAD_PROBE_INFO_BUFFER(info);
+  const GstClockTime pts = GST_BUFFER_PTS(buf);
+  if (GST_CLOCK_TIME_IS_VALID(run->start) && GST_CLOCK_TIME_IS_VALID(pts) && pts < run->start)
+    return GST_PAD_PROBE_DROP;
+  const bool past_end = GST_CLOCK_TIME_IS_VALID(run->end) && GST_CLOCK_TIME_IS_VALID(pts) && pts >= run->end;
+  if (past_end || (run->max_frames && run->passed >= run->max_frames)) {
+    if (!run->ended.exchange(true)) gst_pad_send_event(pad, gst_event_new_eos());  // same thread: the stream lock is ours
+    return GST_PAD_PROBE_DROP;
+  }
+  ++run->passed;
+  return GST_PAD_PROBE_OK;
+}
+
+// --max-side: once the input size is known, ask videoscale for at most N on the longer (display) side.
+GstPadProbeReturn size_from_caps(GstPad*, GstPadProbeInfo* info, gpointer data) {
+  ItemRun* run = static_cast<ItemRun*>(data);
+  GstEvent* ev = GST_PAD_PROBE_INFO_EVENT(info);
+  if (GST_EVENT_TYPE(ev) != GST_EVENT_CAPS) return GST_PAD_PROBE_OK;
+  GstCaps* caps;
+  gst_event_parse_caps(ev, &caps);
+  const GstStructure* s = gst_caps_get_structure(caps, 0);
+  int w = 0, h = 0, par_n = 1, par_d = 1;
+  if (!gst_structure_get_int(s, "width", &w) || !gst_structure_get_int(s, "height", &h)) return GST_PAD_PROBE_OK;
+  gst_structure_get_fraction(s, "pixel-aspect-ratio", &par_n, &par_d);
+  const double dw = static_cast<double>(w) * par_n / std::max(par_d, 1), dh = h;
+  const double scale = std::min(1.0, run->o->max_side / std::max(dw, dh));
+  const int tw = std::max(1, static_cast<int>(std::lround(dw * scale)));
+  const int th = std::max(1, static_cast<int>(std::lround(dh * scale)));
+  const std::string text = run->caps_base + ",width=" + std::to_string(tw) + ",height=" + std::to_string(th);
+  GstCaps* want = gst_caps_from_string(text.c_str());
+  g_object_set(run->capsfilter, "caps", want, nullptr);
+  gst_caps_unref(want);
+  return GST_PAD_PROBE_OK;
+}
+
+void on_pad_added(GstElement*, GstPad* pad, gpointer data) {
+  ItemRun* run = static_cast<ItemRun*>(data);
+  GstCaps* caps = gst_pad_get_current_caps(pad);
+  if (!caps) caps = gst_pad_query_caps(pad, nullptr);
+  const bool video = caps && gst_caps_get_size(caps) > 0 &&
+                     g_str_has_prefix(gst_structure_get_name(gst_caps_get_structure(caps, 0)), "video/");
+  if (caps) gst_caps_unref(caps);
+  if (!video) return;
+  GstPad* sink = gst_element_get_static_pad(run->convert, "sink");
+  if (!gst_pad_is_linked(sink)) gst_pad_link(pad, sink);  // the first video stream
+  gst_object_unref(sink);
+}
+
+std::string error_text(GstMessage* m) {
+  GError* err = nullptr;
+  gchar* debug = nullptr;
+  gst_message_parse_error(m, &err, &debug);
+  std::string text = err ? err->message : "unknown error";
+  if (debug) {
+    std::string d = debug;
+    // The last line of the debug text says what was at fault; the source file positions are noise.
+    const size_t nl = d.rfind('\n');
+    if (nl != std::string::npos) d = d.substr(nl + 1);
+    if (d.size() > 400) d = d.substr(0, 400) + "...";
+    text += " (" + d + ")";
+  }
+  g_clear_error(&err);
+  g_free(debug);
+  return text;
+}
+
+Row encode_item(const Options& o, const Item& it, const std::string& fp) {
+  Row row;
+  if (!it.local.empty()) {
+    struct stat st {};
+    if (::stat(it.local.c_str(), &st) != 0) {
+      row.status = "failed";
+      row.error = "cannot open '" + it.local + "': " + std::strerror(errno);
+      return row;
+    }
+    if (!S_ISREG(st.st_mode)) {
+      row.status = "failed";
+      row.error = "'" + it.local + "' is " + (S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
+      return row;
+    }
+  }
+  if (it.uri.empty()) {
+    row.status = "failed";
+    row.error = "cannot make a URI of '" + it.input + "'";
+    return row;
+  }
+  const std::string out_dir = dir_of(it.output);
+  if (g_mkdir_with_parents(out_dir.c_str(), 0777) != 0) {
+    row.status = "failed";
+    row.error = "cannot create '" + out_dir + "': " + std::strerror(errno);
+    return row;
+  }
+  // latentfilesink writes (through its own hidden temporary file) to a hidden
+  // staging name; only a complete, verified result is renamed to the output.
+  // It ends with the format's extension, which readers go by.
+  const std::string staging = out_dir + "/." + it.output.substr(it.output.rfind('/') + 1) + ".inprogress-" +
+                              std::to_string(getpid()) + "." + o.format;
+
+  ItemRun run;
+  run.o = &o;
+  run.max_frames = o.max_frames;
+  if (it.start >= 0) run.start = static_cast<GstClockTime>(it.start * GST_SECOND);
+  if (it.end >= 0) run.end = static_cast<GstClockTime>(it.end * GST_SECOND);
+  run.caps_base = "video/x-raw,format=RGB";
+  if (o.max_side || o.size_w) run.caps_base += ",pixel-aspect-ratio=1/1";
+  if (!o.fps.empty()) run.caps_base += ",framerate=" + (o.fps.find('/') == std::string::npos ? o.fps + "/1" : o.fps);
+
+  GstElement* pipeline = gst_pipeline_new(nullptr);
+  GstElement* src = gst_element_factory_make("uridecodebin", nullptr);
+  run.convert = gst_element_factory_make("videoconvert", nullptr);
+  GstElement* scale = gst_element_factory_make("videoscale", nullptr);
+  GstElement* rate = gst_element_factory_make("videorate", nullptr);
+  run.capsfilter = gst_element_factory_make("capsfilter", nullptr);
+  GstElement* enc = gst_element_factory_make("vaeencode", nullptr);
+  GstElement* sink = gst_element_factory_make("latentfilesink", nullptr);
+  if (!src || !run.convert || !scale || !rate || !run.capsfilter || !enc || !sink) {
+    for (GstElement* e : {src, run.convert, scale, rate, run.capsfilter, enc, sink})
+      if (e) gst_object_unref(e);
+    gst_object_unref(pipeline);
+    row.status = "failed";
+    row.error = "a GStreamer element is missing (uridecodebin, videoconvert, videoscale, videorate, vaeencode, "
+                "latentfilesink): check GST_PLUGIN_PATH and the installed plugins";
+    return row;
+  }
+  g_object_set(src, "uri", it.uri.c_str(), nullptr);
+  std::string caps_text = run.caps_base;
+  if (o.size_w) caps_text += ",width=" + std::to_string(o.size_w) + ",height=" + std::to_string(o.size_h);
+  GstCaps* caps = gst_caps_from_string(caps_text.c_str());
+  g_object_set(run.capsfilter, "caps", caps, nullptr);
+  gst_caps_unref(caps);
+  gst_util_set_object_arg(G_OBJECT(enc), "precision", o.precision.c_str());
+  gst_util_set_object_arg(G_OBJECT(enc), "latent-format", o.latent_format.c_str());
+  g_object_set(enc, "model", o.model.c_str(), "device", o.device.c_str(), "per-batch", o.per_batch, nullptr);
+  gst_util_set_object_arg(G_OBJECT(sink), "format", o.format.c_str());
+  GstStructure* meta = gst_structure_new("metadata", "batch_key", G_TYPE_STRING, it.key.c_str(), "batch_fingerprint",
+                                         G_TYPE_STRING, fp.c_str(), nullptr);
+  g_object_set(sink, "location", staging.c_str(), "metadata", meta, nullptr);
+  gst_structure_free(meta);
+  // videorate only when asked for: it would repeat the last frame at the end of a range.
+  gst_bin_add_many(GST_BIN(pipeline), src, run.convert, scale, run.capsfilter, enc, sink, nullptr);
+  if (o.fps.empty()) {
+    gst_object_unref(rate);
+    gst_element_link_many(run.convert, scale, run.capsfilter, enc, sink, nullptr);
+  } else {
+    gst_bin_add(GST_BIN(pipeline), rate);
+    gst_element_link_many(run.convert, scale, rate, run.capsfilter, enc, sink, nullptr);
+  }
+  g_signal_connect(src, "pad-added", G_CALLBACK(on_pad_added), &run);
+  GstPad* convert_sink = gst_element_get_static_pad(run.convert, "sink");
+  if (o.max_side) gst_pad_add_probe(convert_sink, GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM, size_from_caps, &run, nullptr);
+  gst_object_unref(convert_sink);
+  // The range and the frame limit apply to the frames vaeencode would get (after videorate).
+  GstPad* enc_sink = gst_element_get_static_pad(enc, "sink");
+  gst_pad_add_probe(enc_sink, GST_PAD_PROBE_TYPE_BUFFER, frame_filter, &run, nullptr);
+  gst_object_unref(enc_sink);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  GstBus* bus = gst_element_get_bus(pipeline);
+  std::string error;
+  bool eos = false;
+  if (gst_element_set_state(pipeline, GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) error = "could not start";
+  while (!eos) {
+    GstMessage* m = gst_bus_timed_pop_filtered(
+        bus, 100 * GST_MSECOND,
+        static_cast<GstMessageType>(GST_MESSAGE_ERROR | GST_MESSAGE_EOS | GST_MESSAGE_ELEMENT));
+    if (g_interrupted) {
+      if (m) gst_message_unref(m);
+      error = "interrupted";
+      break;
+    }
+    if (!m) continue;
+    if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) {
+      error = error_text(m);
+      gst_message_unref(m);
+      break;
+    }
+    if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ELEMENT) {
+      // uridecodebin found no video: it says so only as "no-more-pads" with nothing linked.
+      gst_message_unref(m);
+      continue;
+    }
+    eos = true;
+    gst_message_unref(m);
+  }
+  gst_element_set_state(pipeline, GST_STATE_NULL);
+  gst_object_unref(bus);
+  gst_object_unref(pipeline);
+  row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  if (error.empty()) {
+    struct stat st {};
+    if (::stat(staging.c_str(), &st) != 0) error = "no video frames decoded (no video stream, or an empty one)";
+  }
+  if (error.empty()) {
+    try {
+      gstvae::LatentArray a = gstvae::read_latent_file(staging);
+      row.frames = a.frames;
+      row.shape = {a.channels, a.height, a.width};
+      if (o.format == "npy") {
+        const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", a.frames}};
+        if (!write_file_atomically(it.output + ".json", side.dump() + "\n"))
+          error = "cannot write '" + it.output + ".json': " + std::strerror(errno);
+      }
+    } catch (const std::exception& e) {
+      error = std::string("the written file does not read back: ") + e.what();
+    }
+  }
+  if (error.empty() && std::rename(staging.c_str(), it.output.c_str()) != 0)
+    error = "cannot rename '" + staging + "' to '" + it.output + "': " + std::strerror(errno);
+  if (!error.empty()) {
+    ::unlink(staging.c_str());
+    row.status = "failed";
+    row.error = error;
+    row.frames = 0;
+    row.shape.clear();
+    return row;
+  }
+  row.status = "ok";
+  return row;
+}
+
+/* --------------------------------------------------------------- summary */
+
+int summarize(const std::string& dir) {
+  const std::string results = dir + "/_results";
+  GDir* d = g_dir_open(results.c_str(), 0, nullptr);
+  if (!d) throw UsageError("no results folder '" + results + "'");
+  long long shards = -1;
+  std::set<long long> present, succeeded;
+  long long items = 0, ok = 0, skipped = 0, failed = 0, frames = 0;
+  bool mixed = false;
+  std::vector<json> failures;
+  while (const gchar* name = g_dir_read_name(d)) {
+    long long i = 0, n = 0;
+    char tail[32] = {0};
+    if (std::sscanf(name, "shard-%lld-of-%lld.%31s", &i, &n, tail) != 3) continue;
+    if (shards >= 0 && n != shards) mixed = true;
+    shards = n;
+    if (std::string(tail) == "_SUCCESS") {
+      succeeded.insert(i);
+      continue;
+    }
+    if (std::string(tail) != "jsonl") continue;
+    present.insert(i);
+    std::ifstream f(results + "/" + name);
+    std::string line;
+    while (std::getline(f, line)) {
+      if (line.empty()) continue;
+      json j = json::parse(line, nullptr, false);
+      if (j.is_discarded()) continue;
+      ++items;
+      const std::string st = j.value("status", "");
+      if (st == "ok") ++ok;
+      else if (st == "skipped") ++skipped;
+      else {
+        ++failed;
+        failures.push_back({{"input", j.value("input", "")}, {"error", j.value("error", "")}});
+      }
+      frames += j.value("frames", 0LL);
+    }
+  }
+  g_dir_close(d);
+  std::vector<long long> missing, unsuccessful;
+  for (long long i = 0; i < std::max(shards, 0LL); ++i) {
+    if (!present.count(i)) missing.push_back(i);
+    if (!succeeded.count(i)) unsuccessful.push_back(i);
+  }
+  json s = {{"shards", shards < 0 ? 0 : shards}, {"items", items},     {"ok", ok},
+            {"skipped", skipped},                {"failed", failed},   {"frames", frames},
+            {"missing_shards", missing},         {"shards_without_success", unsuccessful},
+            {"failures", failures},              {"mixed_shard_counts", mixed}};
+  std::cout << s.dump() << std::endl;
+  write_file_atomically(results + "/summary.json", s.dump(2) + "\n");
+  return (shards > 0 && missing.empty() && unsuccessful.empty() && failed == 0 && !mixed) ? 0 : 1;
+}
+
+/* ------------------------------------------------------------------ main */
+
+// The plugin's count of models actually read from disk (its cache's misses).
+long long plugin_model_loads() {
+  GstPlugin* plugin = gst_registry_find_plugin(gst_registry_get(), "vae");
+  if (!plugin) return -1;
+  const gchar* file = gst_plugin_get_filename(plugin);
+  std::string path = file ? file : "";
+  gst_object_unref(plugin);
+  void* module = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (!module) return -1;
+  auto f = reinterpret_cast<size_t (*)(void)>(dlsym(module, "gstvae_model_load_count"));
+  const long long n = f ? static_cast<long long>(f()) : -1;
+  dlclose(module);
+  return n;
+}
+
+void on_signal(int sig) { g_interrupted = sig; }
+
+int run(Options& o) {
+  std::string shard_source;
+  resolve_shard(o, &shard_source);
+  std::vector<Item> all = read_manifest(o);
+  std::vector<Item> mine;
+  for (const Item& it : all)
+    if (static_cast<long long>(fnv1a64(it.key) % static_cast<uint64_t>(o.shards)) == o.shard) mine.push_back(it);
+
+  const std::string results_dir = o.out_dir + "/_results";
+  const std::string tag = "shard-" + std::to_string(o.shard) + "-of-" + std::to_string(o.shards);
+  const std::string results_path = results_dir + "/" + tag + ".jsonl";
+  const std::string success_path = results_dir + "/" + tag + "._SUCCESS";
+
+  // What the last run of this shard said about each item (for --retry-failed).
+  std::map<std::string, std::string> failed_before;
+  {
+    std::ifstream prev(results_path);
+    std::string line;
+    while (std::getline(prev, line)) {
+      json j = json::parse(line, nullptr, false);
+      if (j.is_discarded() || !j.is_object()) continue;
+      std::string error = j.value("error", "");
+      // Rows about a manifest line (a duplicate, a collision) say nothing of the item itself.
+      if (error.rfind("duplicate of line", 0) == 0 || error.rfind("output collides with line", 0) == 0) continue;
+      const std::string again = "failed before: ", hint = " (use --retry-failed)";
+      if (error.rfind(again, 0) == 0) error = error.substr(again.size());
+      if (error.size() >= hint.size() && error.compare(error.size() - hint.size(), hint.size(), hint) == 0)
+        error.resize(error.size() - hint.size());
+      if (j.value("status", "") == "failed") failed_before[j.value("key", "")] = error;
+      else failed_before.erase(j.value("key", ""));
+    }
+  }
+
+  struct stat mst {};
+  if (::stat(o.model.c_str(), &mst) != 0 || !S_ISREG(mst.st_mode))
+    throw UsageError("the model '" + o.model + "' is not a readable file");
+  const std::string model_id = model_identity(o.model);
+
+  std::vector<std::string> fps;
+  for (const Item& it : mine) fps.push_back(fingerprint(o, model_id, it));
+
+  if (o.dry_run) {
+    for (size_t i = 0; i < mine.size(); ++i) {
+      const Item& it = mine[i];
+      Row probe;
+      std::string action = "encode";
+      if (!it.problem.empty()) action = "failed";
+      else if (output_is_current(o, it, fps[i], &probe)) action = "skip";
+      else if (failed_before.count(it.key) && !o.retry_failed) action = "failed-before";
+      std::cout << json({{"line", it.line}, {"input", it.input}, {"key", it.key}, {"output", it.output},
+                         {"action", action}}).dump()
+                << "\n";
+    }
+    std::cerr << "gst-vae-batch: dry run of " << tag << " (" << shard_source << "): " << mine.size() << " of "
+              << all.size() << " items\n";
+    return 0;
+  }
+
+  if (g_mkdir_with_parents(results_dir.c_str(), 0777) != 0)
+    throw UsageError("cannot create '" + results_dir + "': " + std::strerror(errno));
+  ::unlink(success_path.c_str());
+  std::ofstream results(results_path, std::ios::trunc);
+  if (!results) throw UsageError("cannot write '" + results_path + "': " + std::strerror(errno));
+
+  // Load the model once: this idle element holds it in the plugin's cache for every item.
+  GstElement* anchor = gst_element_factory_make("vaeencode", nullptr);
+  if (!anchor) throw UsageError("the vaeencode element is missing: set GST_PLUGIN_PATH to the plugin's folder");
+  gst_util_set_object_arg(G_OBJECT(anchor), "precision", o.precision.c_str());
+  g_object_set(anchor, "model", o.model.c_str(), "device", o.device.c_str(), nullptr);
+  GstBus* anchor_bus = gst_bus_new();
+  gst_element_set_bus(anchor, anchor_bus);
+  if (gst_element_set_state(anchor, GST_STATE_PAUSED) == GST_STATE_CHANGE_FAILURE) {
+    GstMessage* m = gst_bus_pop_filtered(anchor_bus, GST_MESSAGE_ERROR);
+    const std::string why = m ? error_text(m) : "unknown error";
+    if (m) gst_message_unref(m);
+    gst_element_set_state(anchor, GST_STATE_NULL);
+    gst_object_unref(anchor);
+    gst_object_unref(anchor_bus);
+    throw UsageError("cannot load the model '" + o.model + "': " + why);
+  }
+
+  const bool tty = isatty(STDERR_FILENO);
+  std::cerr << "gst-vae-batch: " << tag << " (" << shard_source << "): " << mine.size() << " of " << all.size()
+            << " items, " << o.jobs << " at a time\n";
+  std::mutex mutex;  // results, counters, progress
+  size_t next = 0, done = 0, failures = 0;
+  long long frames_done = 0;
+  double encode_seconds = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+
+  auto report = [&](const Item& it, const Row& r) {
+    std::lock_guard<std::mutex> lock(mutex);
+    results << row_json(it, r).dump() << "\n";
+    results.flush();
+    ++done;
+    if (r.status == "failed") ++failures;
+    if (r.status == "ok") {
+      frames_done += r.frames;
+      encode_seconds += r.seconds;
+    }
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double fps = elapsed > 0 ? frames_done / elapsed : 0;
+    const double eta = done ? elapsed / done * (mine.size() - done) : 0;
+    if (tty) {
+      std::fprintf(stderr, "\r[%zu/%zu items] %.1f frames/s, ETA %d:%02d   ", done, mine.size(), fps,
+                   static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+      if (done == mine.size()) std::fprintf(stderr, "\n");
+    } else {
+      std::fprintf(stderr, "gst-vae-batch: [%zu/%zu] %s %s: %lld frames in %.2f s%s%s\n", done, mine.size(),
+                   r.status.c_str(), it.input.c_str(), r.frames, r.seconds, r.error.empty() ? "" : ": ",
+                   r.error.c_str());
+    }
+  };
+
+  auto worker = [&]() {
+    for (;;) {
+      size_t i;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (next >= mine.size() || g_interrupted) return;
+        i = next++;
+      }
+      const Item& it = mine[i];
+      Row r;
+      if (!it.problem.empty()) {
+        r.status = "failed";
+        r.error = it.problem;
+      } else if (output_is_current(o, it, fps[i], &r)) {
+        r.status = "skipped";
+      } else if (failed_before.count(it.key) && !o.retry_failed) {
+        r.status = "failed";
+        r.error = "failed before: " + failed_before[it.key] + " (use --retry-failed)";
+      } else {
+        r = encode_item(o, it, fps[i]);
+      }
+      report(it, r);
+    }
+  };
+  std::vector<std::thread> threads;
+  for (unsigned j = 0; j < std::min<size_t>(o.jobs, std::max<size_t>(mine.size(), 1)); ++j) threads.emplace_back(worker);
+  for (auto& t : threads) t.join();
+
+  const long long loads = plugin_model_loads();
+  gst_element_set_state(anchor, GST_STATE_NULL);
+  gst_element_set_bus(anchor, nullptr);
+  gst_object_unref(anchor_bus);
+  gst_object_unref(anchor);
+  results.close();
+
+  const bool interrupted = g_interrupted != 0;
+  if (!interrupted && failures == 0) {
+    std::ofstream ok(success_path);
+  }
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "gst-vae-batch: %s: %zu items, %zu failed, %lld frames in %.1f s (%.1f frames/s)%s\n",
+               tag.c_str(), done, failures, frames_done, elapsed, elapsed > 0 ? frames_done / elapsed : 0.0,
+               interrupted ? ", interrupted" : "");
+  std::fprintf(stderr, "gst-vae-batch: model loads: %lld\n", loads);
+  return (failures || interrupted) ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gst_init(nullptr, nullptr);
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  try {
+    Options o = parse_args(argc, argv);
+    if (!o.summary.empty()) return summarize(o.summary);
+    return run(o);
+  } catch (const UsageError& e) {
+    std::cerr << "gst-vae-batch: " << e.what() << "\n" << kUsage;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "gst-vae-batch: " << e.what() << "\n";
+    return 2;
+  }
+}

@@ -15,14 +15,17 @@ packages=(
 
 # Optional groups, installed only when named: `bash scripts/setup.sh fuzz`.
 #   fuzz:     Debian's clang with libFuzzer and its ASan/UBSan runtimes (scripts/fuzz.sh);
-#   coverage: llvm-profdata/llvm-cov (FUZZ_COVERAGE=1 bash scripts/fuzz.sh).
+#   coverage: llvm-profdata/llvm-cov (FUZZ_COVERAGE=1 bash scripts/fuzz.sh);
+#   slurm:    a single-node Slurm (slurmctld, slurmd, munge) for scripts/slurm-local.sh
+#             and tests/python/test_slurm.py.
 # The sanitizer test build (scripts/test-sanitizers.sh) uses g++, whose ASan/UBSan
 # runtimes (libasan8, libubsan1) come with it.
 for group in "$@"; do
   case "$group" in
     fuzz) packages+=(clang-14 libclang-rt-14-dev) ;;
     coverage) packages+=(llvm-14) ;;
-    *) echo "setup: unknown package group '$group' (known: fuzz, coverage)" >&2; exit 2 ;;
+    slurm) packages+=(slurm-wlm munge) ;;
+    *) echo "setup: unknown package group '$group' (known: fuzz, coverage, slurm)" >&2; exit 2 ;;
   esac
 done
 

@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 bash scripts/build.sh "$@"
+bash scripts/setup.sh slurm  # tests/python/test_slurm.py runs a real single-node Slurm
 meson test -C build --print-errorlogs --num-processes 1
 t1=$SECONDS
 if [ "${GSTVAE_TEST_SANITIZERS:-1}" != 0 ]; then

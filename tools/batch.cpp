@@ -188,7 +188,7 @@ void resolve_shard(Options& o, std::string* source) {
 
 /* ------------------------------------------------------------ manifest */
 
-uint64_t fnv1a64(const void* data, size_t n, uint64_t h = 1469598103934665603ULL) {
+uint64_t fnv1a64(const void* data, size_t n, uint64_t h = 14695981039346656037ULL) {
   const unsigned char* p = static_cast<const unsigned char*>(data);
   for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
   return h;
@@ -346,7 +346,7 @@ std::string model_identity(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw UsageError("cannot read the model '" + path + "': " + std::strerror(errno));
   std::vector<char> buf(1 << 20);
-  uint64_t h = 1469598103934665603ULL, size = 0;
+  uint64_t h = 14695981039346656037ULL, size = 0;
   while (f) {
     f.read(buf.data(), static_cast<std::streamsize>(buf.size()));
     const size_t n = static_cast<size_t>(f.gcount());
@@ -495,6 +495,8 @@ std::string error_text(GstMessage* m) {
     // The last line of the debug text says what was at fault; the source file positions are noise.
     const size_t nl = d.rfind('\n');
     if (nl != std::string::npos) d = d.substr(nl + 1);
+    const size_t func = d.find(" (): ");  // "file.c(123): function (): /GstPipeline:..."
+    if (func != std::string::npos) d = d.substr(func + 5);
     if (d.size() > 400) d = d.substr(0, 400) + "...";
     text += " (" + d + ")";
   }
@@ -755,7 +757,10 @@ int run(Options& o) {
       if (j.is_discarded() || !j.is_object()) continue;
       std::string error = j.value("error", "");
       // Rows about a manifest line (a duplicate, a collision) say nothing of the item itself.
-      if (error.rfind("duplicate of line", 0) == 0 || error.rfind("output collides with line", 0) == 0) continue;
+      // An interrupted item was not at fault: the next run resumes it.
+      if (error.rfind("duplicate of line", 0) == 0 || error.rfind("output collides with line", 0) == 0 ||
+          error == "interrupted")
+        continue;
       const std::string again = "failed before: ", hint = " (use --retry-failed)";
       if (error.rfind(again, 0) == 0) error = error.substr(again.size());
       if (error.size() >= hint.size() && error.compare(error.size() - hint.size(), hint.size(), hint) == 0)

@@ -9,6 +9,7 @@
 // loaded once per process: an idle vaeencode started at the beginning holds
 // it in the plugin's model cache, which every item's vaeencode then shares.
 #include <dlfcn.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -61,6 +62,7 @@ struct Options {
   long long k8s_shards = 0;          // --shards N (with JOB_COMPLETION_INDEX)
   unsigned jobs = 1;
   bool retry_failed = false, dry_run = false;
+  int stall_timeout = 60;  // seconds without any progress before an item is given up
 };
 
 const char* kUsage =
@@ -70,6 +72,7 @@ const char* kUsage =
     "         --precision auto|fp32|fp16|bf16  --latent-format raw|sd15|sdxl|sd3|flux\n"
     "         --max-side N | --size WxH  --fps F  --max-frames N\n"
     "         --shard I/N | --shards N (with JOB_COMPLETION_INDEX)  --jobs J  --retry-failed  --dry-run\n"
+    "         --stall-timeout S (an item with no progress for S seconds fails; default 60)\n"
     "Shard, when --shard is not given: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN),\n"
     "JOB_COMPLETION_INDEX with --shards N, RANK/WORLD_SIZE, else 0/1. See docs/scale-out.md.\n";
 
@@ -132,6 +135,7 @@ Options parse_args(int argc, char** argv) {
     } else if (a == "--shards") o.k8s_shards = parse_int(a, value(), 1, 1 << 24);
     else if (a == "--jobs") o.jobs = static_cast<unsigned>(parse_int(a, value(), 1, 64));
     else if (a == "--retry-failed") o.retry_failed = true;
+    else if (a == "--stall-timeout") o.stall_timeout = static_cast<int>(parse_int(a, value(), 1, 86400));
     else if (a == "--dry-run") o.dry_run = true;
     else if (a == "--help" || a == "-h") {
       std::cout << kUsage;
@@ -431,12 +435,29 @@ struct ItemRun {
   std::atomic<bool> ended{false};
   GstElement* capsfilter = nullptr;
   GstElement* convert = nullptr;
+  GstElement* pipeline = nullptr;
   std::string caps_base;  // video/x-raw,format=RGB[,framerate=F]
+  std::atomic<bool> video_linked{false};
+  // Last sign of life (a frame in, a latent out), in steady-clock nanoseconds.
+  std::atomic<long long> last_progress{0};
+
+  void progressed() {
+    last_progress = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
 };
+
+// Ends the item with `text` as its error, from any thread.
+void fail_item(ItemRun* run, const std::string& text) {
+  GError* err = g_error_new_literal(GST_STREAM_ERROR, GST_STREAM_ERROR_FORMAT, text.c_str());
+  gst_element_post_message(run->pipeline, gst_message_new_error(GST_OBJECT(run->pipeline), err, nullptr));
+  g_error_free(err);
+}
 
 // Keeps frames in [start, end) and at most max-frames of them, then ends the stream.
 GstPadProbeReturn frame_filter(GstPad* pad, GstPadProbeInfo* info, gpointer data) {
   ItemRun* run = static_cast<ItemRun*>(data);
+  run->progressed();
   GstBuffer* buf = GST_PAD_PROBE_INFO_BUFFER(info);
   const GstClockTime pts = GST_BUFFER_PTS(buf);
   if (GST_CLOCK_TIME_IS_VALID(run->start) && GST_CLOCK_TIME_IS_VALID(pts) && pts < run->start)
@@ -450,7 +471,9 @@ GstPadProbeReturn frame_filter(GstPad* pad, GstPadProbeInfo* info, gpointer data
   return GST_PAD_PROBE_OK;
 }
 
-// --max-side: once the input size is known, ask videoscale for at most N on the longer (display) side.
+// Once the input size is known: keep it (no silent rescaling), or with
+// --max-side ask videoscale for at most N on the longer (display) side; refuse
+// frames too small for a VAE (under 8 pixels) rather than scale them up.
 GstPadProbeReturn size_from_caps(GstPad*, GstPadProbeInfo* info, gpointer data) {
   ItemRun* run = static_cast<ItemRun*>(data);
   GstEvent* ev = GST_PAD_PROBE_INFO_EVENT(info);
@@ -461,10 +484,22 @@ GstPadProbeReturn size_from_caps(GstPad*, GstPadProbeInfo* info, gpointer data) 
   int w = 0, h = 0, par_n = 1, par_d = 1;
   if (!gst_structure_get_int(s, "width", &w) || !gst_structure_get_int(s, "height", &h)) return GST_PAD_PROBE_OK;
   gst_structure_get_fraction(s, "pixel-aspect-ratio", &par_n, &par_d);
-  const double dw = static_cast<double>(w) * par_n / std::max(par_d, 1), dh = h;
-  const double scale = std::min(1.0, run->o->max_side / std::max(dw, dh));
-  const int tw = std::max(1, static_cast<int>(std::lround(dw * scale)));
-  const int th = std::max(1, static_cast<int>(std::lround(dh * scale)));
+  int tw = w, th = h;
+  if (run->o->size_w) {
+    tw = run->o->size_w;
+    th = run->o->size_h;
+  } else if (run->o->max_side) {
+    const double dw = static_cast<double>(w) * par_n / std::max(par_d, 1), dh = h;
+    const double scale = std::min(1.0, run->o->max_side / std::max(dw, dh));
+    tw = std::max(1, static_cast<int>(std::lround(dw * scale)));
+    th = std::max(1, static_cast<int>(std::lround(dh * scale)));
+  }
+  if (tw < 8 || th < 8) {
+    fail_item(run, "frames too small: " + std::to_string(w) + "x" + std::to_string(h) +
+                       (tw != w || th != h ? " (" + std::to_string(tw) + "x" + std::to_string(th) + " after scaling)" : "") +
+                       "; a VAE needs at least 8x8");
+    return GST_PAD_PROBE_DROP;
+  }
   const std::string text = run->caps_base + ",width=" + std::to_string(tw) + ",height=" + std::to_string(th);
   GstCaps* want = gst_caps_from_string(text.c_str());
   g_object_set(run->capsfilter, "caps", want, nullptr);
@@ -481,7 +516,7 @@ void on_pad_added(GstElement*, GstPad* pad, gpointer data) {
   if (caps) gst_caps_unref(caps);
   if (!video) return;
   GstPad* sink = gst_element_get_static_pad(run->convert, "sink");
-  if (!gst_pad_is_linked(sink)) gst_pad_link(pad, sink);  // the first video stream
+  if (!gst_pad_is_linked(sink) && gst_pad_link(pad, sink) == GST_PAD_LINK_OK) run->video_linked = true;  // the first video stream
   gst_object_unref(sink);
 }
 
@@ -503,6 +538,35 @@ std::string error_text(GstMessage* m) {
   g_clear_error(&err);
   g_free(debug);
   return text;
+}
+
+std::string host_name() {
+  char buf[256] = {0};
+  if (gethostname(buf, sizeof buf - 1) != 0 || !buf[0]) return "host";
+  std::string h = buf;
+  for (char& c : h)
+    if (c == '/' || c == '-') c = '_';
+  return h;
+}
+
+// Staging files (and latentfilesink's temporary files beside them) of runs of
+// this item on this host whose process is gone: a worker killed mid-item.
+void remove_dead_leftovers(const std::string& dir, const std::string& prefix) {
+  GDir* d = g_dir_open(dir.c_str(), 0, nullptr);
+  if (!d) return;
+  std::vector<std::string> dead;
+  while (const gchar* name = g_dir_read_name(d)) {
+    std::string n = name;
+    // ".<base>.inprogress-<host>-<pid>.<ext>" or "..<base>.inprogress-<host>-<pid>.<ext>.partial-XXXXXX"
+    const size_t at = n.find(prefix);
+    if (at == std::string::npos || at > 1) continue;
+    const long long pid = std::atoll(n.c_str() + at + prefix.size());
+    if (pid <= 0 || pid == getpid()) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    dead.push_back(dir + "/" + n);
+  }
+  g_dir_close(d);
+  for (const std::string& path : dead) ::unlink(path.c_str());
 }
 
 Row encode_item(const Options& o, const Item& it, const std::string& fp) {
@@ -533,9 +597,13 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   }
   // latentfilesink writes (through its own hidden temporary file) to a hidden
   // staging name; only a complete, verified result is renamed to the output.
-  // It ends with the format's extension, which readers go by.
-  const std::string staging = out_dir + "/." + it.output.substr(it.output.rfind('/') + 1) + ".inprogress-" +
-                              std::to_string(getpid()) + "." + o.format;
+  // It names this host and process (so a rerun can tell a dead run's leftovers
+  // from a live one's on a shared file system) and ends with the format's
+  // extension, which readers go by.
+  const std::string base = it.output.substr(it.output.rfind('/') + 1);
+  const std::string staging_prefix = "." + base + ".inprogress-" + host_name() + "-";
+  const std::string staging = out_dir + "/" + staging_prefix + std::to_string(getpid()) + "." + o.format;
+  remove_dead_leftovers(out_dir, staging_prefix);
 
   ItemRun run;
   run.o = &o;
@@ -588,12 +656,23 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   }
   g_signal_connect(src, "pad-added", G_CALLBACK(on_pad_added), &run);
   GstPad* convert_sink = gst_element_get_static_pad(run.convert, "sink");
-  if (o.max_side) gst_pad_add_probe(convert_sink, GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM, size_from_caps, &run, nullptr);
+  gst_pad_add_probe(convert_sink, GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM, size_from_caps, &run, nullptr);
   gst_object_unref(convert_sink);
   // The range and the frame limit apply to the frames vaeencode would get (after videorate).
   GstPad* enc_sink = gst_element_get_static_pad(enc, "sink");
   gst_pad_add_probe(enc_sink, GST_PAD_PROBE_TYPE_BUFFER, frame_filter, &run, nullptr);
   gst_object_unref(enc_sink);
+  GstPad* sink_pad = gst_element_get_static_pad(sink, "sink");
+  gst_pad_add_probe(
+      sink_pad, GST_PAD_PROBE_TYPE_BUFFER,
+      [](GstPad*, GstPadProbeInfo*, gpointer d) {
+        static_cast<ItemRun*>(d)->progressed();
+        return GST_PAD_PROBE_OK;
+      },
+      &run, nullptr);
+  gst_object_unref(sink_pad);
+  run.pipeline = pipeline;
+  run.progressed();
 
   const auto t0 = std::chrono::steady_clock::now();
   GstBus* bus = gst_element_get_bus(pipeline);
@@ -609,9 +688,27 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
       error = "interrupted";
       break;
     }
-    if (!m) continue;
+    if (!m) {
+      // A stall: no frame in, no latent out and nothing being encoded for a
+      // while. Some broken files make a demuxer stop without an error that
+      // reaches this bus (decodebin keeps it); the item must not hold a
+      // cluster task until its time limit.
+      guint64 in_flight = 0;
+      g_object_get(enc, "frames-in-flight", &in_flight, nullptr);
+      if (in_flight) run.progressed();
+      const long long now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::steady_clock::now().time_since_epoch()).count();
+      if (now - run.last_progress > static_cast<long long>(o.stall_timeout) * 1000000000LL) {
+        error = "no progress for " + std::to_string(o.stall_timeout) +
+                " s (a corrupt or truncated file, or a stalled source)";
+        break;
+      }
+      continue;
+    }
     if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) {
       error = error_text(m);
+      if (!run.video_linked && error.find("not-linked") != std::string::npos)
+        error = "no video stream in '" + it.input + "'";
       gst_message_unref(m);
       break;
     }

@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <mutex>
@@ -326,6 +327,43 @@ class DownstreamGate {
   int arrived_ = 0;
   GstFlowReturn refuse_ = GST_FLOW_OK;
 };
+
+// Runs `fn` on its own thread (a push or an event that may block).
+class Background {
+ public:
+  explicit Background(std::function<void()> fn)
+      : thread_([this, fn] {
+          fn();
+          std::lock_guard<std::mutex> lock(mutex_);
+          done_ = true;
+          cond_.notify_all();
+        }) {}
+  ~Background() { join(); }
+  Background(const Background&) = delete;
+  Background& operator=(const Background&) = delete;
+  // Whether `fn` has returned within `limit`.
+  bool finished_within(std::chrono::seconds limit) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    return cond_.wait_for(lock, limit, [&] { return done_; });
+  }
+  void join() {
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cond_;
+  bool done_ = false;
+  std::thread thread_;  // last: starts once the members it uses exist
+};
+
+// Polls `ready` until it holds or 60 s have passed; returns its last value.
+bool eventually(const std::function<bool()>& ready) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!ready() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  return ready();
+}
 
 /* ---------------------------------------------------------------- fixture */
 
@@ -1042,9 +1080,7 @@ TEST_F(VaeEncodeTest, PerBatchLoweredReleasesTheBatchNowFull) {
   EXPECT_EQ(t.queued(), 0u);
   g_object_set(t.element, "per-batch", 2u, nullptr);
   // The hand-over happens on the batch-timeout thread: no more input needed.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (t.queued() < 2u && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  EXPECT_TRUE(eventually([&] { return t.queued() >= 2u; }));
   EXPECT_EQ(t.queued(), 2u) << "the 2 waiting frames are a full batch now";
   ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[2], 2)), GST_FLOW_OK);
   EXPECT_EQ(t.queued(), 2u);
@@ -1386,24 +1422,13 @@ TEST_F(VaeEncodeTest, StreamingThreadNeverWaitsForDownstream) {
   auto fr = frames("RGB", 64, 48, 6);
   for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
   ASSERT_TRUE(gate.wait_arrived(1));
-  std::mutex m;
-  std::condition_variable cv;
-  bool returned = false;
-  std::thread pusher([&] {
+  Background pusher([&] {
     for (guint64 n = 2; n < 6; ++n) EXPECT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
-    std::lock_guard<std::mutex> lock(m);
-    returned = true;
-    cv.notify_all();
   });
-  {
-    std::unique_lock<std::mutex> lock(m);
-    cv.wait_for(lock, std::chrono::seconds(60), [&] { return returned; });
-    EXPECT_TRUE(returned) << "upstream was held back while downstream held the first latent";
-  }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (t.u64("batches") < 2 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  EXPECT_GE(t.u64("batches"), 2u) << "batch 2 was not encoded while batch 1 waited downstream";
+  EXPECT_TRUE(pusher.finished_within(std::chrono::seconds(60)))
+      << "upstream was held back while downstream held the first latent";
+  EXPECT_TRUE(eventually([&] { return t.u64("batches") >= 2; }))
+      << "batch 2 was not encoded while batch 1 waited downstream";
   EXPECT_EQ(gate.arrived(), 1);
   gate.open();
   pusher.join();
@@ -1454,30 +1479,20 @@ TEST_F(VaeEncodeTest, TagDoesNotHoldTheStreamingThread) {
   for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
   ASSERT_TRUE(gate.wait_arrived(1));
   rec.take();
-  std::mutex m;
-  std::condition_variable cv;
-  bool returned = false;
-  std::thread sender([&] {
+  Background sender([&] {
     EXPECT_TRUE(gst_harness_push_event(
         t.h, gst_event_new_tag(gst_tag_list_new(GST_TAG_TITLE, "mid-stream", nullptr))));
-    std::lock_guard<std::mutex> lock(m);
-    returned = true;
-    cv.notify_all();
   });
-  {
-    std::unique_lock<std::mutex> lock(m);
-    cv.wait_for(lock, std::chrono::seconds(30), [&] { return returned; });
-    EXPECT_TRUE(returned) << "the tag held the streaming thread while downstream held a latent";
-  }
+  EXPECT_TRUE(sender.finished_within(std::chrono::seconds(30)))
+      << "the tag held the streaming thread while downstream held a latent";
   for (const auto& it : rec.take()) EXPECT_TRUE(it.is_buffer) << "the tag overtook the latents in flight";
   gate.open();
   sender.join();
   std::vector<Recorder::Item> items;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (items.size() < 2 && std::chrono::steady_clock::now() < deadline) {
+  eventually([&] {
     for (auto& it : rec.take()) items.push_back(it);
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+    return items.size() >= 2;
+  });
   ASSERT_EQ(items.size(), 2u);  // the second latent, then the tag
   EXPECT_TRUE(items[0].is_buffer);
   EXPECT_EQ(items[1].event, GST_EVENT_TAG);
@@ -1502,10 +1517,7 @@ TEST_F(VaeEncodeTest, FlushWhileEncodingDropsStaleLatents) {
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE)));
   ASSERT_TRUE(t.segment());
   // The push thread counts its (dropped) batch off just after the flush fence.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (t.u64("frames-in-flight") != 0 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  EXPECT_EQ(t.u64("frames-in-flight"), 0u) << "the waiting batch survived the flush";
+  EXPECT_TRUE(eventually([&] { return t.u64("frames-in-flight") == 0; })) << "the waiting batch survived the flush";
   for (guint64 i = 0; i < 2; ++i)
     ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[4 + i], 100 + i)), GST_FLOW_OK);
   ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));

@@ -56,47 +56,7 @@ SHARD_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK
               "SLURM_ARRAY_JOB_ID", "JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 ROW_FIELDS = {"line", "input", "key", "output", "status", "frames", "shape", "seconds", "fps"}
 
-FAILED = []
-
-
-class CheckFailed(Exception):
-    pass
-
-
-class Case:
-    """Collects failed checks of one case; `need` stops the case."""
-
-    def __init__(self):
-        self.errors = []
-
-    def check(self, cond, msg):
-        if not cond:
-            self.errors.append(msg)
-        return bool(cond)
-
-    def need(self, cond, msg):
-        if not cond:
-            self.errors.append(msg)
-            raise CheckFailed()
-
-
-def run_case(name, fn, *args):
-    c = Case()
-    t0 = time.monotonic()
-    try:
-        note = fn(c, *args)
-    except CheckFailed:
-        note = None
-    except Exception:  # noqa: BLE001 -- a crash of the test is a failure of the case
-        c.errors.append("exception:\n" + traceback.format_exc())
-        note = None
-    dt = time.monotonic() - t0
-    if c.errors:
-        FAILED.append(name)
-        print("FAIL %s (%.1f s)\n    %s" % (name, dt, "\n    ".join(e.replace("\n", "\n    ") for e in c.errors)))
-    else:
-        print("PASS %s (%.1f s)%s" % (name, dt, (": " + note) if note else ""))
-    sys.stdout.flush()
+from casekit import FAILED, RAN, Case, CheckFailed, run_case  # noqa: F401 -- shared runner
 
 
 # ------------------------------------------------------------------ helpers

@@ -60,51 +60,7 @@ CLIPS = [
 CORRUPT = ("bad", "broken.webm")
 CUSTOM_OUTPUT = "custom/pinwheel-out.latent"  # the JSON manifest line for e/pinwheel.webm names its output
 
-FAILED = []
-RAN = []
-
-
-class CheckFailed(Exception):
-    pass
-
-
-class Case:
-    """Collects failed checks of one case; `need` stops the case."""
-
-    def __init__(self):
-        self.errors = []
-
-    def check(self, cond, msg):
-        if not cond:
-            self.errors.append(msg)
-        return bool(cond)
-
-    def need(self, cond, msg):
-        if not cond:
-            self.errors.append(msg)
-            raise CheckFailed()
-
-
-def run_case(name, fn, *args):
-    c = Case()
-    RAN.append(name)
-    t0 = time.monotonic()
-    result = None
-    try:
-        result = fn(c, *args)
-    except CheckFailed:
-        pass
-    except Exception:  # noqa: BLE001 -- a crash of the test is a failure of the case
-        c.errors.append("exception:\n" + traceback.format_exc())
-    dt = time.monotonic() - t0
-    note = result if isinstance(result, str) else None
-    if c.errors:
-        FAILED.append(name)
-        print("FAIL %s (%.1f s)\n    %s" % (name, dt, "\n    ".join(e.replace("\n", "\n    ") for e in c.errors)))
-    else:
-        print("PASS %s (%.1f s)%s" % (name, dt, (": " + note) if note else ""))
-    sys.stdout.flush()
-    return not c.errors
+from casekit import FAILED, RAN, Case, CheckFailed, run_case  # noqa: F401 -- shared runner
 
 
 # ------------------------------------------------------------------ helpers

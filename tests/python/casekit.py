@@ -1,0 +1,65 @@
+"""The small case runner shared by the Python pipeline tests: each case prints
+one PASS or FAIL line (with its failed checks), and the script's exit status
+says whether any failed.
+
+    from casekit import FAILED, RAN, run_case
+
+    def case_x(c, arg):
+        c.need(cond, "what is wrong")   # stops the case
+        c.check(cond, "what is wrong")  # records and goes on
+        return "a note printed after PASS"
+
+    run_case("x. what it checks", case_x, arg)
+    sys.exit(1 if FAILED else 0)
+"""
+import sys
+import time
+import traceback
+
+FAILED = []  # names of the cases that failed
+RAN = []     # names of the cases run
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class Case:
+    """Collects failed checks of one case; `need` stops the case."""
+
+    def __init__(self):
+        self.errors = []
+
+    def check(self, cond, msg):
+        if not cond:
+            self.errors.append(msg)
+        return bool(cond)
+
+    def need(self, cond, msg):
+        if not cond:
+            self.errors.append(msg)
+            raise CheckFailed()
+
+
+def run_case(name, fn, *args):
+    """Runs fn(case, *args); a string it returns is printed after PASS.
+    Returns whether the case passed."""
+    c = Case()
+    RAN.append(name)
+    t0 = time.monotonic()
+    result = None
+    try:
+        result = fn(c, *args)
+    except CheckFailed:
+        pass
+    except Exception:  # noqa: BLE001 -- a crash of the test is a failure of the case
+        c.errors.append("exception:\n" + traceback.format_exc())
+    dt = time.monotonic() - t0
+    note = result if isinstance(result, str) else None
+    if c.errors:
+        FAILED.append(name)
+        print("FAIL %s (%.1f s)\n    %s" % (name, dt, "\n    ".join(e.replace("\n", "\n    ") for e in c.errors)))
+    else:
+        print("PASS %s (%.1f s)%s" % (name, dt, (": " + note) if note else ""))
+    sys.stdout.flush()
+    return not c.errors

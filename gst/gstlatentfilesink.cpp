@@ -5,12 +5,14 @@
 #include "gstlatentfilesink.h"
 
 #include <cstring>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "latent_caps.h"
 #include "latent_file.h"
+#include "latent_format.h"
 
 GST_DEBUG_CATEGORY_STATIC(latent_file_sink_debug);
 #define GST_CAT_DEFAULT latent_file_sink_debug
@@ -133,6 +135,10 @@ struct Streaming {
   std::string model;  // from the vae-model tag
   bool failed = false;
   std::map<std::string, std::string> extra;  // from Settings at start
+  // .latent files hold raw latents (ComfyUI's LoadLatent scales them itself):
+  // scaled input is turned back with raw = x / scale + shift.
+  gstvae::LatentFormat to_raw;
+  std::set<std::string> converted;  // scaled formats turned to raw in the open file
 };
 
 struct Stats {
@@ -261,6 +267,11 @@ static size_t file_metadata(const Streaming& st, const LatentFileWriter& writer,
     if (!crop.empty()) meta["crop_x_y_w_h"] = crop;
   }
   if (!st.model.empty()) meta["model"] = st.model;
+  if (!st.converted.empty()) {
+    std::string from;
+    for (const std::string& f : st.converted) from += (from.empty() ? "" : ",") + f;
+    meta["converted_from_latent_format"] = from;
+  }
   for (const auto& kv : st.extra) meta.emplace(kv.first, kv.second);  // never over the sink's own keys
   size_t unrecorded = 0;
   if (st.ranges.size() > 1) {
@@ -346,6 +357,7 @@ static bool open_file(GstLatentFileSink* self) {
   st.next_index++;
   st.first_pts = GST_CLOCK_TIME_NONE;
   st.end_pts = GST_CLOCK_TIME_NONE;
+  st.converted.clear();
   st.ranges.assign(1, Range());
   st.ranges[0].caps = st.caps;
   st.new_range = nullptr;
@@ -468,6 +480,22 @@ static gboolean gst_latent_file_sink_set_caps(GstBaseSink* sink, GstCaps* caps) 
     GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Invalid latent caps"), ("%" GST_PTR_FORMAT, caps));
     return FALSE;
   }
+  st.to_raw = gstvae::LatentFormat();
+  if (st.format == LatentFileFormat::Latent && info.latent_format != "raw") {
+    // ComfyUI's LoadLatent takes a .latent with the version marker as raw and
+    // scales it itself: scaled values there would be scaled twice.
+    try {
+      st.to_raw = gstvae::latent_format_by_name(info.latent_format);
+    } catch (const std::exception& e) {
+      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Cannot store latent-format '%s' in a .latent file",
+                                                info.latent_format.c_str()),
+                        ("a .latent file holds raw latents and this format cannot be turned back (%s); write "
+                         ".safetensors or .npy, which keep the values as they come",
+                         e.what()));
+      return FALSE;
+    }
+    info.latent_format = "raw";  // what the file will hold, for every record of it
+  }
   if (st.writer && (info.channels != st.caps.channels || info.width != st.caps.width ||
                     info.height != st.caps.height)) {
     if (!st.location.pattern) {
@@ -534,7 +562,16 @@ static GstFlowReturn gst_latent_file_sink_render(GstBaseSink* sink, GstBuffer* b
             std::to_string(st.caps.width) + " float32)";
   } else {
     try {
-      st.writer->append(map.data, map.size);
+      if (st.to_raw.is_raw()) {
+        st.writer->append(map.data, map.size);
+      } else {
+        std::vector<float> raw(map.size / sizeof(float));
+        std::memcpy(raw.data(), map.data, map.size);
+        const double scale = st.to_raw.scale, shift = st.to_raw.shift;
+        for (float& x : raw) x = static_cast<float>(x / scale + shift);
+        st.writer->append(raw.data(), map.size);
+        st.converted.insert(st.to_raw.name);
+      }
     } catch (const std::exception& e) {
       error = e.what();
     }

@@ -900,6 +900,11 @@ def case_bench(c, model, tmp):
             c.check(np.array_equal(read_tensor(loc), read_tensor(rows[0]["output"])),
                     "gst-launch-1.0 and gst-vae-batch encode %s differently" % p)
     launch_total = time.monotonic() - t0
+    # The fixed cost of a run (process start, plugin and LibTorch loading, model
+    # hash and load): the same run over an empty manifest.
+    empty = write_manifest(os.path.join(d, "empty.txt"), ["# nothing"])
+    r0 = batch_ok(c, encode_args(empty, model, os.path.join(d, "out-empty"), "--per-batch", 16))
+    per_item = (tool_total - r0.seconds - encode_only) / n
     # Two at a time: still one model.
     out2 = os.path.join(d, "out-jobs2")
     r2 = batch_ok(c, encode_args(manifest, model, out2, "--per-batch", 16, "--jobs", 2))
@@ -909,6 +914,9 @@ def case_bench(c, model, tmp):
           "(%.1f%% of encode-only), model loads: %d" % (tool_total, encode_only, (tool_total - encode_only) / n,
                                                        100 * (tool_total - encode_only) / max(encode_only, 1e-9),
                                                        loads))
+    print("BENCH fixed cost of a run (empty manifest, model load included): %.2f s; per-item overhead beyond "
+          "the item's own pipeline, fixed cost excluded: %.3f s/item = %.1f%% of an item's %.2f s"
+          % (r0.seconds, per_item, 100 * per_item / max(encode_only / n, 1e-9), encode_only / n))
     print("BENCH gst-launch-1.0 per item: %.2f s total, overhead %.3f s/item vs encode-only (%.1f%%)"
           % (launch_total, (launch_total - encode_only) / n, 100 * (launch_total - encode_only) /
              max(encode_only, 1e-9)))

@@ -188,6 +188,33 @@ def case_bit_exact(c, model, tmp):
     return "7 latents of 4x6x8; .latent, .safetensors, .npy, format=npy equal the stream (Python and C++)"
 
 
+def case_scaled_to_raw(c, model, tmp):
+    """A .latent holds raw latents whatever the caps' latent-format (ComfyUI's
+    LoadLatent scales them itself); .safetensors keeps the scaled values."""
+    d = os.path.join(tmp, "scaled")
+    os.mkdir(d)
+    src = "videotestsrc num-buffers=6 ! %s ! vaeencode model=%s per-batch=3" % (src_caps(64, 48), model)
+    launch_ok(c, "%s ! latentfilesink location=%s" % (src, os.path.join(d, "raw.latent")))
+    launch_ok(c, "%s latent-format=sdxl ! latentfilesink location=%s" % (src, os.path.join(d, "sdxl.latent")))
+    launch_ok(c, "%s latent-format=sd3 ! latentfilesink location=%s" % (src, os.path.join(d, "sd3.latent")))
+    launch_ok(c, "%s latent-format=sdxl ! latentfilesink location=%s" % (src, os.path.join(d, "sdxl.safetensors")))
+    raw = read_latent_py(os.path.join(d, "raw.latent"))
+    for name in ("sdxl", "sd3"):
+        _, meta, tensors, _, _ = read_safetensors(os.path.join(d, name + ".latent"))
+        got = tensors["latent_tensor"]
+        c.check(np.allclose(got, raw, rtol=1e-5, atol=1e-6),
+                "%s.latent does not hold the raw latents: %s" % (name, diff_text(got, raw)))
+        c.check(meta.get("latent_format") == "raw" and meta.get("converted_from_latent_format") == name,
+                "%s.latent metadata: %s" % (name, {k: meta.get(k) for k in ("latent_format",
+                                                                           "converted_from_latent_format")}))
+    _, meta, tensors, _, _ = read_safetensors(os.path.join(d, "sdxl.safetensors"))
+    c.check(np.allclose(tensors["latent_tensor"], raw * 0.13025, rtol=1e-5, atol=1e-7),
+            "sdxl.safetensors is not the scaled stream: %s" % diff_text(tensors["latent_tensor"], raw * 0.13025))
+    c.check(meta.get("latent_format") == "sdxl" and "converted_from_latent_format" not in meta,
+            "sdxl.safetensors metadata: %s" % meta.get("latent_format"))
+    return ".latent from sdxl and sd3 caps equals the raw stream; .safetensors keeps sdxl scaling"
+
+
 def check_comfy_file(c, path, frames, expect_meta, raw=None):
     """ComfyUI's LoadLatent: safetensors.torch.load_file, then
     multiplier = 1.0 if 'latent_format_version_0' in latent else 1/0.18215; samples = latent_tensor * multiplier."""
@@ -893,6 +920,7 @@ def main():
         cases = [
             ("a. bit-exact .latent/.safetensors/.npy vs raw stream (Python + C++ readers)", case_bit_exact),
             ("b. ComfyUI LoadLatent layout and metadata", case_comfyui),
+            ("b. scaled latent formats become raw in a .latent, stay in .safetensors", case_scaled_to_raw),
             ("c. segments by max-frames (and .npy pattern)", case_segments),
             ("c. segments by max-duration, start-index", case_duration),
             ("d. SIGKILL mid-stream leaves no final file; completed run leaves no temp file", case_kill),

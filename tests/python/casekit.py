@@ -63,3 +63,22 @@ def run_case(name, fn, *args):
         print("PASS %s (%.1f s)%s" % (name, dt, (": " + note) if note else ""))
     sys.stdout.flush()
     return not c.errors
+
+
+def run_selected(cases, args, only_env):
+    """Runs each (name, fn) of `cases` as fn(case, *args), or only those whose
+    name contains one of the comma-separated words in the environment variable
+    `only_env`. Returns how many ran."""
+    import os
+    only = [w for w in os.environ.get(only_env, "").split(",") if w]
+    chosen = [(n, f) for n, f in cases if not only or any(w in n for w in only)]
+    for name, fn in chosen:
+        run_case(name, fn, *args)
+    return len(chosen)
+
+
+def finish(t0):
+    """Prints the summary line and exits 1 if any case failed."""
+    print("%d of %d cases failed%s (%.1f s)" % (len(FAILED), len(RAN), (": " + "; ".join(FAILED)) if FAILED else "",
+                                                 time.monotonic() - t0))
+    sys.exit(1 if FAILED else 0)

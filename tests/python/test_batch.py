@@ -56,7 +56,7 @@ SHARD_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK
               "SLURM_ARRAY_JOB_ID", "JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 ROW_FIELDS = {"line", "input", "key", "output", "status", "frames", "shape", "seconds", "fps"}
 
-from casekit import FAILED, RAN, Case, CheckFailed, run_case  # noqa: F401 -- shared runner
+from casekit import FAILED, RAN, Case, CheckFailed, finish, run_case, run_selected  # noqa: F401
 
 
 # ------------------------------------------------------------------ helpers
@@ -954,14 +954,8 @@ def main():
             ("f. --summary", case_summary),
             ("g. benchmark vs gst-launch-1.0 per item; model loads: 1", case_bench),
         ]
-        only = [w for w in os.environ.get("GSTVAE_BATCH_CASES", "").split(",") if w]
-        if only:
-            cases = [(n, f) for n, f in cases if any(w in n for w in only)]
-        for name, fn in cases:
-            run_case(name, fn, model, tmp)
-    print("%d of %d cases failed%s (%.1f s)" % (len(FAILED), len(cases), (": " + "; ".join(FAILED)) if FAILED else "",
-                                                 time.monotonic() - t0))
-    sys.exit(1 if FAILED else 0)
+        run_selected(cases, (model, tmp), "GSTVAE_BATCH_CASES")
+    finish(t0)
 
 
 if __name__ == "__main__":

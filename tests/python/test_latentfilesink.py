@@ -47,7 +47,7 @@ MODEL_NAME = "tiny-vae-test.safetensors"
 Z = 4  # latent channels of the test model
 NS30 = [i * 1000000000 // 30 for i in range(200)]  # videotestsrc PTS at 30/1 (rounded down, as it does)
 
-from casekit import FAILED, RAN, Case, CheckFailed, run_case  # noqa: F401 -- shared runner
+from casekit import FAILED, RAN, Case, CheckFailed, finish, run_case, run_selected  # noqa: F401
 
 
 # ------------------------------------------------------------------ helpers
@@ -944,14 +944,8 @@ def main():
             cases.append(("f. examples/c/progress", case_c_example))
         else:
             print("NOTE f. examples/c/progress not tested: GSTVAE_PROGRESS_EXAMPLE is not set")
-        only = [w for w in os.environ.get("GSTVAE_LFS_CASES", "").split(",") if w]
-        if only:
-            cases = [(n, f) for n, f in cases if any(w in n for w in only)]
-        for name, fn in cases:
-            run_case(name, fn, model, tmp)
-    print("%d of %d cases failed%s (%.1f s)" % (len(FAILED), len(cases), (": " + "; ".join(FAILED)) if FAILED else "",
-                                                 time.monotonic() - t0))
-    sys.exit(1 if FAILED else 0)
+        run_selected(cases, (model, tmp), "GSTVAE_LFS_CASES")
+    finish(t0)
 
 
 if __name__ == "__main__":

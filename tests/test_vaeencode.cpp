@@ -1527,7 +1527,9 @@ TEST_F(VaeEncodeTest, FlushWhileEncodingDropsStaleLatents) {
   // latent from before the flush may come out.
   ASSERT_GE(out.size(), 2u);
   ASSERT_LE(out.size(), 3u);
-  if (out.size() == 3) EXPECT_EQ(GST_BUFFER_PTS(out[0]), 0u);
+  if (out.size() == 3) {
+    EXPECT_EQ(GST_BUFFER_PTS(out[0]), 0u);
+  }
   EXPECT_EQ(GST_BUFFER_PTS(out[out.size() - 2]), 100 * kFrameDur);
   EXPECT_EQ(GST_BUFFER_PTS(out[out.size() - 1]), 101 * kFrameDur);
   std::vector<Frame> fresh(fr.begin() + 4, fr.end());

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -251,7 +252,7 @@ void LatentFileWriter::abort() {
   temp_path_.clear();
 }
 
-LatentArray read_latent_file(const std::string& path) {
+LatentArray read_latent_file(const std::string& path, bool with_values) {
   LatentArray out;
   if (latent_file_format_for(path) == LatentFileFormat::Npy) {
     std::ifstream f(path, std::ios::binary);
@@ -270,13 +271,29 @@ LatentArray read_latent_file(const std::string& path) {
     long long d[4];
     if (std::sscanf(dict.c_str() + open, "'shape': (%lld, %lld, %lld, %lld)", &d[0], &d[1], &d[2], &d[3]) != 4)
       throw LatentFileError("'" + path + "' is not a 4-D array");
+    // The shape must match the file's size before anything is allocated for it.
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) throw LatentFileError("cannot stat '" + path + "': " + errno_text());
+    const uint64_t data_bytes = static_cast<uint64_t>(st.st_size) - std::min<uint64_t>(st.st_size, 10 + hlen);
+    uint64_t count = 1;
+    for (long long v : d) {
+      if (v < 0 || (v > 0 && count > data_bytes / 4 / static_cast<uint64_t>(v)))
+        throw LatentFileError("'" + path + "': shape does not fit the file's " + std::to_string(data_bytes) +
+                              " data bytes");
+      count *= static_cast<uint64_t>(v);
+    }
+    if (count * 4 != data_bytes)
+      throw LatentFileError("'" + path + "' holds " + std::to_string(data_bytes) + " data bytes, its shape needs " +
+                            std::to_string(count * 4) + (count * 4 > data_bytes ? " (truncated)" : ""));
     out.frames = d[0];
     out.channels = d[1];
     out.height = d[2];
     out.width = d[3];
-    out.values.resize(static_cast<size_t>(d[0] * d[1] * d[2] * d[3]));
-    f.read(reinterpret_cast<char*>(out.values.data()), static_cast<std::streamsize>(out.values.size() * 4));
-    if (!f) throw LatentFileError("'" + path + "' is truncated");
+    if (with_values) {
+      out.values.resize(static_cast<size_t>(count));
+      f.read(reinterpret_cast<char*>(out.values.data()), static_cast<std::streamsize>(count * 4));
+      if (!f) throw LatentFileError("'" + path + "' is truncated");
+    }
     return out;
   }
   SafetensorsFile file(path);
@@ -288,8 +305,10 @@ LatentArray read_latent_file(const std::string& path) {
   out.channels = t->shape[1];
   out.height = t->shape[2];
   out.width = t->shape[3];
-  out.values.resize(static_cast<size_t>(t->numel()));
-  std::memcpy(out.values.data(), file.data(*t), t->nbytes);
+  if (with_values) {
+    out.values.resize(static_cast<size_t>(t->numel()));
+    std::memcpy(out.values.data(), file.data(*t), t->nbytes);
+  }
   out.metadata = file.metadata();
   out.has_version_marker = file.find("latent_format_version_0") != nullptr;
   return out;

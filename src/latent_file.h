@@ -88,6 +88,8 @@ struct LatentArray {
   bool has_version_marker = false;  // .latent/.safetensors: `latent_format_version_0` present
 };
 
-LatentArray read_latent_file(const std::string& path);
+// Reads a latent file and checks that its shape matches its size. Without
+// values (`with_values` false) only the header is read: shape, metadata.
+LatentArray read_latent_file(const std::string& path, bool with_values = true);
 
 }  // namespace gstvae

@@ -21,6 +21,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "checkpoint_keys.h"
@@ -1295,6 +1296,37 @@ TEST(LatentFile, FormatFromTheExtensionIgnoresCase) {
   EXPECT_EQ(latent_file_format_for("z.SafeTensors"), LatentFileFormat::Safetensors);
   EXPECT_EQ(latent_file_format_for("clip.latent"), LatentFileFormat::Latent);
   EXPECT_EQ(latent_file_format_for("npy"), LatentFileFormat::Latent);
+}
+
+// A .npy whose shape does not match its size is refused before anything is
+// allocated for it (a hostile shape would ask for terabytes), and a header-only
+// read gives the shape without the values.
+TEST(LatentFile, NpyShapeMustMatchTheFileSize) {
+  TempDir dir;
+  auto write_npy = [&](const std::string& name, const std::string& shape, size_t data_bytes) {
+    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + shape + "), }";
+    dict.append(118 - dict.size() - 1, ' ');
+    dict += '\n';
+    std::string blob = std::string("\x93NUMPY\x01\x00", 8) + static_cast<char>(dict.size()) + '\0' + dict;
+    blob.append(data_bytes, '\0');
+    std::ofstream(dir.file(name), std::ios::binary) << blob;
+    return dir.file(name);
+  };
+  const std::string good = write_npy("good.npy", "2, 4, 3, 5", 2 * 4 * 3 * 5 * 4);
+  EXPECT_EQ(read_latent_file(good).values.size(), 120u);
+  const LatentArray header = read_latent_file(good, /*with_values=*/false);
+  EXPECT_EQ(header.frames, 2);
+  EXPECT_EQ(header.width, 5);
+  EXPECT_TRUE(header.values.empty());
+  for (const auto& [name, shape, bytes] :
+       std::vector<std::tuple<std::string, std::string, size_t>>{{"huge.npy", "1000000000, 4, 1000, 1000", 64},
+                                                                 {"short.npy", "2, 4, 3, 5", 100},
+                                                                 {"long.npy", "2, 4, 3, 5", 500},
+                                                                 {"negative.npy", "-2, 4, 3, 5", 480}}) {
+    const std::string path = write_npy(name, shape, bytes);
+    EXPECT_THROW(read_latent_file(path), LatentFileError) << name;
+    EXPECT_THROW(read_latent_file(path, false), LatentFileError) << name;
+  }
 }
 
 TEST(LatentFile, TemporaryNamesAreRecognisable) {

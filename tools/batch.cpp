@@ -406,7 +406,7 @@ bool output_is_current(const Options& o, const Item& it, const std::string& fp, 
   struct stat st {};
   if (::stat(it.output.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
   try {
-    gstvae::LatentArray a = gstvae::read_latent_file(it.output);
+    gstvae::LatentArray a = gstvae::read_latent_file(it.output, /*with_values=*/false);
     std::string stored;
     if (o.format == "npy") {
       std::ifstream f(it.output + ".json");
@@ -731,7 +731,7 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   }
   if (error.empty()) {
     try {
-      gstvae::LatentArray a = gstvae::read_latent_file(staging);
+      gstvae::LatentArray a = gstvae::read_latent_file(staging, /*with_values=*/false);
       row.frames = a.frames;
       row.shape = {a.channels, a.height, a.width};
       if (o.format == "npy") {

@@ -48,6 +48,24 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The machine, not the command line, is at fault (no GPU, unreadable model,
+// unwritable out-dir): exit 1, so that a scheduler retries elsewhere rather
+// than failing the whole job as for a usage error.
+struct RunError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The string field `key` of a results row, or "" (absent, or not a string).
+std::string str(const nlohmann::json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
+// JSON text of `j`; invalid UTF-8 in file names becomes U+FFFD instead of an exception.
+std::string dump(const nlohmann::json& j, int indent = -1) {
+  return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 /* ------------------------------------------------------------- options */
 
 struct Options {
@@ -163,11 +181,17 @@ void resolve_shard(Options& o, std::string* source) {
     *source = "--shard";
     return;
   }
-  if (env("SLURM_ARRAY_TASK_ID") && env("SLURM_ARRAY_TASK_COUNT")) {
+  if (env("SLURM_ARRAY_TASK_ID")) {
+    if (!env("SLURM_ARRAY_TASK_COUNT")) throw UsageError("SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT");
     const long long id = parse_int("SLURM_ARRAY_TASK_ID", env("SLURM_ARRAY_TASK_ID"), 0, 1LL << 30);
     const long long min = env("SLURM_ARRAY_TASK_MIN") ? parse_int("SLURM_ARRAY_TASK_MIN", env("SLURM_ARRAY_TASK_MIN"), 0, id) : 0;
+    // --array=0-63:2 numbers its tasks 0, 2, 4...
+    const long long step =
+        env("SLURM_ARRAY_TASK_STEP") ? parse_int("SLURM_ARRAY_TASK_STEP", env("SLURM_ARRAY_TASK_STEP"), 1, 1LL << 30) : 1;
+    if ((id - min) % step != 0)
+      throw UsageError("SLURM_ARRAY_TASK_ID " + std::to_string(id) + " is not MIN + k * STEP: give --shard I/N");
     o.shards = parse_int("SLURM_ARRAY_TASK_COUNT", env("SLURM_ARRAY_TASK_COUNT"), 1, 1 << 24);
-    o.shard = parse_int("SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN", std::to_string(id - min), 0, o.shards - 1);
+    o.shard = parse_int("(SLURM_ARRAY_TASK_ID - MIN) / STEP", std::to_string((id - min) / step), 0, o.shards - 1);
     *source = "Slurm array";
     return;
   }
@@ -178,7 +202,8 @@ void resolve_shard(Options& o, std::string* source) {
     *source = "Kubernetes Indexed Job";
     return;
   }
-  if (env("RANK") && env("WORLD_SIZE")) {
+  if (env("RANK") || env("WORLD_SIZE")) {
+    if (!env("RANK") || !env("WORLD_SIZE")) throw UsageError("RANK and WORLD_SIZE must be set together");
     o.shards = parse_int("WORLD_SIZE", env("WORLD_SIZE"), 1, 1 << 24);
     o.shard = parse_int("RANK", env("RANK"), 0, o.shards - 1);
     *source = "RANK/WORLD_SIZE";
@@ -216,7 +241,8 @@ struct Item {
   std::string problem;  // a failed row without encoding (duplicate, collision)
 };
 
-bool is_uri(const std::string& s) { return gst_uri_is_valid(s.c_str()); }
+// Only scheme://... is a URI: "Interview: Part 1.mp4" is a file name.
+bool is_uri(const std::string& s) { return s.find("://") != std::string::npos && gst_uri_is_valid(s.c_str()); }
 
 std::string dir_of(const std::string& path) {
   const size_t slash = path.rfind('/');
@@ -256,6 +282,8 @@ std::string stem_of(const std::string& input) {
   const size_t dot = s.rfind('.');
   if (dot != std::string::npos && dot > 0) s = s.substr(0, dot);
   if (s.empty()) s = "item";
+  // The hash keeps names unique; the staging and temporary names add ~60 bytes to a 255-byte limit.
+  if (s.size() > 100) s.resize(100);
   for (char& c : s)
     if (c == '/' || static_cast<unsigned char>(c) < 0x20) c = '_';
   return s;
@@ -263,8 +291,29 @@ std::string stem_of(const std::string& input) {
 
 std::string number_text(double v) {
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%g", v);
+  std::snprintf(buf, sizeof buf, "%.17g", v);  // every digit: 36000.04 is not 36000
   return buf;
+}
+
+// Why an "output" of the manifest cannot be used, or "". It must stay inside
+// --out-dir, away from the tool's own files, and end with the format's
+// extension (readers go by it).
+std::string output_problem(const std::string& output, const std::string& format) {
+  if (output.empty() || output[0] == '/') return "must be a relative path inside --out-dir";
+  std::stringstream ss(output);
+  std::string part;
+  bool first = true;
+  while (std::getline(ss, part, '/')) {
+    if (part == "..") return "must stay inside --out-dir (no '..')";
+    if (first && part == "_results") return "is in _results/, the tool's own folder";
+    if (!part.empty() && part[0] == '.' && part != ".") return "has a hidden name (the tool's staging files are hidden)";
+    if (!part.empty() && part != ".") first = false;
+  }
+  if (output.back() == '/') return "names a folder";
+  const std::string ext = "." + format;
+  if (output.size() <= ext.size() || g_ascii_strcasecmp(output.c_str() + output.size() - ext.size(), ext.c_str()) != 0)
+    return "must end with ." + format + ", the --format";
+  return "";
 }
 
 std::vector<Item> read_manifest(const Options& o) {
@@ -277,6 +326,7 @@ std::vector<Item> read_manifest(const Options& o) {
   int line = 0;
   while (std::getline(f, text)) {
     ++line;
+    if (line == 1 && text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);  // a UTF-8 byte order mark
     if (!text.empty() && text.back() == '\r') text.pop_back();
     const size_t first = text.find_first_not_of(" \t");
     if (first == std::string::npos || text[first] == '#') continue;
@@ -295,8 +345,9 @@ std::vector<Item> read_manifest(const Options& o) {
       it.input = j["input"].get<std::string>();
       auto number = [&](const char* name) -> double {
         if (!j.contains(name)) return -1;
-        if (!j[name].is_number() || j[name].get<double>() < 0)
-          throw UsageError("manifest line " + std::to_string(line) + ": \"" + name + "\" must be seconds >= 0");
+        if (!j[name].is_number() || !(j[name].get<double>() >= 0) || j[name].get<double>() > 1e9)
+          throw UsageError("manifest line " + std::to_string(line) + ": \"" + name +
+                           "\" must be seconds, from 0 to 1e9");
         return j[name].get<double>();
       };
       it.start = number("start");
@@ -304,11 +355,11 @@ std::vector<Item> read_manifest(const Options& o) {
       if (it.start >= 0 && it.end >= 0 && it.start >= it.end)
         throw UsageError("manifest line " + std::to_string(line) + ": \"start\" must be before \"end\"");
       if (j.contains("output")) {
-        if (!j["output"].is_string() || j["output"].get<std::string>().empty() || j["output"].get<std::string>()[0] == '/' ||
-            j["output"].get<std::string>().find("..") != std::string::npos)
-          throw UsageError("manifest line " + std::to_string(line) +
-                           ": \"output\" must be a relative path inside --out-dir");
+        if (!j["output"].is_string()) throw UsageError("manifest line " + std::to_string(line) + ": \"output\" must be a string");
         output = j["output"].get<std::string>();
+        const std::string problem = output_problem(output, o.format);
+        if (!problem.empty())
+          throw UsageError("manifest line " + std::to_string(line) + ": \"output\" '" + output + "' " + problem);
       }
     } else {
       it.input = text.substr(first);
@@ -329,7 +380,10 @@ std::vector<Item> read_manifest(const Options& o) {
     }
     if (it.start >= 0 || it.end >= 0)
       it.key += "#t=" + (it.start >= 0 ? number_text(it.start) : "") + "," + (it.end >= 0 ? number_text(it.end) : "");
-    it.output = o.out_dir + "/" + (output.empty() ? stem_of(it.input) + "-" + hex16(fnv1a64(it.key)) + "." + o.format : output);
+    // Lexically normal, so that "d.latent" and "./d.latent" are seen to be one file.
+    it.output = absolute(o.out_dir + "/" + (output.empty() ? stem_of(it.input) + "-" + hex16(fnv1a64(it.key)) + "." + o.format
+                                                           : output),
+                         ".");
     if (by_key.count(it.key))
       it.problem = "duplicate of line " + std::to_string(by_key[it.key]);
     else if (by_output.count(it.output))
@@ -641,9 +695,15 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   gst_util_set_object_arg(G_OBJECT(enc), "latent-format", o.latent_format.c_str());
   g_object_set(enc, "model", o.model.c_str(), "device", o.device.c_str(), "per-batch", o.per_batch, nullptr);
   gst_util_set_object_arg(G_OBJECT(sink), "format", o.format.c_str());
-  GstStructure* meta = gst_structure_new("metadata", "batch_key", G_TYPE_STRING, it.key.c_str(), "batch_fingerprint",
+  // Metadata is JSON, so UTF-8: a file name in another encoding is recorded with U+FFFD (the fingerprint is exact).
+  gchar* key_text = g_utf8_make_valid(it.key.c_str(), -1);
+  GstStructure* meta = gst_structure_new("metadata", "batch_key", G_TYPE_STRING, key_text, "batch_fingerprint",
                                          G_TYPE_STRING, fp.c_str(), nullptr);
-  g_object_set(sink, "location", staging.c_str(), "metadata", meta, nullptr);
+  g_free(key_text);
+  // latentfilesink reads %d in a location as a segment number: a literal % is %%.
+  std::string location;
+  for (char ch : staging) location += ch == '%' ? std::string("%%") : std::string(1, ch);
+  g_object_set(sink, "location", location.c_str(), "metadata", meta, nullptr);
   gst_structure_free(meta);
   // videorate only when asked for: it would repeat the last frame at the end of a range.
   gst_bin_add_many(GST_BIN(pipeline), src, run.convert, scale, run.capsfilter, enc, sink, nullptr);
@@ -734,17 +794,20 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
       gstvae::LatentArray a = gstvae::read_latent_file(staging, /*with_values=*/false);
       row.frames = a.frames;
       row.shape = {a.channels, a.height, a.width};
-      if (o.format == "npy") {
-        const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", a.frames}};
-        if (!write_file_atomically(it.output + ".json", side.dump() + "\n"))
-          error = "cannot write '" + it.output + ".json': " + std::strerror(errno);
-      }
     } catch (const std::exception& e) {
       error = std::string("the written file does not read back: ") + e.what();
     }
   }
+  // .npy: the old sidecar goes first, the new one comes after the rename, so
+  // that a crash in between leaves an output a rerun encodes again.
+  if (error.empty() && o.format == "npy") ::unlink((it.output + ".json").c_str());
   if (error.empty() && std::rename(staging.c_str(), it.output.c_str()) != 0)
     error = "cannot rename '" + staging + "' to '" + it.output + "': " + std::strerror(errno);
+  if (error.empty() && o.format == "npy") {
+    const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", row.frames}};
+    if (!write_file_atomically(it.output + ".json", dump(side) + "\n"))
+      error = "cannot write '" + it.output + ".json': " + std::strerror(errno);
+  }
   if (!error.empty()) {
     ::unlink(staging.c_str());
     row.status = "failed";
@@ -771,7 +834,10 @@ int summarize(const std::string& dir) {
   while (const gchar* name = g_dir_read_name(d)) {
     long long i = 0, n = 0;
     char tail[32] = {0};
-    if (std::sscanf(name, "shard-%lld-of-%lld.%31s", &i, &n, tail) != 3) continue;
+    if (std::sscanf(name, "shard-%lld-of-%lld.%31s", &i, &n, tail) != 3 || n < 1 || i < 0 || i >= n) continue;
+    // Exactly the names this tool writes: "shard-00-of-1.jsonl" (a copy) is not shard 0 again.
+    const std::string canonical = "shard-" + std::to_string(i) + "-of-" + std::to_string(n) + "." + tail;
+    if (canonical != name) continue;
     if (shards >= 0 && n != shards) mixed = true;
     shards = n;
     if (std::string(tail) == "_SUCCESS") {
@@ -785,16 +851,16 @@ int summarize(const std::string& dir) {
     while (std::getline(f, line)) {
       if (line.empty()) continue;
       json j = json::parse(line, nullptr, false);
-      if (j.is_discarded()) continue;
+      if (j.is_discarded() || !j.is_object()) continue;
       ++items;
-      const std::string st = j.value("status", "");
+      const std::string st = str(j, "status");
       if (st == "ok") ++ok;
       else if (st == "skipped") ++skipped;
       else {
         ++failed;
-        failures.push_back({{"input", j.value("input", "")}, {"error", j.value("error", "")}});
+        failures.push_back({{"input", str(j, "input")}, {"error", str(j, "error")}});
       }
-      frames += j.value("frames", 0LL);
+      if (j.contains("frames") && j["frames"].is_number_integer()) frames += j["frames"].get<long long>();
     }
   }
   g_dir_close(d);
@@ -807,8 +873,8 @@ int summarize(const std::string& dir) {
             {"skipped", skipped},                {"failed", failed},   {"frames", frames},
             {"missing_shards", missing},         {"shards_without_success", unsuccessful},
             {"failures", failures},              {"mixed_shard_counts", mixed}};
-  std::cout << s.dump() << std::endl;
-  write_file_atomically(results + "/summary.json", s.dump(2) + "\n");
+  std::cout << dump(s) << std::endl;
+  write_file_atomically(results + "/summary.json", dump(s, 2) + "\n");
   return (shards > 0 && missing.empty() && unsuccessful.empty() && failed == 0 && !mixed) ? 0 : 1;
 }
 
@@ -846,13 +912,15 @@ int run(Options& o) {
 
   // What the last run of this shard said about each item (for --retry-failed).
   std::map<std::string, std::string> failed_before;
+  std::map<std::string, std::string> previous_rows;  // key -> its row, kept for items this run does not reach
   {
     std::ifstream prev(results_path);
     std::string line;
     while (std::getline(prev, line)) {
       json j = json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) continue;
-      std::string error = j.value("error", "");
+      if (j.is_discarded() || !j.is_object() || !j.contains("key") || !j["key"].is_string()) continue;
+      previous_rows[j["key"].get<std::string>()] = line;
+      std::string error = str(j, "error");
       // Rows about a manifest line (a duplicate, a collision) say nothing of the item itself.
       // An interrupted item was not at fault: the next run resumes it.
       if (error.rfind("duplicate of line", 0) == 0 || error.rfind("output collides with line", 0) == 0 ||
@@ -862,8 +930,8 @@ int run(Options& o) {
       if (error.rfind(again, 0) == 0) error = error.substr(again.size());
       if (error.size() >= hint.size() && error.compare(error.size() - hint.size(), hint.size(), hint) == 0)
         error.resize(error.size() - hint.size());
-      if (j.value("status", "") == "failed") failed_before[j.value("key", "")] = error;
-      else failed_before.erase(j.value("key", ""));
+      if (str(j, "status") == "failed") failed_before[str(j, "key")] = error;
+      else failed_before.erase(str(j, "key"));
     }
   }
 
@@ -884,19 +952,13 @@ int run(Options& o) {
       else if (output_is_current(o, it, fps[i], &probe)) action = "skip";
       else if (failed_before.count(it.key) && !o.retry_failed) action = "failed-before";
       std::cout << json({{"line", it.line}, {"input", it.input}, {"key", it.key}, {"output", it.output},
-                         {"action", action}}).dump()
+                         {"action", action}}).dump(-1, ' ', false, json::error_handler_t::replace)
                 << "\n";
     }
     std::cerr << "gst-vae-batch: dry run of " << tag << " (" << shard_source << "): " << mine.size() << " of "
               << all.size() << " items\n";
     return 0;
   }
-
-  if (g_mkdir_with_parents(results_dir.c_str(), 0777) != 0)
-    throw UsageError("cannot create '" + results_dir + "': " + std::strerror(errno));
-  ::unlink(success_path.c_str());
-  std::ofstream results(results_path, std::ios::trunc);
-  if (!results) throw UsageError("cannot write '" + results_path + "': " + std::strerror(errno));
 
   // Load the model once: this idle element holds it in the plugin's cache for every item.
   GstElement* anchor = gst_element_factory_make("vaeencode", nullptr);
@@ -912,8 +974,15 @@ int run(Options& o) {
     gst_element_set_state(anchor, GST_STATE_NULL);
     gst_object_unref(anchor);
     gst_object_unref(anchor_bus);
-    throw UsageError("cannot load the model '" + o.model + "': " + why);
+    throw RunError("cannot load the model '" + o.model + "': " + why);
   }
+  // The last results are replaced only once this run can work: a run that
+  // fails before (no GPU, a bad model) leaves them as they were.
+  if (g_mkdir_with_parents(results_dir.c_str(), 0777) != 0)
+    throw RunError("cannot create '" + results_dir + "': " + std::strerror(errno));
+  ::unlink(success_path.c_str());
+  std::ofstream results(results_path, std::ios::trunc);
+  if (!results) throw RunError("cannot write '" + results_path + "': " + std::strerror(errno));
 
   const bool tty = isatty(STDERR_FILENO);
   std::cerr << "gst-vae-batch: " << tag << " (" << shard_source << "): " << mine.size() << " of " << all.size()
@@ -926,7 +995,7 @@ int run(Options& o) {
 
   auto report = [&](const Item& it, const Row& r) {
     std::lock_guard<std::mutex> lock(mutex);
-    results << row_json(it, r).dump() << "\n";
+    results << dump(row_json(it, r)) << "\n";
     results.flush();
     ++done;
     if (r.status == "failed") ++failures;
@@ -958,16 +1027,22 @@ int run(Options& o) {
       }
       const Item& it = mine[i];
       Row r;
-      if (!it.problem.empty()) {
+      try {
+        if (!it.problem.empty()) {
+          r.status = "failed";
+          r.error = it.problem;
+        } else if (output_is_current(o, it, fps[i], &r)) {
+          r.status = "skipped";
+        } else if (failed_before.count(it.key) && !o.retry_failed) {
+          r.status = "failed";
+          r.error = "failed before: " + failed_before[it.key] + " (use --retry-failed)";
+        } else {
+          r = encode_item(o, it, fps[i]);
+        }
+      } catch (const std::exception& e) {  // one item's fault never ends the shard
+        r = Row();
         r.status = "failed";
-        r.error = it.problem;
-      } else if (output_is_current(o, it, fps[i], &r)) {
-        r.status = "skipped";
-      } else if (failed_before.count(it.key) && !o.retry_failed) {
-        r.status = "failed";
-        r.error = "failed before: " + failed_before[it.key] + " (use --retry-failed)";
-      } else {
-        r = encode_item(o, it, fps[i]);
+        r.error = e.what();
       }
       report(it, r);
     }
@@ -975,6 +1050,14 @@ int run(Options& o) {
   std::vector<std::thread> threads;
   for (unsigned j = 0; j < std::min<size_t>(o.jobs, std::max<size_t>(mine.size(), 1)); ++j) threads.emplace_back(worker);
   for (auto& t : threads) t.join();
+  {
+    // Items an interruption kept this run from reaching keep their last rows
+    // (a "failed before" stays known).
+    std::set<std::string> reached;
+    for (size_t i = 0; i < std::min(next, mine.size()); ++i) reached.insert(mine[i].key);
+    for (const Item& it : mine)
+      if (!reached.count(it.key) && previous_rows.count(it.key)) results << previous_rows[it.key] << "\n";
+  }
 
   const long long loads = plugin_model_loads();
   gst_element_set_state(anchor, GST_STATE_NULL);
@@ -1011,8 +1094,11 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     std::cerr << "gst-vae-batch: " << e.what() << "\n" << kUsage;
     return 2;
+  } catch (const RunError& e) {
+    std::cerr << "gst-vae-batch: " << e.what() << "\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "gst-vae-batch: " << e.what() << "\n";
-    return 2;
+    return 1;
   }
 }

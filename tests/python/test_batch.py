@@ -820,6 +820,46 @@ def case_retry(c, model, tmp):
 
 # ------------------------------------------------------------------ f
 
+def case_hostile(c, model, tmp):
+    """Names and manifests a reviewer tried: '%' and ':' in file names, a
+    non-UTF-8 name, two spellings of one output, outputs into the tool's own
+    files or with another extension, and a run that cannot start."""
+    d = os.path.join(tmp, "h")
+    clip = make_clip(os.path.join(d, "src.webm"), 6, 64, 48)
+    names = ["My%20Video.webm", "a%2db.webm", "cam7:front.webm", b"\xe9t\xe9.webm"]
+    for n in names:
+        dst = os.path.join(d.encode() if isinstance(n, bytes) else d, n)
+        with open(clip, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read())
+    with open(os.path.join(d, "m.txt"), "wb") as f:
+        f.write(b"\xef\xbb\xbf" + json.dumps({"input": "src.webm", "output": "d.latent", "start": 0.1}).encode() + b"\n")
+        f.write(json.dumps({"input": "src.webm", "output": ".//d.latent", "start": 0.2}).encode() + b"\n")
+        for n in names:
+            f.write((n if isinstance(n, bytes) else n.encode()) + b"\n")
+    manifest = os.path.join(d, "m.txt")
+    out = os.path.join(d, "out")
+    batch_ok(c, encode_args(manifest, model, out, "--per-batch", 4), rc=1)
+    x = by_line(results(out))
+    c.check(x[1]["status"] == "ok", "a JSON first line after a byte order mark: %s" % x.get(1))
+    c.check(x[2]["status"] == "failed" and x[2]["error"] == "output collides with line 1",
+            "'.//d.latent' is 'd.latent': %s" % x.get(2))
+    for line in (3, 4, 5, 6):
+        c.check(x[line]["status"] == "ok" and x[line]["frames"] == 6, "line %d: %s" % (line, x.get(line)))
+    c.check(x[5]["key"].endswith("/cam7:front.webm"), "a ':' in a file name made a URI: %s" % x[5]["key"])
+    c.check(not hidden_files(out), "hidden files left: %s" % hidden_files(out))
+    rows_before = open(os.path.join(out, "_results", "shard-0-of-1.jsonl"), "rb").read()
+    # The tool's own files and a wrong extension are refused as usage errors, naming the line.
+    for output in ("_results/shard-0-of-1.jsonl", "x.npy", "../x.latent", ".hidden.latent"):
+        bad = write_manifest(os.path.join(d, "bad.txt"), [json.dumps({"input": "src.webm", "output": output})])
+        r = batch_ok(c, encode_args(bad, model, out), rc=2)
+        c.check("manifest line 1" in r.err, "output %r: %s" % (output, r.err[-300:]))
+    # A run that cannot start (no such device) exits 1 and leaves the last results alone.
+    r = batch_ok(c, encode_args(manifest, model, out, "--device", "cuda:99"), rc=1)
+    c.check(open(os.path.join(out, "_results", "shard-0-of-1.jsonl"), "rb").read() == rows_before,
+            "a run that could not start replaced the results")
+    return "%, ':', non-UTF-8 names encoded; './/d.latent' collides; bad outputs refused; results kept"
+
+
 def summary(c, out, rc):
     r = batch(["--summary", out])
     c.need(r.rc == rc, "--summary %s: exit %s, expected %d\n%s" % (out, r.rc, rc, r.text()))
@@ -952,6 +992,7 @@ def main():
             ("e. malformed manifest lines and options: exit 2 naming the line", case_usage_errors),
             ("e. --retry-failed", case_retry),
             ("f. --summary", case_summary),
+            ("h. hostile names, outputs and a run that cannot start", case_hostile),
             ("g. benchmark vs gst-launch-1.0 per item; model loads: 1", case_bench),
         ]
         run_selected(cases, (model, tmp), "GSTVAE_BATCH_CASES")

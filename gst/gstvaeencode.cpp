@@ -297,6 +297,11 @@ struct _GstVaeEncode {
   Streaming* state;    // sink stream lock
   EncodeWorker* worker;
   BatchTimer* timer;
+  // Threads of ours that stopped the element themselves (an application
+  // changing state from a pad probe or a sync bus handler running on them):
+  // a thread cannot join itself, so the next start, or finalize, joins them.
+  // Touched only by state changes and finalize.
+  std::vector<std::thread>* deferred;
 };
 
 G_DEFINE_TYPE(GstVaeEncode, gst_vae_encode, GST_TYPE_BASE_TRANSFORM);
@@ -519,12 +524,41 @@ static void push_loop(GstVaeEncode* self) {
     push_latents(self, job);
     lock.lock();
     w.pushing = false;
-    w.frames_in_flight -= n;
+    w.frames_in_flight -= std::min<guint64>(n, w.frames_in_flight);  // 0 already if we were stopped meanwhile
     w.cond.notify_all();
   }
 }
 
+// Joins `t`, or, when this is `t` itself, leaves it to join_deferred(); says
+// whether it was joined. The thread returns once its caller (the application's
+// probe or handler) does, and then sees its quit flag.
+static bool join_or_defer(GstVaeEncode* self, std::thread& t) {
+  if (!t.joinable()) return true;
+  if (t.get_id() != std::this_thread::get_id()) {
+    t.join();
+    return true;
+  }
+  GST_WARNING_OBJECT(self, "stopped from one of its own threads (a state change in a probe or a sync bus handler): "
+                           "that thread ends when the handler returns");
+  self->deferred->push_back(std::move(t));
+  return false;
+}
+
+// Joins the threads join_or_defer() left (they have quit or are about to),
+// except the calling one, if it is one of them.
+static void join_deferred(GstVaeEncode* self) {
+  std::vector<std::thread> keep;
+  for (std::thread& t : *self->deferred) {
+    if (t.get_id() == std::this_thread::get_id())
+      keep.push_back(std::move(t));
+    else if (t.joinable())
+      t.join();
+  }
+  *self->deferred = std::move(keep);
+}
+
 static void worker_start(GstVaeEncode* self) {
+  join_deferred(self);  // before quit is cleared: they must see it to end
   EncodeWorker& w = *self->worker;
   std::lock_guard<std::mutex> lock(w.mutex);
   w.quit = false;
@@ -551,8 +585,8 @@ static void worker_stop(GstVaeEncode* self) {
     w.drop_queue();
     w.cond.notify_all();
   }
-  if (w.thread.joinable()) w.thread.join();
-  if (w.push_thread.joinable()) w.push_thread.join();
+  join_or_defer(self, w.thread);
+  join_or_defer(self, w.push_thread);
   std::lock_guard<std::mutex> lock(w.mutex);
   w.drop_queue();
   w.spare.clear();
@@ -725,7 +759,9 @@ static void timer_stop(GstVaeEncode* self) {
     t.quit = true;
     t.cond.notify_all();
   }
-  if (t.thread.joinable()) t.thread.join();
+  // A deferred timer thread keeps quit set until it has ended (join_deferred);
+  // start() clears it before it starts the next thread.
+  if (!t.thread.joinable() || !join_or_defer(self, t.thread)) return;
   std::lock_guard<std::mutex> lock(t.mutex);
   t.quit = false;
   t.armed = false;
@@ -769,6 +805,12 @@ static gboolean gst_vae_encode_start(GstBaseTransform* trans) {
   self->facts->channels = info.latent_channels;
   GST_OBJECT_UNLOCK(self);
   if (self->timer->thread.joinable()) timer_stop(self);
+  join_deferred(self);
+  {
+    std::lock_guard<std::mutex> lock(self->timer->mutex);
+    self->timer->quit = false;
+    self->timer->armed = false;
+  }
   self->timer->thread = std::thread(timer_loop, self);
   if (self->worker->thread.joinable()) worker_stop(self);
   worker_start(self);
@@ -1165,6 +1207,9 @@ static void gst_vae_encode_finalize(GObject* object) {
   GstVaeEncode* self = GST_VAE_ENCODE(object);
   timer_stop(self);
   worker_stop(self);
+  join_deferred(self);
+  for (std::thread& t : *self->deferred) t.detach();  // finalized from that very thread: nothing else can join it
+  delete self->deferred;
   self->state->drop_pending();
   delete self->state;
   delete self->worker;
@@ -1182,6 +1227,7 @@ static void gst_vae_encode_init(GstVaeEncode* self) {
   self->state = new Streaming();
   self->timer = new BatchTimer();
   self->worker = new EncodeWorker();
+  self->deferred = new std::vector<std::thread>();
   gst_base_transform_set_passthrough(GST_BASE_TRANSFORM(self), FALSE);
   gst_base_transform_set_in_place(GST_BASE_TRANSFORM(self), FALSE);
   gst_base_transform_set_qos_enabled(GST_BASE_TRANSFORM(self), FALSE);

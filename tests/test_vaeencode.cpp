@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -800,6 +801,44 @@ std::string bus_text(GstBus* bus, GstMessageType type) {
   g_free(debug);
   gst_message_unref(m);
   return text;
+}
+
+// An application that stops the element from a probe on its src pad (on the
+// push thread, as from a sync bus handler on the encode thread): the thread
+// cannot join itself, so the join waits for the next start; no crash, and the
+// element starts and encodes again.
+TEST_F(VaeEncodeTest, StoppedFromItsOwnPushThread) {
+  Harness t(make_element(1));
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 2);
+  GstPad* src = gst_element_get_static_pad(t.element, "src");
+  std::atomic<bool> stopped{false};
+  struct Ctx {
+    GstElement* element;
+    std::atomic<bool>* stopped;
+  } ctx{t.element, &stopped};
+  const gulong probe = gst_pad_add_probe(
+      src, GST_PAD_PROBE_TYPE_BUFFER,
+      [](GstPad*, GstPadProbeInfo*, gpointer data) {
+        auto* c = static_cast<Ctx*>(data);
+        if (!c->stopped->exchange(true)) gst_element_set_state(c->element, GST_STATE_READY);
+        return GST_PAD_PROBE_OK;
+      },
+      &ctx, nullptr);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[0], 0)), GST_FLOW_OK);
+  EXPECT_TRUE(eventually([&] { return stopped.load() && GST_STATE(t.element) == GST_STATE_READY; }));
+  gst_pad_remove_probe(src, probe);
+  gst_object_unref(src);
+  ASSERT_EQ(gst_element_set_state(t.element, GST_STATE_PLAYING), GST_STATE_CHANGE_SUCCESS);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_stream_start("again")));
+  t.caps(video_caps("RGB", 64, 48));
+  ASSERT_TRUE(t.segment());
+  while (GstBuffer* b = gst_harness_try_pull(t.h)) gst_buffer_unref(b);
+  ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[1], 1)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(GST_BUFFER_PTS(out[0]), kFrameDur);
+  unref_all(out);
 }
 
 // A buffer too small for its caps: the error names its real size.

@@ -5,10 +5,12 @@
 #include "gstlatentfilesink.h"
 
 #include <cstring>
-#include <set>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "latent_caps.h"
 #include "latent_file.h"
@@ -200,38 +202,23 @@ static bool same_recorded_caps(const gst_latent_caps::Info& a, const gst_latent_
          a.fps_d == b.fps_d && a.latent_format == b.latent_format;
 }
 
-static std::string json_string(const std::string& text) {
-  std::string out = "\"";
-  for (const char c : text) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      g_snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-static std::string json_timestamp(GstClockTime t) { return GST_CLOCK_TIME_IS_VALID(t) ? std::to_string(t) : "null"; }
-
 // One entry of the "ranges" metadata (compact JSON, see docs/latent-files.md).
 static std::string range_json(const Range& r, guint64 frames) {
-  std::string j = "{\"first_frame\":" + std::to_string(r.first_frame) + ",\"frames\":" + std::to_string(frames) +
-                  ",\"first_pts_ns\":" + json_timestamp(r.first_pts) + ",\"end_pts_ns\":" + json_timestamp(r.end_pts);
+  auto timestamp = [](GstClockTime t) { return GST_CLOCK_TIME_IS_VALID(t) ? nlohmann::json(t) : nlohmann::json(); };
+  nlohmann::ordered_json j = {{"first_frame", r.first_frame},
+                              {"frames", frames},
+                              {"first_pts_ns", timestamp(r.first_pts)},
+                              {"end_pts_ns", timestamp(r.end_pts)}};
   if (r.caps.source_width > 0) {
-    j += ",\"source_width\":" + std::to_string(r.caps.source_width) +
-         ",\"source_height\":" + std::to_string(r.caps.source_height);
+    j["source_width"] = r.caps.source_width;
+    j["source_height"] = r.caps.source_height;
     const std::string crop = crop_string(r.caps);
-    if (!crop.empty()) j += ",\"crop_x_y_w_h\":" + json_string(crop);
+    if (!crop.empty()) j["crop_x_y_w_h"] = crop;
   }
-  j += ",\"framerate\":" + json_string(framerate_string(r.caps)) +
-       ",\"latent_format\":" + json_string(r.caps.latent_format) + ",\"after\":" + json_string(r.after) + "}";
-  return j;
+  j["framerate"] = framerate_string(r.caps);
+  j["latent_format"] = r.caps.latent_format;
+  j["after"] = r.after;
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 // The metadata of the open file. Top-level keys hold for every frame: one that
@@ -366,14 +353,17 @@ static bool open_file(GstLatentFileSink* self) {
 }
 
 static std::string dir_part(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
+  gchar* d = g_path_get_dirname(path.c_str());
+  std::string out = d;
+  g_free(d);
+  return out;
 }
 
 static std::string base_part(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
+  gchar* b = g_path_get_basename(path.c_str());
+  std::string out = b;
+  g_free(b);
+  return out;
 }
 
 // Temporary files of our final names left by a process that was killed: not

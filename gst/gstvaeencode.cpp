@@ -368,9 +368,11 @@ static GstMemory* wrap_latents(std::unique_ptr<LatentBlock> block) {
 static void push_latents(GstVaeEncode* self, PushJob& job) {
   EncodeWorker& w = *self->worker;
   std::lock_guard<std::recursive_mutex> fence(w.push_mutex);
+  // Flushed since the job was handed over, or (for latents) an error came
+  // first: downstream would see latents after a hole.
   auto is_stale = [&] {
     std::lock_guard<std::mutex> lock(w.mutex);
-    return w.flushing || job.generation != w.generation;
+    return w.flushing || job.generation != w.generation || (!job.event && w.failed());
   };
   if (job.event) {
     GstEvent* event = job.event;
@@ -383,15 +385,10 @@ static void push_latents(GstVaeEncode* self, PushJob& job) {
   }
   bool stale = false;
   GstFlowReturn ret = GST_FLOW_OK;
-  {
-    // After an error nothing more goes out: downstream would see latents after a hole.
-    std::lock_guard<std::mutex> lock(w.mutex);
-    if (w.failed()) stale = true;
-  }
   for (GstBuffer* b : job.latents) {
     if (ret == GST_FLOW_OK && !stale && is_stale()) {
       stale = true;
-      GST_DEBUG_OBJECT(self, "flushed: dropping latents of a batch from before the flush");
+      GST_DEBUG_OBJECT(self, "flushed or failed: dropping latents of a batch from before");
     }
     if (ret == GST_FLOW_OK && !stale)
       ret = gst_pad_push(GST_BASE_TRANSFORM_SRC_PAD(self), b);
@@ -759,12 +756,21 @@ static void timer_stop(GstVaeEncode* self) {
     t.quit = true;
     t.cond.notify_all();
   }
-  // A deferred timer thread keeps quit set until it has ended (join_deferred);
-  // start() clears it before it starts the next thread.
-  if (!t.thread.joinable() || !join_or_defer(self, t.thread)) return;
-  std::lock_guard<std::mutex> lock(t.mutex);
-  t.quit = false;
-  t.armed = false;
+  // quit stays set: a deferred timer thread must see it to end; timer_start
+  // clears it once every old thread has been joined.
+  join_or_defer(self, t.thread);
+}
+
+static void timer_start(GstVaeEncode* self) {
+  BatchTimer& t = *self->timer;
+  if (t.thread.joinable()) timer_stop(self);
+  join_deferred(self);
+  {
+    std::lock_guard<std::mutex> lock(t.mutex);
+    t.quit = false;
+    t.armed = false;
+  }
+  t.thread = std::thread(timer_loop, self);
 }
 
 /* ------------------------------------------------------------- lifecycle */
@@ -804,14 +810,7 @@ static gboolean gst_vae_encode_start(GstBaseTransform* trans) {
   self->facts->downscale = info.downscale;
   self->facts->channels = info.latent_channels;
   GST_OBJECT_UNLOCK(self);
-  if (self->timer->thread.joinable()) timer_stop(self);
-  join_deferred(self);
-  {
-    std::lock_guard<std::mutex> lock(self->timer->mutex);
-    self->timer->quit = false;
-    self->timer->armed = false;
-  }
-  self->timer->thread = std::thread(timer_loop, self);
+  timer_start(self);
   if (self->worker->thread.joinable()) worker_stop(self);
   worker_start(self);
   return TRUE;

@@ -245,31 +245,22 @@ struct Item {
 bool is_uri(const std::string& s) { return s.find("://") != std::string::npos && gst_uri_is_valid(s.c_str()); }
 
 std::string dir_of(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  gchar* d = g_path_get_dirname(path.c_str());
+  std::string out = d;
+  g_free(d);
+  return out;
 }
 
+// `path` made absolute against `base_dir` and cleaned up lexically ("." and
+// ".." and repeated slashes; symlinks are not resolved: the key is the path as
+// the user sees it).
 std::string absolute(const std::string& path, const std::string& base_dir) {
-  std::string p = path[0] == '/' ? path : base_dir + "/" + path;
-  if (p[0] != '/') {
-    char cwd[4096];
-    if (getcwd(cwd, sizeof cwd)) p = std::string(cwd) + "/" + p;
-  }
-  // Lexical clean-up of "." and ".." (symlinks are not resolved: the key is the path as the user sees it).
-  std::vector<std::string> parts;
-  std::stringstream ss(p);
-  std::string part;
-  while (std::getline(ss, part, '/')) {
-    if (part.empty() || part == ".") continue;
-    if (part == "..") {
-      if (!parts.empty()) parts.pop_back();
-      continue;
-    }
-    parts.push_back(part);
-  }
-  std::string out;
-  for (const auto& x : parts) out += "/" + x;
-  return out.empty() ? "/" : out;
+  gchar* base = g_canonicalize_filename(base_dir.c_str(), nullptr);
+  gchar* full = g_canonicalize_filename(path.c_str(), base);
+  std::string out = full;
+  g_free(full);
+  g_free(base);
+  return out;
 }
 
 std::string stem_of(const std::string& input) {

@@ -747,13 +747,13 @@ static void gst_latent_file_sink_class_init(GstLatentFileSinkClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_MAX_FRAMES,
       g_param_spec_uint64("max-frames", "Max frames",
-                          "Start a new file after this many latents (0 = no limit); needs a location pattern", 0,
+                          "Start a new file after this many latents (0 = no limit); needs a location pattern (with a plain location, a change while playing is refused with a warning)", 0,
                           G_MAXUINT64, 0, rw_playing));
   g_object_class_install_property(
       gobject_class, PROP_MAX_DURATION,
       g_param_spec_uint64("max-duration", "Max duration",
                           "Start a new file once a latent's PTS is this far (in nanoseconds) past the file's first "
-                          "(0 = no limit); needs a location pattern",
+                          "(0 = no limit); needs a location pattern (with a plain location, a change while playing is refused with a warning)",
                           0, G_MAXUINT64, 0, rw_playing));
   g_object_class_install_property(
       gobject_class, PROP_START_INDEX,

@@ -1255,7 +1255,8 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_PER_BATCH,
       g_param_spec_uint("per-batch", "Frames per batch",
-                        "Frames gathered and encoded together; a change applies from the next batch", 1, 4096,
+                        "Frames gathered and encoded together. Lowered to (or below) the number of frames waiting: they are "
+                        "encoded at once; raised: applies from the next batch", 1, 4096,
                         kDefaultPerBatch, rw_playing));
   g_object_class_install_property(
       gobject_class, PROP_DEVICE,
@@ -1318,7 +1319,8 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       gobject_class, PROP_FRAMES_IN_FLIGHT,
       g_param_spec_uint64("frames-in-flight", "Frames in flight",
                           "Frames of full (or drained) batches handed to the encode thread whose latents have "
-                          "not been pushed yet; frames of the batch being gathered are not counted",
+                          "not been pushed yet (waiting, encoding, or queued for the push thread); frames of the "
+                          "batch being gathered are not counted",
                           0, G_MAXUINT64, 0, ro));
 
   gst_element_class_set_static_metadata(

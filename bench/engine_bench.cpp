@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
 
   std::printf("%-6s %-5s %6s %10s %12s %12s\n", "size", "prec", "batch", "ms/batch", "frames/s", "overlapped");
   for (const std::string& p : split(precisions)) {
-    EncoderOptions options;
+    ModelOptions options;
     options.device = device;
     options.threads = threads;
     std::shared_ptr<Encoder> encoder;

@@ -58,7 +58,7 @@ GST_DEBUG_CATEGORY_STATIC(vae_encode_debug);
 
 using gstvae::EncodeParams;
 using gstvae::Encoder;
-using gstvae::EncoderOptions;
+using gstvae::ModelOptions;
 using gstvae::FrameBatch;
 using gstvae::LatentBlock;
 using gstvae::Precision;
@@ -106,7 +106,7 @@ GType precision_get_type() {
         {static_cast<gint>(Precision::F16), "16-bit float (the SDXL VAE overflows in fp16)", "fp16"},
         {static_cast<gint>(Precision::BF16), "bfloat16", "bf16"},
         {0, nullptr, nullptr}};
-    g_once_init_leave(&type, g_enum_register_static("GstVaeEncodePrecision", values));
+    g_once_init_leave(&type, g_enum_register_static("GstVaePrecision", values));
   }
   return type;
 }
@@ -121,7 +121,7 @@ GType latent_format_get_type() {
         {3, "SD3 scaling: (x - 0.0609) * 1.5305", "sd3"},
         {4, "Flux.1 scaling: (x - 0.1159) * 0.3611", "flux"},
         {0, nullptr, nullptr}};
-    g_once_init_leave(&type, g_enum_register_static("GstVaeEncodeLatentFormat", values));
+    g_once_init_leave(&type, g_enum_register_static("GstVaeLatentFormat", values));
   }
   return type;
 }
@@ -783,13 +783,13 @@ static gboolean gst_vae_encode_start(GstBaseTransform* trans) {
                       ("set the 'model' property to a .safetensors VAE or full checkpoint"));
     return FALSE;
   }
-  EncoderOptions options;
+  ModelOptions options;
   options.device = s.device;
   options.precision = s.precision;
   options.threads = static_cast<int>(s.threads);
   try {
     self->state->encoder = gstvae::load_encoder(s.model, options);
-  } catch (const gstvae::EncodeError& e) {
+  } catch (const gstvae::VaeError& e) {
     GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("Could not use VAE model '%s'", s.model.c_str()), ("%s", e.what()));
     return FALSE;
   } catch (const std::exception& e) {

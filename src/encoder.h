@@ -14,10 +14,10 @@ namespace gstvae {
 
 enum class Precision { Auto, F32, F16, BF16 };
 const char* precision_name(Precision precision);
-// "auto", "fp32", "fp16" or "bf16"; throws EncodeError listing them otherwise.
+// "auto", "fp32", "fp16" or "bf16"; throws VaeError listing them otherwise.
 Precision precision_by_name(const std::string& name);
 
-struct EncoderOptions {
+struct ModelOptions {
   // "auto" (CUDA when LibTorch has a device, else CPU), "cpu", "cuda", "cuda:N".
   std::string device = "auto";
   // Auto: bf16 on CUDA devices of compute capability >= 8.0, else fp32.
@@ -83,7 +83,7 @@ class Encoder {
 };
 
 // Detects the model family from the checkpoint's tensor names and loads it.
-// Throws CheckpointError or EncodeError with a message naming the path and the fault.
-std::shared_ptr<Encoder> load_encoder(const std::string& path, const EncoderOptions& options);
+// Throws CheckpointError or VaeError with a message naming the path and the fault.
+std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOptions& options);
 
 }  // namespace gstvae

@@ -15,7 +15,7 @@ class CheckpointError : public std::runtime_error {
 
 // A request the engine cannot satisfy: bad option value, unusable device,
 // frame too small, mismatched batch.
-class EncodeError : public std::runtime_error {
+class VaeError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };

@@ -15,7 +15,7 @@ struct EncoderFamily {
   // True when the checkpoint's tensor names belong to this family.
   bool (*detect)(const SafetensorsFile& file);
   std::shared_ptr<Encoder> (*load)(std::shared_ptr<const SafetensorsFile> file,
-                                   const EncoderOptions& options);
+                                   const ModelOptions& options);
 };
 
 extern const EncoderFamily kKLFamily;  // kl_encoder.cpp

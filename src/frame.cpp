@@ -54,9 +54,9 @@ const std::vector<PixelFormat>& all_pixel_formats() {
 }
 
 Crop centre_crop(int width, int height, int multiple) {
-  if (multiple < 1) throw EncodeError("crop multiple must be at least 1, got " + std::to_string(multiple));
+  if (multiple < 1) throw VaeError("crop multiple must be at least 1, got " + std::to_string(multiple));
   if (width < multiple || height < multiple)
-    throw EncodeError("frame of " + std::to_string(width) + "x" + std::to_string(height) +
+    throw VaeError("frame of " + std::to_string(width) + "x" + std::to_string(height) +
                       " is smaller than the model's " + std::to_string(multiple) + "x" +
                       std::to_string(multiple) + " pixel minimum");
   Crop c;
@@ -71,7 +71,7 @@ FrameBatch::FrameBatch(PixelFormat format, int width, int height, int multiple, 
                        bool pinned)
     : format_(format), width_(width), height_(height), crop_(centre_crop(width, height, multiple)),
       capacity_(capacity), storage_(std::make_unique<Storage>()) {
-  if (capacity == 0) throw EncodeError("a frame batch needs a capacity of at least 1");
+  if (capacity == 0) throw VaeError("a frame batch needs a capacity of at least 1");
   const int bpp = pixel_layout(format).bytes_per_pixel;
   frame_bytes_ = static_cast<size_t>(crop_.width) * crop_.height * bpp;
   auto options = at::TensorOptions().dtype(at::kByte).pinned_memory(pinned);
@@ -86,10 +86,10 @@ bool FrameBatch::pinned() const { return storage_->pixels.is_pinned(); }
 
 void FrameBatch::add(const uint8_t* pixels, size_t stride, uint64_t index) {
   if (full())
-    throw EncodeError("frame batch is full (" + std::to_string(capacity_) + " frames)");
+    throw VaeError("frame batch is full (" + std::to_string(capacity_) + " frames)");
   const int bpp = pixel_layout(format_).bytes_per_pixel;
   if (stride < static_cast<size_t>(width_) * bpp)
-    throw EncodeError("row stride of " + std::to_string(stride) + " bytes is shorter than a " +
+    throw VaeError("row stride of " + std::to_string(stride) + " bytes is shorter than a " +
                       std::to_string(width_) + "-pixel " + pixel_format_name(format_) + " row");
   const size_t row_bytes = static_cast<size_t>(crop_.width) * bpp;
   uint8_t* dst = storage_->pixels.data_ptr<uint8_t>() + indices_.size() * frame_bytes_;

@@ -30,7 +30,7 @@ struct Crop {
 };
 
 // ComfyUI's vae_encode_crop_pixels: for each dimension d keep floor(d/m)*m
-// pixels starting at (d mod m) / 2. Throws EncodeError when the frame is
+// pixels starting at (d mod m) / 2. Throws VaeError when the frame is
 // smaller than `multiple` in either dimension.
 Crop centre_crop(int width, int height, int multiple);
 

@@ -258,7 +258,7 @@ bool detect(const SafetensorsFile& file) {
   return false;
 }
 
-std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const EncoderOptions& options) {
+std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
   std::vector<std::string> names;
   for (const auto& kv : file->tensors()) names.push_back(kv.first);
   NormalizedKeys keys = normalize_vae_keys(names, file->path());

@@ -21,7 +21,7 @@ LatentFormat latent_format_by_name(const std::string& name) {
     if (f.name == name) return f;
     names += (names.empty() ? "" : ", ") + f.name;
   }
-  throw EncodeError("unknown latent format '" + name + "' (known: " + names + ")");
+  throw VaeError("unknown latent format '" + name + "' (known: " + names + ")");
 }
 
 LatentFormat custom_latent_format(double scale, double shift) {

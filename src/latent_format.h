@@ -18,7 +18,7 @@ struct LatentFormat {
 // raw, sd15 (x0.18215), sdxl (x0.13025), sd3 ((x-0.0609)x1.5305),
 // flux ((x-0.1159)x0.3611).
 const std::vector<LatentFormat>& known_latent_formats();
-// Throws EncodeError listing the known names when `name` is unknown.
+// Throws VaeError listing the known names when `name` is unknown.
 LatentFormat latent_format_by_name(const std::string& name);
 LatentFormat custom_latent_format(double scale, double shift);
 

@@ -59,7 +59,7 @@ void refuse_pickle(const std::string& path) {
 // Models read from disk (cache misses), for tools and tests that count loads.
 std::atomic<size_t> g_model_loads{0};
 
-std::shared_ptr<Encoder> load_uncached(const std::string& path, const EncoderOptions& options) {
+std::shared_ptr<Encoder> load_uncached(const std::string& path, const ModelOptions& options) {
   g_model_loads++;
   auto file = std::make_shared<const SafetensorsFile>(path);
   for (const EncoderFamily* family : kFamilies)
@@ -137,7 +137,7 @@ Cache& cache() {
 
 }  // namespace
 
-std::shared_ptr<Encoder> load_encoder(const std::string& path, const EncoderOptions& options) {
+std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOptions& options) {
   if (path.empty()) throw CheckpointError("no model file given");
   // Before anything opens it: opening a FIFO would block the caller (the
   // element's state change) until someone writes to it.

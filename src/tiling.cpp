@@ -15,7 +15,7 @@ bool is_out_of_memory(const std::exception& e) {
 
 std::vector<Tile> plan_tiles(int64_t height, int64_t width, int64_t tile_h, int64_t tile_w, int64_t overlap) {
   if (tile_h <= overlap || tile_w <= overlap)
-    throw EncodeError("tile of " + std::to_string(tile_w) + "x" + std::to_string(tile_h) +
+    throw VaeError("tile of " + std::to_string(tile_w) + "x" + std::to_string(tile_h) +
                       " is not larger than its overlap of " + std::to_string(overlap));
   auto positions = [overlap](int64_t size, int64_t tile) {
     std::vector<int64_t> p;

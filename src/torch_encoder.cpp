@@ -31,10 +31,10 @@ const char* precision_name(Precision precision) {
 Precision precision_by_name(const std::string& name) {
   for (Precision p : {Precision::Auto, Precision::F32, Precision::F16, Precision::BF16})
     if (name == precision_name(p)) return p;
-  throw EncodeError("unknown precision '" + name + "' (auto, fp32, fp16, bf16)");
+  throw VaeError("unknown precision '" + name + "' (auto, fp32, fp16, bf16)");
 }
 
-ComputeTarget resolve_target(const EncoderOptions& options) {
+ComputeTarget resolve_target(const ModelOptions& options) {
   ComputeTarget target;
   const std::string& req = options.device;
   const bool has_cuda = at::hasCUDA();
@@ -47,20 +47,20 @@ ComputeTarget resolve_target(const EncoderOptions& options) {
     if (req.size() >= 5) {
       const std::string digits = req.substr(5);
       if (digits.empty() || digits.size() > 3 || digits.find_first_not_of("0123456789") != std::string::npos)
-        throw EncodeError("device '" + req + "' is not valid: expected auto, cpu, cuda or cuda:N");
+        throw VaeError("device '" + req + "' is not valid: expected auto, cpu, cuda or cuda:N");
       index = std::stoi(digits);
     }
     if (!has_cuda)
-      throw EncodeError("device '" + req +
+      throw VaeError("device '" + req +
                         "' requested, but this LibTorch has no usable CUDA device (CPU-only build or no GPU); "
                         "use device=cpu or device=auto");
     const int count = at::detail::getCUDAHooks().getNumGPUs();
     if (index >= count)
-      throw EncodeError("device '" + req + "' requested, but only " + std::to_string(count) +
+      throw VaeError("device '" + req + "' requested, but only " + std::to_string(count) +
                         " CUDA device(s) are present");
     target.device = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
   } else {
-    throw EncodeError("device '" + req + "' is not valid: expected auto, cpu, cuda or cuda:N");
+    throw VaeError("device '" + req + "' is not valid: expected auto, cpu, cuda or cuda:N");
   }
 
   target.precision = options.precision;
@@ -162,10 +162,10 @@ void TorchEncoder::probe() {
   try {
     Moments m = forward(x);
     if (m.mean.size(1) != info_.latent_channels)
-      throw EncodeError("model produced " + std::to_string(m.mean.size(1)) + " latent channels, expected " +
+      throw VaeError("model produced " + std::to_string(m.mean.size(1)) + " latent channels, expected " +
                         std::to_string(info_.latent_channels));
   } catch (const c10::Error& e) {
-    throw EncodeError(std::string("precision ") + precision_name(target_.precision) +
+    throw VaeError(std::string("precision ") + precision_name(target_.precision) +
                       " does not run on device " + target_.device.str() + " with this LibTorch: " +
                       e.what_without_backtrace());
   }
@@ -207,7 +207,7 @@ void TorchEncoder::prepare(FrameBatch& batch) {
     }
   } catch (const c10::Error& e) {
     storage.forget_prepared();
-    throw EncodeError(std::string("preparing a batch of ") + std::to_string(batch.size()) + " frames for " +
+    throw VaeError(std::string("preparing a batch of ") + std::to_string(batch.size()) + " frames for " +
                       target_.device.str() + " failed: " + e.what_without_backtrace());
   }
 }
@@ -293,7 +293,7 @@ EncodeReport TorchEncoder::encode_into(const FrameBatch& batch, const EncodePara
       impl.getStream(target_.device).synchronize();
     }
   } catch (const c10::Error& e) {
-    throw EncodeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
+    throw VaeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
                       std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) + " on " +
                       target_.device.str() + " failed: " + e.what_without_backtrace());
   }
@@ -308,7 +308,7 @@ EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& p
 EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) {
   const size_t needed = batch.size() * latent_floats_per_frame(batch);
   if (out.floats() < needed)
-    throw EncodeError("latent block of " + std::to_string(out.floats()) + " floats is too small for " +
+    throw VaeError("latent block of " + std::to_string(out.floats()) + " floats is too small for " +
                       std::to_string(batch.size()) + " frames (" + std::to_string(needed) + " floats)");
   return encode_into(batch, params, out.storage().values);
 }

@@ -25,8 +25,8 @@ struct ComputeTarget {
 };
 
 // Resolves "auto"/"cpu"/"cuda"/"cuda:N" and the precision rule. An explicit CUDA
-// request that cannot be met throws EncodeError; there is no silent fallback.
-ComputeTarget resolve_target(const EncoderOptions& options);
+// request that cannot be met throws VaeError; there is no silent fallback.
+ComputeTarget resolve_target(const ModelOptions& options);
 
 // Sets LibTorch's intra-op thread count (0 = all cores) for the process.
 void apply_thread_option(int threads);

@@ -42,8 +42,8 @@ VaeSpec tiny_spec(uint64_t seed = 1) {
   return s;
 }
 
-EncoderOptions cpu(Precision precision = Precision::Auto) {
-  EncoderOptions o;
+ModelOptions cpu(Precision precision = Precision::Auto) {
+  ModelOptions o;
   o.device = "cpu";
   o.precision = precision;
   return o;
@@ -130,7 +130,7 @@ TEST_F(ModelCache, AutoPrecisionSharesWithTheResolvedOne) {
   auto a = load_encoder(path_, cpu(Precision::Auto));  // fp32 on the CPU
   auto b = load_encoder(path_, cpu(Precision::F32));
   EXPECT_EQ(a.get(), b.get());
-  EncoderOptions any;  // device auto
+  ModelOptions any;  // device auto
   if (load_encoder(path_, any)->info().device == "cpu") {
     EXPECT_EQ(load_encoder(path_, any).get(), a.get());
   }
@@ -195,7 +195,7 @@ TEST_F(ModelCache, OtherPrecisionIsAnotherEncoder) {
   std::shared_ptr<Encoder> bf16;
   try {
     bf16 = load_encoder(path_, cpu(Precision::BF16));
-  } catch (const EncodeError& e) {
+  } catch (const VaeError& e) {
     GTEST_SKIP() << "bf16 does not run on this CPU: " << e.what();
   }
   EXPECT_NE(f32.get(), bf16.get());
@@ -268,9 +268,9 @@ TEST_F(ModelCache, ConcurrentFailedLoadsAllFailAndLeaveNothing) {
   } catch (const CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find("missing.safetensors"), std::string::npos) << e.what();
   }
-  EncoderOptions gpu;
+  ModelOptions gpu;
   gpu.device = "gpu";
-  EXPECT_THROW(load_encoder(path_, gpu), EncodeError);
+  EXPECT_THROW(load_encoder(path_, gpu), VaeError);
   EXPECT_EQ(cached_encoder_count(), base_count_);
 }
 

@@ -275,13 +275,13 @@ TEST(CentreCrop, ExhaustiveAgainstFormula) {
 }
 
 TEST(CentreCrop, TooSmallFrameIsAnError) {
-  std::string m = error_of<EncodeError>([] { centre_crop(7, 64, 8); });
+  std::string m = error_of<VaeError>([] { centre_crop(7, 64, 8); });
   EXPECT_TRUE(contains(m, "7x64")) << m;
-  m = error_of<EncodeError>([] { centre_crop(64, 7, 8); });
+  m = error_of<VaeError>([] { centre_crop(64, 7, 8); });
   EXPECT_TRUE(contains(m, "64x7")) << m;
-  EXPECT_THROW(centre_crop(7, 7, 8), EncodeError);
-  EXPECT_THROW(centre_crop(0, 0, 8), EncodeError);
-  EXPECT_THROW(centre_crop(-5, 64, 8), EncodeError);
+  EXPECT_THROW(centre_crop(7, 7, 8), VaeError);
+  EXPECT_THROW(centre_crop(0, 0, 8), VaeError);
+  EXPECT_THROW(centre_crop(-5, 64, 8), VaeError);
 }
 
 // ============================================================ pixel formats
@@ -368,7 +368,7 @@ TEST(FrameBatch, AddWithStrideCopiesTheCrop) {
   }
 
   // Past capacity.
-  const std::string m = error_of<EncodeError>([&] { batch.add(frames[0].data(), strides[0], 99); });
+  const std::string m = error_of<VaeError>([&] { batch.add(frames[0].data(), strides[0], 99); });
   EXPECT_TRUE(contains(m, "full")) << m;
   EXPECT_EQ(batch.size(), 3u);
 
@@ -402,14 +402,14 @@ TEST(FrameBatch, TightRowsWithVerticalCropOnly) {
 TEST(FrameBatch, Errors) {
   FrameBatch batch(PixelFormat::RGBA, 16, 16, 8, 2);
   const auto frame = test::make_frame(16, 16, 4, 64, 1);
-  const std::string m = error_of<EncodeError>([&] { batch.add(frame.data(), 63, 0); });
+  const std::string m = error_of<VaeError>([&] { batch.add(frame.data(), 63, 0); });
   EXPECT_TRUE(contains(m, "63")) << m;
   EXPECT_TRUE(batch.empty());
   // A stride for RGB is too short for RGBA.
-  EXPECT_THROW(batch.add(frame.data(), 48, 0), EncodeError);
-  EXPECT_THROW(FrameBatch(PixelFormat::RGB, 16, 16, 8, 0), EncodeError);  // capacity 0
-  EXPECT_THROW(FrameBatch(PixelFormat::RGB, 7, 16, 8, 1), EncodeError);   // too small
-  EXPECT_THROW(FrameBatch(PixelFormat::RGB, 16, 4, 8, 1), EncodeError);
+  EXPECT_THROW(batch.add(frame.data(), 48, 0), VaeError);
+  EXPECT_THROW(FrameBatch(PixelFormat::RGB, 16, 16, 8, 0), VaeError);  // capacity 0
+  EXPECT_THROW(FrameBatch(PixelFormat::RGB, 7, 16, 8, 1), VaeError);   // too small
+  EXPECT_THROW(FrameBatch(PixelFormat::RGB, 16, 4, 8, 1), VaeError);
 }
 
 // ============================================================ latent formats
@@ -443,11 +443,11 @@ TEST(LatentFormats, KnownValues) {
 }
 
 TEST(LatentFormats, UnknownNameListsKnownOnes) {
-  const std::string m = error_of<EncodeError>([] { latent_format_by_name("sd21"); });
+  const std::string m = error_of<VaeError>([] { latent_format_by_name("sd21"); });
   EXPECT_TRUE(contains(m, "'sd21'")) << m;
   for (const char* n : {"raw", "sd15", "sdxl", "sd3", "flux"}) EXPECT_TRUE(contains(m, n)) << m;
-  EXPECT_THROW(latent_format_by_name(""), EncodeError);
-  EXPECT_THROW(latent_format_by_name("SD15"), EncodeError);
+  EXPECT_THROW(latent_format_by_name(""), VaeError);
+  EXPECT_THROW(latent_format_by_name("SD15"), VaeError);
 }
 
 TEST(Precision, Names) {
@@ -477,7 +477,7 @@ class Models {
   std::shared_ptr<Encoder> encoder(const std::string& key, const VaeSpec& spec) {
     auto it = encoders_.find(key);
     if (it != encoders_.end()) return it->second;
-    EncoderOptions o;
+    ModelOptions o;
     o.device = "cpu";
     auto e = load_encoder(path(key, spec), o);
     encoders_[key] = e;
@@ -604,7 +604,7 @@ TEST(LoadEncoder, InfoFields) {
 }
 
 TEST(LoadEncoder, AutoDeviceAndPrecisionOnCpu) {
-  EncoderOptions o;  // device auto, precision auto
+  ModelOptions o;  // device auto, precision auto
   auto enc = load_encoder(Models::get().path("ldm", small_spec()), o);
   if (enc->info().device != "cpu") GTEST_SKIP() << "LibTorch has a CUDA device: " << enc->info().device;
   EXPECT_EQ(enc->info().precision, Precision::F32);
@@ -727,8 +727,8 @@ TEST(LoadEncoder, FirstStageModelWithUnrelatedI64Tensor) {
 
 // ---------------------------------------------------------------- load errors
 
-std::string load_error(const std::string& path, const EncoderOptions& o = [] {
-  EncoderOptions c;
+std::string load_error(const std::string& path, const ModelOptions& o = [] {
+  ModelOptions c;
   c.device = "cpu";
   return c;
 }()) {
@@ -887,15 +887,15 @@ TEST(LoadEncoderErrors, FileWithoutEncoder) {
 // ---------------------------------------------------------------- devices
 
 std::string device_error(const std::string& device, Precision precision = Precision::Auto) {
-  EncoderOptions o;
+  ModelOptions o;
   o.device = device;
   o.precision = precision;
-  return error_of<EncodeError>([&] { load_encoder(Models::get().path("ldm", small_spec()), o); });
+  return error_of<VaeError>([&] { load_encoder(Models::get().path("ldm", small_spec()), o); });
 }
 
 TEST(Devices, CudaRequestWithoutCudaIsAnError) {
   if (ldm_encoder()->info().device != "cpu") GTEST_SKIP();
-  EncoderOptions o;
+  ModelOptions o;
   if (load_encoder(Models::get().path("ldm", small_spec()), o)->info().device != "cpu")
     GTEST_SKIP() << "CUDA is available";
   for (const char* d : {"cuda", "cuda:0", "cuda:1"}) {
@@ -922,7 +922,7 @@ TEST(Devices, CudaWithEmptyIndexIsInvalid) {
 }
 
 TEST(Devices, ExplicitCpuFp32) {
-  EncoderOptions o;
+  ModelOptions o;
   o.device = "cpu";
   o.precision = Precision::F32;
   auto enc = load_encoder(Models::get().path("ldm", small_spec()), o);
@@ -938,13 +938,13 @@ TEST(Devices, ReducedPrecisionOnCpuWorksOrFailsAtLoad) {
   const auto ref = encode_frames(*ldm_encoder(), PixelFormat::RGB, 32, 24, frames, {0});
   for (Precision p : {Precision::F16, Precision::BF16}) {
     SCOPED_TRACE(precision_name(p));
-    EncoderOptions o;
+    ModelOptions o;
     o.device = "cpu";
     o.precision = p;
     std::shared_ptr<Encoder> enc;
     try {
       enc = load_encoder(Models::get().path("ldm", small_spec()), o);
-    } catch (const EncodeError& e) {
+    } catch (const VaeError& e) {
       std::cout << "[ info     ] " << precision_name(p) << " on CPU fails at load: " << e.what() << "\n";
       EXPECT_TRUE(contains(e.what(), precision_name(p))) << e.what();
       continue;
@@ -1241,7 +1241,7 @@ TEST(PreparedEncode, TooSmallLatentBlockIsAnError) {
   try {
     enc->encode(*batch, {}, small);
     FAIL() << "a block for one frame took two";
-  } catch (const EncodeError& e) {
+  } catch (const VaeError& e) {
     EXPECT_NE(std::string(e.what()).find("too small"), std::string::npos) << e.what();
   }
 }
@@ -1252,7 +1252,7 @@ TEST(PreparedEncode, TooSmallLatentBlockIsAnError) {
 TEST(PreparedEncode, ThreadOptionChangeReachesAnEncodingThread) {
   const std::string path = Models::get().path("ldm", small_spec());
   const auto frames = rgb_frames(32, 32, 1);
-  EncoderOptions options;
+  ModelOptions options;
   options.threads = 2;
   auto enc = load_encoder(path, options);
   std::mutex m;
@@ -1285,7 +1285,7 @@ TEST(PreparedEncode, ThreadOptionChangeReachesAnEncodingThread) {
   worker.join();
   EXPECT_EQ(before, 2);
   EXPECT_EQ(after, 1) << "the encoding thread kept its first thread count";
-  load_encoder(path, EncoderOptions{});  // back to all cores
+  load_encoder(path, ModelOptions{});  // back to all cores
 }
 
 // ------------------------------------------------------------ latent files

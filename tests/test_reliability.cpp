@@ -176,8 +176,8 @@ VaeSpec small_spec() {
   return s;
 }
 
-gstvae::EncoderOptions cpu() {
-  gstvae::EncoderOptions o;
+gstvae::ModelOptions cpu() {
+  gstvae::ModelOptions o;
   o.device = "cpu";
   return o;
 }
@@ -434,7 +434,7 @@ TEST_F(Reliability, FourPipelinesShareOneCopyOfTheWeights) {
 
   // Latents: each pipeline's, in both runs, equal the engine's for its frames
   // batched as the element batches them.
-  gstvae::EncoderOptions one_thread = cpu();
+  gstvae::ModelOptions one_thread = cpu();
   one_thread.threads = 1;
   auto reference = gstvae::load_encoder(model, one_thread);
   const double weights_mib = reference->info().parameters * 4.0 / (1 << 20);

@@ -378,7 +378,7 @@ class VaeEncodeTest : public ::testing::Test {
     dir_ = new TempDir();
     model_ = dir_->file("vae.safetensors");
     gstvae::test::write_test_vae(model_, VaeSpec{});
-    engine_ = gstvae::load_encoder(model_, gstvae::EncoderOptions{});
+    engine_ = gstvae::load_encoder(model_, gstvae::ModelOptions{});
   }
   static void TearDownTestSuite() {
     engine_.reset();

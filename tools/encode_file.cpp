@@ -44,14 +44,14 @@ int main(int argc, char** argv) {
     if (!args.count(required)) return usage();
   try {
     PixelFormat format;
-    if (!parse_pixel_format(args["format"], &format)) throw EncodeError("unknown format '" + args["format"] + "'");
+    if (!parse_pixel_format(args["format"], &format)) throw VaeError("unknown format '" + args["format"] + "'");
     const int width = std::stoi(args["width"]), height = std::stoi(args["height"]);
     const size_t n = std::stoul(args["n"]);
     const size_t bpp = pixel_layout(format).bytes_per_pixel;
     const size_t stride = args.count("stride") ? std::stoul(args["stride"]) : width * bpp;
     const size_t per_batch = args.count("per-batch") ? std::stoul(args["per-batch"]) : 16;
 
-    EncoderOptions options;
+    ModelOptions options;
     if (args.count("device")) options.device = args["device"];
     if (args.count("precision")) options.precision = precision_by_name(args["precision"]);
     if (args.count("threads")) options.threads = std::stoi(args["threads"]);
@@ -61,11 +61,11 @@ int main(int argc, char** argv) {
     if (args.count("latent-format")) params.latent_format = latent_format_by_name(args["latent-format"]);
 
     std::ifstream in(args["frames"], std::ios::binary);
-    if (!in) throw EncodeError("cannot open frames file '" + args["frames"] + "'");
+    if (!in) throw VaeError("cannot open frames file '" + args["frames"] + "'");
     std::vector<uint8_t> pixels(n * height * stride);
     in.read(reinterpret_cast<char*>(pixels.data()), static_cast<std::streamsize>(pixels.size()));
     if (static_cast<size_t>(in.gcount()) != pixels.size())
-      throw EncodeError("frames file '" + args["frames"] + "' holds fewer than " + std::to_string(n) + " frames");
+      throw VaeError("frames file '" + args["frames"] + "' holds fewer than " + std::to_string(n) + " frames");
 
     auto encoder = load_encoder(args["model"], options);
     const EncoderInfo& info = encoder->info();
@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::ofstream out(args["out"], std::ios::binary | std::ios::trunc);
     out.write(reinterpret_cast<const char*>(latents.data()), static_cast<std::streamsize>(latents.size() * 4));
-    if (!out) throw EncodeError("cannot write '" + args["out"] + "'");
+    if (!out) throw VaeError("cannot write '" + args["out"] + "'");
     const int d = info.downscale;
     std::cerr << "encoded " << n << " frames to " << info.latent_channels << "x" << batch->crop().height / d << "x"
               << batch->crop().width / d << " latents in " << seconds << " s (" << n / seconds << " frames/s)\n";

@@ -9,22 +9,9 @@
 
 #include "frame.h"
 #include "latent_format.h"
+#include "model.h"
 
 namespace gstvae {
-
-enum class Precision { Auto, F32, F16, BF16 };
-const char* precision_name(Precision precision);
-// "auto", "fp32", "fp16" or "bf16"; throws VaeError listing them otherwise.
-Precision precision_by_name(const std::string& name);
-
-struct ModelOptions {
-  // "auto" (CUDA when LibTorch has a device, else CPU), "cpu", "cuda", "cuda:N".
-  std::string device = "auto";
-  // Auto: bf16 on CUDA devices of compute capability >= 8.0, else fp32.
-  Precision precision = Precision::Auto;
-  // Intra-op CPU threads; 0 = all cores. LibTorch's setting is per process.
-  int threads = 0;
-};
 
 struct EncoderInfo {
   std::string family;      // "kl" (AutoencoderKL)
@@ -35,6 +22,10 @@ struct EncoderInfo {
   int downscale = 8;       // pixels per latent cell
   int latent_channels = 4;
   bool input_signed = true;  // pixels fed as [-1, 1] (true) or [0, 1]
+  // The latent space the forward pass outputs: raw for the KL VAEs; a tiny
+  // autoencoder outputs its diffusion model's scaled space, which encode()
+  // turns back into raw ones (ComfyUI: output / scale + shift) first.
+  LatentFormat native_format;
   int64_t parameters = 0;
   std::string architecture;  // human-readable summary of what was inferred
 };
@@ -45,14 +36,20 @@ struct EncodeParams {
   LatentFormat latent_format;
 };
 
-// What an encode had to do to fit in memory (see tiling.h).
-struct EncodeReport {
-  int64_t sub_batch = 0;     // frames per forward pass in use at the end
-  int64_t tiled_frames = 0;  // frames encoded tile by tile
-  std::vector<std::string> notes;  // one line per fallback taken, for logs
+// A stream's state over a shared encoder: what a temporal family carries from
+// batch to batch. Image families carry nothing: each frame gives one latent.
+// One session per stream; used by one thread at a time.
+class EncodeSession {
+ public:
+  virtual ~EncodeSession() = default;
+  // The next frame starts a new clip (flush, caps change, DISCONT).
+  virtual void reset() = 0;
+  // Encodes `batch` into `out` (from Encoder::new_latents): result.spans.size()
+  // latents, in order, each covering the frames its span names.
+  virtual BatchResult encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) = 0;
 };
 
-class Encoder {
+class Encoder : public std::enable_shared_from_this<Encoder> {
  public:
   virtual ~Encoder() = default;
   virtual const EncoderInfo& info() const = 0;
@@ -74,12 +71,16 @@ class Encoder {
   // batch.size() x latent_channels x (crop.height/downscale) x (crop.width/downscale)
   // float32 values, row-major. Thread-safe for distinct batches. On
   // out-of-memory the batch is split (and a lone frame tiled) rather than lost.
-  virtual EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, float* out) = 0;
+  virtual ComputeReport encode(const FrameBatch& batch, const EncodeParams& params, float* out) = 0;
   // The same into a block from new_latents(): on GPUs one asynchronous copy
   // into page-locked memory, waited for before returning.
-  virtual EncodeReport encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) = 0;
+  virtual ComputeReport encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) = 0;
 
   size_t latent_floats_per_frame(const FrameBatch& batch) const;
+
+  // A session for one stream. It holds the encoder (which must be owned by a
+  // shared_ptr, as load_encoder's are). The default: one latent per frame.
+  virtual std::unique_ptr<EncodeSession> open_session();
 };
 
 // Detects the model family from the checkpoint's tensor names and loads it.

@@ -1,10 +1,11 @@
-// The table of encoder families. Adding a family = one source file defining an
-// EncoderFamily plus one line in registry.cpp.
+// The tables of model families. Adding a family = one source file defining an
+// EncoderFamily and/or a DecoderFamily plus one line per table in registry.cpp.
 #pragma once
 
 #include <memory>
 #include <string>
 
+#include "decoder.h"
 #include "encoder.h"
 #include "safetensors.h"
 
@@ -18,6 +19,12 @@ struct EncoderFamily {
                                    const ModelOptions& options);
 };
 
-extern const EncoderFamily kKLFamily;  // kl_encoder.cpp
+struct DecoderFamily {
+  const char* name;
+  bool (*detect)(const SafetensorsFile& file);
+  std::shared_ptr<Decoder> (*load)(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options);
+};
+
+extern const EncoderFamily kKLFamily;  // kl_vae.cpp
 
 }  // namespace gstvae

@@ -22,8 +22,12 @@ namespace gstvae {
 
 namespace {
 
-const EncoderFamily* const kFamilies[] = {
+const EncoderFamily* const kEncoderFamilies[] = {
     &kKLFamily,
+};
+
+const DecoderFamily* const kDecoderFamilies[] = {
+    nullptr,  // placeholder until the first decoder family registers
 };
 
 // Case-insensitive: "model.CKPT" is a pickle too.
@@ -59,15 +63,27 @@ void refuse_pickle(const std::string& path) {
 // Models read from disk (cache misses), for tools and tests that count loads.
 std::atomic<size_t> g_model_loads{0};
 
-std::shared_ptr<Encoder> load_uncached(const std::string& path, const ModelOptions& options) {
+// The two directions, as the cache below sees them.
+enum class Direction { Encode, Decode };
+
+std::shared_ptr<void> load_uncached(Direction direction, const std::string& path, const ModelOptions& options) {
   g_model_loads++;
   auto file = std::make_shared<const SafetensorsFile>(path);
-  for (const EncoderFamily* family : kFamilies)
-    if (family->detect(*file)) return family->load(file, options);
-  throw CheckpointError("'" + path + "' holds no supported VAE encoder (" +
-                        std::to_string(file->tensors().size()) +
-                        " tensors; expected the encoder of an AutoencoderKL, e.g. 'encoder.conv_in.weight' "
-                        "and 'encoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.')");
+  if (direction == Direction::Encode) {
+    for (const EncoderFamily* family : kEncoderFamilies)
+      if (family && family->detect(*file)) return family->load(file, options);
+    throw CheckpointError("'" + path + "' holds no supported VAE encoder (" +
+                          std::to_string(file->tensors().size()) +
+                          " tensors; expected the encoder of an AutoencoderKL, e.g. 'encoder.conv_in.weight' "
+                          "and 'encoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', or a "
+                          "TAESD encoder, e.g. '1.conv.0.weight')");
+  }
+  for (const DecoderFamily* family : kDecoderFamilies)
+    if (family && family->detect(*file)) return family->load(file, options);
+  throw CheckpointError("'" + path + "' holds no supported VAE decoder (" + std::to_string(file->tensors().size()) +
+                        " tensors; expected the decoder of an AutoencoderKL, e.g. 'decoder.conv_in.weight' and "
+                        "'decoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', or a TAESD "
+                        "decoder, e.g. '1.weight' and '3.conv.0.weight')");
 }
 
 /* ------------------------------------------------------------------ cache */
@@ -99,18 +115,21 @@ bool identify(const std::string& path, FileIdentity* id) {
 }
 
 struct CacheKey {
+  Direction direction;
   FileIdentity file;
   std::string device;  // resolved: "cpu", "cuda:0", ...
   Precision precision;  // resolved, never Auto
+  std::string latent_space;
 
   bool operator<(const CacheKey& o) const {
-    return std::tie(file.canonical, file.dev, file.ino, file.size, file.mtime_ns, device, precision) <
-           std::tie(o.file.canonical, o.file.dev, o.file.ino, o.file.size, o.file.mtime_ns, o.device, o.precision);
+    return std::tie(direction, file.canonical, file.dev, file.ino, file.size, file.mtime_ns, device, precision,
+                    latent_space) < std::tie(o.direction, o.file.canonical, o.file.dev, o.file.ino, o.file.size,
+                                             o.file.mtime_ns, o.device, o.precision, o.latent_space);
   }
 };
 
 struct Slot {
-  std::weak_ptr<Encoder> encoder;
+  std::weak_ptr<void> model;
   bool loading = false;  // one thread is loading this key; the others wait on `loaded`
 };
 
@@ -122,7 +141,7 @@ struct Cache {
   // Drops the entries of released encoders. Caller holds `mutex`.
   void prune() {
     for (auto it = slots.begin(); it != slots.end();)
-      if (!it->second.loading && it->second.encoder.expired())
+      if (!it->second.loading && it->second.model.expired())
         it = slots.erase(it);
       else
         ++it;
@@ -135,9 +154,8 @@ Cache& cache() {
   return *c;
 }
 
-}  // namespace
 
-std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOptions& options) {
+std::shared_ptr<void> load_cached(Direction direction, const std::string& path, const ModelOptions& options) {
   if (path.empty()) throw CheckpointError("no model file given");
   // Before anything opens it: opening a FIFO would block the caller (the
   // element's state change) until someone writes to it.
@@ -149,13 +167,15 @@ std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOption
   // Anything that prevents a key (no such file, a bad device request) is
   // left to the uncached load, which reports it as it always has.
   CacheKey key;
-  if (!identify(path, &key.file)) return load_uncached(path, options);
+  key.direction = direction;
+  key.latent_space = options.latent_space;
+  if (!identify(path, &key.file)) return load_uncached(direction, path, options);
   try {
     const ComputeTarget target = resolve_target(options);
     key.device = target.device.str();
     key.precision = target.precision;
   } catch (const std::exception&) {
-    return load_uncached(path, options);
+    return load_uncached(direction, path, options);
   }
 
   Cache& c = cache();
@@ -163,7 +183,7 @@ std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOption
   c.prune();
   for (;;) {
     Slot& slot = c.slots[key];
-    if (auto shared = slot.encoder.lock()) {
+    if (auto shared = slot.model.lock()) {
       lock.unlock();
       apply_thread_option(options.threads);  // process-wide; as a fresh load would
       return shared;
@@ -176,9 +196,9 @@ std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOption
   }
   lock.unlock();
 
-  std::shared_ptr<Encoder> encoder;
+  std::shared_ptr<void> model;
   try {
-    encoder = load_uncached(path, options);
+    model = load_uncached(direction, path, options);
   } catch (...) {
     lock.lock();
     c.slots.erase(key);
@@ -192,13 +212,23 @@ std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOption
   lock.lock();
   if (unchanged) {
     Slot& slot = c.slots[key];
-    slot.encoder = encoder;
+    slot.model = model;
     slot.loading = false;
   } else {
     c.slots.erase(key);
   }
   c.loaded.notify_all();
-  return encoder;
+  return model;
+}
+
+}  // namespace
+
+std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOptions& options) {
+  return std::static_pointer_cast<Encoder>(load_cached(Direction::Encode, path, options));
+}
+
+std::shared_ptr<Decoder> load_decoder(const std::string& path, const ModelOptions& options) {
+  return std::static_pointer_cast<Decoder>(load_cached(Direction::Decode, path, options));
 }
 
 size_t cached_encoder_count() {
@@ -207,7 +237,7 @@ size_t cached_encoder_count() {
   c.prune();
   size_t n = 0;
   for (const auto& kv : c.slots)
-    if (!kv.second.encoder.expired()) ++n;
+    if (kv.first.direction == Direction::Encode && !kv.second.model.expired()) ++n;
   return n;
 }
 

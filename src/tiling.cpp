@@ -48,21 +48,24 @@ at::Tensor feather_mask(int64_t h, int64_t w, int64_t feather, const at::TensorO
 
 namespace {
 
-at::Tensor tiled_pass(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& x,
-                      int64_t downscale, int64_t tile_h, int64_t tile_w, int64_t overlap) {
+// One pass of ComfyUI's tiled_scale: output positions are input positions
+// times num/den (1/8 to encode, 8 to decode); the feather is the overlap in
+// output cells.
+at::Tensor tiled_pass(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& x, int64_t num,
+                      int64_t den, int64_t tile_h, int64_t tile_w, int64_t overlap) {
   const int64_t H = x.size(2), W = x.size(3);
-  const int64_t feather = overlap / downscale;
+  const int64_t feather = overlap * num / den;
   at::Tensor out, weight;
   for (const Tile& t : plan_tiles(H, W, tile_h, tile_w, overlap)) {
-    at::Tensor latent = fn(x.narrow(2, t.y, t.h).narrow(3, t.x, t.w)).to(at::kFloat);
+    at::Tensor part = fn(x.narrow(2, t.y, t.h).narrow(3, t.x, t.w)).to(at::kFloat);
     if (!out.defined()) {
-      out = at::zeros({1, latent.size(1), H / downscale, W / downscale}, latent.options());
-      weight = at::zeros({H / downscale, W / downscale}, latent.options());
+      out = at::zeros({1, part.size(1), H * num / den, W * num / den}, part.options());
+      weight = at::zeros({H * num / den, W * num / den}, part.options());
     }
-    const int64_t ly = t.y / downscale, lx = t.x / downscale, lh = latent.size(2), lw = latent.size(3);
-    at::Tensor mask = feather_mask(lh, lw, feather, latent.options());
-    out.narrow(2, ly, lh).narrow(3, lx, lw).add_(latent * mask);
-    weight.narrow(0, ly, lh).narrow(1, lx, lw).add_(mask);
+    const int64_t oy = t.y * num / den, ox = t.x * num / den, oh = part.size(2), ow = part.size(3);
+    at::Tensor mask = feather_mask(oh, ow, feather, part.options());
+    out.narrow(2, oy, oh).narrow(3, ox, ow).add_(part * mask);
+    weight.narrow(0, oy, oh).narrow(1, ox, ow).add_(mask);
   }
   return out / weight;
 }
@@ -71,15 +74,25 @@ at::Tensor tiled_pass(const std::function<at::Tensor(const at::Tensor&)>& fn, co
 
 at::Tensor encode_tiled(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& x,
                         int64_t downscale, int64_t tile, int64_t overlap) {
-  at::Tensor sum = tiled_pass(fn, x, downscale, tile, tile, overlap);
-  sum.add_(tiled_pass(fn, x, downscale, tile * 2, tile / 2, overlap));
-  sum.add_(tiled_pass(fn, x, downscale, tile / 2, tile * 2, overlap));
+  at::Tensor sum = tiled_pass(fn, x, 1, downscale, tile, tile, overlap);
+  sum.add_(tiled_pass(fn, x, 1, downscale, tile * 2, tile / 2, overlap));
+  sum.add_(tiled_pass(fn, x, 1, downscale, tile / 2, tile * 2, overlap));
+  return sum.div_(3.0);
+}
+
+at::Tensor decode_tiled(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& z,
+                        int64_t upscale, int64_t tile, int64_t overlap) {
+  // ComfyUI's decode_tiled_ sums (w/2 x 2h), (2w x h/2), (w x h) in that order.
+  at::Tensor sum = tiled_pass(fn, z, upscale, 1, tile * 2, tile / 2, overlap);
+  sum.add_(tiled_pass(fn, z, upscale, 1, tile / 2, tile * 2, overlap));
+  sum.add_(tiled_pass(fn, z, upscale, 1, tile, tile, overlap));
   return sum.div_(3.0);
 }
 
 FallbackReport run_with_memory_fallback(int64_t n, std::atomic<int64_t>& sub_batch,
                                         const std::function<void(int64_t, int64_t)>& run_chunk,
-                                        const std::function<void(int64_t)>& run_tiled) {
+                                        const std::function<void(int64_t)>& run_tiled, const std::string& verb,
+                                        const std::string& tiling) {
   FallbackReport report;
   int64_t start = 0;
   while (start < n) {
@@ -93,13 +106,13 @@ FallbackReport run_with_memory_fallback(int64_t n, std::atomic<int64_t>& sub_bat
       if (count > 1) {
         const int64_t half = count / 2;
         sub_batch.store(half);
-        report.notes.push_back("out of memory encoding " + std::to_string(count) + " frames: sub-batch halved to " +
+        report.notes.push_back("out of memory " + verb + " " + std::to_string(count) + " items: sub-batch halved to " +
                                std::to_string(half));
         continue;
       }
     }
-    report.notes.push_back("out of memory encoding frame " + std::to_string(start) +
-                           " alone: falling back to tiled encoding (512x512 tiles, 64-pixel overlap)");
+    report.notes.push_back("out of memory " + verb + " item " + std::to_string(start) + " alone: falling back to " +
+                           tiling);
     run_tiled(start);
     report.tiled_frames++;
     start += 1;

@@ -1,4 +1,4 @@
-// Memory fallbacks for the encode: splitting a batch into sub-batches that are
+// Memory fallbacks for encode and decode: splitting a batch into sub-batches that are
 // halved on out-of-memory, and, for a single frame that still does not fit,
 // tiled encoding blended like ComfyUI's encode_tiled_ (512x512 tiles, 64-pixel
 // overlap, linear feathering over the overlap, averaged over three tile
@@ -41,7 +41,14 @@ at::Tensor feather_mask(int64_t h, int64_t w, int64_t feather, const at::TensorO
 at::Tensor encode_tiled(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& x,
                         int64_t downscale, int64_t tile = 512, int64_t overlap = 64);
 
-using FallbackReport = EncodeReport;
+// The same for the decode (ComfyUI's decode_tiled_): z is 1 x C x h x w
+// latents, tiles of 64 latent cells with a 16-cell overlap, fn gives
+// 1 x 3 x h*upscale x w*upscale; passes (2t x t/2), (t/2 x 2t), (t x t), as
+// height x width, averaged.
+at::Tensor decode_tiled(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& z,
+                        int64_t upscale, int64_t tile = 64, int64_t overlap = 16);
+
+using FallbackReport = ComputeReport;
 
 // Runs frames [0, n) through run_chunk(start, count) in order, in sub-batches
 // of at most `sub_batch` (shared across calls: once halved it stays halved).
@@ -50,6 +57,8 @@ using FallbackReport = EncodeReport;
 // No frame is lost or reordered.
 FallbackReport run_with_memory_fallback(int64_t n, std::atomic<int64_t>& sub_batch,
                                         const std::function<void(int64_t, int64_t)>& run_chunk,
-                                        const std::function<void(int64_t)>& run_tiled);
+                                        const std::function<void(int64_t)>& run_tiled,
+                                        const std::string& verb = "encoding",
+                                        const std::string& tiling = "tiled encoding (512x512 tiles, 64-pixel overlap)");
 
 }  // namespace gstvae

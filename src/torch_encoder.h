@@ -14,51 +14,9 @@
 #include <vector>
 
 #include "encoder.h"
-#include "safetensors.h"
+#include "torch_model.h"
 
 namespace gstvae {
-
-struct ComputeTarget {
-  c10::Device device = c10::Device(c10::kCPU);
-  Precision precision = Precision::F32;
-  at::ScalarType dtype = at::kFloat;
-};
-
-// Resolves "auto"/"cpu"/"cuda"/"cuda:N" and the precision rule. An explicit CUDA
-// request that cannot be met throws VaeError; there is no silent fallback.
-ComputeTarget resolve_target(const ModelOptions& options);
-
-// Sets LibTorch's intra-op thread count (0 = all cores) for the process.
-void apply_thread_option(int threads);
-// ATen gives a thread the count once, when it first computes, and OpenMP keeps
-// it per thread: encode() and prepare() call this so that a long-lived thread
-// (the element's encode thread) follows a later apply_thread_option().
-void use_configured_threads();
-
-// Reads checkpoint tensors by canonical name onto the compute target, checking
-// each shape. Weights are converted to the compute dtype once, here.
-class WeightReader {
- public:
-  WeightReader(std::shared_ptr<const SafetensorsFile> file, std::map<std::string, std::string> names,
-               ComputeTarget target);
-
-  bool has(const std::string& name) const { return names_.count(name) != 0; }
-  // Shape as stored; throws CheckpointError naming the tensor when missing.
-  std::vector<int64_t> shape(const std::string& name) const;
-  // The tensor, which must have `expected` shape. A 2-D [O, I] Linear weight is
-  // accepted for an expected [O, I, 1, 1] 1x1 convolution.
-  at::Tensor get(const std::string& name, const std::vector<int64_t>& expected);
-  int64_t parameters_loaded() const { return parameters_; }
-  const std::string& path() const { return file_->path(); }
-
- private:
-  const TensorInfo& info(const std::string& name) const;
-
-  std::shared_ptr<const SafetensorsFile> file_;
-  std::map<std::string, std::string> names_;
-  ComputeTarget target_;
-  int64_t parameters_ = 0;
-};
 
 class TorchEncoder : public Encoder {
  public:

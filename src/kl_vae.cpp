@@ -27,23 +27,6 @@ struct Conv {
 struct Norm {
   at::Tensor weight, bias;
 };
-// fp32 convolutions on the CPU go to oneDNN directly: at::conv2d would pick a
-// different kernel for a single small frame than for a batch, so a stream's
-// latents would depend on how it was cut into batches.
-bool use_onednn(const at::Tensor& x) {
-  static const bool available = at::hasMKLDNN();
-  return available && x.is_cpu() && x.scalar_type() == at::kFloat;
-}
-
-at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t stride = 1,
-                  int64_t padding = 0) {
-  const int64_t s[2] = {stride, stride};
-  const int64_t p[2] = {padding, padding};
-  const int64_t d[2] = {1, 1};
-  if (use_onednn(x)) return at::mkldnn_convolution(x.contiguous(), weight, bias, p, s, d, 1);
-  return at::conv2d(x, weight, bias, s, p);
-}
-
 at::Tensor conv2d(const at::Tensor& x, const Conv& c, int64_t stride = 1, int64_t padding = 0) {
   return conv2d(x, c.weight, c.bias, stride, padding);
 }

@@ -1,0 +1,177 @@
+#include "torch_decoder.h"
+
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <cstring>
+
+#include "errors.h"
+#include "frame_storage.h"
+#include "tiling.h"
+
+namespace gstvae {
+
+struct PixelBlock::Storage {
+  at::Tensor bytes;  // uint8, 1-D, page-locked on GPUs
+};
+
+PixelBlock::PixelBlock(size_t bytes, bool pinned) : bytes_(bytes), storage_(std::make_unique<Storage>()) {
+  storage_->bytes = at::empty({static_cast<int64_t>(bytes)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(pinned));
+}
+PixelBlock::~PixelBlock() = default;
+uint8_t* PixelBlock::data() { return storage_->bytes.data_ptr<uint8_t>(); }
+bool PixelBlock::pinned() const { return storage_->bytes.is_pinned(); }
+
+LatentBatch::LatentBatch(int channels, int height, int width, size_t capacity, bool pinned)
+    : channels_(channels), height_(height), width_(width), capacity_(capacity) {
+  if (capacity == 0) throw VaeError("a latent batch needs a capacity of at least 1");
+  if (channels <= 0 || height <= 0 || width <= 0)
+    throw VaeError("latents of " + std::to_string(channels) + "x" + std::to_string(height) + "x" +
+                   std::to_string(width) + " cannot be decoded");
+  values_ = std::make_unique<LatentBlock>(capacity * floats_per_latent(), pinned);
+  indices_.reserve(capacity);
+}
+LatentBatch::~LatentBatch() = default;
+
+void LatentBatch::add(const float* values, uint64_t index) {
+  if (full()) throw VaeError("latent batch is full (" + std::to_string(capacity_) + " latents)");
+  std::memcpy(values_->data() + indices_.size() * floats_per_latent(), values, floats_per_latent() * sizeof(float));
+  indices_.push_back(index);
+}
+
+void LatentBatch::clear() { indices_.clear(); }
+
+namespace {
+bool pinned_host(const DecoderInfo& info) { return info.device.rfind("cuda", 0) == 0; }
+
+// One frame per latent: the session of a decoder without time.
+class ImageDecodeSession final : public DecodeSession {
+ public:
+  explicit ImageDecodeSession(std::shared_ptr<Decoder> decoder) : decoder_(std::move(decoder)) {}
+  void reset() override {}
+  BatchResult decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
+                     PixelBlock& out) override {
+    BatchResult result;
+    result.report = decoder_->decode(batch, params, format, out);
+    for (uint64_t index : batch.indices()) result.spans.push_back({index, 1});
+    return result;
+  }
+
+ private:
+  std::shared_ptr<Decoder> decoder_;
+};
+}  // namespace
+
+std::unique_ptr<LatentBatch> Decoder::new_batch(int height, int width, size_t capacity) const {
+  return std::make_unique<LatentBatch>(info().latent_channels, height, width, capacity, pinned_host(info()));
+}
+
+size_t Decoder::frame_bytes(const LatentBatch& batch, PixelFormat format) const {
+  const size_t up = static_cast<size_t>(info().upscale);
+  return batch.height() * up * batch.width() * up * pixel_layout(format).bytes_per_pixel;
+}
+
+std::unique_ptr<PixelBlock> Decoder::new_pixels(const LatentBatch& batch, PixelFormat format) const {
+  return std::make_unique<PixelBlock>(batch.size() * frame_bytes(batch, format), pinned_host(info()));
+}
+
+ComputeReport Decoder::decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
+                              PixelBlock& out) {
+  const size_t needed = batch.size() * frame_bytes(batch, format);
+  if (out.bytes() < needed)
+    throw VaeError("pixel block of " + std::to_string(out.bytes()) + " bytes is too small for " +
+                   std::to_string(batch.size()) + " frames (" + std::to_string(needed) + " bytes)");
+  return decode(batch, params, format, out.data());
+}
+
+std::unique_ptr<DecodeSession> Decoder::open_session() {
+  return std::make_unique<ImageDecodeSession>(shared_from_this());
+}
+
+TorchDecoder::TorchDecoder(DecoderInfo info, ComputeTarget target) : info_(std::move(info)), target_(target) {
+  info_.device = target_.device.str();
+  info_.precision = target_.precision;
+  configure_cuda(target_);
+}
+
+void TorchDecoder::probe() {
+  c10::InferenceMode guard;
+  at::Tensor z = at::zeros({1, info_.latent_channels, 1, 1},
+                           at::TensorOptions().device(target_.device).dtype(target_.dtype));
+  try {
+    at::Tensor x = forward(z);
+    if (x.dim() != 4 || x.size(1) != 3 || x.size(2) != info_.upscale || x.size(3) != info_.upscale)
+      throw VaeError("decoder produced " + shape_string(x.sizes().vec()) + " for one latent cell, expected [1, 3, " +
+                     std::to_string(info_.upscale) + ", " + std::to_string(info_.upscale) + "]");
+  } catch (const c10::Error& e) {
+    throw VaeError(std::string("precision ") + precision_name(target_.precision) + " does not run on device " +
+                   target_.device.str() + " with this LibTorch: " + e.what_without_backtrace());
+  }
+}
+
+at::Tensor comfy_pixels_u8(const at::Tensor& x, bool signed_output) {
+  at::Tensor y = signed_output ? x : (x - 0.5).mul(2.0);
+  y = y.to(at::kFloat).add(1.0f).div(2.0f).clamp(0.0, 1.0);
+  // numpy: 255. * float32 array stays float32; clip; astype(uint8) truncates.
+  return y.mul(255.0f).clamp(0.0, 255.0).to(at::kByte).permute({0, 2, 3, 1});
+}
+
+ComputeReport TorchDecoder::decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
+                                   uint8_t* out) {
+  ComputeReport report{sub_batch_.load(), 0, {}};
+  if (batch.empty()) return report;
+  if (batch.channels() != info_.latent_channels)
+    throw VaeError("latents have " + std::to_string(batch.channels()) + " channels, but the decoder '" +
+                   info_.model_path + "' takes " + std::to_string(info_.latent_channels));
+  use_configured_threads();
+  c10::InferenceMode guard;
+  const int64_t n = static_cast<int64_t>(batch.size());
+  const int64_t up = info_.upscale;
+  const int64_t H = batch.height() * up, W = batch.width() * up;
+  const PixelLayout layout = pixel_layout(format);
+  try {
+    at::Tensor host = batch.block().storage().values.narrow(0, 0, n * static_cast<int64_t>(batch.floats_per_latent()));
+    at::Tensor z = host.view({n, batch.channels(), batch.height(), batch.width()})
+                       .to(target_.device, /*non_blocking=*/batch.block().pinned());
+    // Given format -> raw (x / scale + shift) -> the model's own space.
+    const LatentFormat& given = params.latent_format;
+    if (!given.is_raw()) z = z / given.scale + given.shift;
+    const LatentFormat& native = info_.native_format;
+    if (!native.is_raw()) z = (z - native.shift) * native.scale;
+    z = z.to(target_.dtype).contiguous();
+
+    std::vector<at::Tensor> parts;
+    report = run_with_memory_fallback(
+        n, sub_batch_,
+        [&](int64_t start, int64_t count) {
+          parts.push_back(comfy_pixels_u8(forward(z.narrow(0, start, count)).to(at::kFloat), info_.output_signed));
+        },
+        [&](int64_t index) {
+          auto fn = [&](const at::Tensor& tile) { return forward(tile).to(at::kFloat); };
+          parts.push_back(comfy_pixels_u8(decode_tiled(fn, z.narrow(0, index, 1), up), info_.output_signed));
+        },
+        "decoding", "tiled decoding (64x64-latent tiles, 16-cell overlap)");
+    at::Tensor rgb = at::cat(parts, 0);  // N x H x W x 3 uint8
+    // Packed into the pixel format: colour bytes where the layout puts them,
+    // 255 in alpha and padding bytes.
+    at::Tensor packed;
+    if (layout.bytes_per_pixel == 3 && layout.r == 0 && layout.g == 1 && layout.b == 2) {
+      packed = rgb;
+    } else {
+      packed = at::full({n, H, W, layout.bytes_per_pixel}, 255, rgb.options());
+      packed.select(3, layout.r).copy_(rgb.select(3, 0));
+      packed.select(3, layout.g).copy_(rgb.select(3, 1));
+      packed.select(3, layout.b).copy_(rgb.select(3, 2));
+    }
+    at::Tensor dest = at::from_blob(out, {n, H, W, layout.bytes_per_pixel}, at::TensorOptions().dtype(at::kByte));
+    dest.copy_(packed);
+  } catch (const c10::Error& e) {
+    throw VaeError(std::string("decoding a batch of ") + std::to_string(n) + " latents of " +
+                   std::to_string(batch.width()) + "x" + std::to_string(batch.height()) + " on " +
+                   target_.device.str() + " failed: " + e.what_without_backtrace());
+  }
+  return report;
+}
+
+}  // namespace gstvae

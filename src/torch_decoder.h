@@ -1,0 +1,44 @@
+// The latents -> frames pipeline around a decoder family's forward pass:
+// upload, latent format to the model's space, memory fallbacks, ComfyUI's
+// output mapping and 8-bit rounding, packing into the pixel format. A family
+// implements only its forward pass and its loader.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <limits>
+
+#include "decoder.h"
+#include "torch_model.h"
+
+namespace gstvae {
+
+class TorchDecoder : public Decoder {
+ public:
+  const DecoderInfo& info() const override { return info_; }
+  ComputeReport decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
+                       uint8_t* out) override;
+  using Decoder::decode;
+
+ protected:
+  TorchDecoder(DecoderInfo info, ComputeTarget target);
+  // z: N x C x h x w in the compute dtype, in info_.native_format. Returns
+  // N x 3 x (h * upscale) x (w * upscale), range per info_.output_signed.
+  virtual at::Tensor forward(const at::Tensor& z) = 0;
+  // Runs one minimal latent through forward() so that an unsupported
+  // device/precision combination fails at load time with a clear message.
+  void probe();
+
+  DecoderInfo info_;
+  ComputeTarget target_;
+  std::atomic<int64_t> sub_batch_{std::numeric_limits<int64_t>::max()};
+};
+
+// ComfyUI's pixels from a decoder output x (N x 3 x H x W, any float dtype):
+// clamp((x + 1) / 2, 0, 1) for a signed output; a [0, 1] output (TAESD) goes
+// through the same arithmetic after ComfyUI's (x - 0.5) * 2. Then SaveImage's
+// 8 bits: x * 255, clipped to [0, 255], truncated. Returns uint8 N x H x W x 3.
+at::Tensor comfy_pixels_u8(const at::Tensor& x, bool signed_output);
+
+}  // namespace gstvae

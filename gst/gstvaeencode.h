@@ -1,14 +1,13 @@
-/* vaeencode: video frames in, Stable-Diffusion VAE latents out.
+/* vaeencode: video frames in, VAE latents out. A GstVaeBatch subclass.
  * GObject glue only: the engine lives in src/ and LibTorch stays out of here. */
 #pragma once
 
-#include <gst/base/gstbasetransform.h>
-#include <gst/gst.h>
+#include "gstvaebatch.h"
 
 G_BEGIN_DECLS
 
 #define GST_TYPE_VAE_ENCODE (gst_vae_encode_get_type())
-G_DECLARE_FINAL_TYPE(GstVaeEncode, gst_vae_encode, GST, VAE_ENCODE, GstBaseTransform)
+G_DECLARE_FINAL_TYPE(GstVaeEncode, gst_vae_encode, GST, VAE_ENCODE, GstVaeBatch)
 
 GST_ELEMENT_REGISTER_DECLARE(vaeencode);
 

@@ -1,14 +1,116 @@
 #include "latent_caps.h"
 
 #include <algorithm>
+#include <vector>
+
+#include "frame.h"
+#include "latent_format.h"
 
 namespace gst_latent_caps {
 
 namespace {
 
-const char* const kVideoFormats[] = {"RGB", "BGR", "RGBA", "BGRA", "ARGB", "ABGR", "RGBx", "BGRx", "xRGB", "xBGR"};
-
 gint clamp_int(gint64 v) { return static_cast<gint>(std::min<gint64>(std::max<gint64>(v, 1), G_MAXINT)); }
+
+GValue string_list(const std::vector<std::string>& items) {
+  GValue list = G_VALUE_INIT;
+  g_value_init(&list, GST_TYPE_LIST);
+  for (const std::string& item : items) {
+    GValue v = G_VALUE_INIT;
+    g_value_init(&v, G_TYPE_STRING);
+    g_value_set_string(&v, item.c_str());
+    gst_value_list_append_and_take_value(&list, &v);
+  }
+  return list;
+}
+
+std::vector<std::string> video_formats() {
+  std::vector<std::string> names;
+  for (gstvae::PixelFormat f : gstvae::all_pixel_formats()) names.push_back(gstvae::pixel_format_name(f));
+  return names;
+}
+
+std::vector<std::string> latent_formats() {
+  std::vector<std::string> names;
+  for (const gstvae::LatentFormat& f : gstvae::known_latent_formats()) names.push_back(f.name);
+  return names;
+}
+
+std::string braced(const std::vector<std::string>& items) {
+  std::string s = "{ ";
+  for (size_t i = 0; i < items.size(); ++i) s += (i ? ", " : "") + items[i];
+  return s + " }";
+}
+
+// Decoder sizes: latent w <-> exactly w*d pixels.
+bool map_exact(const GValue* in, GValue* out, bool to_latent, int d) {
+  if (G_VALUE_HOLDS_INT(in)) {
+    const gint v = g_value_get_int(in);
+    if (to_latent && v % d != 0) return false;
+    g_value_init(out, G_TYPE_INT);
+    g_value_set_int(out, to_latent ? v / d : clamp_int(gint64(v) * d));
+    return true;
+  }
+  if (GST_VALUE_HOLDS_INT_RANGE(in)) {
+    const gint lo = gst_value_get_int_range_min(in), hi = gst_value_get_int_range_max(in);
+    if (to_latent) {
+      const gint a = std::max(1, (lo + d - 1) / d), b = hi / d;
+      if (a > b) return false;
+      g_value_init(out, GST_TYPE_INT_RANGE);
+      if (a == b) {
+        g_value_unset(out);
+        g_value_init(out, G_TYPE_INT);
+        g_value_set_int(out, a);
+      } else {
+        gst_value_set_int_range(out, a, b);
+      }
+    } else {
+      const gint a = std::max(1, lo), b = std::max(a, std::min(hi, G_MAXINT / d));
+      g_value_init(out, GST_TYPE_INT_RANGE);
+      if (a == b) {
+        g_value_unset(out);
+        g_value_init(out, G_TYPE_INT);
+        g_value_set_int(out, a * d);
+      } else {
+        gst_value_set_int_range_step(out, a * d, b * d, d);
+      }
+    }
+    return true;
+  }
+  if (GST_VALUE_HOLDS_LIST(in)) {
+    g_value_init(out, GST_TYPE_LIST);
+    for (guint i = 0; i < gst_value_list_get_size(in); ++i) {
+      GValue item = G_VALUE_INIT;
+      if (map_exact(gst_value_list_get_value(in, i), &item, to_latent, d))
+        gst_value_list_append_and_take_value(out, &item);
+    }
+    if (gst_value_list_get_size(out) == 0) {
+      g_value_unset(out);
+      return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+bool copy_exact_dimensions(const GstStructure* in, GstStructure* out, bool to_latent, int d) {
+  for (const char* field : {"width", "height"}) {
+    const GValue* v = gst_structure_get_value(in, field);
+    GValue mapped = G_VALUE_INIT;
+    if (!v) {
+      g_value_init(&mapped, GST_TYPE_INT_RANGE);
+      if (to_latent)
+        gst_value_set_int_range(&mapped, 1, G_MAXINT / d);
+      else
+        gst_value_set_int_range_step(&mapped, d, (G_MAXINT / d) * d, d);
+    } else if (!map_exact(v, &mapped, to_latent, d)) {
+      return false;
+    }
+    gst_structure_take_value(out, field, &mapped);
+  }
+  return true;
+}
+
 
 // Maps one width/height value (int, int range or list of them). Returns false
 // for value types that cannot be mapped.
@@ -124,14 +226,7 @@ GstCaps* video_to_latent(const GstCaps* video, const Model& model) {
 
 GstCaps* latent_to_video(const GstCaps* latent, const Model& model) {
   GstCaps* out = gst_caps_new_empty();
-  GValue formats = G_VALUE_INIT;
-  g_value_init(&formats, GST_TYPE_LIST);
-  for (const char* f : kVideoFormats) {
-    GValue v = G_VALUE_INIT;
-    g_value_init(&v, G_TYPE_STRING);
-    g_value_set_string(&v, f);
-    gst_value_list_append_and_take_value(&formats, &v);
-  }
+  GValue formats = string_list(video_formats());
   for (guint i = 0; i < gst_caps_get_size(latent); ++i) {
     const GstStructure* in = gst_caps_get_structure(latent, i);
     // Latents of another model or format cannot come from this element.
@@ -151,6 +246,51 @@ GstCaps* latent_to_video(const GstCaps* latent, const Model& model) {
   g_value_unset(&formats);
   return out;
 }
+
+GstCaps* latent_to_decoded(const GstCaps* latent, const Model& model) {
+  GstCaps* out = gst_caps_new_empty();
+  GValue formats = string_list(video_formats());
+  for (guint i = 0; i < gst_caps_get_size(latent); ++i) {
+    const GstStructure* in = gst_caps_get_structure(latent, i);
+    gint channels;
+    if (model.channels > 0 && gst_structure_get_int(in, "channels", &channels) && channels != model.channels) continue;
+    GstStructure* s = gst_structure_new_empty("video/x-raw");
+    gst_structure_set_value(s, "format", &formats);
+    if (!copy_exact_dimensions(in, s, false, model.downscale)) {
+      gst_structure_free(s);
+      continue;
+    }
+    copy_framerate(in, s);
+    out = gst_caps_merge_structure(out, s);
+  }
+  g_value_unset(&formats);
+  return out;
+}
+
+GstCaps* decoded_to_latent(const GstCaps* video, const Model& model) {
+  GstCaps* out = gst_caps_new_empty();
+  GValue formats = string_list(latent_formats());
+  for (guint i = 0; i < gst_caps_get_size(video); ++i) {
+    const GstStructure* in = gst_caps_get_structure(video, i);
+    GstStructure* s = gst_structure_new(GST_LATENT_CAPS_MEDIA_TYPE, "format", G_TYPE_STRING, "F32", nullptr);
+    if (model.channels > 0)
+      gst_structure_set(s, "channels", G_TYPE_INT, model.channels, nullptr);
+    else
+      gst_structure_set(s, "channels", GST_TYPE_INT_RANGE, 1, G_MAXINT, nullptr);
+    if (!copy_exact_dimensions(in, s, true, model.downscale)) {
+      gst_structure_free(s);
+      continue;
+    }
+    copy_framerate(in, s);
+    gst_structure_set_value(s, "latent-format", &formats);
+    out = gst_caps_merge_structure(out, s);
+  }
+  g_value_unset(&formats);
+  return out;
+}
+
+std::string video_format_list() { return braced(video_formats()); }
+std::string latent_format_list() { return braced(latent_formats()); }
 
 bool parse(const GstCaps* caps, Info* info) {
   if (!caps || !gst_caps_is_fixed(caps)) return false;
@@ -175,6 +315,32 @@ bool parse(const GstCaps* caps, Info* info) {
 }
 
 }  // namespace gst_latent_caps
+
+GType gst_vae_latent_format_get_type(void) {
+  static GType type = 0;
+  if (g_once_init_enter(&type)) {
+    const auto& formats = gstvae::known_latent_formats();
+    // Registered once for the process, so never freed.
+    GEnumValue* values = g_new0(GEnumValue, formats.size() + 1);
+    for (size_t i = 0; i < formats.size(); ++i) {
+      const gstvae::LatentFormat& f = formats[i];
+      gchar* description =
+          f.is_raw() ? g_strdup("Raw latents, as ComfyUI's VAE Encode returns them")
+          : f.shift == 0.0 ? g_strdup_printf("%s scaling: x * %g", f.name.c_str(), f.scale)
+                           : g_strdup_printf("%s scaling: (x - %g) * %g", f.name.c_str(), f.shift, f.scale);
+      values[i].value = static_cast<gint>(i);
+      values[i].value_name = description;
+      values[i].value_nick = g_strdup(f.name.c_str());
+    }
+    g_once_init_leave(&type, g_enum_register_static("GstVaeLatentFormat", values));
+  }
+  return type;
+}
+
+const char* gst_vae_latent_format_nick(gint value) {
+  const auto& formats = gstvae::known_latent_formats();
+  return value >= 0 && static_cast<size_t>(value) < formats.size() ? formats[value].name.c_str() : "raw";
+}
 
 void gst_vae_register_tags() {
   gst_tag_register_static(GST_TAG_VAE_MODEL, GST_TAG_FLAG_META, G_TYPE_STRING, "VAE model",

@@ -13,6 +13,11 @@
 #define GST_TAG_VAE_MODEL "vae-model"
 void gst_vae_register_tags();
 
+/* The latent-format enum (raw, sd15, sdxl, ...), built from the engine's
+ * table of latent formats; shared by the elements. */
+GType gst_vae_latent_format_get_type(void);
+const char* gst_vae_latent_format_nick(gint value);
+
 namespace gst_latent_caps {
 
 // What the loaded model contributes to the caps.
@@ -29,6 +34,18 @@ GstCaps* video_to_latent(const GstCaps* video, const Model& model);
 // application/x-latent -> video/x-raw in the accepted formats (each latent
 // width w comes from video widths w*d .. w*d + d-1, or exactly source-width).
 GstCaps* latent_to_video(const GstCaps* latent, const Model& model);
+
+// For a decoder: application/x-latent -> video/x-raw in the accepted formats,
+// each latent width w giving exactly w*d pixels (any latent format).
+GstCaps* latent_to_decoded(const GstCaps* latent, const Model& model);
+// ... and back: video widths that are multiples of d, divided by d.
+GstCaps* decoded_to_latent(const GstCaps* video, const Model& model);
+
+// The packed RGB formats the elements take and give, as caps list entries
+// ("{ RGB, BGR, ... }"): one table (src/frame.h's all_pixel_formats()).
+std::string video_format_list();
+// The latent formats ("{ raw, sd15, ... }"), from src/latent_format.h's table.
+std::string latent_format_list();
 
 // The fixed fields of negotiated latent caps.
 struct Info {

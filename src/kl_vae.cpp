@@ -27,6 +27,11 @@ struct Conv {
 struct Norm {
   at::Tensor weight, bias;
 };
+// The engine's conv2d (torch_model.h): without this, the overload below would
+// hide it and argument-dependent lookup would pick at::conv2d, whose kernel
+// for a lone small frame differs from a batch's.
+using gstvae::conv2d;
+
 at::Tensor conv2d(const at::Tensor& x, const Conv& c, int64_t stride = 1, int64_t padding = 0) {
   return conv2d(x, c.weight, c.bias, stride, padding);
 }

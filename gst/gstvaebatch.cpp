@@ -1,0 +1,798 @@
+/* GstVaeBatch: gathers `per-batch` inputs, hands them to a BatchWorker as one
+ * job, and lets the worker's threads run the model and push the outputs.
+ *
+ * Four threads meet here. The streaming thread stages each input in the batch
+ * being gathered and, once it is full, makes it a job (on GPUs: starts its
+ * upload) and hands it to the work thread, which runs it and hands its
+ * outputs to the push thread, which pushes them downstream. So batch k+1 is
+ * gathered, and upstream keeps running, while batch k runs, and batch k runs
+ * while the outputs of batch k-1 wait downstream (a sink syncing to the clock,
+ * or one prerolling in PAUSED). While downstream holds one batch for less than
+ * about three batch times, the streaming thread waits only for the model,
+ * never for downstream: an application can send EOS to a pipeline that is
+ * prerolling (gst_element_send_event holds the state lock while it waits for
+ * the source's stream lock) and get it back within one batch. Downstream
+ * holding outputs longer (a pipeline kept in PAUSED) fills the bounded queues
+ * and then holds upstream back, as a full `queue` would. The batch-timeout
+ * thread hands over partial batches. Drain events (EOS, caps, segments...)
+ * wait until every output before them is out; other serialized events (tags)
+ * travel through the queues behind those outputs, pushed by the push thread.
+ * A flush drops what is queued and fences off the outputs of the batch being
+ * run or pushed.
+ *
+ * Settings (properties, under the object lock) are kept apart from the
+ * streaming state (touched only with the sink pad's stream lock held: by the
+ * streaming thread, serialized events, and the batch-timeout thread) and from
+ * the worker (its own locks, see batch_worker.h). The model never runs with a
+ * lock held.
+ *
+ * Lock order (take left before right, never the reverse):
+ *   sink pad stream lock -> BatchWorker::push_mutex_ -> BatchWorker::mutex_
+ *   sink pad stream lock -> BatchTimer::mutex_ (released before the timer
+ *                           thread takes the stream lock)
+ *   object lock: a leaf, never held while another lock is taken.
+ * No C++ exception leaves this file: each vmethod catches and posts an
+ * element error. */
+#include "gstvaebatch.h"
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+#include "latent_caps.h"
+#include "model.h"
+
+GST_DEBUG_CATEGORY_STATIC(vae_batch_debug);
+#define GST_CAT_DEFAULT vae_batch_debug
+
+using gstvae::Precision;
+using gstvae_glue::BatchTimer;
+using gstvae_glue::BatchWorker;
+using gstvae_glue::CommonSettings;
+using gstvae_glue::DeferredJoins;
+using gstvae_glue::Direction;
+using gstvae_glue::InputMeta;
+using gstvae_glue::Job;
+
+namespace {
+
+constexpr guint kDefaultPerBatch = 16;
+// Batch times the latency estimate looks back over: a slow first (warm-up)
+// batch stops counting after this many.
+constexpr size_t kLatencyWindow = 8;
+constexpr const char* kDefaultDevice = "auto";
+
+enum {
+  PROP_0,
+  PROP_MODEL,
+  PROP_PER_BATCH,
+  PROP_DEVICE,
+  PROP_PRECISION,
+  PROP_BATCH_TIMEOUT,
+  PROP_THREADS,
+  PROP_FRAMES_IN,
+  PROP_BATCHES,
+  PROP_LAST_BATCH_TIME,
+  PROP_AVERAGE_FPS,
+  PROP_FRAMES_IN_FLIGHT,
+};
+
+struct Stats {
+  guint64 inputs = 0;
+  guint64 outputs = 0;
+  guint64 batches = 0;
+  GstClockTime last_batch_time = 0;
+  GstClockTime total_time = 0;
+  guint64 inputs_done = 0;
+  // Time from a batch's hand-over to its outputs being ready (preparing it
+  // and running it), for the last kLatencyWindow batches.
+  GstClockTime recent[kLatencyWindow] = {};
+  guint64 recent_count = 0;
+
+  double average_fps() const {
+    return total_time ? inputs_done * static_cast<double>(GST_SECOND) / total_time : 0.0;
+  }
+  void add_batch_time(GstClockTime t) { recent[recent_count++ % kLatencyWindow] = t; }
+  // What a latency query reports as the processing part: the slowest recent
+  // batch, so that an output is not late whenever a batch is a little slower
+  // than the mean, and an early slow batch is forgotten.
+  GstClockTime processing_estimate() const {
+    GstClockTime m = 0;
+    for (guint64 i = 0; i < std::min<guint64>(recent_count, kLatencyWindow); ++i) m = std::max(m, recent[i]);
+    return m;
+  }
+};
+
+struct Streaming {
+  std::unique_ptr<Direction> direction;
+  std::vector<InputMeta> pending;  // metadata of the staged inputs
+  guint64 first_pending_index = 0;
+  std::chrono::steady_clock::time_point oldest_arrival;
+  guint64 input_index = 0;
+  GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed hand-over by the timer thread
+  bool tags_sent = false;
+
+  void drop_pending() {
+    if (direction) direction->drop_staged();
+    pending.clear();
+  }
+};
+
+// What queries (any thread) need to know of the streaming side.
+struct Facts {
+  int scale = 8;
+  int channels = 0;  // 0 until a model is loaded
+  int fps_n = 0, fps_d = 1;
+  GstClockTime reported_latency = 0;  // processing part last announced
+};
+
+struct Private {
+  CommonSettings settings;  // object lock
+  Stats stats;              // object lock
+  Facts facts;              // object lock
+  Streaming state;          // sink stream lock
+  DeferredJoins joins;
+  std::unique_ptr<BatchWorker> worker;
+  std::unique_ptr<BatchTimer> timer;
+};
+
+}  // namespace
+
+struct _GstVaeBatchPrivate {
+  Private* p;
+};
+typedef struct _GstVaeBatchPrivate GstVaeBatchPrivate;
+
+G_DEFINE_ABSTRACT_TYPE_WITH_PRIVATE(GstVaeBatch, gst_vae_batch, GST_TYPE_BASE_TRANSFORM)
+
+static Private& priv(GstVaeBatch* self) {
+  return *static_cast<GstVaeBatchPrivate*>(gst_vae_batch_get_instance_private(self))->p;
+}
+
+static GstVaeBatchClass* klass_of(GstVaeBatch* self) { return GST_VAE_BATCH_GET_CLASS(self); }
+
+GType gst_vae_precision_get_type(void) {
+  static GType type = 0;
+  if (g_once_init_enter(&type)) {
+    static GEnumValue values[8] = {};
+    size_t i = 0;
+    for (Precision p : gstvae::all_precisions()) {
+      const char* description = "";
+      switch (p) {
+        case Precision::Auto: description = "bf16 on CUDA devices of compute capability >= 8.0, else fp32"; break;
+        case Precision::F32: description = "32-bit float"; break;
+        case Precision::F16: description = "16-bit float (the SDXL VAE overflows in fp16)"; break;
+        case Precision::BF16: description = "bfloat16"; break;
+      }
+      values[i++] = {static_cast<gint>(p), description, gstvae::precision_name(p)};
+    }
+    g_once_init_leave(&type, g_enum_register_static("GstVaePrecision", values));
+  }
+  return type;
+}
+
+static CommonSettings settings_snapshot(GstVaeBatch* self) {
+  GST_OBJECT_LOCK(self);
+  CommonSettings s = priv(self).settings;
+  GST_OBJECT_UNLOCK(self);
+  return s;
+}
+
+void gst_vae_batch_model_facts(GstVaeBatch* self, int* scale, int* channels) {
+  GST_OBJECT_LOCK(self);
+  *scale = priv(self).facts.scale;
+  *channels = priv(self).facts.channels;
+  GST_OBJECT_UNLOCK(self);
+}
+
+void gst_vae_batch_class_add_pad_templates(GstVaeBatchClass* klass, const char* sink_caps, const char* src_caps) {
+  GstElementClass* element_class = GST_ELEMENT_CLASS(klass);
+  for (int i = 0; i < 2; ++i) {
+    GstCaps* caps = gst_caps_from_string(i == 0 ? sink_caps : src_caps);
+    gst_element_class_add_pad_template(element_class, gst_pad_template_new(i == 0 ? "sink" : "src",
+                                                                           i == 0 ? GST_PAD_SINK : GST_PAD_SRC,
+                                                                           GST_PAD_ALWAYS, caps));
+    gst_caps_unref(caps);
+  }
+}
+
+guint64 gst_vae_batch_outputs(GstVaeBatch* self) {
+  GST_OBJECT_LOCK(self);
+  const guint64 n = priv(self).stats.outputs;
+  GST_OBJECT_UNLOCK(self);
+  return n;
+}
+
+/* ------------------------------------------------------------------ jobs */
+
+std::vector<GstBuffer*> Job::outputs(GstMemory* memory, size_t output_bytes,
+                                     const std::vector<gstvae::Span>& spans) const {
+  GstBuffer* all = gst_buffer_new();
+  gst_buffer_append_memory(all, memory);
+  std::vector<GstBuffer*> out;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const gstvae::Span& span = spans[i];
+    if (span.first < first_index || span.first + span.count > first_index + metas.size() || span.count == 0) {
+      for (GstBuffer* b : out) gst_buffer_unref(b);
+      gst_buffer_unref(all);
+      throw gstvae::VaeError("output " + std::to_string(i) + " covers inputs " + std::to_string(span.first) + "+" +
+                             std::to_string(span.count) + ", outside the batch's inputs " +
+                             std::to_string(first_index) + "+" + std::to_string(metas.size()));
+    }
+    // Each output shares the batch's memory: no copy.
+    GstBuffer* b = gst_buffer_copy_region(all, GST_BUFFER_COPY_MEMORY, i * output_bytes, output_bytes);
+    const InputMeta& m = metas[span.first - first_index];
+    GST_BUFFER_PTS(b) = m.pts;
+    GST_BUFFER_DTS(b) = m.dts;
+    GstClockTime duration = m.duration;
+    for (uint32_t k = 1; k < span.count && duration != GST_CLOCK_TIME_NONE; ++k) {
+      const GstClockTime d = metas[span.first - first_index + k].duration;
+      duration = d == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : duration + d;
+    }
+    GST_BUFFER_DURATION(b) = duration;
+    GST_BUFFER_OFFSET(b) = m.offset;
+    GST_BUFFER_OFFSET_END(b) = metas[span.first - first_index + span.count - 1].offset_end;
+    if (m.discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+    out.push_back(b);
+  }
+  gst_buffer_unref(all);
+  return out;
+}
+
+/* ------------------------------------------------------ worker callbacks */
+
+static void post_progress(GstVaeBatch* self, guint batch_inputs, GstClockTime batch_time) {
+  GST_OBJECT_LOCK(self);
+  Stats st = priv(self).stats;
+  GST_OBJECT_UNLOCK(self);
+  const double fps = batch_time ? batch_inputs * static_cast<double>(GST_SECOND) / batch_time : 0.0;
+  GST_INFO_OBJECT(self, "batch %" G_GUINT64_FORMAT ": %u inputs in %.3f s (%.2f/s), %" G_GUINT64_FORMAT
+                  " outputs done, %.2f/s on average",
+                  st.batches, batch_inputs, batch_time / 1e9, fps, st.outputs, st.average_fps());
+  GstStructure* s = gst_structure_new(klass_of(self)->progress_message, "frames", G_TYPE_UINT64, st.outputs,
+                                      "batches", G_TYPE_UINT64, st.batches, "batch-frames", G_TYPE_UINT,
+                                      batch_inputs, "batch-time", G_TYPE_UINT64, batch_time, "fps", G_TYPE_DOUBLE,
+                                      fps, "average-fps", G_TYPE_DOUBLE, st.average_fps(), nullptr);
+  gst_element_post_message(GST_ELEMENT(self), gst_message_new_element(GST_OBJECT(self), s));
+}
+
+// Re-announces latency when the processing estimate moved by more than a
+// quarter (and a millisecond) from what the last latency query reported.
+static void maybe_post_latency(GstVaeBatch* self) {
+  GST_OBJECT_LOCK(self);
+  Private& p = priv(self);
+  const GstClockTime estimate = p.stats.processing_estimate();
+  const GstClockTime old = p.facts.reported_latency;
+  const GstClockTime diff = estimate > old ? estimate - old : old - estimate;
+  const bool changed = diff > GST_MSECOND && diff * 4 > old;
+  if (changed) p.facts.reported_latency = estimate;
+  GST_OBJECT_UNLOCK(self);
+  if (changed) gst_element_post_message(GST_ELEMENT(self), gst_message_new_latency(GST_OBJECT(self)));
+}
+
+static void job_done(GstVaeBatch* self, gstvae_glue::BatchJob& base_job, size_t outputs, GstClockTime elapsed) {
+  Job& job = static_cast<Job&>(base_job);
+  const size_t n = job.inputs();
+  GST_OBJECT_LOCK(self);
+  Stats& st = priv(self).stats;
+  st.batches++;
+  st.outputs += outputs;
+  st.inputs_done += n;
+  st.last_batch_time = elapsed;
+  st.total_time += elapsed;
+  st.add_batch_time(job.prepare_time + elapsed);
+  GST_OBJECT_UNLOCK(self);
+  post_progress(self, static_cast<guint>(n), elapsed);
+  maybe_post_latency(self);
+}
+
+static BatchWorker::Callbacks worker_callbacks(GstVaeBatch* self) {
+  BatchWorker::Callbacks cb;
+  cb.push = [self](GstBuffer* b) { return gst_pad_push(GST_BASE_TRANSFORM_SRC_PAD(self), b); };
+  cb.push_event = [self](GstEvent* e) { gst_pad_push_event(GST_BASE_TRANSFORM_SRC_PAD(self), e); };
+  cb.failed = [self](const std::string& error) {
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("%s failed", GST_ELEMENT_NAME(self)), ("%s", error.c_str()));
+  };
+  cb.failed_flushed = [self](const std::string& error) {
+    GST_WARNING_OBJECT(self, "a flushed batch failed: %s", error.c_str());
+  };
+  cb.done = [self](gstvae_glue::BatchJob& job, size_t outputs, GstClockTime elapsed) {
+    job_done(self, job, outputs, elapsed);
+  };
+  return cb;
+}
+
+/* ------------------------------------------------------- streaming side */
+
+// Makes a job of the staged inputs and hands it to the worker, waiting while
+// another job is already waiting there.
+static GstFlowReturn hand_over(GstVaeBatch* self) {
+  Streaming& st = priv(self).state;
+  if (!st.direction || st.pending.empty()) return GST_FLOW_OK;
+  std::unique_ptr<Job> job;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    job = st.direction->take();
+  } catch (const std::exception& e) {
+    st.drop_pending();
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("%s failed", GST_ELEMENT_NAME(self)), ("%s", e.what()));
+    return GST_FLOW_ERROR;
+  }
+  job->prepare_time =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+  job->metas = std::move(st.pending);
+  job->first_index = st.first_pending_index;
+  st.pending.clear();
+  st.first_pending_index = st.input_index;
+  return priv(self).worker->submit(std::move(job));
+}
+
+// Runs and pushes whatever is pending (EOS, caps change, serialized events).
+static GstFlowReturn drain(GstVaeBatch* self) {
+  GstFlowReturn ret = hand_over(self);
+  GstFlowReturn idle = priv(self).worker->wait_idle();
+  return ret != GST_FLOW_OK ? ret : idle;
+}
+
+// Timer thread: the oldest staged input has waited batch-timeout, or
+// per-batch or batch-timeout changed while inputs waited.
+static void timer_expired(GstVaeBatch* self) {
+  // The streaming thread may be inside chain; take its lock like it would.
+  GST_PAD_STREAM_LOCK(GST_BASE_TRANSFORM_SINK_PAD(self));
+  Private& p = priv(self);
+  Streaming& st = p.state;
+  if (!p.timer->stopping() && st.direction && !st.pending.empty()) {
+    const CommonSettings s = settings_snapshot(self);
+    const auto age = std::chrono::steady_clock::now() - st.oldest_arrival;
+    GstFlowReturn ret = GST_FLOW_OK;
+    if (st.pending.size() >= s.per_batch) {
+      // per-batch was lowered while inputs waited: that batch is full now.
+      GST_DEBUG_OBJECT(self, "per-batch lowered to %u: running the %zu waiting inputs", s.per_batch,
+                       st.pending.size());
+      ret = hand_over(self);
+    } else if (s.batch_timeout && age >= std::chrono::nanoseconds(s.batch_timeout)) {
+      GST_DEBUG_OBJECT(self, "batch-timeout: running a partial batch of %zu inputs", st.pending.size());
+      ret = hand_over(self);
+    } else if (s.batch_timeout) {
+      // batch-timeout was raised (or set) after the oldest input came.
+      p.timer->arm(st.oldest_arrival + std::chrono::nanoseconds(s.batch_timeout));
+    }
+    if (ret != GST_FLOW_OK && st.timer_flow == GST_FLOW_OK) st.timer_flow = ret;
+  }
+  GST_PAD_STREAM_UNLOCK(GST_BASE_TRANSFORM_SINK_PAD(self));
+}
+
+/* ------------------------------------------------------------- lifecycle */
+
+static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
+  GstVaeBatch* self = GST_VAE_BATCH(trans);
+  Private& p = priv(self);
+  const CommonSettings s = settings_snapshot(self);
+  if (s.model.empty()) {
+    GST_ELEMENT_ERROR(self, RESOURCE, NOT_FOUND, ("No VAE model given"),
+                      ("set the 'model' property to a .safetensors VAE or full checkpoint"));
+    return FALSE;
+  }
+  try {
+    p.state.direction.reset(klass_of(self)->open(self, s));
+  } catch (const gstvae::VaeError& e) {
+    GST_ELEMENT_ERROR(self, RESOURCE, SETTINGS, ("Could not use VAE model '%s'", s.model.c_str()), ("%s", e.what()));
+    return FALSE;
+  } catch (const std::exception& e) {
+    GST_ELEMENT_ERROR(self, RESOURCE, OPEN_READ, ("Could not load VAE model '%s'", s.model.c_str()),
+                      ("%s", e.what()));
+    return FALSE;
+  }
+  p.state.pending.clear();
+  p.state.input_index = 0;
+  p.state.first_pending_index = 0;
+  p.state.timer_flow = GST_FLOW_OK;
+  p.state.tags_sent = false;
+  GST_OBJECT_LOCK(self);
+  p.stats = Stats();
+  p.facts = Facts();
+  p.facts.scale = p.state.direction->scale();
+  p.facts.channels = p.state.direction->channels();
+  GST_OBJECT_UNLOCK(self);
+  p.timer->start([self] { timer_expired(self); });
+  p.worker->start();
+  return TRUE;
+}
+
+static gboolean gst_vae_batch_stop(GstBaseTransform* trans) {
+  GstVaeBatch* self = GST_VAE_BATCH(trans);
+  Private& p = priv(self);
+  // Staged inputs are dropped, not run: the pipeline is shutting down. The
+  // base class calls this after taking and releasing the stream lock, not
+  // under it, so the batch-timeout thread (which takes that lock) could still
+  // hand a batch over: wake it if it waits for a slot, and join it before the
+  // streaming state is touched. The pads are inactive, so nothing the worker
+  // pushes gets through; it needs no stream lock and is joined next.
+  p.worker->set_flushing();
+  p.timer->stop();
+  p.worker->stop();
+  p.state.drop_pending();
+  p.state.direction.reset();
+  GST_OBJECT_LOCK(self);
+  p.facts = Facts();
+  GST_OBJECT_UNLOCK(self);
+  return TRUE;
+}
+
+static GstStateChangeReturn gst_vae_batch_change_state(GstElement* element, GstStateChange transition) {
+  GstVaeBatch* self = GST_VAE_BATCH(element);
+  GstStateChangeReturn ret = GST_ELEMENT_CLASS(gst_vae_batch_parent_class)->change_state(element, transition);
+  // stop() joins the timer thread; a failed start does not reach stop().
+  if (transition == GST_STATE_CHANGE_PAUSED_TO_READY || ret == GST_STATE_CHANGE_FAILURE) priv(self).timer->stop();
+  return ret;
+}
+
+/* ------------------------------------------------------------------ caps */
+
+static gboolean gst_vae_batch_set_caps(GstBaseTransform* trans, GstCaps* incaps, GstCaps* outcaps) {
+  GstVaeBatch* self = GST_VAE_BATCH(trans);
+  Streaming& st = priv(self).state;
+  if (!st.direction) return FALSE;
+  if (!st.direction->set_caps(incaps, outcaps)) return FALSE;
+  GstStructure* s = gst_caps_get_structure(incaps, 0);
+  gint fps_n = 0, fps_d = 1;
+  if (!gst_structure_get_fraction(s, "framerate", &fps_n, &fps_d)) fps_n = 0, fps_d = 1;
+  GST_OBJECT_LOCK(self);
+  priv(self).facts.fps_n = fps_n;
+  priv(self).facts.fps_d = fps_d;
+  GST_OBJECT_UNLOCK(self);
+  GST_INFO_OBJECT(self, "input %" GST_PTR_FORMAT ", output %" GST_PTR_FORMAT, incaps, outcaps);
+  return TRUE;
+}
+
+/* --------------------------------------------------------------- buffers */
+
+static GstFlowReturn gst_vae_batch_submit_input_buffer(GstBaseTransform* trans, gboolean /*is_discont*/,
+                                                       GstBuffer* input) {
+  GstVaeBatch* self = GST_VAE_BATCH(trans);
+  Private& p = priv(self);
+  Streaming& st = p.state;
+  if (st.timer_flow != GST_FLOW_OK) {
+    GstFlowReturn ret = st.timer_flow;
+    st.timer_flow = GST_FLOW_OK;
+    gst_buffer_unref(input);
+    return ret;
+  }
+  // A failed batch or push reaches upstream here.
+  const GstFlowReturn flow = p.worker->take_flow();
+  if (flow != GST_FLOW_OK) {
+    gst_buffer_unref(input);
+    return flow;
+  }
+  if (!st.direction || !st.direction->have_caps()) {
+    gst_buffer_unref(input);
+    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Received a buffer before caps"), (nullptr));
+    return GST_FLOW_NOT_NEGOTIATED;
+  }
+  // Overriding submit_input_buffer means renegotiating here (downstream may ask).
+  if (!gst_base_transform_reconfigure(trans)) {
+    gst_buffer_unref(input);
+    return GST_PAD_IS_FLUSHING(GST_BASE_TRANSFORM_SRC_PAD(trans)) ? GST_FLOW_FLUSHING : GST_FLOW_NOT_NEGOTIATED;
+  }
+  if (!st.tags_sent) {
+    // Provenance for sinks such as latentfilesink: the model's file name.
+    gchar* base = g_path_get_basename(st.direction->model_path().c_str());
+    gst_pad_push_event(GST_BASE_TRANSFORM_SRC_PAD(trans),
+                       gst_event_new_tag(gst_tag_list_new(GST_TAG_VAE_MODEL, base, nullptr)));
+    g_free(base);
+    st.tags_sent = true;
+  }
+  const CommonSettings s = settings_snapshot(self);
+  if (st.pending.empty()) st.first_pending_index = st.input_index;
+  try {
+    st.direction->add(input, st.input_index, s.per_batch);
+  } catch (const std::exception& e) {
+    gst_buffer_unref(input);
+    GST_ELEMENT_ERROR(self, STREAM, FAILED, ("Could not stage the input"), ("%s", e.what()));
+    return GST_FLOW_ERROR;
+  }
+  st.input_index++;
+  st.pending.push_back(InputMeta{GST_BUFFER_PTS(input), GST_BUFFER_DTS(input), GST_BUFFER_DURATION(input),
+                                 GST_BUFFER_OFFSET(input), GST_BUFFER_OFFSET_END(input),
+                                 GST_BUFFER_FLAG_IS_SET(input, GST_BUFFER_FLAG_DISCONT) != 0});
+  // The input now lives in the staging batch: give the buffer back to its
+  // pool at once (live sources such as v4l2src have only a few).
+  gst_buffer_unref(input);
+  GST_OBJECT_LOCK(self);
+  p.stats.inputs++;
+  GST_OBJECT_UNLOCK(self);
+
+  // per-batch may have been lowered below the staging batch's capacity.
+  if (st.direction->staging_full() || st.pending.size() >= s.per_batch) {
+    p.timer->disarm();
+    return hand_over(self);
+  }
+  if (st.pending.size() == 1) {
+    st.oldest_arrival = std::chrono::steady_clock::now();
+    if (s.batch_timeout) p.timer->arm(st.oldest_arrival + std::chrono::nanoseconds(s.batch_timeout));
+  }
+  return GST_FLOW_OK;
+}
+
+// Outputs are pushed by the push thread as soon as their batch is done, never
+// handed to the base class here: it would mark its pending DISCONT on
+// whatever buffer came out next, a batch later than the input that carried it.
+static GstFlowReturn gst_vae_batch_generate_output(GstBaseTransform*, GstBuffer** outbuf) {
+  *outbuf = nullptr;
+  return GST_FLOW_OK;
+}
+
+/* ---------------------------------------------------------------- events */
+
+static gboolean gst_vae_batch_sink_event(GstBaseTransform* trans, GstEvent* event) {
+  GstVaeBatch* self = GST_VAE_BATCH(trans);
+  Private& p = priv(self);
+  Streaming& st = p.state;
+  switch (GST_EVENT_TYPE(event)) {
+    case GST_EVENT_CAPS: {
+      // Upstream may resend the caps it already set: nothing changes then.
+      GstCaps* caps;
+      gst_event_parse_caps(event, &caps);
+      GstCaps* current = gst_pad_get_current_caps(GST_BASE_TRANSFORM_SINK_PAD(trans));
+      const bool same = current && gst_caps_is_equal(current, caps);
+      if (current) gst_caps_unref(current);
+      if (same) break;
+    }
+      /* fall through */
+    case GST_EVENT_EOS:
+    case GST_EVENT_SEGMENT:
+    case GST_EVENT_STREAM_START:
+    case GST_EVENT_GAP:
+    case GST_EVENT_SEGMENT_DONE:
+    case GST_EVENT_STREAM_GROUP_DONE:
+    case GST_EVENT_CUSTOM_DOWNSTREAM: {
+      // Outputs of the inputs before this event go out first, with the old caps.
+      p.timer->disarm();
+      GST_DEBUG_OBJECT(self, "draining %zu pending inputs before %s", st.pending.size(), GST_EVENT_TYPE_NAME(event));
+      GstFlowReturn ret = drain(self);
+      if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING)
+        GST_WARNING_OBJECT(self, "draining before %s: %s", GST_EVENT_TYPE_NAME(event), gst_flow_get_name(ret));
+      if (GST_EVENT_TYPE(event) == GST_EVENT_STREAM_START) {
+        // A new stream drops the sticky tags of the last one: announce the
+        // model again. Its first input starts a new clip.
+        st.tags_sent = false;
+        if (st.direction) st.direction->reset();
+      }
+      break;
+    }
+    case GST_EVENT_FLUSH_START:
+      // Any thread. Wakes a streaming thread waiting on the worker; the batch
+      // being run cannot be stopped, its outputs will be dropped.
+      p.worker->flush_start();
+      break;
+    case GST_EVENT_FLUSH_STOP:
+      p.timer->disarm();
+      GST_DEBUG_OBJECT(self, "flush: dropping %zu pending inputs", st.pending.size());
+      st.drop_pending();
+      if (st.direction) st.direction->reset();
+      st.timer_flow = GST_FLOW_OK;
+      p.worker->flush_stop();
+      break;
+    default:
+      // Other serialized events (tags, which decoders send often, and the
+      // rest) must not overtake the outputs of batches already handed over,
+      // but do not cut the batch being gathered; the push thread sends them
+      // after those outputs.
+      if (GST_EVENT_IS_SERIALIZED(event) && p.worker->queue_event(event)) return TRUE;
+      break;
+  }
+  return GST_BASE_TRANSFORM_CLASS(gst_vae_batch_parent_class)->sink_event(trans, event);
+}
+
+/* --------------------------------------------------------------- queries */
+
+static gboolean gst_vae_batch_query(GstBaseTransform* trans, GstPadDirection direction, GstQuery* query) {
+  GstVaeBatch* self = GST_VAE_BATCH(trans);
+  if (direction != GST_PAD_SRC || GST_QUERY_TYPE(query) != GST_QUERY_LATENCY)
+    return GST_BASE_TRANSFORM_CLASS(gst_vae_batch_parent_class)->query(trans, direction, query);
+
+  GstPad* peer = gst_pad_get_peer(GST_BASE_TRANSFORM_SINK_PAD(trans));
+  if (!peer) return FALSE;
+  gboolean ok = gst_pad_query(peer, query);
+  gst_object_unref(peer);
+  if (!ok) return FALSE;
+
+  gboolean live;
+  GstClockTime min, max;
+  gst_query_parse_latency(query, &live, &min, &max);
+  const CommonSettings s = settings_snapshot(self);
+  GST_OBJECT_LOCK(self);
+  Private& p = priv(self);
+  const GstClockTime batch_time = p.stats.processing_estimate();
+  const gint fps_n = p.facts.fps_n, fps_d = p.facts.fps_d;
+  p.facts.reported_latency = batch_time;
+  GST_OBJECT_UNLOCK(self);
+
+  // An input waits for the (per-batch - 1) inputs after it, bounded by batch-timeout.
+  GstClockTime wait = GST_CLOCK_TIME_NONE;
+  if (fps_n > 0 && fps_d > 0)
+    wait = gst_util_uint64_scale(static_cast<guint64>(s.per_batch) - 1, GST_SECOND * fps_d, fps_n);
+  if (s.per_batch == 1) wait = 0;
+  if (s.batch_timeout && (wait == GST_CLOCK_TIME_NONE || wait > s.batch_timeout)) wait = s.batch_timeout;
+
+  min += (wait == GST_CLOCK_TIME_NONE ? 0 : wait) + batch_time;
+  if (max != GST_CLOCK_TIME_NONE) max = wait == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : max + wait + batch_time;
+  GST_DEBUG_OBJECT(self, "latency: batch wait %" GST_TIME_FORMAT " + processing %" GST_TIME_FORMAT
+                   " -> min %" GST_TIME_FORMAT " max %" GST_TIME_FORMAT,
+                   GST_TIME_ARGS(wait), GST_TIME_ARGS(batch_time), GST_TIME_ARGS(min), GST_TIME_ARGS(max));
+  gst_query_set_latency(query, live, min, max);
+  return TRUE;
+}
+
+/* ------------------------------------------------------------ properties */
+
+static void gst_vae_batch_set_property(GObject* object, guint prop_id, const GValue* value, GParamSpec* pspec) {
+  GstVaeBatch* self = GST_VAE_BATCH(object);
+  if (prop_id == PROP_MODEL || prop_id == PROP_DEVICE || prop_id == PROP_PRECISION || prop_id == PROP_THREADS) {
+    // The model is loaded when the element starts: these only apply in NULL/READY.
+    GstState state = GST_STATE(self);
+    if (state > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY) {
+      g_warning("%s: property '%s' can only be changed in the NULL or READY state", GST_ELEMENT_NAME(self),
+                pspec->name);
+      return;
+    }
+  }
+  GST_OBJECT_LOCK(self);
+  CommonSettings& s = priv(self).settings;
+  switch (prop_id) {
+    case PROP_MODEL: s.model = g_value_get_string(value) ? g_value_get_string(value) : ""; break;
+    case PROP_PER_BATCH: s.per_batch = g_value_get_uint(value); break;
+    case PROP_DEVICE: s.device = g_value_get_string(value) ? g_value_get_string(value) : kDefaultDevice; break;
+    case PROP_PRECISION: s.precision = g_value_get_enum(value); break;
+    case PROP_BATCH_TIMEOUT: s.batch_timeout = g_value_get_uint64(value); break;
+    case PROP_THREADS: s.threads = g_value_get_uint(value); break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+  const bool look_now = (prop_id == PROP_BATCH_TIMEOUT && s.batch_timeout != 0) || prop_id == PROP_PER_BATCH;
+  GST_OBJECT_UNLOCK(self);
+  // Inputs may be waiting already: let the timer thread look at them now (it
+  // hands them over if per-batch fell to their number, else re-arms for their
+  // own deadline); this thread may not touch them.
+  if (look_now) priv(self).timer->arm(std::chrono::steady_clock::now());
+}
+
+static void gst_vae_batch_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {
+  GstVaeBatch* self = GST_VAE_BATCH(object);
+  if (prop_id == PROP_FRAMES_IN_FLIGHT) {
+    g_value_set_uint64(value, priv(self).worker->inputs_in_flight());
+    return;
+  }
+  GST_OBJECT_LOCK(self);
+  const CommonSettings& s = priv(self).settings;
+  const Stats& st = priv(self).stats;
+  switch (prop_id) {
+    case PROP_MODEL: g_value_set_string(value, s.model.c_str()); break;
+    case PROP_PER_BATCH: g_value_set_uint(value, s.per_batch); break;
+    case PROP_DEVICE: g_value_set_string(value, s.device.c_str()); break;
+    case PROP_PRECISION: g_value_set_enum(value, s.precision); break;
+    case PROP_BATCH_TIMEOUT: g_value_set_uint64(value, s.batch_timeout); break;
+    case PROP_THREADS: g_value_set_uint(value, s.threads); break;
+    case PROP_FRAMES_IN: g_value_set_uint64(value, st.inputs); break;
+    case PROP_BATCHES: g_value_set_uint64(value, st.batches); break;
+    case PROP_LAST_BATCH_TIME: g_value_set_uint64(value, st.last_batch_time); break;
+    case PROP_AVERAGE_FPS: g_value_set_double(value, st.average_fps()); break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+  GST_OBJECT_UNLOCK(self);
+}
+
+/* ------------------------------------------------------------- GObject */
+
+static void gst_vae_batch_finalize(GObject* object) {
+  GstVaeBatch* self = GST_VAE_BATCH(object);
+  Private* p = &priv(self);
+  p->timer->stop();
+  p->worker->stop();
+  p->state.drop_pending();
+  p->state.direction.reset();
+  p->worker.reset();
+  p->timer.reset();
+  delete p;  // the DeferredJoins last: it joins (or detaches) the threads left
+  G_OBJECT_CLASS(gst_vae_batch_parent_class)->finalize(object);
+}
+
+static void gst_vae_batch_init(GstVaeBatch* self) {
+  Private* p = new Private();
+  static_cast<GstVaeBatchPrivate*>(gst_vae_batch_get_instance_private(self))->p = p;
+  p->worker = std::make_unique<BatchWorker>(worker_callbacks(self), p->joins);
+  p->timer = std::make_unique<BatchTimer>(p->joins);
+  gst_base_transform_set_passthrough(GST_BASE_TRANSFORM(self), FALSE);
+  gst_base_transform_set_in_place(GST_BASE_TRANSFORM(self), FALSE);
+  gst_base_transform_set_qos_enabled(GST_BASE_TRANSFORM(self), FALSE);
+}
+
+static void gst_vae_batch_class_init(GstVaeBatchClass* klass) {
+  GObjectClass* gobject_class = G_OBJECT_CLASS(klass);
+  GstElementClass* element_class = GST_ELEMENT_CLASS(klass);
+  GstBaseTransformClass* trans_class = GST_BASE_TRANSFORM_CLASS(klass);
+
+  gobject_class->set_property = gst_vae_batch_set_property;
+  gobject_class->get_property = gst_vae_batch_get_property;
+  gobject_class->finalize = gst_vae_batch_finalize;
+
+  const auto rw = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+  const auto rw_ready = static_cast<GParamFlags>(rw | GST_PARAM_MUTABLE_READY);
+  const auto rw_playing = static_cast<GParamFlags>(rw | GST_PARAM_MUTABLE_PLAYING);
+  const auto ro = static_cast<GParamFlags>(G_PARAM_READABLE | G_PARAM_STATIC_STRINGS);
+
+  g_object_class_install_property(
+      gobject_class, PROP_MODEL,
+      g_param_spec_string("model", "Model",
+                          "Path to a .safetensors VAE (LDM or diffusers layout, or a TAESD-family file) or a full "
+                          "checkpoint holding one under 'first_stage_model.' or 'vae.'; loaded when the element "
+                          "starts",
+                          nullptr, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_PER_BATCH,
+      g_param_spec_uint("per-batch", "Inputs per batch",
+                        "Inputs gathered and run together. Lowered to (or below) the number of inputs waiting: "
+                        "they are run at once; raised: applies from the next batch",
+                        1, 4096, kDefaultPerBatch, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_DEVICE,
+      g_param_spec_string("device", "Device",
+                          "Compute device: auto (CUDA when LibTorch has a GPU, else CPU), cpu, cuda or cuda:N. "
+                          "An explicit CUDA request that cannot be met is an error",
+                          kDefaultDevice, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_PRECISION,
+      g_param_spec_enum("precision", "Precision", "Compute precision of the model; latents are always float32",
+                        gst_vae_precision_get_type(), static_cast<gint>(Precision::Auto), rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_BATCH_TIMEOUT,
+      g_param_spec_uint64("batch-timeout", "Batch timeout",
+                          "Run a partial batch once its oldest input has waited this long, in nanoseconds "
+                          "(0 = always wait for a full batch or the end of the stream)",
+                          0, G_MAXUINT64, 0, rw_playing));
+  g_object_class_install_property(
+      gobject_class, PROP_THREADS,
+      g_param_spec_uint("threads", "CPU threads", "Intra-op CPU threads of LibTorch (process-wide), 0 = all cores",
+                        0, 1024, 0, rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_FRAMES_IN,
+      g_param_spec_uint64("frames-in", "Inputs in", "Inputs (frames or latents) received since the element started",
+                          0, G_MAXUINT64, 0, ro));
+  g_object_class_install_property(
+      gobject_class, PROP_BATCHES,
+      g_param_spec_uint64("batches", "Batches", "Batches run since the element started", 0, G_MAXUINT64, 0, ro));
+  g_object_class_install_property(
+      gobject_class, PROP_LAST_BATCH_TIME,
+      g_param_spec_uint64("last-batch-time", "Last batch time", "Time the last batch took to run, in nanoseconds", 0,
+                          G_MAXUINT64, 0, ro));
+  g_object_class_install_property(
+      gobject_class, PROP_AVERAGE_FPS,
+      g_param_spec_double("average-fps", "Average inputs/s",
+                          "Inputs processed per second of model time since the element started", 0, G_MAXDOUBLE, 0,
+                          ro));
+  g_object_class_install_property(
+      gobject_class, PROP_FRAMES_IN_FLIGHT,
+      g_param_spec_uint64("frames-in-flight", "Inputs in flight",
+                          "Inputs of full (or drained) batches handed to the work thread whose outputs have not "
+                          "been pushed yet (waiting, running, or queued for the push thread); inputs of the batch "
+                          "being gathered are not counted",
+                          0, G_MAXUINT64, 0, ro));
+
+  element_class->change_state = GST_DEBUG_FUNCPTR(gst_vae_batch_change_state);
+  trans_class->start = GST_DEBUG_FUNCPTR(gst_vae_batch_start);
+  trans_class->stop = GST_DEBUG_FUNCPTR(gst_vae_batch_stop);
+  trans_class->set_caps = GST_DEBUG_FUNCPTR(gst_vae_batch_set_caps);
+  trans_class->submit_input_buffer = GST_DEBUG_FUNCPTR(gst_vae_batch_submit_input_buffer);
+  trans_class->generate_output = GST_DEBUG_FUNCPTR(gst_vae_batch_generate_output);
+  trans_class->sink_event = GST_DEBUG_FUNCPTR(gst_vae_batch_sink_event);
+  trans_class->query = GST_DEBUG_FUNCPTR(gst_vae_batch_query);
+  trans_class->passthrough_on_same_caps = FALSE;
+  klass->progress_message = "vae-progress";
+
+  gst_type_mark_as_plugin_api(gst_vae_precision_get_type(), static_cast<GstPluginAPIFlags>(0));
+  gst_type_mark_as_plugin_api(GST_TYPE_VAE_BATCH, static_cast<GstPluginAPIFlags>(0));
+  GST_DEBUG_CATEGORY_INIT(vae_batch_debug, "vaebatch", 0, "gst-vae batching element base");
+}

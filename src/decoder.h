@@ -49,7 +49,7 @@ class LatentBatch {
 
   // Copies one latent (floats_per_latent() values). `index` is its position
   // in the stream.
-  void add(const float* values, uint64_t index);
+  void add(const void* values, uint64_t index);
   void clear();
 
   int channels() const { return channels_; }

@@ -34,7 +34,7 @@ LatentBatch::LatentBatch(int channels, int height, int width, size_t capacity, b
 }
 LatentBatch::~LatentBatch() = default;
 
-void LatentBatch::add(const float* values, uint64_t index) {
+void LatentBatch::add(const void* values, uint64_t index) {
   if (full()) throw VaeError("latent batch is full (" + std::to_string(capacity_) + " latents)");
   std::memcpy(values_->data() + indices_.size() * floats_per_latent(), values, floats_per_latent() * sizeof(float));
   indices_.push_back(index);

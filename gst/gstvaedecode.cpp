@@ -1,0 +1,302 @@
+/**
+ * SECTION:element-vaedecode
+ * @title: vaedecode
+ *
+ * Gathers `per-batch` latents (application/x-latent, as vaeencode and
+ * latentfilesrc give them), decodes them with a VAE decoder (the KL
+ * autoencoders of SD 1.x/2.x, SDXL, SD3 and Flux.1, or a TAESD-family tiny
+ * autoencoder) as ComfyUI's VAE Decode does, and pushes one 8-bit video frame
+ * per latent with that latent's timestamps. Scaled latents (the caps'
+ * latent-format) are turned back into raw ones first. Batching, threads,
+ * events, latency and progress come from GstVaeBatch.
+ *
+ * ## Example launch lines
+ * |[
+ * gst-launch-1.0 latentfilesrc location=x.latent framerate=8/1 ! vaedecode model=sdxl_vae.safetensors \
+ *   ! videoconvert ! x264enc ! mp4mux ! filesink location=x.mp4
+ * gst-launch-1.0 videotestsrc ! video/x-raw,format=RGB,width=256,height=256 \
+ *   ! vaeencode model=taesd_encoder.safetensors ! vaedecode model=taesd_decoder.safetensors \
+ *   ! videoconvert ! autovideosink
+ * ]|
+ */
+#include "gstvaedecode.h"
+
+#include <gst/video/video.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "decoder.h"
+#include "errors.h"
+#include "latent_caps.h"
+
+GST_DEBUG_CATEGORY_STATIC(vae_decode_debug);
+#define GST_CAT_DEFAULT vae_decode_debug
+
+using gstvae::DecodeParams;
+using gstvae::Decoder;
+using gstvae::DecodeSession;
+using gstvae::LatentBatch;
+using gstvae::PixelBlock;
+
+namespace {
+
+enum {
+  PROP_0,
+  PROP_LATENT_SPACE,
+  PROP_FRAMES_OUT,
+};
+
+struct DecodeSettings {
+  std::string latent_space;
+};
+
+class DecodeJob final : public gstvae_glue::Job {
+ public:
+  GstElement* element;
+  std::shared_ptr<Decoder> decoder;
+  std::shared_ptr<DecodeSession> session;
+  std::unique_ptr<LatentBatch> batch;
+  DecodeParams params;
+  gstvae::PixelFormat format;
+
+  std::vector<GstBuffer*> run() override {
+    std::unique_ptr<PixelBlock> block = decoder->new_pixels(*batch, format);
+    gstvae::BatchResult result = session->decode(*batch, params, format, *block);
+    for (const std::string& note : result.report.notes) GST_WARNING_OBJECT(element, "%s", note.c_str());
+    const size_t frame_bytes = decoder->frame_bytes(*batch, format);
+    PixelBlock* raw = block.release();
+    GstMemory* memory = gst_memory_new_wrapped(static_cast<GstMemoryFlags>(0), raw->data(), raw->bytes(), 0,
+                                               result.spans.size() * frame_bytes, raw,
+                                               [](gpointer p) { delete static_cast<PixelBlock*>(p); });
+    return outputs(memory, frame_bytes, result.spans);
+  }
+};
+
+class DecodeDirection final : public gstvae_glue::Direction {
+ public:
+  DecodeDirection(GstVaeDecode* element, std::shared_ptr<Decoder> decoder)
+      : element_(element), decoder_(std::move(decoder)), session_(decoder_->open_session()) {}
+
+  std::string model_path() const override { return decoder_->info().model_path; }
+  int scale() const override { return decoder_->info().upscale; }
+  int channels() const override { return decoder_->info().latent_channels; }
+  bool have_caps() const override { return have_caps_; }
+
+  bool set_caps(GstCaps* incaps, GstCaps* outcaps) override {
+    gst_latent_caps::Info in;
+    if (!gst_latent_caps::parse(incaps, &in)) {
+      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Invalid latent caps"), ("%" GST_PTR_FORMAT, incaps));
+      return false;
+    }
+    if (in.channels != channels()) {
+      GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Latents do not fit the decoder"),
+                        ("the latents have %d channels, the decoder '%s' takes %d", in.channels,
+                         model_path().c_str(), channels()));
+      return false;
+    }
+    try {
+      latent_format_ = gstvae::latent_format_by_name(in.latent_format);
+    } catch (const std::exception& e) {
+      GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Unknown latent format"), ("%s", e.what()));
+      return false;
+    }
+    GstVideoInfo out;
+    if (!gst_video_info_from_caps(&out, outcaps) ||
+        !gstvae::parse_pixel_format(gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&out)), &format_)) {
+      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Unsupported output caps"), ("%" GST_PTR_FORMAT, outcaps));
+      return false;
+    }
+    if (GST_VIDEO_INFO_WIDTH(&out) != in.width * scale() || GST_VIDEO_INFO_HEIGHT(&out) != in.height * scale()) {
+      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Output size does not match the latents"),
+                        ("%dx%d latents decode to %dx%d frames, not %dx%d", in.width, in.height,
+                         in.width * scale(), in.height * scale(), GST_VIDEO_INFO_WIDTH(&out),
+                         GST_VIDEO_INFO_HEIGHT(&out)));
+      return false;
+    }
+    in_ = in;
+    batch_.reset();
+    have_caps_ = true;
+    session_->reset();
+    return true;
+  }
+
+  void add(GstBuffer* input, guint64 index, guint per_batch) override {
+    GstMapInfo map;
+    if (!gst_buffer_map(input, &map, GST_MAP_READ))
+      throw gstvae::VaeError("could not map a latent buffer of " + std::to_string(gst_buffer_get_size(input)) +
+                             " bytes");
+    const size_t want = in_.frame_bytes();
+    if (map.size != want) {
+      const size_t got = map.size;
+      gst_buffer_unmap(input, &map);
+      throw gstvae::VaeError("latent buffer of " + std::to_string(got) + " bytes does not hold one " +
+                             std::to_string(in_.channels) + "x" + std::to_string(in_.height) + "x" +
+                             std::to_string(in_.width) + " float32 latent (" + std::to_string(want) + " bytes)");
+    }
+    try {
+      if (!batch_ || (batch_->empty() && batch_->capacity() != per_batch))
+        batch_ = decoder_->new_batch(in_.height, in_.width, per_batch);
+      // Copied bytewise: a buffer's data need not be float-aligned.
+      batch_->add(map.data, index);
+    } catch (...) {
+      gst_buffer_unmap(input, &map);
+      throw;
+    }
+    gst_buffer_unmap(input, &map);
+  }
+
+  size_t staged() const override { return batch_ ? batch_->size() : 0; }
+  bool staging_full() const override { return batch_ && batch_->full(); }
+  void drop_staged() override {
+    if (batch_) batch_->clear();
+  }
+  void reset() override { session_->reset(); }
+
+  std::unique_ptr<gstvae_glue::Job> take() override {
+    auto job = std::make_unique<DecodeJob>();
+    job->element = GST_ELEMENT(element_);
+    job->decoder = decoder_;
+    job->session = session_;
+    job->params.latent_format = latent_format_;
+    job->format = format_;
+    job->batch = std::move(batch_);
+    return job;
+  }
+
+ private:
+  GstVaeDecode* element_;
+  std::shared_ptr<Decoder> decoder_;
+  std::shared_ptr<DecodeSession> session_;
+  gst_latent_caps::Info in_;
+  gstvae::LatentFormat latent_format_;
+  gstvae::PixelFormat format_ = gstvae::PixelFormat::RGB;
+  bool have_caps_ = false;
+  std::unique_ptr<LatentBatch> batch_;
+};
+
+}  // namespace
+
+struct _GstVaeDecode {
+  GstVaeBatch parent;
+  DecodeSettings* settings;  // object lock
+};
+
+G_DEFINE_TYPE(GstVaeDecode, gst_vae_decode, GST_TYPE_VAE_BATCH);
+GST_ELEMENT_REGISTER_DEFINE(vaedecode, "vaedecode", GST_RANK_NONE, GST_TYPE_VAE_DECODE);
+
+static gstvae_glue::Direction* gst_vae_decode_open(GstVaeBatch* batch, const gstvae_glue::CommonSettings& s) {
+  GstVaeDecode* self = GST_VAE_DECODE(batch);
+  gstvae::ModelOptions options;
+  options.device = s.device;
+  options.precision = static_cast<gstvae::Precision>(s.precision);
+  options.threads = static_cast<int>(s.threads);
+  GST_OBJECT_LOCK(self);
+  options.latent_space = self->settings->latent_space;
+  GST_OBJECT_UNLOCK(self);
+  std::shared_ptr<Decoder> decoder = gstvae::load_decoder(s.model, options);
+  const auto& info = decoder->info();
+  GST_INFO_OBJECT(self, "loaded '%s': %s (%s layout), %" G_GINT64_FORMAT " parameters, on %s in %s", s.model.c_str(),
+                  info.architecture.c_str(), info.layout.c_str(), info.parameters, info.device.c_str(),
+                  gstvae::precision_name(info.precision));
+  return new DecodeDirection(self, std::move(decoder));
+}
+
+static GstCaps* gst_vae_decode_transform_caps(GstBaseTransform* trans, GstPadDirection direction, GstCaps* caps,
+                                              GstCaps* filter) {
+  GstVaeDecode* self = GST_VAE_DECODE(trans);
+  gst_latent_caps::Model model;
+  gst_vae_batch_model_facts(GST_VAE_BATCH(self), &model.downscale, &model.channels);
+  GstCaps* result = direction == GST_PAD_SINK ? gst_latent_caps::latent_to_decoded(caps, model)
+                                              : gst_latent_caps::decoded_to_latent(caps, model);
+  if (filter) {
+    GstCaps* tmp = gst_caps_intersect_full(filter, result, GST_CAPS_INTERSECT_FIRST);
+    gst_caps_unref(result);
+    result = tmp;
+  }
+  GST_DEBUG_OBJECT(self, "transformed %" GST_PTR_FORMAT " to %" GST_PTR_FORMAT, caps, result);
+  return result;
+}
+
+static void gst_vae_decode_set_property(GObject* object, guint prop_id, const GValue* value, GParamSpec* pspec) {
+  GstVaeDecode* self = GST_VAE_DECODE(object);
+  GstState state = GST_STATE(self);
+  if (state > GST_STATE_READY || GST_STATE_TARGET(self) > GST_STATE_READY) {
+    g_warning("vaedecode: property '%s' can only be changed in the NULL or READY state", pspec->name);
+    return;
+  }
+  GST_OBJECT_LOCK(self);
+  switch (prop_id) {
+    case PROP_LATENT_SPACE:
+      self->settings->latent_space = g_value_get_string(value) ? g_value_get_string(value) : "";
+      break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+  GST_OBJECT_UNLOCK(self);
+}
+
+static void gst_vae_decode_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {
+  GstVaeDecode* self = GST_VAE_DECODE(object);
+  switch (prop_id) {
+    case PROP_FRAMES_OUT: g_value_set_uint64(value, gst_vae_batch_outputs(GST_VAE_BATCH(self))); break;
+    case PROP_LATENT_SPACE:
+      GST_OBJECT_LOCK(self);
+      g_value_set_string(value, self->settings->latent_space.c_str());
+      GST_OBJECT_UNLOCK(self);
+      break;
+    default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
+  }
+}
+
+static void gst_vae_decode_finalize(GObject* object) {
+  GstVaeDecode* self = GST_VAE_DECODE(object);
+  G_OBJECT_CLASS(gst_vae_decode_parent_class)->finalize(object);
+  delete self->settings;
+}
+
+static void gst_vae_decode_init(GstVaeDecode* self) { self->settings = new DecodeSettings(); }
+
+static void gst_vae_decode_class_init(GstVaeDecodeClass* klass) {
+  GObjectClass* gobject_class = G_OBJECT_CLASS(klass);
+  GstElementClass* element_class = GST_ELEMENT_CLASS(klass);
+  GstBaseTransformClass* trans_class = GST_BASE_TRANSFORM_CLASS(klass);
+  GstVaeBatchClass* batch_class = GST_VAE_BATCH_CLASS(klass);
+
+  gobject_class->set_property = gst_vae_decode_set_property;
+  gobject_class->get_property = gst_vae_decode_get_property;
+  gobject_class->finalize = gst_vae_decode_finalize;
+
+  const auto rw_ready = static_cast<GParamFlags>(G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS | GST_PARAM_MUTABLE_READY);
+  const auto ro = static_cast<GParamFlags>(G_PARAM_READABLE | G_PARAM_STATIC_STRINGS);
+  g_object_class_install_property(
+      gobject_class, PROP_LATENT_SPACE,
+      g_param_spec_string("latent-space", "Latent space",
+                          "For a TAESD-family model: the diffusion model's latent space it belongs to (taesd, "
+                          "taesdxl, taesd3, taef1, taef2), overriding its file name and metadata; empty = from "
+                          "the file",
+                          "", rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_FRAMES_OUT,
+      g_param_spec_uint64("frames-out", "Frames out", "Frames produced since the element started", 0, G_MAXUINT64, 0,
+                          ro));
+
+  const std::string sink_caps = std::string(GST_LATENT_CAPS_MEDIA_TYPE) +
+                                ", format = (string) F32, channels = (int) [ 1, MAX ], width = (int) [ 1, MAX ], "
+                                "height = (int) [ 1, MAX ], framerate = (fraction) [ 0/1, MAX ], "
+                                "latent-format = (string) " + gst_latent_caps::latent_format_list();
+  const std::string src_caps = "video/x-raw, format = (string) " + gst_latent_caps::video_format_list() +
+                               ", width = (int) [ 1, MAX ], height = (int) [ 1, MAX ], "
+                               "framerate = (fraction) [ 0/1, MAX ]";
+  gst_vae_batch_class_add_pad_templates(batch_class, sink_caps.c_str(), src_caps.c_str());
+  gst_element_class_set_static_metadata(
+      element_class, "VAE decoder", "Filter/Converter/Video",
+      "Decodes the latents of a Stable-Diffusion-family VAE in batches into video frames (LibTorch)",
+      "gst-vae developers");
+
+  trans_class->transform_caps = GST_DEBUG_FUNCPTR(gst_vae_decode_transform_caps);
+  batch_class->open = gst_vae_decode_open;
+  batch_class->progress_message = GST_VAE_DECODE_PROGRESS_MESSAGE;
+  GST_DEBUG_CATEGORY_INIT(vae_decode_debug, "vaedecode", 0, "VAE decoder");
+}

@@ -1,0 +1,272 @@
+// The GObject-free batching machinery on its own, with a fake model: order of
+// outputs and events, the bounded queues, flushes fencing off old outputs, the
+// sticky flow return, inputs in flight, stop during a job, and the timer.
+#include <gst/gst.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "batch_worker.h"
+
+namespace {
+
+using gstvae_glue::BatchJob;
+using gstvae_glue::BatchTimer;
+using gstvae_glue::BatchWorker;
+using gstvae_glue::DeferredJoins;
+using namespace std::chrono_literals;
+
+class GstEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override { gst_init(nullptr, nullptr); }
+};
+::testing::Environment* const gst_env = ::testing::AddGlobalTestEnvironment(new GstEnvironment);
+
+// A gate a fake job waits on, so that tests decide when a "forward pass" ends.
+struct Gate {
+  std::mutex m;
+  std::condition_variable cv;
+  bool open = true;
+  int waiting = 0;
+  void close() {
+    std::lock_guard<std::mutex> l(m);
+    open = false;
+  }
+  void release() {
+    std::lock_guard<std::mutex> l(m);
+    open = true;
+    cv.notify_all();
+  }
+  void pass() {
+    std::unique_lock<std::mutex> l(m);
+    waiting++;
+    cv.notify_all();
+    cv.wait(l, [&] { return open; });
+    waiting--;
+  }
+  bool wait_for_waiter(std::chrono::milliseconds t = 5000ms) {
+    std::unique_lock<std::mutex> l(m);
+    return cv.wait_for(l, t, [&] { return waiting > 0; });
+  }
+};
+
+// Outputs one buffer per input, its offset the input's number.
+class FakeJob : public BatchJob {
+ public:
+  FakeJob(std::vector<guint64> ids, Gate* gate = nullptr, bool fail = false)
+      : ids_(std::move(ids)), gate_(gate), fail_(fail) {}
+  size_t inputs() const override { return ids_.size(); }
+  std::vector<GstBuffer*> run() override {
+    if (gate_) gate_->pass();
+    if (fail_) throw std::runtime_error("fake model failed on purpose");
+    std::vector<GstBuffer*> out;
+    for (guint64 id : ids_) {
+      GstBuffer* b = gst_buffer_new();
+      GST_BUFFER_OFFSET(b) = id;
+      out.push_back(b);
+    }
+    return out;
+  }
+
+ private:
+  std::vector<guint64> ids_;
+  Gate* gate_;
+  bool fail_;
+};
+
+// What downstream saw: output offsets and event names, in order.
+struct Downstream {
+  std::mutex m;
+  std::condition_variable cv;
+  std::vector<std::string> seen;
+  GstFlowReturn ret = GST_FLOW_OK;
+  Gate gate;  // closed: a push waits (a syncing or prerolling sink)
+  std::vector<std::string> errors;
+  size_t done_jobs = 0;
+
+  BatchWorker::Callbacks callbacks() {
+    BatchWorker::Callbacks cb;
+    cb.push = [this](GstBuffer* b) {
+      gate.pass();
+      std::lock_guard<std::mutex> l(m);
+      seen.push_back(std::to_string(GST_BUFFER_OFFSET(b)));
+      gst_buffer_unref(b);
+      cv.notify_all();
+      return ret;
+    };
+    cb.push_event = [this](GstEvent* e) {
+      std::lock_guard<std::mutex> l(m);
+      seen.push_back(GST_EVENT_TYPE_NAME(e));
+      gst_event_unref(e);
+      cv.notify_all();
+    };
+    cb.failed = [this](const std::string& e) {
+      std::lock_guard<std::mutex> l(m);
+      errors.push_back(e);
+    };
+    cb.done = [this](BatchJob&, size_t, GstClockTime) {
+      std::lock_guard<std::mutex> l(m);
+      done_jobs++;
+    };
+    return cb;
+  }
+  std::vector<std::string> snapshot() {
+    std::lock_guard<std::mutex> l(m);
+    return seen;
+  }
+  bool wait_for(size_t n, std::chrono::milliseconds t = 5000ms) {
+    std::unique_lock<std::mutex> l(m);
+    return cv.wait_for(l, t, [&] { return seen.size() >= n; });
+  }
+};
+
+std::unique_ptr<BatchJob> job(std::vector<guint64> ids, Gate* gate = nullptr, bool fail = false) {
+  return std::make_unique<FakeJob>(std::move(ids), gate, fail);
+}
+
+TEST(BatchWorker, OutputsAndEventsInOrder) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  EXPECT_EQ(w.submit(job({0, 1})), GST_FLOW_OK);
+  EXPECT_TRUE(w.queue_event(gst_event_new_tag(gst_tag_list_new_empty())));
+  EXPECT_EQ(w.submit(job({2})), GST_FLOW_OK);
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_OK);
+  EXPECT_EQ(down.snapshot(), (std::vector<std::string>{"0", "1", "tag", "2"}));
+  EXPECT_EQ(w.inputs_in_flight(), 0u);
+  // Nothing in flight: an event is the caller's to forward.
+  GstEvent* e = gst_event_new_tag(gst_tag_list_new_empty());
+  EXPECT_FALSE(w.queue_event(e));
+  gst_event_unref(e);
+  w.stop();
+}
+
+TEST(BatchWorker, BoundedWhileDownstreamHolds) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  down.gate.close();
+  // Job 1 is pushed (held by downstream), job 2 waits behind it, job 3 runs
+  // and waits for room, job 4 waits in the queue: the caller returns at once
+  // for all four, and the fifth submit waits.
+  for (guint64 i = 0; i < 4; ++i) ASSERT_EQ(w.submit(job({i})), GST_FLOW_OK);
+  ASSERT_TRUE(down.gate.wait_for_waiter());
+  std::atomic<bool> returned{false};
+  std::thread fifth([&] {
+    w.submit(job({4}));
+    returned = true;
+  });
+  std::this_thread::sleep_for(200ms);
+  EXPECT_FALSE(returned.load()) << "the queues are not bounded";
+  EXPECT_EQ(w.inputs_in_flight(), 4u);
+  down.gate.release();
+  fifth.join();
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_OK);
+  EXPECT_EQ(down.snapshot(), (std::vector<std::string>{"0", "1", "2", "3", "4"}));
+  w.stop();
+}
+
+TEST(BatchWorker, FlushFencesOffOldOutputs) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  Gate model;
+  model.close();
+  ASSERT_EQ(w.submit(job({0, 1}, &model)), GST_FLOW_OK);
+  ASSERT_TRUE(model.wait_for_waiter());
+  ASSERT_EQ(w.submit(job({2})), GST_FLOW_OK);  // queued behind the running job
+  w.flush_start();
+  EXPECT_EQ(w.submit(job({3})), GST_FLOW_FLUSHING);
+  w.flush_stop();
+  model.release();  // the job from before the flush ends now: its outputs are stale
+  ASSERT_EQ(w.submit(job({4})), GST_FLOW_OK);
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_OK);
+  EXPECT_EQ(down.snapshot(), (std::vector<std::string>{"4"}));
+  EXPECT_EQ(w.inputs_in_flight(), 0u);
+  w.stop();
+}
+
+TEST(BatchWorker, FailedJobIsStickyAndReported) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  ASSERT_EQ(w.submit(job({0}, nullptr, true)), GST_FLOW_OK);
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_ERROR);
+  EXPECT_EQ(w.take_flow(), GST_FLOW_ERROR);
+  EXPECT_EQ(w.take_flow(), GST_FLOW_ERROR) << "an error must stay";
+  EXPECT_EQ(w.submit(job({1})), GST_FLOW_ERROR);
+  ASSERT_EQ(down.errors.size(), 1u);
+  EXPECT_NE(down.errors[0].find("on purpose"), std::string::npos);
+  EXPECT_TRUE(down.snapshot().empty());
+  w.flush_start();
+  w.flush_stop();  // a flushing seek recovers from it
+  EXPECT_EQ(w.take_flow(), GST_FLOW_OK);
+  w.stop();
+}
+
+TEST(BatchWorker, NotLinkedReturnedOnce) {
+  Downstream down;
+  down.ret = GST_FLOW_NOT_LINKED;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  ASSERT_EQ(w.submit(job({0, 1})), GST_FLOW_OK);
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_NOT_LINKED);
+  EXPECT_EQ(down.snapshot().size(), 1u) << "the push stops at the first failure";
+  EXPECT_EQ(w.take_flow(), GST_FLOW_NOT_LINKED);
+  EXPECT_EQ(w.take_flow(), GST_FLOW_OK) << "NOT_LINKED goes upstream once";
+  w.stop();
+}
+
+TEST(BatchWorker, StopDuringAJobDropsItsOutputs) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  Gate model;
+  model.close();
+  ASSERT_EQ(w.submit(job({0}, &model)), GST_FLOW_OK);
+  ASSERT_TRUE(model.wait_for_waiter());
+  std::thread stopper([&] { w.stop(); });
+  std::this_thread::sleep_for(100ms);
+  model.release();
+  stopper.join();
+  EXPECT_TRUE(down.snapshot().empty());
+  EXPECT_EQ(w.inputs_in_flight(), 0u);
+  // And starts again clean.
+  w.start();
+  ASSERT_EQ(w.submit(job({7})), GST_FLOW_OK);
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_OK);
+  EXPECT_EQ(down.snapshot(), (std::vector<std::string>{"7"}));
+  w.stop();
+}
+
+TEST(BatchTimer, FiresOnceAtTheDeadlineAndNotWhenDisarmed) {
+  DeferredJoins joins;
+  BatchTimer timer(joins);
+  std::atomic<int> fired{0};
+  timer.start([&] { fired++; });
+  const auto t0 = BatchTimer::Clock::now();
+  timer.arm(t0 + 150ms);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(fired.load(), 0);
+  std::this_thread::sleep_for(400ms);
+  EXPECT_EQ(fired.load(), 1);
+  timer.arm(BatchTimer::Clock::now() + 100ms);
+  timer.disarm();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(fired.load(), 1);
+  timer.stop();
+}
+
+}  // namespace

@@ -26,5 +26,7 @@ struct DecoderFamily {
 };
 
 extern const EncoderFamily kKLFamily;  // kl_vae.cpp
+extern const EncoderFamily kTaesdEncoderFamily;  // taesd.cpp
+extern const DecoderFamily kTaesdDecoderFamily;  // taesd.cpp
 
 }  // namespace gstvae

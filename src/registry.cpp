@@ -24,10 +24,11 @@ namespace {
 
 const EncoderFamily* const kEncoderFamilies[] = {
     &kKLFamily,
+    &kTaesdEncoderFamily,
 };
 
 const DecoderFamily* const kDecoderFamilies[] = {
-    nullptr,  // placeholder until the first decoder family registers
+    &kTaesdDecoderFamily,
 };
 
 // Case-insensitive: "model.CKPT" is a pickle too.

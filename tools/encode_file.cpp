@@ -20,7 +20,8 @@ namespace {
 int usage() {
   std::cerr << "usage: gst-vae-encode-file --model M --frames F --n N --width W --height H --format FMT\n"
                "         [--stride BYTES] --out OUT.f32 [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
-               "         [--latent-format raw|sd15|sdxl|sd3|flux] [--sample --seed K] [--per-batch B] [--threads T]\n";
+               "         [--latent-format raw|sd15|sdxl|sd3|flux] [--sample --seed K] [--per-batch B] [--threads T]\n"
+               "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2|taesana]\n";
   return 2;
 }
 
@@ -55,6 +56,7 @@ int main(int argc, char** argv) {
     if (args.count("device")) options.device = args["device"];
     if (args.count("precision")) options.precision = precision_by_name(args["precision"]);
     if (args.count("threads")) options.threads = std::stoi(args["threads"]);
+    if (args.count("latent-space")) options.latent_space = args["latent-space"];
     EncodeParams params;
     params.sample = args.count("sample") != 0;
     if (args.count("seed")) params.seed = std::stoull(args["seed"]);

@@ -251,9 +251,9 @@ GstCaps* latent_to_decoded(const GstCaps* latent, const Model& model) {
   GstCaps* out = gst_caps_new_empty();
   GValue formats = string_list(video_formats());
   for (guint i = 0; i < gst_caps_get_size(latent); ++i) {
+    // Latents with the wrong channel count are let through to set_caps,
+    // which names both counts (a failed negotiation would not).
     const GstStructure* in = gst_caps_get_structure(latent, i);
-    gint channels;
-    if (model.channels > 0 && gst_structure_get_int(in, "channels", &channels) && channels != model.channels) continue;
     GstStructure* s = gst_structure_new_empty("video/x-raw");
     gst_structure_set_value(s, "format", &formats);
     if (!copy_exact_dimensions(in, s, false, model.downscale)) {

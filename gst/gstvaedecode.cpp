@@ -58,11 +58,14 @@ class DecodeJob final : public gstvae_glue::Job {
   GstElement* element;
   std::shared_ptr<Decoder> decoder;
   std::shared_ptr<DecodeSession> session;
+  bool reset_session = false;  // the stream restarted before this batch
   std::unique_ptr<LatentBatch> batch;
   DecodeParams params;
   gstvae::PixelFormat format;
 
   std::vector<GstBuffer*> run() override {
+    // The session is touched only here, on the work thread, in job order.
+    if (reset_session) session->reset();
     std::unique_ptr<PixelBlock> block = decoder->new_pixels(*batch, format);
     gstvae::BatchResult result = session->decode(*batch, params, format, *block);
     for (const std::string& note : result.report.notes) GST_WARNING_OBJECT(element, "%s", note.c_str());
@@ -119,7 +122,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
     in_ = in;
     batch_.reset();
     have_caps_ = true;
-    session_->reset();
+    reset_pending_ = true;
     return true;
   }
 
@@ -153,13 +156,16 @@ class DecodeDirection final : public gstvae_glue::Direction {
   void drop_staged() override {
     if (batch_) batch_->clear();
   }
-  void reset() override { session_->reset(); }
+  // Applied by the next job on the work thread, which alone uses the session.
+  void reset() override { reset_pending_ = true; }
 
   std::unique_ptr<gstvae_glue::Job> take() override {
     auto job = std::make_unique<DecodeJob>();
     job->element = GST_ELEMENT(element_);
     job->decoder = decoder_;
     job->session = session_;
+    job->reset_session = reset_pending_;
+    reset_pending_ = false;
     job->params.latent_format = latent_format_;
     job->format = format_;
     job->batch = std::move(batch_);
@@ -170,6 +176,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
   GstVaeDecode* element_;
   std::shared_ptr<Decoder> decoder_;
   std::shared_ptr<DecodeSession> session_;
+  bool reset_pending_ = false;
   gst_latent_caps::Info in_;
   gstvae::LatentFormat latent_format_;
   gstvae::PixelFormat format_ = gstvae::PixelFormat::RGB;

@@ -66,6 +66,7 @@ class EncodeJob final : public gstvae_glue::Job {
   GstElement* element;
   std::shared_ptr<Encoder> encoder;
   std::shared_ptr<EncodeSession> session;
+  bool reset_session = false;  // the stream restarted before this batch
   std::unique_ptr<FrameBatch> batch;
   EncodeParams params;
   std::shared_ptr<SparePool> spares;
@@ -78,6 +79,8 @@ class EncodeJob final : public gstvae_glue::Job {
   }
 
   std::vector<GstBuffer*> run() override {
+    // The session is touched only here, on the work thread, in job order.
+    if (reset_session) session->reset();
     std::unique_ptr<LatentBlock> block = encoder->new_latents(*batch);
     gstvae::BatchResult result = session->encode(*batch, params, *block);
     for (const std::string& note : result.report.notes) GST_WARNING_OBJECT(element, "%s", note.c_str());
@@ -140,7 +143,7 @@ class EncodeDirection final : public gstvae_glue::Direction {
     batch_.reset();
     info_ = info;
     have_info_ = true;
-    session_->reset();
+    reset_pending_ = true;
     return true;
   }
 
@@ -167,13 +170,16 @@ class EncodeDirection final : public gstvae_glue::Direction {
   void drop_staged() override {
     if (batch_) batch_->clear();
   }
-  void reset() override { session_->reset(); }
+  // Applied by the next job on the work thread, which alone uses the session.
+  void reset() override { reset_pending_ = true; }
 
   std::unique_ptr<gstvae_glue::Job> take() override {
     auto job = std::make_unique<EncodeJob>();
     job->element = GST_ELEMENT(element_);
     job->encoder = encoder_;
     job->session = session_;
+    job->reset_session = reset_pending_;
+    reset_pending_ = false;
     job->spares = spares_;
     GST_OBJECT_LOCK(element_);
     const EncodeSettings s = settings();
@@ -214,6 +220,7 @@ class EncodeDirection final : public gstvae_glue::Direction {
   std::shared_ptr<Encoder> encoder_;
   // Shared with the jobs in flight; image encoders keep no state in it.
   std::shared_ptr<EncodeSession> session_;
+  bool reset_pending_ = false;
   GstVideoInfo info_;
   bool have_info_ = false;
   gstvae::PixelFormat format_ = gstvae::PixelFormat::RGB;

@@ -320,9 +320,12 @@ void BatchWorker::push_item(PushItem& item) {
 
 /* ------------------------------------------------------------ BatchTimer */
 
-BatchTimer::~BatchTimer() { stop(); }
+BatchTimer::~BatchTimer() {
+  stop();
+  if (clock_) gst_object_unref(clock_);
+}
 
-void BatchTimer::start(std::function<void()> expired) {
+void BatchTimer::start(std::function<void()> expired, ClockSource clock) {
   if (thread_.joinable()) stop();
   joins_.join_others();
   {
@@ -330,31 +333,58 @@ void BatchTimer::start(std::function<void()> expired) {
     quit_ = false;
     armed_ = false;
     expired_ = std::move(expired);
+    clock_source_ = std::move(clock);
   }
   thread_ = std::thread(&BatchTimer::loop, this);
+}
+
+void BatchTimer::cancel_wait() {
+  arms_++;
+  if (waiting_) gst_clock_id_unschedule(waiting_);
+  cond_.notify_all();
 }
 
 void BatchTimer::stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     quit_ = true;
-    cond_.notify_all();
+    cancel_wait();
   }
   // quit_ stays set: a deferred timer thread must see it to end; start()
   // clears it once every old thread has been joined.
   joins_.join_or_defer(thread_);
 }
 
-void BatchTimer::arm(Clock::time_point deadline) {
+GstClockTime BatchTimer::now(GstClock** clock) {
+  ClockSource source;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    source = clock_source_;
+  }
+  GstClock* c = source ? source() : gst_system_clock_obtain();
+  *clock = c;
+  return gst_clock_get_time(c);
+}
+
+void BatchTimer::arm(GstClock* clock, GstClockTime deadline) {
   std::lock_guard<std::mutex> lock(mutex_);
-  armed_ = true;
+  gst_object_replace(reinterpret_cast<GstObject**>(&clock_), GST_OBJECT(clock));
   deadline_ = deadline;
-  cond_.notify_all();
+  armed_ = true;
+  cancel_wait();
+}
+
+void BatchTimer::arm_now() {
+  GstClock* clock = nullptr;
+  const GstClockTime t = now(&clock);
+  arm(clock, t);
+  gst_object_unref(clock);
 }
 
 void BatchTimer::disarm() {
   std::lock_guard<std::mutex> lock(mutex_);
   armed_ = false;
+  cancel_wait();
 }
 
 bool BatchTimer::stopping() {
@@ -369,8 +399,16 @@ void BatchTimer::loop() {
       cond_.wait(lock);
       continue;
     }
-    if (cond_.wait_until(lock, deadline_) != std::cv_status::timeout) continue;
-    if (quit_ || !armed_ || Clock::now() < deadline_) continue;
+    const guint64 arms = arms_;
+    GstClockID id = gst_clock_new_single_shot_id(clock_, deadline_);
+    waiting_ = id;
+    lock.unlock();
+    // An arm, disarm or stop meanwhile unschedules it: the wait returns at once.
+    const GstClockReturn r = gst_clock_id_wait(id, nullptr);
+    lock.lock();
+    waiting_ = nullptr;
+    gst_clock_id_unref(id);
+    if (quit_ || !armed_ || arms != arms_ || (r != GST_CLOCK_OK && r != GST_CLOCK_EARLY)) continue;
     armed_ = false;
     std::function<void()> expired = expired_;
     lock.unlock();

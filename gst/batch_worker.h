@@ -154,31 +154,44 @@ class BatchWorker {
 
 namespace gstvae_glue {
 
-// Calls `expired` on its own thread once the armed deadline has passed.
+// Calls `expired` on its own thread once the armed deadline has passed on a
+// GstClock: the pipeline's clock while the element has one, so that tests
+// drive it with a GstTestClock; the system clock before (while prerolling).
 // Re-arming moves the deadline; disarming cancels it. `expired` runs with no
 // lock of the timer held (it takes the element's stream lock).
 class BatchTimer {
  public:
-  using Clock = std::chrono::steady_clock;
+  // Returns a new reference to the clock to measure time on.
+  using ClockSource = std::function<GstClock*()>;
   explicit BatchTimer(DeferredJoins& joins) : joins_(joins) {}
   ~BatchTimer();
-  void start(std::function<void()> expired);
+  void start(std::function<void()> expired, ClockSource clock);
   void stop();
-  void arm(Clock::time_point deadline);
+  // The time now, and (a new reference to) the clock it was read on.
+  GstClockTime now(GstClock** clock);
+  // Fires at `deadline` on `clock` (a reference is taken).
+  void arm(GstClock* clock, GstClockTime deadline);
+  // Fires as soon as the timer thread gets to it.
+  void arm_now();
   void disarm();
   // For `expired`: whether stop() was called meanwhile.
   bool stopping();
 
  private:
   void loop();
+  void cancel_wait();  // mutex_ held
   DeferredJoins& joins_;
   std::function<void()> expired_;
+  ClockSource clock_source_;
   std::thread thread_;
-  std::mutex mutex_;
+  std::mutex mutex_;  // everything below
   std::condition_variable cond_;
   bool quit_ = false;
   bool armed_ = false;
-  Clock::time_point deadline_;
+  GstClock* clock_ = nullptr;       // of the armed deadline
+  GstClockTime deadline_ = 0;
+  GstClockID waiting_ = nullptr;  // the wait in progress, for unscheduling
+  guint64 arms_ = 0;               // bumped by arm/disarm: a wait that ends is stale if it moved
 };
 
 }  // namespace gstvae_glue

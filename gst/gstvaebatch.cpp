@@ -111,7 +111,16 @@ struct Streaming {
   std::unique_ptr<Direction> direction;
   std::vector<InputMeta> pending;  // metadata of the staged inputs
   guint64 first_pending_index = 0;
-  std::chrono::steady_clock::time_point oldest_arrival;
+  // When the oldest staged input came, on the clock the batch timer uses.
+  GstClockTime oldest_arrival = 0;
+  GstClock* arrival_clock = nullptr;  // owned
+
+  void set_arrival(GstClock* clock, GstClockTime t) {
+    if (arrival_clock) gst_object_unref(arrival_clock);
+    arrival_clock = clock;
+    oldest_arrival = t;
+  }
+  ~Streaming() { set_arrival(nullptr, 0); }
   guint64 input_index = 0;
   GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed hand-over by the timer thread
   bool tags_sent = false;
@@ -347,19 +356,20 @@ static void timer_expired(GstVaeBatch* self) {
   Streaming& st = p.state;
   if (!p.timer->stopping() && st.direction && !st.pending.empty()) {
     const CommonSettings s = settings_snapshot(self);
-    const auto age = std::chrono::steady_clock::now() - st.oldest_arrival;
+    const GstClockTime now = st.arrival_clock ? gst_clock_get_time(st.arrival_clock) : 0;
+    const GstClockTime age = now > st.oldest_arrival ? now - st.oldest_arrival : 0;
     GstFlowReturn ret = GST_FLOW_OK;
     if (st.pending.size() >= s.per_batch) {
       // per-batch was lowered while inputs waited: that batch is full now.
       GST_DEBUG_OBJECT(self, "per-batch lowered to %u: running the %zu waiting inputs", s.per_batch,
                        st.pending.size());
       ret = hand_over(self);
-    } else if (s.batch_timeout && age >= std::chrono::nanoseconds(s.batch_timeout)) {
+    } else if (s.batch_timeout && st.arrival_clock && age >= s.batch_timeout) {
       GST_DEBUG_OBJECT(self, "batch-timeout: running a partial batch of %zu inputs", st.pending.size());
       ret = hand_over(self);
     } else if (s.batch_timeout) {
       // batch-timeout was raised (or set) after the oldest input came.
-      p.timer->arm(st.oldest_arrival + std::chrono::nanoseconds(s.batch_timeout));
+      p.timer->arm(st.arrival_clock, st.oldest_arrival + s.batch_timeout);
     }
     if (ret != GST_FLOW_OK && st.timer_flow == GST_FLOW_OK) st.timer_flow = ret;
   }
@@ -398,7 +408,13 @@ static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
   p.facts.scale = p.state.direction->scale();
   p.facts.channels = p.state.direction->channels();
   GST_OBJECT_UNLOCK(self);
-  p.timer->start([self] { timer_expired(self); });
+  p.timer->start([self] { timer_expired(self); },
+                 [self] {
+                   // The pipeline's clock once it has one (PLAYING; a
+                   // GstTestClock in tests), the system clock before.
+                   GstClock* clock = gst_element_get_clock(GST_ELEMENT(self));
+                   return clock ? clock : gst_system_clock_obtain();
+                 });
   p.worker->start();
   return TRUE;
 }
@@ -512,8 +528,10 @@ static GstFlowReturn gst_vae_batch_submit_input_buffer(GstBaseTransform* trans, 
     return hand_over(self);
   }
   if (st.pending.size() == 1) {
-    st.oldest_arrival = std::chrono::steady_clock::now();
-    if (s.batch_timeout) p.timer->arm(st.oldest_arrival + std::chrono::nanoseconds(s.batch_timeout));
+    GstClock* clock = nullptr;
+    const GstClockTime now = p.timer->now(&clock);
+    st.set_arrival(clock, now);
+    if (s.batch_timeout) p.timer->arm(clock, now + s.batch_timeout);
   }
   return GST_FLOW_OK;
 }
@@ -657,7 +675,7 @@ static void gst_vae_batch_set_property(GObject* object, guint prop_id, const GVa
   // Inputs may be waiting already: let the timer thread look at them now (it
   // hands them over if per-batch fell to their number, else re-arms for their
   // own deadline); this thread may not touch them.
-  if (look_now) priv(self).timer->arm(std::chrono::steady_clock::now());
+  if (look_now) priv(self).timer->arm_now();
 }
 
 static void gst_vae_batch_get_property(GObject* object, guint prop_id, GValue* value, GParamSpec* pspec) {

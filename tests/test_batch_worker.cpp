@@ -1,6 +1,7 @@
 // The GObject-free batching machinery on its own, with a fake model: order of
 // outputs and events, the bounded queues, flushes fencing off old outputs, the
 // sticky flow return, inputs in flight, stop during a job, and the timer.
+#include <gst/check/gsttestclock.h>
 #include <gst/gst.h>
 #include <gtest/gtest.h>
 
@@ -251,22 +252,42 @@ TEST(BatchWorker, StopDuringAJobDropsItsOutputs) {
   w.stop();
 }
 
-TEST(BatchTimer, FiresOnceAtTheDeadlineAndNotWhenDisarmed) {
+// The timer waits on the clock it is given: a GstTestClock moves it, real
+// time does not.
+TEST(BatchTimer, FiresOnTheTestClockDeadlineOnlyAndNotWhenDisarmed) {
+  GstClock* clock = gst_test_clock_new_with_start_time(GST_SECOND);
+  GstTestClock* test_clock = GST_TEST_CLOCK(clock);
   DeferredJoins joins;
   BatchTimer timer(joins);
   std::atomic<int> fired{0};
-  timer.start([&] { fired++; });
-  const auto t0 = BatchTimer::Clock::now();
-  timer.arm(t0 + 150ms);
+  timer.start([&] { fired++; }, [clock] { return GST_CLOCK(gst_object_ref(clock)); });
+  GstClock* c = nullptr;
+  const GstClockTime t0 = timer.now(&c);
+  EXPECT_EQ(c, clock);
+  EXPECT_EQ(t0, GST_SECOND);
+  gst_object_unref(c);
+
+  timer.arm(clock, t0 + 100 * GST_MSECOND);
+  gst_test_clock_wait_for_next_pending_id(test_clock, nullptr);  // the timer waits on it
+  std::this_thread::sleep_for(200ms);  // real time passes: nothing fires
+  EXPECT_EQ(fired.load(), 0);
+  gst_test_clock_set_time(test_clock, t0 + 99 * GST_MSECOND);
   std::this_thread::sleep_for(50ms);
   EXPECT_EQ(fired.load(), 0);
-  std::this_thread::sleep_for(400ms);
+  gst_test_clock_set_time(test_clock, t0 + 100 * GST_MSECOND);
+  gst_test_clock_crank(test_clock);
+  for (int i = 0; i < 500 && fired.load() == 0; ++i) std::this_thread::sleep_for(2ms);
   EXPECT_EQ(fired.load(), 1);
-  timer.arm(BatchTimer::Clock::now() + 100ms);
+
+  // Re-armed to a later deadline, then disarmed: nothing fires at either.
+  timer.arm(clock, t0 + 300 * GST_MSECOND);
+  timer.arm(clock, t0 + 400 * GST_MSECOND);
   timer.disarm();
-  std::this_thread::sleep_for(300ms);
+  gst_test_clock_set_time(test_clock, t0 + GST_SECOND);
+  std::this_thread::sleep_for(100ms);
   EXPECT_EQ(fired.load(), 1);
   timer.stop();
+  gst_object_unref(clock);
 }
 
 }  // namespace

@@ -603,6 +603,7 @@ TEST_F(StateCycles, FlushMidBatchDropsThePartialBatch) {
   GstElement* e = gst_element_factory_make("vaeencode", nullptr);
   g_object_set(e, "model", model_.c_str(), "per-batch", kPerBatch, "device", "cpu", nullptr);
   GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+  gst_harness_use_systemclock(h);  // batch-timeout in real time
   gst_object_unref(e);
   gst_harness_set_src_caps_str(h, rgb_caps(kW, kH).c_str());
   const int log_before = log_problems();
@@ -652,6 +653,7 @@ TEST_F(StateCycles, StopRacesTheBatchTimeout) {
   g_object_set(e, "model", model_.c_str(), "per-batch", kPerBatch, "device", "cpu", "batch-timeout",
                static_cast<guint64>(GST_MSECOND), nullptr);
   GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+  gst_harness_use_systemclock(h);  // batch-timeout in real time
   gst_object_unref(e);
   const int log_before = log_problems();
   // How long one frame takes from push to latent here (sanitizers and a busy
@@ -733,6 +735,7 @@ TEST_F(Reliability, SoakFramesInEqualsLatentsOutWithFlatMemory) {
   // spinning workers only slow it down (badly so on a busy 2-core machine).
   g_object_set(e, "model", model.c_str(), "per-batch", kPerBatch, "device", "cpu", "threads", 1u, nullptr);
   GstHarness* h = gst_harness_new_with_element(e, "sink", "src");
+  gst_harness_use_systemclock(h);  // batch-timeout in real time
   gst_object_unref(e);
   gst_harness_set_src_caps_str(h, rgb_caps(kW, kH).c_str());
   const int log_before = log_problems();

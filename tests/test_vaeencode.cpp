@@ -2,6 +2,7 @@
 // caps, latency, properties, messages and numerical agreement with the engine
 // (linked directly into this test, run in the same process).
 #include <gst/check/gstharness.h>
+#include <gst/check/gsttestclock.h>
 #include <gst/gst.h>
 #include <gst/video/video.h>
 #include <gtest/gtest.h>
@@ -128,6 +129,9 @@ struct Harness {
     h = gst_harness_new_with_element(e, "sink", "src");  // takes its own ref, starts PLAYING
     element = h->element;
     gst_object_unref(e);
+    // The batch timer waits on the element's clock: real time for these
+    // tests (the harness's GstTestClock only where a test asks for it).
+    gst_harness_use_systemclock(h);
   }
   ~Harness() {
     gst_harness_teardown(h);
@@ -1014,6 +1018,37 @@ TEST_F(VaeEncodeTest, BatchTimeoutReleasesPartialBatch) {
   for (guint64 n = 0; n < 3; ++n) EXPECT_EQ(GST_BUFFER_PTS(out[n]), n * kFrameDur);
   unref_all(out);
   EXPECT_EQ(t.u64("latents-out"), 3u);
+}
+
+// The batch timer waits on the pipeline clock: with a GstTestClock, the
+// partial batch comes out when the test moves the clock past batch-timeout,
+// not before, however long real time runs.
+TEST_F(VaeEncodeTest, BatchTimeoutFollowsThePipelineClock) {
+  GstElement* e = make_element(8);
+  g_object_set(e, "batch-timeout", static_cast<guint64>(100 * GST_MSECOND), nullptr);
+  Harness t(e);
+  gst_harness_use_testclock(t.h);
+  GstTestClock* clock = gst_harness_get_testclock(t.h);
+  gst_test_clock_set_time(clock, 10 * GST_SECOND);
+  gst_harness_set_live(t.h, TRUE);
+  t.caps(video_caps("RGB", 64, 48));
+  auto fr = frames("RGB", 64, 48, 3);
+  for (guint64 n = 0; n < 3; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 64, 48, fr[n], n)), GST_FLOW_OK);
+  gst_test_clock_wait_for_next_pending_id(clock, nullptr);  // the batch timer waits
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(t.queued(), 0u) << "the partial batch came out on real time";
+  gst_test_clock_set_time(clock, 10 * GST_SECOND + 99 * GST_MSECOND);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(t.queued(), 0u) << "the partial batch came out before batch-timeout";
+  gst_test_clock_set_time(clock, 10 * GST_SECOND + 100 * GST_MSECOND);
+  gst_test_clock_crank(clock);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (t.u64("latents-out") < 3 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  auto out = t.pull_all();
+  EXPECT_EQ(out.size(), 3u) << "the partial batch did not come out at batch-timeout on the pipeline clock";
+  unref_all(out);
+  gst_object_unref(clock);
 }
 
 TEST_F(VaeEncodeTest, WithoutBatchTimeoutPartialBatchWaits) {

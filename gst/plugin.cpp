@@ -2,6 +2,7 @@
 #include <gst/gst.h>
 
 #include "gstlatentfilesink.h"
+#include "gstlatentfilesrc.h"
 #include "gstvaeencode.h"
 #include "latent_caps.h"
 
@@ -14,6 +15,7 @@ static gboolean plugin_init(GstPlugin* plugin) {
   gboolean ok = FALSE;
   ok |= GST_ELEMENT_REGISTER(vaeencode, plugin);
   ok |= GST_ELEMENT_REGISTER(latentfilesink, plugin);
+  ok |= GST_ELEMENT_REGISTER(latentfilesrc, plugin);
   return ok;
 }
 

@@ -16,6 +16,7 @@ failed. Environment: GST_PLUGIN_PATH (the built plugin).
   e. seeking in TIME, BUFFERS and DEFAULT formats gives the frames from k
   f. hostile and missing files: an ERROR naming the file, gst-launch exits
      non-zero, no crash, no hang (also a file cut short while playing)
+  g. memory: a 512 MB file streams with the peak RSS of a small one
 
 GSTVAE_LFSRC_CASES=WORD[,WORD...] runs only the cases whose name holds one of
 the words.
@@ -538,6 +539,50 @@ def case_hostile(c, model, tmp):
     return "%d hostile/missing files: ERROR naming the file, non-zero exit; cut while playing: read error" % len(cases)
 
 
+# ------------------------------------------------------------------ g
+
+PEAK_RSS = r"""
+import resource, subprocess, sys
+p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_rss_kb(c, argv):
+    """(exit status, peak RSS in kB) of one gst-launch-1.0 run, measured in a fresh wrapper process."""
+    p = subprocess.run([sys.executable, "-c", PEAK_RSS] + argv, stdout=subprocess.PIPE, timeout=400)
+    rc, kb = p.stdout.decode().split()
+    return int(rc), int(kb)
+
+
+def case_memory(c, model, tmp):
+    """Frames are read one at a time: a 512 MB file (sparse: zeros cost no disk) needs no more memory than
+    a small one."""
+    d = os.path.join(tmp, "g")
+    os.mkdir(d)
+    frame = (16, 64, 128)  # 512 KiB per frame
+    sizes = {}
+    for name, frames in (("small", 4), ("large", 1024)):
+        path = os.path.join(d, name + ".latent")
+        nbytes = frames * 4 * int(np.prod(frame))
+        blob = safetensors_bytes([("latent_format_version_0", "F32", (0,), b""),
+                                  ("latent_tensor", "F32", (frames,) + frame, b"")])
+        # safetensors_bytes wrote offsets [0, 0]: patch in the real end, then extend the file sparsely.
+        blob = blob.replace(b'"data_offsets": [0, 0]}}', b'"data_offsets": [0, %d]}}' % nbytes)
+        text = blob[8:].rstrip(b" ")
+        text += b" " * ((8 - len(text) % 8) % 8)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            f.truncate(8 + len(text) + nbytes)
+        rc, kb = peak_rss_kb(c, ["gst-launch-1.0", "latentfilesrc", "location=" + path, "!", "fakesink"])
+        c.need(rc == 0, "%s: gst-launch exited %d" % (name, rc))
+        sizes[name] = kb
+    grown = sizes["large"] - sizes["small"]
+    c.check(grown < 64 * 1024, "peak RSS %d kB for 2 MB, %d kB for 512 MB: the file is not read frame by frame"
+            % (sizes["small"], sizes["large"]))
+    return "peak RSS %d MB (2 MB file) vs %d MB (512 MB file)" % (sizes["small"] // 1024, sizes["large"] // 1024)
+
+
 # ------------------------------------------------------------------ main
 
 def main():
@@ -555,6 +600,7 @@ def main():
             ("d. timestamps, durations, framerate, duration queries, num-buffers, start-index", case_timestamps),
             ("e. seeking in TIME, BUFFERS, DEFAULT", case_seek),
             ("f. hostile, missing and cut files: ERROR naming the file", case_hostile),
+            ("g. a 512 MB file streams in the memory of a small one", case_memory),
         ]
         run_selected(cases, (model, tmp), "GSTVAE_LFSRC_CASES")
     finish(t0)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of fuzz/fuzz_checkpoint.cpp into fuzz/corpus/.
+"""Writes the seed corpora of fuzz/fuzz_checkpoint.cpp (fuzz/corpus/) and of
+fuzz/fuzz_latent_file.cpp (fuzz/corpus-latent/).
 
-    python3 fuzz/make_corpus.py              # (re)writes fuzz/corpus/seed-*
+    python3 fuzz/make_corpus.py              # (re)writes fuzz/corpus/seed-* and fuzz/corpus-latent/seed-*
     python3 fuzz/make_corpus.py --large DIR  # writes the large regression inputs to DIR
 
 The outputs are committed; rerun this only to change the seeds. Every seed is a
@@ -130,6 +131,77 @@ def seeds():
     return s
 
 
+def npy(descr, shape, data, version=1, fortran=False, pad=True):
+    """A NumPy file: magic, version, header length, the header dict, data."""
+    text = "{'descr': '%s', 'fortran_order': %s, 'shape': (%s), }" % (
+        descr, "True" if fortran else "False", ", ".join(str(v) for v in shape) + ("," if len(shape) == 1 else ""))
+    prefix = 10 if version == 1 else 12
+    if pad:
+        text += " " * ((64 - (prefix + len(text) + 1) % 64) % 64)
+    text += "\n"
+    length = struct.pack("<H", len(text)) if version == 1 else struct.pack("<I", len(text))
+    return b"\x93NUMPY" + bytes([version, 0]) + length + text.encode() + data
+
+
+def latent_seeds():
+    """Seeds of fuzz_latent_file: ComfyUI .latent files, latentfilesink's
+    .safetensors and .npy, and one invalid file per check of the reader."""
+    s = {}
+    f32 = lambda n: struct.pack("<%df" % n, *[(i % 7) - 3.0 for i in range(n)])  # noqa: E731
+    f16 = lambda n: bytes(i % 251 for i in range(2 * n))  # noqa: E731
+    marker = ("latent_format_version_0", "F32", [0])
+    meta = {"frame_count": "2", "framerate": "30/1", "latent_format": "raw", "source_width": "16",
+            "source_height": "8", "model": "vae.safetensors", "created_by": "gst-vae latentfilesink"}
+
+    def st(tensors, metadata=None):
+        """Like safetensors() but with the given data bytes per tensor."""
+        header = {}
+        if metadata is not None:
+            header["__metadata__"] = metadata
+        data = b""
+        for name, dtype, shape, raw in tensors:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+            data += raw
+        text = json.dumps(header, separators=(",", ":"))
+        text += " " * ((8 - len(text) % 8) % 8)
+        return image(text, data)
+
+    # ---- valid
+    s["valid-comfyui"] = st([marker + (b"",), ("latent_tensor", "F32", [2, 4, 1, 2], f32(16))])
+    s["valid-comfyui-old-no-marker"] = st([("latent_tensor", "F32", [1, 4, 2, 2], f32(16))])
+    s["valid-sink-metadata"] = st([marker + (b"",), ("latent_tensor", "F32", [2, 2, 1, 2], f32(8))], meta)
+    s["valid-ranges"] = st([marker + (b"",), ("latent_tensor", "F32", [2, 1, 1, 1], f32(2))],
+                           {"ranges": '[{"first_frame":0,"frames":1,"framerate":"30/1"},'
+                                      '{"first_frame":1,"frames":1,"framerate":"25/1"}]'})
+    s["valid-f16"] = st([("latent_tensor", "F16", [2, 4, 1, 1], f16(8))])
+    s["valid-bf16"] = st([("latent_tensor", "BF16", [1, 4, 1, 2], f16(8))])
+    s["valid-3d"] = st([("latent_tensor", "F32", [4, 1, 2], f32(8))])
+    s["valid-zero-frames"] = st([("latent_tensor", "F32", [0, 4, 8, 8], b"")])
+    s["valid-npy"] = npy("<f4", [2, 2, 1, 2], f32(8))
+    s["valid-npy-f16"] = npy("<f2", [1, 4, 1, 1], f16(4))
+    s["valid-npy-3d"] = npy("<f4", [2, 2, 2], f32(8))
+    s["valid-npy-v2"] = npy("<f4", [1, 1, 1, 2], f32(2), version=2)
+    s["valid-npy-unpadded"] = npy("<f4", [1, 1, 1, 1], f32(1), pad=False)
+    # ---- invalid
+    s["bad-npy-short-data"] = npy("<f4", [2, 2, 1, 2], f32(7))
+    s["bad-npy-huge-shape"] = npy("<f4", [1000000000, 4, 10000, 10000], f32(16))
+    s["bad-npy-frame-too-big"] = npy("<f4", [0, 4, 1000000, 1000000], b"")
+    s["bad-npy-fortran"] = npy("<f4", [1, 1, 1, 2], f32(2), fortran=True)
+    s["bad-npy-big-endian"] = npy(">f4", [1, 1, 1, 2], f32(2))
+    s["bad-npy-5d"] = npy("<f4", [1, 1, 1, 1, 2], f32(2))
+    s["bad-npy-version-9"] = b"\x93NUMPY\x09\x00" + npy("<f4", [1], f32(1))[8:]
+    s["bad-npy-huge-header"] = b"\x93NUMPY\x02\x00\xf0\xff\xff\xff{'descr'"
+    s["bad-npy-code"] = npy("<f4", [1], f32(1)).replace(b"'shape': (1,)", b"'shape': (__import__('os'),)")
+    s["bad-latent-i32"] = st([("latent_tensor", "I32", [1, 1, 1, 2], f32(2))])
+    s["bad-latent-2d"] = st([("latent_tensor", "F32", [2, 2], f32(4))])
+    s["bad-latent-zero-channels"] = st([("latent_tensor", "F32", [2, 0, 1, 1], b"")])
+    s["bad-latent-missing"] = st([("samples", "F32", [1, 1, 1, 1], f32(1))])
+    s["bad-latent-huge-frame"] = st([("latent_tensor", "F32", [0, 65536, 65536, 4], b"")])
+    s["bad-pickle"] = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94."
+    s["bad-zip"] = b"PK\x03\x04" + bytes(26)
+    return s
+
+
 def large():
     s = {}
     # std::regex recursed once per digit here and overflowed the stack at
@@ -166,16 +238,19 @@ def main():
         return
     if len(sys.argv) != 1:
         sys.exit("usage: make_corpus.py [--large DIR]")
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):
-        if name.startswith("seed-"):
-            os.remove(os.path.join(out, name))
-    for name, data in sorted(seeds().items()):
-        assert len(data) < 4096, (name, len(data))
-        with open(os.path.join(out, "seed-" + name + ".safetensors"), "wb") as f:
-            f.write(data)
-    print(f"wrote {len(seeds())} seeds to {out}", file=sys.stderr)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder, corpus in (("corpus", seeds()), ("corpus-latent", latent_seeds())):
+        out = os.path.join(here, folder)
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):
+            if name.startswith("seed-"):
+                os.remove(os.path.join(out, name))
+        for name, data in sorted(corpus.items()):
+            assert len(data) < 4096, (name, len(data))
+            ext = ".npy" if data.startswith(b"\x93NUMPY") else ".latent" if folder == "corpus-latent" else ".safetensors"
+            with open(os.path.join(out, "seed-" + name + ext), "wb") as f:
+                f.write(data)
+        print(f"wrote {len(corpus)} seeds to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 #include <gst/gst.h>
 
 #include "gstlatentfilesink.h"
+#include "gstlatentfilesrc.h"
 #include "gstvaedecode.h"
 #include "gstvaeencode.h"
 #include "latent_caps.h"
@@ -16,6 +17,7 @@ static gboolean plugin_init(GstPlugin* plugin) {
   ok |= GST_ELEMENT_REGISTER(vaeencode, plugin);
   ok |= GST_ELEMENT_REGISTER(vaedecode, plugin);
   ok |= GST_ELEMENT_REGISTER(latentfilesink, plugin);
+  ok |= GST_ELEMENT_REGISTER(latentfilesrc, plugin);
   return ok;
 }
 

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Fuzzes the checkpoint loader (safetensors header parser + VAE key
-# normalisation) with libFuzzer, ASan and UBSan for SECONDS seconds (default 60).
+# normalisation) and the latent file reader (latentfilesrc, read_latent_file)
+# with libFuzzer, ASan and UBSan for SECONDS seconds in all (default 60): two
+# thirds for the checkpoint loader, one third for the latent reader.
 #   bash scripts/fuzz.sh            # 60 s, as CI runs it
 #   bash scripts/fuzz.sh 600        # 10 minutes
 #   FUZZ_COVERAGE=1 bash scripts/fuzz.sh 60   # also a line-coverage report of the two parser files
-# Builds build-fuzz/fuzz_checkpoint with Debian's clang (no LibTorch: the parser
-# files are compiled in directly), copies the seed corpus fuzz/corpus/ to
-# build-fuzz/corpus/ and fuzzes that copy, so the committed seeds never change.
+# Builds build-fuzz/fuzz_checkpoint and build-fuzz/fuzz_latent_file with Debian's
+# clang (no LibTorch: the parser files are compiled in directly), copies the
+# seed corpora fuzz/corpus/ and fuzz/corpus-latent/ to build-fuzz/ and fuzzes
+# those copies, so the committed seeds never change.
 # Exits non-zero on any crash, sanitizer report, leak, timeout or out-of-memory;
 # the offending input is then in build-fuzz/artifacts/. To reproduce one:
 #   build-fuzz/fuzz_checkpoint build-fuzz/artifacts/crash-<sha1>
+#   build-fuzz/fuzz_latent_file build-fuzz/artifacts-latent/crash-<sha1>
 # Fixed findings go into fuzz/corpus/ (named regression-*) so every later run
 # replays them first.
 # Options (environment): FUZZ_MAX_LEN (largest input, default 16384 bytes),
@@ -29,8 +33,10 @@ json_cflags=$(pkg-config --cflags nlohmann_json 2>/dev/null || true)
 
 out=build-fuzz
 mkdir -p "$out/obj"
-sources=(fuzz/fuzz_checkpoint.cpp src/safetensors.cpp src/checkpoint_keys.cpp)
-headers=(src/safetensors.h src/checkpoint_keys.h src/errors.h)
+checkpoint_sources=(fuzz/fuzz_checkpoint.cpp src/safetensors.cpp src/checkpoint_keys.cpp)
+latent_sources=(fuzz/fuzz_latent_file.cpp src/latent_file.cpp src/safetensors.cpp)
+sources=("${checkpoint_sources[@]}")  # what build() compiles
+headers=(src/safetensors.h src/checkpoint_keys.h src/errors.h src/latent_file.h)
 common=(-std=c++17 -g -O1 -fno-omit-frame-pointer -Isrc $json_cflags -D_GLIBCXX_ASSERTIONS
         -Wall -Wextra)
 
@@ -59,12 +65,22 @@ build() {
 }
 
 sanitize=(-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined)
+sources=("${checkpoint_sources[@]}")
 build "$out/fuzz_checkpoint" "${sanitize[@]}"
+sources=("${latent_sources[@]}")
+build "$out/fuzz_latent_file" "${sanitize[@]}"
+sources=("${checkpoint_sources[@]}")
 
-rm -rf "$out/corpus" "$out/artifacts" "$out/large"
-mkdir -p "$out/corpus" "$out/artifacts"
+# The time budget: a third for the latent reader (a smaller parser), the rest
+# for the checkpoint loader; the total stays SECONDS.
+latent_seconds=$(( seconds / 3 ))
+checkpoint_seconds=$(( seconds - latent_seconds ))
+if [ "$seconds" -ge 2 ] && [ "$latent_seconds" -lt 1 ]; then latent_seconds=1; checkpoint_seconds=$(( seconds - 1 )); fi
+
+rm -rf "$out/corpus" "$out/artifacts" "$out/large" "$out/corpus-latent" "$out/artifacts-latent"
+mkdir -p "$out/corpus" "$out/artifacts" "$out/corpus-latent" "$out/artifacts-latent"
 cp fuzz/corpus/* "$out/corpus/"
-seeds=$(ls "$out/corpus" | wc -l)
+cp fuzz/corpus-latent/* "$out/corpus-latent/"
 # Large regression inputs (MBs: too big to commit or mutate), run once each.
 /usr/bin/python3 fuzz/make_corpus.py --large "$out/large"
 
@@ -82,26 +98,36 @@ if ! "$out/fuzz_checkpoint" -rss_limit_mb=4096 -timeout=120 -artifact_prefix="$o
   exit 1
 fi
 
-echo "fuzz: fuzzing the checkpoint loader for ${seconds}s ($seeds seed inputs, max_len $max_len, $jobs job(s))" >&2
-start=$(date +%s)
-args=(-max_total_time="$seconds" -print_final_stats=1 -dict=fuzz/dict -max_len="$max_len"
-      -timeout=25 -rss_limit_mb=2048 -artifact_prefix="$out/artifacts/")
-status=0
-if [ "$jobs" -gt 1 ]; then
-  "$out/fuzz_checkpoint" "${args[@]}" -fork="$jobs" "$out/corpus" >"$out/fuzz.log" 2>&1 || status=$?
-else
-  "$out/fuzz_checkpoint" "${args[@]}" "$out/corpus" >"$out/fuzz.log" 2>&1 || status=$?
-fi
-elapsed=$(( $(date +%s) - start ))
+# fuzz NAME TARGET CORPUS ARTIFACTS DICT SECONDS LOG: one libFuzzer run; fails
+# the script on any finding.
+fuzz() {
+  local name=$1 target=$2 corpus=$3 artifacts=$4 dict=$5 secs=$6 log=$7
+  [ "$secs" -gt 0 ] || return 0
+  echo "fuzz: fuzzing the $name for ${secs}s ($(ls "$corpus" | wc -l) seed inputs, max_len $max_len, $jobs job(s))" >&2
+  local start elapsed status=0
+  start=$(date +%s)
+  local args=(-max_total_time="$secs" -print_final_stats=1 -dict="$dict" -max_len="$max_len"
+              -timeout=25 -rss_limit_mb=2048 -artifact_prefix="$artifacts/")
+  if [ "$jobs" -gt 1 ]; then
+    "$target" "${args[@]}" -fork="$jobs" "$corpus" >"$log" 2>&1 || status=$?
+  else
+    "$target" "${args[@]}" "$corpus" >"$log" 2>&1 || status=$?
+  fi
+  elapsed=$(( $(date +%s) - start ))
+  grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::|^Done [0-9]+ runs' "$log" >&2 || true
+  echo "fuzz: corpus now $(ls "$corpus" | wc -l) inputs ($(du -sb "$corpus" | cut -f1) bytes) in $corpus; log in $log; ${elapsed}s" >&2
+  if [ $status -ne 0 ] || [ -n "$(ls -A "$artifacts")" ]; then
+    tail -n 60 "$log" >&2
+    echo "fuzz: FAILED (exit $status); inputs: $(ls "$artifacts"/* 2>/dev/null | tr '\n' ' ')" >&2
+    echo "fuzz: reproduce with: $target <input>" >&2
+    exit 1
+  fi
+}
 
-grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::|^Done [0-9]+ runs' "$out/fuzz.log" >&2 || true
-echo "fuzz: corpus now $(ls "$out/corpus" | wc -l) inputs ($(du -sb "$out/corpus" | cut -f1) bytes) in $out/corpus; log in $out/fuzz.log; ${elapsed}s" >&2
-if [ $status -ne 0 ] || [ -n "$(ls -A "$out/artifacts")" ]; then
-  tail -n 60 "$out/fuzz.log" >&2
-  echo "fuzz: FAILED (exit $status); inputs: $(ls "$out"/artifacts/* 2>/dev/null | tr '\n' ' ')" >&2
-  echo "fuzz: reproduce with: $out/fuzz_checkpoint <input>" >&2
-  exit 1
-fi
+fuzz "checkpoint loader" "$out/fuzz_checkpoint" "$out/corpus" "$out/artifacts" fuzz/dict "$checkpoint_seconds" \
+  "$out/fuzz.log"
+fuzz "latent file reader" "$out/fuzz_latent_file" "$out/corpus-latent" "$out/artifacts-latent" fuzz/dict-latent \
+  "$latent_seconds" "$out/fuzz-latent.log"
 
 if [ "${FUZZ_COVERAGE:-0}" = 1 ]; then
   # Line/region coverage of the corpus (seeds + what this run found), without

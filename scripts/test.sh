@@ -3,7 +3,8 @@
 #   1. the normal build (build/): every suite (unit, element, crosscheck, pipeline);
 #   2. the C++ test executables again under ASan + UBSan (build-asan/,
 #      scripts/test-sanitizers.sh);
-#   3. 60 seconds of fuzzing the checkpoint loader (build-fuzz/, scripts/fuzz.sh).
+#   3. 60 seconds of fuzzing the checkpoint loader and the latent file reader
+#      (build-fuzz/, scripts/fuzz.sh).
 # Arguments go to `meson setup` of both builds (e.g. -Dlibtorch_root=/opt/libtorch).
 # For quicker local runs: GSTVAE_TEST_SANITIZERS=0 skips step 2, FUZZ_SECONDS=0
 # skips step 3 (FUZZ_SECONDS=600 fuzzes longer). CI runs all three.

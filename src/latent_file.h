@@ -19,7 +19,15 @@ enum class LatentFileFormat { Latent, Safetensors, Npy };
 
 class LatentFileError : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  // What went wrong, so that callers (latentfilesrc) can pick an error code;
+  // the message always names the file and the fault.
+  enum class Kind { Other, NotFound, CannotOpen, BadFormat, ReadFailed };
+  explicit LatentFileError(const std::string& what, Kind kind = Kind::Other)
+      : std::runtime_error(what), kind_(kind) {}
+  Kind kind() const { return kind_; }
+
+ private:
+  Kind kind_;
 };
 
 const char* latent_file_format_name(LatentFileFormat format);
@@ -80,6 +88,72 @@ class LatentFileWriter {
   bool finished_ = false;
 };
 
+// How a latent file stores its values; every reader hands out float32.
+enum class LatentElement { F32, F16, BF16 };
+const char* latent_element_name(LatentElement element);
+size_t latent_element_size(LatentElement element);
+
+// The largest latent frame accepted, in float32 bytes: far above any real
+// model (SD3 at 8K is 16 x 540 x 960 floats, 33 MB), so a header claiming
+// a huge shape is refused instead of being allocated.
+constexpr uint64_t kMaxLatentFrameBytes = 1ull << 30;
+
+// Where a latent file keeps its frames, from its header alone (no values
+// read). A 3-D C x h x w tensor is one frame.
+struct LatentFileLayout {
+  LatentFileFormat format = LatentFileFormat::Latent;  // from the extension
+  bool npy = false;                                    // from the content
+  int stored_dims = 4;                                 // 3 or 4
+  int64_t frames = 0, channels = 0, height = 0, width = 0;
+  LatentElement element = LatentElement::F32;
+  uint64_t data_offset = 0;  // of frame 0, from the start of the file
+  std::map<std::string, std::string> metadata;  // safetensors __metadata__
+  bool has_version_marker = false;              // `latent_format_version_0` present
+
+  uint64_t values_per_frame() const { return static_cast<uint64_t>(channels) * height * width; }
+  uint64_t stored_frame_bytes() const { return values_per_frame() * latent_element_size(element); }
+};
+
+// The layout of a whole file image in memory (the fuzz target's entry
+// point; LatentFileReader parses the same way). NumPy files are recognised by
+// their magic, anything else must be safetensors holding `latent_tensor`.
+// Throws LatentFileError (Kind::BadFormat) naming `label` and the fault.
+LatentFileLayout latent_layout_of_image(const uint8_t* data, size_t size, LatentFileFormat format,
+                                        const std::string& label);
+// The layout from a NumPy header: `head` holds the first `head_size` bytes of
+// a `file_size`-byte file (at least the whole header, when the file has it).
+LatentFileLayout npy_latent_layout(const uint8_t* head, size_t head_size, uint64_t file_size,
+                                   const std::string& label);
+// Stored little-endian values to float32 (F16 and BF16 exactly, with
+// subnormals, infinities and NaNs).
+void latent_values_to_f32(const uint8_t* stored, LatentElement element, size_t count, float* out);
+
+// Reads a latent file frame by frame (pread at each frame's offset): memory
+// use is one frame whatever the file's size. The header is checked against
+// the file's size before anything is allocated for it.
+class LatentFileReader {
+ public:
+  // Throws LatentFileError naming `path`: missing, a directory or other
+  // non-regular file, a pickle, a malformed or lying header.
+  explicit LatentFileReader(const std::string& path);
+  ~LatentFileReader();
+  LatentFileReader(const LatentFileReader&) = delete;
+  LatentFileReader& operator=(const LatentFileReader&) = delete;
+
+  const std::string& path() const { return path_; }
+  const LatentFileLayout& layout() const { return layout_; }
+  // Frame `index` (0 .. frames-1) as values_per_frame() float32 values.
+  // Throws LatentFileError (Kind::ReadFailed) when the file was cut short
+  // since it was opened or cannot be read.
+  void read_frame(int64_t index, float* out);
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  LatentFileLayout layout_;
+  std::vector<uint8_t> scratch_;  // one stored frame of F16/BF16
+};
+
 // A whole latent file read back (any of the three formats).
 struct LatentArray {
   int64_t frames = 0, channels = 0, height = 0, width = 0;
@@ -88,8 +162,10 @@ struct LatentArray {
   bool has_version_marker = false;  // .latent/.safetensors: `latent_format_version_0` present
 };
 
-// Reads a latent file and checks that its shape matches its size. Without
-// values (`with_values` false) only the header is read: shape, metadata.
+// Reads a latent file (through LatentFileReader: F32, F16, BF16, 3-D or 4-D)
+// and checks that its shape matches its size. Without values (`with_values`
+// false) only the header is read: shape, metadata. Values are as stored (no
+// ComfyUI LoadLatent rescaling).
 LatentArray read_latent_file(const std::string& path, bool with_values = true);
 
 }  // namespace gstvae

@@ -112,9 +112,11 @@ def comfy_u8(x):
 
     Returns (uint8 N x H x W x 3, distance of each value to the nearest truncation boundary in [0, 1] units).
     """
-    v = torch.clamp(x, 0.0, 1.0).permute(0, 2, 3, 1).numpy() * 255.0
-    u8 = np.floor(v).astype(np.uint8)
-    dist = np.abs(v - np.rint(v)) / 255.0
+    v = x.permute(0, 2, 3, 1).numpy() * 255.0
+    vc = np.clip(v, 0.0, 255.0)
+    u8 = np.floor(vc).astype(np.uint8)
+    # Outside [0, 1] the nearest boundary is the clamp's (0 or 1); inside, the nearest k / 255.
+    dist = (np.abs(v - vc) + np.abs(vc - np.rint(vc))) / 255.0
     return u8, dist
 
 
@@ -187,7 +189,9 @@ def make_decoder_state(channels=4, width=64, pool_blocks=(), pool_hidden=256, se
             _add_block(state, gen, b, width, pool_hidden if b in pool_blocks else 0)
         state["%d.weight" % (s + 4)] = _he(gen, (width, width, 3, 3), 1.0)
     _add_block(state, gen, 18, width, pool_hidden if 18 in pool_blocks else 0)
-    state["19.weight"] = _he(gen, (3, width, 3, 3), 1.0)
+    # Zero-mean filters over the non-negative Block output: pixels centred near the 0.5 bias.
+    w = _he(gen, (3, width, 3, 3), 0.3)
+    state["19.weight"] = w - w.mean(dim=(1, 2, 3), keepdim=True)
     state["19.bias"] = torch.full((3,), 0.5, dtype=torch.float64)
     return state
 

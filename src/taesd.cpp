@@ -285,7 +285,9 @@ class SequentialLoader {
 at::Tensor block_forward(const Block& b, at::Tensor x) {
   if (b.has_pool) {
     at::Tensor p = conv2d(x, b.pool.expand, at::Tensor());
-    p = at::group_norm(p, kPoolGroups, b.pool.norm_weight, b.pool.norm_bias, kPoolNormEps);
+    // GroupNorm in NCHW: LibTorch 1.13's CPU GroupNorm is not to be trusted on
+    // channels-last input (wrong bf16 values, see prepare_pixels).
+    p = at::group_norm(p.contiguous(), kPoolGroups, b.pool.norm_weight, b.pool.norm_bias, kPoolNormEps);
     x = x + conv2d(at::relu_(p), b.pool.project, at::Tensor());
   }
   at::Tensor h = conv2d(x, b.conv0.weight, b.conv0.bias, 1, 1).relu_();
@@ -297,6 +299,12 @@ at::Tensor block_forward(const Block& b, at::Tensor x) {
 }
 
 at::Tensor run_layers(const std::vector<Layer>& layers, at::Tensor x) {
+  // fp32 on the CPU runs channels-last: oneDNN's NHWC convolutions skip the
+  // layout reorders around every conv of these 64-channel layers (1.24x at
+  // 256², docs/performance.md), as ComfyUI's eager path does by accident of
+  // its movedim. Other targets keep NCHW.
+  const bool nhwc = use_onednn(x);
+  if (nhwc) x = x.contiguous(at::MemoryFormat::ChannelsLast);
   for (const Layer& l : layers) {
     switch (l.op) {
       case Op::Conv: x = conv2d(x, l.conv.weight, l.conv.bias, l.conv.stride, 1); break;
@@ -307,7 +315,7 @@ at::Tensor run_layers(const std::vector<Layer>& layers, at::Tensor x) {
       case Op::Upsample: x = at::upsample_nearest2d(x, {x.size(2) * 2, x.size(3) * 2}); break;
     }
   }
-  return x;
+  return nhwc ? x.contiguous() : x;
 }
 
 std::string pools_text(const std::vector<int>& pooled) {

@@ -160,7 +160,8 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   const int64_t s[2] = {stride, stride};
   const int64_t p[2] = {padding, padding};
   const int64_t d[2] = {1, 1};
-  if (use_onednn(x)) return at::mkldnn_convolution(x.contiguous(), weight, bias, p, s, d, 1);
+  // In the layout it comes in: oneDNN runs channels-last (NHWC) input natively.
+  if (use_onednn(x)) return at::mkldnn_convolution(x.contiguous(x.suggest_memory_format()), weight, bias, p, s, d, 1);
   return at::conv2d(x, weight, bias, s, p);
 }
 

@@ -120,6 +120,12 @@ class Decoder : public std::enable_shared_from_this<Decoder> {
                                uint8_t* out) = 0;
   ComputeReport decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format, PixelBlock& out);
 
+  // The same decode stopped before the 8 bits: N x 3 x H x W float32 (planar
+  // RGB) in [0, 1], ComfyUI's clamp((x + 1) / 2) of the forward pass, at
+  // `out`. For cross-checks against a float reference (decode rounds these
+  // values to bytes). Throws VaeError for a decoder that cannot provide it.
+  virtual ComputeReport decode_float(const LatentBatch& batch, const DecodeParams& params, float* out);
+
   // A session for one stream (holds the decoder). The default: one frame per latent.
   virtual std::unique_ptr<DecodeSession> open_session();
 };

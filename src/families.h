@@ -25,6 +25,7 @@ struct DecoderFamily {
   std::shared_ptr<Decoder> (*load)(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options);
 };
 
-extern const EncoderFamily kKLFamily;  // kl_vae.cpp
+extern const EncoderFamily kKLFamily;         // kl_vae.cpp
+extern const DecoderFamily kKLDecoderFamily;  // kl_vae.cpp
 
 }  // namespace gstvae

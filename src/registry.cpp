@@ -27,7 +27,7 @@ const EncoderFamily* const kEncoderFamilies[] = {
 };
 
 const DecoderFamily* const kDecoderFamilies[] = {
-    nullptr,  // placeholder until the first decoder family registers
+    &kKLDecoderFamily,
 };
 
 // Case-insensitive: "model.CKPT" is a pickle too.

@@ -189,19 +189,20 @@ std::vector<double> comfy_tiled_pass(const at::Tensor& z, int64_t tile_h, int64_
       const double* v = part.data_ptr<double>();
       // Mask: per dimension, ramps of (t + 1) / feather on both ends, unless
       // the feather is not smaller than the tile along that dimension.
-      auto ramp = [&](int64_t i, int64_t n) {
-        if (feather >= n) return 1.0;
-        double m = 1.0;
+      auto ramp = [&](int64_t n) {
+        std::vector<double> m(static_cast<size_t>(n), 1.0);
+        if (feather >= n) return m;
         for (int64_t t = 0; t < feather; ++t) {
-          if (i == t) m *= (t + 1.0) / feather;
-          if (i == n - 1 - t) m *= (t + 1.0) / feather;
+          m[static_cast<size_t>(t)] *= (t + 1.0) / feather;
+          m[static_cast<size_t>(n - 1 - t)] *= (t + 1.0) / feather;
         }
         return m;
       };
+      const std::vector<double> rows = ramp(ph), cols = ramp(pw);
       for (int64_t c = 0; c < 3; ++c)
         for (int64_t i = 0; i < ph; ++i)
           for (int64_t j = 0; j < pw; ++j) {
-            const double m = ramp(i, ph) * ramp(j, pw);
+            const double m = rows[static_cast<size_t>(i)] * cols[static_cast<size_t>(j)];
             const int64_t o = (c * H + y * up + i) * W + x * up + j;
             out[o] += v[(c * ph + i) * pw + j] * m;
             div[o] += m;

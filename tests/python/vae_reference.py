@@ -958,6 +958,53 @@ def np_encode(state, frames):
     return h[:, :z], np.clip(h[:, z:], -30, 20)
 
 
+def np_decode(state, latents):
+    """A second, numpy-only formulation of the whole decoder (used by selftest); returns the raw output."""
+    s = {k: v.numpy() for k, v in state.items()}
+    arch = infer_decoder_arch(state)
+
+    def conv(name, x, **kw):
+        return _np_conv2d(x, s[name + ".weight"], s[name + ".bias"], **kw)
+
+    def gn(name, x):
+        return _np_gn(x, s[name + ".weight"], s[name + ".bias"])
+
+    def res(name, x):
+        h = conv(name + ".conv1", _np_silu(gn(name + ".norm1", x)), padding=1)
+        h = conv(name + ".conv2", _np_silu(gn(name + ".norm2", h)), padding=1)
+        sc = conv(name + ".nin_shortcut", x) if name + ".nin_shortcut.weight" in s else x
+        return sc + h
+
+    def attn(name, x):
+        h = gn(name + ".norm", x)
+        n, c, hh, ww = h.shape
+        q, k, v = (conv(name + "." + p, h).reshape(n, c, -1) for p in "qkv")
+        logits = np.einsum("nci,ncj->nij", q, k) / math.sqrt(c)
+        logits -= logits.max(axis=2, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=2, keepdims=True)
+        return x + conv(name + ".proj_out", np.einsum("nij,ncj->nci", p, v).reshape(n, c, hh, ww))
+
+    def up(x):
+        # explicit: output cell (y, x) takes input cell (y // 2, x // 2)
+        n, c, hh, ww = x.shape
+        ys, xs = np.arange(2 * hh) // 2, np.arange(2 * ww) // 2
+        return x[:, :, ys][:, :, :, xs]
+
+    h = np.asarray(latents, dtype=np.float64)
+    if arch["post_quant_conv"]:
+        h = conv("post_quant_conv", h)
+    h = conv("decoder.conv_in", h, padding=1)
+    h = attn("decoder.mid.attn_1", res("decoder.mid.block_1", h))
+    h = res("decoder.mid.block_2", h)
+    for i in reversed(range(len(arch["widths"]))):
+        for j in range(arch["blocks"]):
+            h = res("decoder.up.%d.block.%d" % (i, j), h)
+        if i != 0:
+            h = conv("decoder.up.%d.upsample.conv" % i, up(h), padding=1)
+    return conv("decoder.conv_out", _np_silu(gn("decoder.norm_out", h)), padding=1)
+
+
 def selftest(verbose=True):
     import os
     import tempfile
@@ -1104,7 +1151,55 @@ def selftest(verbose=True):
             check(rel < 1e-10, "encoder vs numpy formulation mult=%s z=%d %dx%d: rel %.2e, |mean| max %.3g, "
                   "logvar range [%.2f, %.2f]" % (mult, zc, w, h, rel, m1.abs().max(), l1.min(), l1.max()))
 
-        # 6. latent formats
+        # 6. decoder: round trips in every layout (diffusers numbers up_blocks from the deepest level),
+        # values independent of layout, architecture, and the whole decoder vs a numpy formulation
+        ref_dec = None
+        for layout in LAYOUTS:
+            for dtype in ("F32", "BF16"):
+                p = os.path.join(td, "d_%s_%s.safetensors" % (layout, dtype))
+                enc, dec = make_checkpoint(p, layout=layout, ch=32, mult=(1, 2, 2), blocks=1, z=4, dtype=dtype,
+                                           seed=6, return_decoder=True)
+                st = load_ldm_state(p, "decoder")
+                same = set(st) == set(dec) and all(torch.equal(st[k], dec[k]) for k in dec)
+                check(same and set(load_ldm_state(p)) == set(enc),
+                      "decoder roundtrip layout=%s dtype=%s (%d tensors)" % (layout, dtype, len(dec)))
+                if dtype == "F32":
+                    if ref_dec is None:
+                        ref_dec = dec
+                    check(all(torch.equal(dec[k], ref_dec[k]) for k in dec), "decoder values independent of layout")
+        arch = infer_decoder_arch(ref_dec)
+        check(arch == {"widths": (32, 64, 64), "blocks": 2, "z": 4, "post_quant_conv": True, "upscale": 4},
+              "infer_decoder_arch: %s" % arch)
+        with open(os.path.join(td, "d_diffusers_F32.safetensors"), "rb") as f:
+            (hl,) = struct.unpack("<Q", f.read(8))
+            names = json.loads(f.read(hl))
+        check("decoder.up_blocks.0.upsamplers.0.conv.weight" in names and
+              "decoder.up_blocks.2.upsamplers.0.conv.weight" not in names and
+              names["decoder.up_blocks.2.resnets.0.conv1.weight"]["shape"][0] == 32,
+              "diffusers up_blocks.0 is the deepest level, up_blocks.2 (LDM up.0) has no upsampler")
+        x = torch.randn((2, 3, 3, 5), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        check(torch.equal(upsample_nearest2x(x), F.interpolate(x, scale_factor=2.0, mode="nearest")),
+              "nearest x2 upsampling")
+        g = torch.Generator().manual_seed(4)
+        for mult, zc, qc in (((1, 2, 2), 4, True), ((1, 2), 16, False)):
+            p = os.path.join(td, "npd.safetensors")
+            _, dec = make_checkpoint(p, layout="diffusers_old", ch=32, mult=mult, blocks=1, z=zc, quant_conv=qc,
+                                     seed=8, return_decoder=True)
+            lat = torch.randn((2, zc, 3, 5), generator=g, dtype=torch.float64)
+            pixels, x1 = decode_reference(dec, lat)
+            x2 = np_decode(dec, lat.numpy())
+            rel = np.abs(x1.numpy() - x2).max() / np.abs(x2).max()
+            check(rel < 1e-10 and tuple(x1.shape) == (2, 3, 3 * 2 ** (len(mult) - 1), 5 * 2 ** (len(mult) - 1))
+                  and float(pixels.min()) >= 0 and float(pixels.max()) <= 1,
+                  "decoder vs numpy formulation mult=%s z=%d: rel %.2e, output range [%.2f, %.2f]"
+                  % (mult, zc, rel, float(x1.min()), float(x1.max())))
+        check(np.array_equal(pixels_u8(np.array([[[[0.0, 0.5, 1.0, 0.99999]]]] * 3).reshape(1, 3, 1, 4))[0, 0, :, 0],
+                             [0, 127, 255, 254]), "8-bit pixels: x255 truncated")
+        lat = torch.randn((1, 4, 2, 2), generator=g, dtype=torch.float64)
+        check(torch.allclose(latents_to_raw(apply_latent_format(lat, "sd3"), "sd3"), lat, atol=1e-12),
+              "latents_to_raw inverts apply_latent_format")
+
+        # 7. latent formats
         t = torch.tensor([1.0], dtype=torch.float64)
         check(abs(apply_latent_format(t, "sd3").item() - (1 - 0.0609) * 1.5305) < 1e-12
               and abs(apply_latent_format(t, "custom", scale=2.0, shift=0.5).item() - 1.0) < 1e-12
@@ -1123,7 +1218,8 @@ def _cmd_make_checkpoint(a):
     mult = _parse_mult(a.mult)
     make_checkpoint(a.out, layout=a.layout, ch=a.ch, mult=mult, blocks=a.blocks, z=a.z,
                     quant_conv=not a.no_quant_conv, dtype=a.dtype, seed=a.seed,
-                    include_decoder=not a.no_decoder, drop=a.drop or ())
+                    include_decoder=not a.no_decoder, drop=a.drop or (), include_encoder=not a.no_encoder,
+                    decoder_blocks=a.decoder_blocks)
     return 0
 
 
@@ -1161,7 +1257,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("make-checkpoint", help="write a random KL-encoder checkpoint")
+    p = sub.add_parser("make-checkpoint", help="write a random KL-VAE checkpoint (encoder and decoder)")
     p.add_argument("--out", required=True)
     p.add_argument("--layout", default="ldm", choices=LAYOUTS)
     p.add_argument("--ch", type=int, default=32)
@@ -1172,6 +1268,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="F32", choices=("F32", "F16", "BF16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-decoder", action="store_true")
+    p.add_argument("--no-encoder", action="store_true", help="a decoder-only file")
+    p.add_argument("--decoder-blocks", type=int, default=None, help="ResnetBlocks per decoder level (blocks + 1)")
     p.add_argument("--drop", action="append", metavar="KEY", help="canonical (LDM) key to leave out; repeatable")
     p.set_defaults(fn=_cmd_make_checkpoint)
 

@@ -4,6 +4,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <cstring>
+#include <stdexcept>
 
 #include "errors.h"
 #include "frame_storage.h"
@@ -124,6 +125,19 @@ ComputeReport Decoder::decode_float(const LatentBatch&, const DecodeParams&, flo
   throw VaeError("the " + info().family + " decoder '" + info().model_path + "' gives no float output");
 }
 
+void Decoder::set_test_memory_limit(int64_t) {
+  throw VaeError("the " + info().family + " decoder '" + info().model_path + "' has no test memory limit");
+}
+
+at::Tensor TorchDecoder::limited_forward(const at::Tensor& z) {
+  const int64_t limit = test_memory_limit_.load();
+  const int64_t cells = z.size(0) * z.size(2) * z.size(3);
+  if (limit > 0 && cells > limit)
+    throw std::runtime_error("out of memory (test limit of " + std::to_string(limit) + " latent cells, asked " +
+                             std::to_string(cells) + ")");
+  return forward(z);
+}
+
 at::Tensor TorchDecoder::run(const LatentBatch& batch, const DecodeParams& params,
                              const std::function<at::Tensor(const at::Tensor&)>& finish, ComputeReport& report) {
   if (batch.channels() != info_.latent_channels)
@@ -146,11 +160,11 @@ at::Tensor TorchDecoder::run(const LatentBatch& batch, const DecodeParams& param
     report = run_with_memory_fallback(
         n, sub_batch_,
         [&](int64_t start, int64_t count) {
-          parts.push_back(finish(comfy_pixels_float(forward(z.narrow(0, start, count)).to(at::kFloat), info_.output_signed)));
+          parts.push_back(finish(comfy_pixels_float(limited_forward(z.narrow(0, start, count)).to(at::kFloat), info_.output_signed)));
         },
         [&](int64_t index) {
           // ComfyUI blends the tiles' raw outputs, then maps the blend to pixels.
-          auto fn = [&](const at::Tensor& tile) { return forward(tile).to(at::kFloat); };
+          auto fn = [&](const at::Tensor& tile) { return limited_forward(tile).to(at::kFloat); };
           parts.push_back(finish(comfy_pixels_float(decode_tiled(fn, z.narrow(0, index, 1), up), info_.output_signed)));
         },
         "decoding", "tiled decoding (64x64-latent tiles, 16-cell overlap)");

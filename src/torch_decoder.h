@@ -22,6 +22,7 @@ class TorchDecoder : public Decoder {
                        uint8_t* out) override;
   using Decoder::decode;
   ComputeReport decode_float(const LatentBatch& batch, const DecodeParams& params, float* out) override;
+  void set_test_memory_limit(int64_t latent_cells) override { test_memory_limit_ = latent_cells; }
 
  protected:
   TorchDecoder(DecoderInfo info, ComputeTarget target);
@@ -41,8 +42,12 @@ class TorchDecoder : public Decoder {
   // fallbacks and returns finish(pixels) of every sub-batch, concatenated;
   // pixels is N x 3 x H x W float32 in [0, 1]. Finishing each sub-batch before
   // the next keeps one sub-batch of float pixels in memory at a time.
+  // forward(), failing as out of memory past the test limit.
+  at::Tensor limited_forward(const at::Tensor& z);
   at::Tensor run(const LatentBatch& batch, const DecodeParams& params,
                  const std::function<at::Tensor(const at::Tensor&)>& finish, ComputeReport& report);
+
+  std::atomic<int64_t> test_memory_limit_{0};
 };
 
 // ComfyUI's pixels from a decoder output x (N x 3 x H x W, any float dtype):

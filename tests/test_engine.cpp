@@ -1683,6 +1683,45 @@ TEST(Decode, BatchingAndWrongChannels) {
   EXPECT_TRUE(contains(m, "16 channels") && contains(m, "takes 4")) << m;
 }
 
+TEST(Decode, OutOfMemoryHalvesTheBatchThenDecodesTileByTile) {
+  // 65 x 33 latents exceed one 64-cell tile in each of the three passes, and
+  // no tile of any pass has more than 2112 cells: with forward passes over more
+  // than 2144 cells failing as out of memory, a batch of two is halved, and
+  // each latent alone is decoded tile by tile. Two levels (upscale 2) keep it quick.
+  VaeSpec s = full_vae_spec("diffusers", 4);
+  s.mult = {1, 2};
+  const std::string path = Models::get().path("full_two_level", s);
+  const int h = 65, w = 33;
+  const std::vector<float> z = test_latents(2 * 4 * h * w, 21);
+  auto dec = cpu_decoder(path);
+  ASSERT_EQ(dec->info().upscale, 2);
+  const std::vector<float> whole = decode_float(*dec, h, w, z);
+  dec->set_test_memory_limit(2144);
+  auto batch = dec->new_batch(h, w, 2);
+  batch->add(z.data(), 0);
+  batch->add(z.data() + 4 * h * w, 1);
+  std::vector<float> tiled(whole.size());
+  const ComputeReport r = dec->decode_float(*batch, DecodeParams{}, tiled.data());
+  dec->set_test_memory_limit(0);
+  EXPECT_EQ(r.tiled_frames, 2);
+  EXPECT_EQ(r.sub_batch, 1);
+  ASSERT_EQ(r.notes.size(), 3u);
+  EXPECT_TRUE(contains(r.notes[0], "halved to 1")) << r.notes[0];
+  EXPECT_TRUE(contains(r.notes[1], "tiled decoding")) << r.notes[1];
+  // Tiles see GroupNorm statistics and attention of their own region only, so
+  // the blend differs from the whole decode, but not by much.
+  double sum = 0;
+  for (size_t i = 0; i < whole.size(); ++i) sum += std::fabs(whole[i] - tiled[i]);
+  EXPECT_GT(max_abs_diff(whole, tiled), 1e-6);
+  EXPECT_LT(sum / whole.size(), 0.1);
+  // Tiled frames are in their places: the second equals the second latent tiled alone.
+  dec->set_test_memory_limit(2144);
+  const std::vector<float> second(z.begin() + 4 * h * w, z.end());
+  const std::vector<float> alone = decode_float(*dec, h, w, second);
+  dec->set_test_memory_limit(0);
+  EXPECT_LT(max_abs_diff(alone, std::vector<float>(tiled.begin() + tiled.size() / 2, tiled.end())), 1e-6);
+}
+
 TEST(DecoderCache, OneDecoderPerFileAndEncoderKeptApart) {
   const std::string path = Models::get().path("full_cache", full_vae_spec("first_stage_model", 3));
   const size_t loads = gstvae_model_load_count();

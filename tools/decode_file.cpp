@@ -24,6 +24,7 @@ int usage() {
   std::cerr << "usage: gst-vae-decode-file --model M --latents IN.npy|IN.latent|IN.safetensors --out OUT\n"
                "         [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
                "         [--latent-format raw|sd15|sdxl|sd3|flux] [--per-batch B] [--threads T] [--float] [--warmup]\n"
+               "         [--test-memory-limit CELLS]  (forward passes over more latent cells fail as out of memory)\n"
                "  OUT: N x H x W x 3 bytes (RGB), or with --float N x 3 x H x W little-endian float32 in [0, 1]\n";
   return 2;
 }
@@ -69,6 +70,7 @@ int main(int argc, char** argv) {
     const size_t n = static_cast<size_t>(latents.frames);
     const size_t H = static_cast<size_t>(h) * info.upscale, W = static_cast<size_t>(w) * info.upscale;
 
+    if (args.count("test-memory-limit")) decoder->set_test_memory_limit(std::stoll(args["test-memory-limit"]));
     auto batch = decoder->new_batch(h, w, per_batch);
     const size_t per_latent = batch->floats_per_latent();
     const size_t frame_bytes = float_output ? 3 * H * W * sizeof(float) : decoder->frame_bytes(*batch, PixelFormat::RGB);
@@ -81,14 +83,16 @@ int main(int argc, char** argv) {
     }
     auto start = std::chrono::steady_clock::now();
     size_t done = 0;
+    size_t tiled = 0;
     for (size_t i = 0; i < n; ++i) {
       batch->add(latents.values.data() + i * per_latent, i);
       if (batch->full() || i + 1 == n) {
         uint8_t* dest = frames.data() + done * frame_bytes;
-        if (float_output)
-          decoder->decode_float(*batch, params, reinterpret_cast<float*>(dest));
-        else
-          decoder->decode(*batch, params, PixelFormat::RGB, dest);
+        const ComputeReport report = float_output
+                                         ? decoder->decode_float(*batch, params, reinterpret_cast<float*>(dest))
+                                         : decoder->decode(*batch, params, PixelFormat::RGB, dest);
+        for (const std::string& note : report.notes) std::cerr << note << "\n";
+        tiled += static_cast<size_t>(report.tiled_frames);
         done += batch->size();
         batch->clear();
       }
@@ -98,7 +102,7 @@ int main(int argc, char** argv) {
     out.write(reinterpret_cast<const char*>(frames.data()), static_cast<std::streamsize>(frames.size()));
     if (!out) throw VaeError("cannot write '" + args["out"] + "'");
     std::cerr << "decoded " << n << " latents to " << W << "x" << H << " frames in " << seconds << " s ("
-              << n / seconds << " frames/s)\n";
+              << n / seconds << " frames/s)" << (tiled ? ", " + std::to_string(tiled) + " tiled" : "") << "\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -71,7 +71,7 @@ class Ctx:
         return path, values.astype(np.float64)
 
     def run_tool(self, model, latents, float_output=True, precision="fp32", latent_format=None, per_batch=None,
-                 expect_ok=True):
+                 expect_ok=True, memory_limit=None):
         out = self.name("out", "f32" if float_output else "rgb")
         cmd = [self.tool, "--model", model, "--latents", latents, "--out", out, "--precision", precision]
         if float_output:
@@ -80,6 +80,8 @@ class Ctx:
             cmd += ["--latent-format", latent_format]
         if per_batch is not None:
             cmd += ["--per-batch", str(per_batch)]
+        if memory_limit is not None:
+            cmd += ["--test-memory-limit", str(memory_limit)]
         try:
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=self.timeout)
         except subprocess.TimeoutExpired:
@@ -173,6 +175,26 @@ def case_bytes(ctx):
         diff.size, int((diff == 0).sum()), int((diff != 0).sum()), int(near.sum()), BOUNDARY)
 
 
+def case_tiled(ctx):
+    # A 65 x 33 latent: larger than one 64-cell tile in every pass. With forward passes limited to 2144 latent
+    # cells the whole latent (2145) "runs out of memory" and is decoded tile by tile, as ComfyUI's
+    # decode_tiled_ does; the reference blends the reference decoder's tiles the same way.
+    path, state = ctx.checkpoint(layout="ldm", mult=(1, 2))  # upscale 2 keeps the float64 reference quick
+    lpath, lat = ctx.latents(1, 4, 65, 33, 19)
+    ref = V.decode_tiled_reference(state, lat)[0].numpy()
+    _, err, data = ctx.run_tool(path, lpath, memory_limit=65 * 33 - 1)
+    if "1 tiled" not in err:
+        raise CaseFailure("the tool did not fall back to tiled decoding: %r" % err[-400:])
+    out = as_shape(data, ref.shape)
+    rel = rel_err(out, ref)
+    untiled = V.decode_reference(state, lat)[0].numpy()
+    detail = "%s; tiled vs untiled reference differ by up to %.3f" % ("x".join(map(str, ref.shape)),
+                                                                     float(np.abs(ref - untiled).max()))
+    if not rel < FP32_TOL:
+        raise CaseFailure("rel=%.3e >= %.0e (%s)" % (rel, FP32_TOL, detail))
+    return rel, detail
+
+
 def case_encoder_only(ctx):
     path = ctx.name("encoder_only", "safetensors")
     V.make_checkpoint(path, include_decoder=False, **FOUR_LEVEL)
@@ -213,6 +235,7 @@ CASES = [
     ("three_level", case_three_level),
     ("batch_3_per_2", case_batch),
     ("bytes_8bit", case_bytes),
+    ("tiled_65x33", case_tiled),
     ("neg_encoder_only", case_encoder_only),
     ("neg_missing_tensor", case_missing_tensor),
 ]

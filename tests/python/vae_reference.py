@@ -755,6 +755,61 @@ def decode_reference(state, latents, latent_format="raw", arch=None):
         return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0), x
 
 
+def tiled_scale(z, fn, tile_h, tile_w, overlap, upscale):
+    """ComfyUI's tiled_scale for one pass (2-D, one latent at a time): tiles of tile_h x tile_w latent cells
+    at steps of tile - overlap, the output of each weighted by a mask ramping (t+1)/feather over
+    feather = overlap * upscale pixels on every side (not along a dimension the feather does not fit),
+    summed and divided by the summed masks. A latent within one tile is decoded whole."""
+    n, _, h, w = z.shape
+    if h <= tile_h and w <= tile_w:
+        return fn(z)
+    feather = overlap * upscale
+    outs = []
+    for b in range(n):
+        s = z[b:b + 1]
+        out = div = None
+        ys = range(0, h - overlap, tile_h - overlap) if h > tile_h else [0]
+        xs = range(0, w - overlap, tile_w - overlap) if w > tile_w else [0]
+        for y0 in ys:
+            for x0 in xs:
+                y, x = max(0, min(h - overlap, y0)), max(0, min(w - overlap, x0))
+                ps = fn(s[:, :, y:y + tile_h, x:x + tile_w])
+                if out is None:
+                    out = torch.zeros((1, ps.shape[1], h * upscale, w * upscale), dtype=ps.dtype)
+                    div = torch.zeros_like(out)
+                mask = torch.ones_like(ps)
+                for d in (2, 3):
+                    size = mask.shape[d]
+                    if feather >= size:
+                        continue
+                    for t in range(feather):
+                        a = (t + 1) / feather
+                        mask.narrow(d, t, 1).mul_(a)
+                        mask.narrow(d, size - 1 - t, 1).mul_(a)
+                oy, ox = y * upscale, x * upscale
+                out[:, :, oy:oy + ps.shape[2], ox:ox + ps.shape[3]] += ps * mask
+                div[:, :, oy:oy + ps.shape[2], ox:ox + ps.shape[3]] += mask
+        outs.append(out / div)
+    return torch.cat(outs)
+
+
+def decode_tiled_reference(state, latents, tile=64, overlap=16, arch=None):
+    """ComfyUI's decode_tiled_ on raw latents: the decoder output of three tiled passes (tile_x // 2,
+    tile_y * 2), (tile_x * 2, tile_y // 2), (tile_x, tile_y) -- as height x width (128, 32), (32, 128),
+    (64, 64) -- averaged. Returns (pixels, x) like decode_reference."""
+    if arch is None:
+        arch = infer_decoder_arch(state)
+    up = arch["upscale"]
+    with torch.no_grad():
+        z = torch.as_tensor(np.asarray(latents), dtype=torch.float64)
+
+        def fn(t):
+            return decoder_forward(state, t, arch)
+        x = (tiled_scale(z, fn, tile * 2, tile // 2, overlap, up) + tiled_scale(z, fn, tile // 2, tile * 2, overlap, up)
+             + tiled_scale(z, fn, tile, tile, overlap, up)) / 3.0
+        return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0), x
+
+
 # --------------------------------------------------------------------------------------------------
 # frames
 # --------------------------------------------------------------------------------------------------

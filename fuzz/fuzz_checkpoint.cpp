@@ -63,7 +63,26 @@ uint64_t check_tensors(const gstvae::SafetensorsFile& file, const uint8_t* data,
   return sum;
 }
 
+// The decoder side of the same names: diffusers' reversed up_blocks numbering
+// must never produce a negative or out-of-range level.
+void check_decoder_keys(const std::vector<std::string>& names, const std::set<std::string>& present) {
+  gstvae::NormalizedKeys keys;
+  try {
+    keys = gstvae::normalize_vae_keys(names, "fuzz", gstvae::VaePart::Decoder);
+  } catch (const gstvae::CheckpointError&) {
+    return;  // no decoder, an absurd up-block index, or two names for one canonical name
+  }
+  if (!keys.has("decoder.conv_in.weight")) fail("decoder accepted without decoder.conv_in.weight");
+  for (const auto& [canonical, source] : keys.source) {
+    if (!starts_with(canonical, "decoder.") && !starts_with(canonical, "post_quant_conv."))
+      fail("canonical name outside decoder./post_quant_conv.", canonical);
+    if (starts_with(canonical, "decoder.up.-")) fail("negative up level", canonical);
+    if (!present.count(source)) fail("decoder source name not in the file", source);
+  }
+}
+
 void check_keys(const std::vector<std::string>& names) {
+  check_decoder_keys(names, std::set<std::string>(names.begin(), names.end()));
   gstvae::NormalizedKeys keys;
   try {
     keys = gstvae::normalize_vae_keys(names, "fuzz");

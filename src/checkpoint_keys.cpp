@@ -1,5 +1,6 @@
 #include "checkpoint_keys.h"
 
+#include <algorithm>
 #include <cstddef>
 
 #include "errors.h"
@@ -49,10 +50,38 @@ constexpr Rename kDiffusersRenames[] = {
     {"encoder.conv_norm_out.", "encoder.norm_out."},
 };
 
+// The decoder's. In a replacement, '~' takes the digits matched like '#' but
+// writes the level counted from the other end (N - 1 - i): diffusers lists the
+// decoder's up blocks from the deepest level, LDM from the shallowest.
+constexpr Rename kDiffusersDecoderRenames[] = {
+    {"decoder.up_blocks.#.resnets.#.conv_shortcut.", "decoder.up.~.block.#.nin_shortcut."},
+    {"decoder.up_blocks.#.resnets.#.", "decoder.up.~.block.#."},
+    {"decoder.up_blocks.#.upsamplers.0.conv.", "decoder.up.~.upsample.conv."},
+    {"decoder.mid_block.resnets.0.conv_shortcut.", "decoder.mid.block_1.nin_shortcut."},
+    {"decoder.mid_block.resnets.1.conv_shortcut.", "decoder.mid.block_2.nin_shortcut."},
+    {"decoder.mid_block.resnets.0.", "decoder.mid.block_1."},
+    {"decoder.mid_block.resnets.1.", "decoder.mid.block_2."},
+    {"decoder.mid_block.attentions.0.group_norm.", "decoder.mid.attn_1.norm."},
+    {"decoder.mid_block.attentions.0.to_q.", "decoder.mid.attn_1.q."},
+    {"decoder.mid_block.attentions.0.query.", "decoder.mid.attn_1.q."},
+    {"decoder.mid_block.attentions.0.to_k.", "decoder.mid.attn_1.k."},
+    {"decoder.mid_block.attentions.0.key.", "decoder.mid.attn_1.k."},
+    {"decoder.mid_block.attentions.0.to_v.", "decoder.mid.attn_1.v."},
+    {"decoder.mid_block.attentions.0.value.", "decoder.mid.attn_1.v."},
+    {"decoder.mid_block.attentions.0.to_out.0.", "decoder.mid.attn_1.proj_out."},
+    {"decoder.mid_block.attentions.0.proj_attn.", "decoder.mid.attn_1.proj_out."},
+    {"decoder.conv_norm_out.", "decoder.norm_out."},
+};
+
+// Up-block indices beyond this are not a VAE (released ones have 4 levels);
+// the bound also keeps the reversal's arithmetic in range.
+constexpr int kMaxUpBlocks = 64;
+
 bool is_digit(char c) { return c >= '0' && c <= '9'; }
 
 // Applies `rule` to `name`: true and the renamed name in `out` when it applies.
-bool apply(const Rename& rule, const std::string& name, std::string& out) {
+// `levels` is N for the '~' replacements (see kDiffusersDecoderRenames).
+bool apply(const Rename& rule, const std::string& name, std::string& out, int levels = 0) {
   std::vector<std::string> digits;
   size_t i = 0;
   for (const char* p = rule.pattern; *p; ++p) {
@@ -66,15 +95,23 @@ bool apply(const Rename& rule, const std::string& name, std::string& out) {
       ++i;
     }
   }
-  out.clear();
+  std::string result;  // `out` is left alone unless the rule applies
   size_t next = 0;
   for (const char* r = rule.replacement; *r; ++r) {
-    if (*r == '#')
-      out += digits.at(next++);
-    else
-      out += *r;
+    if (*r == '#') {
+      result += digits.at(next++);
+    } else if (*r == '~') {
+      // Digit strings were bounded by up_block_count(), which found N.
+      const std::string& d = digits.at(next++);
+      const int index = d.size() <= 4 ? std::stoi(d) : kMaxUpBlocks;
+      if (index >= levels) return false;
+      result += std::to_string(levels - 1 - index);
+    } else {
+      result += *r;
+    }
   }
-  out.append(name, i, std::string::npos);
+  result.append(name, i, std::string::npos);
+  out = std::move(result);
   return true;
 }
 
@@ -82,13 +119,36 @@ bool starts_with(const std::string& s, const std::string& prefix) {
   return s.compare(0, prefix.size(), prefix) == 0;
 }
 
+// N for the reversal: one more than the largest `decoder.up_blocks.{i}` index
+// under `prefix`.
+int up_block_count(const std::vector<std::string>& names, const std::string& prefix, const std::string& label) {
+  const std::string head = prefix + "decoder.up_blocks.";
+  int count = 0;
+  for (const auto& n : names) {
+    if (!starts_with(n, head)) continue;
+    size_t end = head.size();
+    while (end < n.size() && is_digit(n[end])) ++end;
+    const std::string digits = n.substr(head.size(), end - head.size());
+    if (digits.empty() || end >= n.size() || n[end] != '.') continue;
+    if (digits.size() > 4 || std::stoi(digits) >= kMaxUpBlocks)
+      throw CheckpointError("'" + label + "': tensor '" + (n.size() > 200 ? n.substr(0, 200) + "..." : n) +
+                            "' names up block " + (digits.size() > 20 ? digits.substr(0, 20) + "..." : digits) +
+                            "; at most " + std::to_string(kMaxUpBlocks) + " are supported");
+    count = std::max(count, std::stoi(digits) + 1);
+  }
+  return count;
+}
+
 }  // namespace
 
-NormalizedKeys normalize_vae_keys(const std::vector<std::string>& names, const std::string& label) {
+NormalizedKeys normalize_vae_keys(const std::vector<std::string>& names, const std::string& label, VaePart part) {
+  const bool decoder = part == VaePart::Decoder;
+  const std::string side = decoder ? "decoder." : "encoder.";
+  const std::string conv = decoder ? "post_quant_conv." : "quant_conv.";
   NormalizedKeys keys;
   bool found = false;
   for (const char* prefix : kPrefixes) {
-    const std::string probe = std::string(prefix) + "encoder.conv_in.weight";
+    const std::string probe = std::string(prefix) + side + "conv_in.weight";
     for (const auto& n : names)
       if (n == probe) found = true;
     if (found) {
@@ -97,23 +157,26 @@ NormalizedKeys normalize_vae_keys(const std::vector<std::string>& names, const s
     }
   }
   if (!found)
-    throw CheckpointError("'" + label +
-                          "' holds no VAE encoder: no tensor 'encoder.conv_in.weight' (nor under the "
-                          "'first_stage_model.' or 'vae.' prefix)");
+    throw CheckpointError("'" + label + "' holds no VAE " + (decoder ? "decoder" : "encoder") + ": no tensor '" +
+                          side + "conv_in.weight' (nor under the 'first_stage_model.' or 'vae.' prefix)");
 
   bool diffusers = false;
   for (const auto& n : names)
-    if (starts_with(n, keys.prefix + "encoder.down_blocks.") ||
-        starts_with(n, keys.prefix + "encoder.mid_block."))
+    if (starts_with(n, keys.prefix + side + (decoder ? "up_blocks." : "down_blocks.")) ||
+        starts_with(n, keys.prefix + side + "mid_block."))
       diffusers = true;
   keys.layout = diffusers ? "diffusers" : "ldm";
+  const int levels = diffusers && decoder ? up_block_count(names, keys.prefix, label) : 0;
 
   for (const auto& n : names) {
     if (!starts_with(n, keys.prefix)) continue;
     std::string local = n.substr(keys.prefix.size());
-    if (!starts_with(local, "encoder.") && !starts_with(local, "quant_conv.")) continue;
+    if (!starts_with(local, side) && !starts_with(local, conv)) continue;
     std::string canonical = local;
-    if (diffusers) {
+    if (diffusers && decoder) {
+      for (const auto& r : kDiffusersDecoderRenames)
+        if (apply(r, local, canonical, levels)) break;
+    } else if (diffusers) {
       for (const auto& r : kDiffusersRenames)
         if (apply(r, local, canonical)) break;
     }

@@ -120,6 +120,18 @@ class Decoder : public std::enable_shared_from_this<Decoder> {
                                uint8_t* out) = 0;
   ComputeReport decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format, PixelBlock& out);
 
+  // The same decode stopped before the 8 bits: N x 3 x H x W float32 (planar
+  // RGB) in [0, 1], ComfyUI's clamp((x + 1) / 2) of the forward pass, at
+  // `out`. For cross-checks against a float reference (decode rounds these
+  // values to bytes). Throws VaeError for a decoder that cannot provide it.
+  virtual ComputeReport decode_float(const LatentBatch& batch, const DecodeParams& params, float* out);
+
+  // Test hook: from now on, a forward pass over more than `latent_cells`
+  // latent cells (latents x height x width) fails as an out-of-memory error
+  // would, so that sub-batch halving and tiled decoding run on any machine.
+  // 0 turns it off. Affects every holder of this (shared) decoder.
+  virtual void set_test_memory_limit(int64_t latent_cells);
+
   // A session for one stream (holds the decoder). The default: one frame per latent.
   virtual std::unique_ptr<DecodeSession> open_session();
 };

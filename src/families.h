@@ -25,8 +25,9 @@ struct DecoderFamily {
   std::shared_ptr<Decoder> (*load)(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options);
 };
 
-extern const EncoderFamily kKLFamily;  // kl_vae.cpp
-extern const EncoderFamily kTaesdEncoderFamily;  // taesd.cpp
-extern const DecoderFamily kTaesdDecoderFamily;  // taesd.cpp
+extern const EncoderFamily kKLFamily;               // kl_vae.cpp
+extern const DecoderFamily kKLDecoderFamily;        // kl_vae.cpp
+extern const EncoderFamily kTaesdEncoderFamily;     // taesd.cpp
+extern const DecoderFamily kTaesdDecoderFamily;     // taesd.cpp
 
 }  // namespace gstvae

@@ -28,6 +28,7 @@ const EncoderFamily* const kEncoderFamilies[] = {
 };
 
 const DecoderFamily* const kDecoderFamilies[] = {
+    &kKLDecoderFamily,
     &kTaesdDecoderFamily,
 };
 

@@ -4,6 +4,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <cstring>
+#include <stdexcept>
 
 #include "errors.h"
 #include "frame_storage.h"
@@ -110,26 +111,40 @@ void TorchDecoder::probe() {
   }
 }
 
-at::Tensor comfy_pixels_u8(const at::Tensor& x, bool signed_output) {
-  at::Tensor y = signed_output ? x : (x - 0.5).mul(2.0);
-  y = y.to(at::kFloat).add(1.0f).div(2.0f).clamp(0.0, 1.0);
-  // numpy: 255. * float32 array stays float32; clip; astype(uint8) truncates.
-  return y.mul(255.0f).clamp(0.0, 255.0).to(at::kByte).permute({0, 2, 3, 1});
+at::Tensor comfy_pixels_float(const at::Tensor& x, bool signed_output) {
+  at::Tensor y = signed_output ? x : (x - 0.5).mul(2.0);  // callers convert to float32 first
+  return y.to(at::kFloat).add(1.0f).div(2.0f).clamp(0.0, 1.0);
 }
 
-ComputeReport TorchDecoder::decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
-                                   uint8_t* out) {
-  ComputeReport report{sub_batch_.load(), 0, {}};
-  if (batch.empty()) return report;
+at::Tensor comfy_pixels_u8(const at::Tensor& x, bool signed_output) {
+  // numpy: 255. * float32 array stays float32; clip; astype(uint8) truncates.
+  return comfy_pixels_float(x, signed_output).mul(255.0f).clamp(0.0, 255.0).to(at::kByte).permute({0, 2, 3, 1});
+}
+
+ComputeReport Decoder::decode_float(const LatentBatch&, const DecodeParams&, float*) {
+  throw VaeError("the " + info().family + " decoder '" + info().model_path + "' gives no float output");
+}
+
+void Decoder::set_test_memory_limit(int64_t) {
+  throw VaeError("the " + info().family + " decoder '" + info().model_path + "' has no test memory limit");
+}
+
+at::Tensor TorchDecoder::limited_forward(const at::Tensor& z) {
+  const int64_t limit = test_memory_limit_.load();
+  const int64_t cells = z.size(0) * z.size(2) * z.size(3);
+  if (limit > 0 && cells > limit)
+    throw std::runtime_error("out of memory (test limit of " + std::to_string(limit) + " latent cells, asked " +
+                             std::to_string(cells) + ")");
+  return forward(z);
+}
+
+at::Tensor TorchDecoder::run(const LatentBatch& batch, const DecodeParams& params,
+                             const std::function<at::Tensor(const at::Tensor&)>& finish, ComputeReport& report) {
   if (batch.channels() != info_.latent_channels)
     throw VaeError("latents have " + std::to_string(batch.channels()) + " channels, but the decoder '" +
                    info_.model_path + "' takes " + std::to_string(info_.latent_channels));
-  use_configured_threads();
-  c10::InferenceMode guard;
   const int64_t n = static_cast<int64_t>(batch.size());
   const int64_t up = info_.upscale;
-  const int64_t H = batch.height() * up, W = batch.width() * up;
-  const PixelLayout layout = pixel_layout(format);
   try {
     at::Tensor host = batch.block().storage().values.narrow(0, 0, n * static_cast<int64_t>(batch.floats_per_latent()));
     at::Tensor z = host.view({n, batch.channels(), batch.height(), batch.width()})
@@ -145,14 +160,36 @@ ComputeReport TorchDecoder::decode(const LatentBatch& batch, const DecodeParams&
     report = run_with_memory_fallback(
         n, sub_batch_,
         [&](int64_t start, int64_t count) {
-          parts.push_back(comfy_pixels_u8(forward(z.narrow(0, start, count)).to(at::kFloat), info_.output_signed));
+          parts.push_back(finish(comfy_pixels_float(limited_forward(z.narrow(0, start, count)).to(at::kFloat), info_.output_signed)));
         },
         [&](int64_t index) {
-          auto fn = [&](const at::Tensor& tile) { return forward(tile).to(at::kFloat); };
-          parts.push_back(comfy_pixels_u8(decode_tiled(fn, z.narrow(0, index, 1), up), info_.output_signed));
+          // ComfyUI blends the tiles' raw outputs, then maps the blend to pixels.
+          auto fn = [&](const at::Tensor& tile) { return limited_forward(tile).to(at::kFloat); };
+          parts.push_back(finish(comfy_pixels_float(decode_tiled(fn, z.narrow(0, index, 1), up), info_.output_signed)));
         },
         "decoding", "tiled decoding (64x64-latent tiles, 16-cell overlap)");
-    at::Tensor rgb = at::cat(parts, 0);  // N x H x W x 3 uint8
+    return at::cat(parts, 0);
+  } catch (const c10::Error& e) {
+    throw VaeError(std::string("decoding a batch of ") + std::to_string(n) + " latents of " +
+                   std::to_string(batch.width()) + "x" + std::to_string(batch.height()) + " on " +
+                   target_.device.str() + " failed: " + e.what_without_backtrace());
+  }
+}
+
+ComputeReport TorchDecoder::decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
+                                   uint8_t* out) {
+  ComputeReport report{sub_batch_.load(), 0, {}};
+  if (batch.empty()) return report;
+  use_configured_threads();
+  c10::InferenceMode guard;
+  const int64_t n = static_cast<int64_t>(batch.size());
+  const int64_t H = batch.height() * info_.upscale, W = batch.width() * info_.upscale;
+  const PixelLayout layout = pixel_layout(format);
+  auto to_bytes = [](const at::Tensor& pixels) {
+    return pixels.mul(255.0f).clamp(0.0, 255.0).to(at::kByte).permute({0, 2, 3, 1});
+  };
+  at::Tensor rgb = run(batch, params, to_bytes, report);  // N x H x W x 3 uint8
+  try {
     // Packed into the pixel format: colour bytes where the layout puts them,
     // 255 in alpha and padding bytes.
     at::Tensor packed;
@@ -167,10 +204,21 @@ ComputeReport TorchDecoder::decode(const LatentBatch& batch, const DecodeParams&
     at::Tensor dest = at::from_blob(out, {n, H, W, layout.bytes_per_pixel}, at::TensorOptions().dtype(at::kByte));
     dest.copy_(packed);
   } catch (const c10::Error& e) {
-    throw VaeError(std::string("decoding a batch of ") + std::to_string(n) + " latents of " +
-                   std::to_string(batch.width()) + "x" + std::to_string(batch.height()) + " on " +
-                   target_.device.str() + " failed: " + e.what_without_backtrace());
+    throw VaeError(std::string("packing ") + std::to_string(n) + " decoded frames failed: " +
+                   e.what_without_backtrace());
   }
+  return report;
+}
+
+ComputeReport TorchDecoder::decode_float(const LatentBatch& batch, const DecodeParams& params, float* out) {
+  ComputeReport report{sub_batch_.load(), 0, {}};
+  if (batch.empty()) return report;
+  use_configured_threads();
+  c10::InferenceMode guard;
+  const int64_t n = static_cast<int64_t>(batch.size());
+  const int64_t H = batch.height() * info_.upscale, W = batch.width() * info_.upscale;
+  at::Tensor pixels = run(batch, params, [](const at::Tensor& p) { return p; }, report);
+  at::from_blob(out, {n, 3, H, W}, at::TensorOptions().dtype(at::kFloat)).copy_(pixels);
   return report;
 }
 

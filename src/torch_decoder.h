@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <functional>
 #include <limits>
 
 #include "decoder.h"
@@ -20,6 +21,8 @@ class TorchDecoder : public Decoder {
   ComputeReport decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
                        uint8_t* out) override;
   using Decoder::decode;
+  ComputeReport decode_float(const LatentBatch& batch, const DecodeParams& params, float* out) override;
+  void set_test_memory_limit(int64_t latent_cells) override { test_memory_limit_ = latent_cells; }
 
  protected:
   TorchDecoder(DecoderInfo info, ComputeTarget target);
@@ -33,6 +36,18 @@ class TorchDecoder : public Decoder {
   DecoderInfo info_;
   ComputeTarget target_;
   std::atomic<int64_t> sub_batch_{std::numeric_limits<int64_t>::max()};
+
+ private:
+  // Uploads and converts the batch's latents, runs forward() with the memory
+  // fallbacks and returns finish(pixels) of every sub-batch, concatenated;
+  // pixels is N x 3 x H x W float32 in [0, 1]. Finishing each sub-batch before
+  // the next keeps one sub-batch of float pixels in memory at a time.
+  // forward(), failing as out of memory past the test limit.
+  at::Tensor limited_forward(const at::Tensor& z);
+  at::Tensor run(const LatentBatch& batch, const DecodeParams& params,
+                 const std::function<at::Tensor(const at::Tensor&)>& finish, ComputeReport& report);
+
+  std::atomic<int64_t> test_memory_limit_{0};
 };
 
 // ComfyUI's pixels from a decoder output x (N x 3 x H x W, any float dtype):
@@ -40,5 +55,7 @@ class TorchDecoder : public Decoder {
 // through the same arithmetic after ComfyUI's (x - 0.5) * 2. Then SaveImage's
 // 8 bits: x * 255, clipped to [0, 255], truncated. Returns uint8 N x H x W x 3.
 at::Tensor comfy_pixels_u8(const at::Tensor& x, bool signed_output);
+// The first half of that: clamp((x + 1) / 2, 0, 1) in float32, N x 3 x H x W.
+at::Tensor comfy_pixels_float(const at::Tensor& x, bool signed_output);
 
 }  // namespace gstvae

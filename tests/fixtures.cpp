@@ -168,6 +168,33 @@ std::vector<Canonical> canonical_encoder(const VaeSpec& spec) {
   return t;
 }
 
+// The whole decoder, LDM names: post_quant_conv, conv_in, mid, up levels from
+// the deepest, norm_out, conv_out.
+std::vector<Canonical> canonical_decoder(const VaeSpec& spec) {
+  std::vector<Canonical> t;
+  const int64_t ch = spec.ch;
+  const int64_t deepest = ch * spec.mult.back();
+  if (spec.quant_conv) add_conv(t, "post_quant_conv", spec.z, spec.z, 1);
+  add_conv(t, "decoder.conv_in", deepest, spec.z, 3);
+  add_resblock(t, "decoder.mid.block_1", deepest, deepest);
+  add_norm(t, "decoder.mid.attn_1.norm", deepest);
+  for (const char* n : {"q", "k", "v", "proj_out"}) add_conv(t, std::string("decoder.mid.attn_1.") + n, deepest, deepest, 1);
+  add_resblock(t, "decoder.mid.block_2", deepest, deepest);
+  int64_t in = deepest;
+  for (size_t i = spec.mult.size(); i-- > 0;) {
+    const int64_t width = ch * spec.mult[i];
+    const std::string p = "decoder.up." + std::to_string(i);
+    for (int j = 0; j < spec.blocks + 1; ++j) {
+      add_resblock(t, p + ".block." + std::to_string(j), in, width);
+      in = width;
+    }
+    if (i != 0) add_conv(t, p + ".upsample.conv", width, width, 3);
+  }
+  add_norm(t, "decoder.norm_out", in);
+  add_conv(t, "decoder.conv_out", 3, in, 3);
+  return t;
+}
+
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
 bool replace_prefix(std::string& s, const std::string& from, const std::string& to) {
@@ -176,9 +203,30 @@ bool replace_prefix(std::string& s, const std::string& from, const std::string& 
   return true;
 }
 
-// LDM name -> diffusers name (new or old attention naming).
-std::string diffusers_name(const std::string& ldm, bool old_attention) {
+// LDM name -> diffusers name (new or old attention naming). `levels` numbers
+// the decoder's up blocks, which diffusers counts from the deepest level.
+std::string diffusers_name(const std::string& ldm, bool old_attention, size_t levels = 0) {
   std::string s = ldm;
+  if (starts_with(s, "decoder.up.")) {
+    const size_t i_end = s.find('.', 11);
+    const size_t i = std::stoul(s.substr(11, i_end - 11));
+    std::string rest = s.substr(i_end + 1);
+    const std::string block = "decoder.up_blocks." + std::to_string(levels - 1 - i) + ".";
+    if (starts_with(rest, "block.")) {
+      const size_t j_end = rest.find('.', 6);
+      std::string tail = rest.substr(j_end + 1);
+      replace_prefix(tail, "nin_shortcut.", "conv_shortcut.");
+      return block + "resnets." + rest.substr(6, j_end - 6) + "." + tail;
+    }
+    if (replace_prefix(rest, "upsample.conv.", "upsamplers.0.conv.")) return block + rest;
+    return s;
+  }
+  if (starts_with(s, "decoder.")) {
+    // The mid block, attention and norm_out are named as in the encoder.
+    std::string as_encoder = "encoder." + s.substr(8);
+    std::string mapped = diffusers_name(as_encoder, old_attention, levels);
+    return mapped == as_encoder ? s : "decoder." + mapped.substr(8);
+  }
   if (starts_with(s, "encoder.down.")) {
     // encoder.down.{i}.block.{j}.X / encoder.down.{i}.downsample.conv.X
     const size_t i_end = s.find('.', 13);
@@ -240,7 +288,13 @@ void write_test_vae(const std::string& path, const VaeSpec& spec) {
   }
 
   std::vector<Pending> out;
-  for (const Canonical& c : canonical_encoder(spec)) {
+  std::vector<Canonical> parts;
+  if (spec.include_encoder) parts = canonical_encoder(spec);
+  if (spec.include_decoder && spec.full_decoder) {
+    const std::vector<Canonical> dec = canonical_decoder(spec);
+    parts.insert(parts.end(), dec.begin(), dec.end());
+  }
+  for (const Canonical& c : parts) {
     bool dropped = false;
     for (const auto& d : spec.drop)
       if (d == c.name) dropped = true;
@@ -252,16 +306,17 @@ void write_test_vae(const std::string& path, const VaeSpec& spec) {
     std::vector<float> values = random_values(spec.seed, c.name, shape, c.init);
     std::string name = c.name;
     if (diffusers) {
-      name = diffusers_name(c.name, old_attention);
+      name = diffusers_name(c.name, old_attention, spec.mult.size());
       // diffusers stores the attention projections as Linear [C, C].
-      if (!reshaped && starts_with(name, "encoder.mid_block.attentions.0.") && shape.size() == 4 &&
+      if (!reshaped && (starts_with(name, "encoder.mid_block.attentions.0.") ||
+                        starts_with(name, "decoder.mid_block.attentions.0.")) && shape.size() == 4 &&
           shape[2] == 1 && shape[3] == 1)
         shape = {shape[0], shape[1]};
     }
     out.push_back({prefix + name, spec.dtype, shape, encode_floats(values, spec.dtype)});
   }
 
-  if (spec.include_decoder) {
+  if (spec.include_decoder && !spec.full_decoder) {
     const int64_t ch = spec.ch;
     const int64_t top = ch * spec.mult.back();
     std::vector<Canonical> dec;

@@ -20,6 +20,8 @@ struct VaeSpec {
   DType dtype = DType::F32;          // F32, F16 or BF16
   std::string layout = "ldm";        // ldm, first_stage_model, vae, diffusers, diffusers_old
   bool include_decoder = true;       // a few decoder tensors the encoder must ignore
+  bool full_decoder = false;         // with include_decoder: a whole decoder (blocks + 1 per level)
+  bool include_encoder = true;       // false: a decoder-only file
   uint64_t seed = 1;
   std::vector<std::string> drop;     // canonical (LDM) names left out of the file
   std::map<std::string, std::vector<int64_t>> reshape;  // canonical name -> wrong shape to store instead

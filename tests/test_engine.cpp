@@ -25,12 +25,14 @@
 #include <vector>
 
 #include "checkpoint_keys.h"
+#include "decoder.h"
 #include "encoder.h"
 #include "errors.h"
 #include "fixtures.h"
 #include "frame.h"
 #include "latent_file.h"
 #include "latent_format.h"
+#include "model_cache.h"
 #include "safetensors.h"
 
 namespace gstvae {
@@ -1416,6 +1418,333 @@ TEST(LatentFile, RangesMetadataIsNeverCut) {
   const LatentArray a = read_latent_file(dir.file("r.latent"));
   EXPECT_EQ(a.metadata.at("ranges"), ranges);
   EXPECT_EQ(a.metadata.at("model").size(), 256u) << "other values are still cut";
+}
+
+// ============================================================ decoders
+
+TEST(NormalizeDecoderKeys, LdmIsIdentityAndIgnoresEncoder) {
+  std::vector<std::string> names = kLdmEncoderNames;
+  const std::vector<std::string> decoder = {"decoder.conv_in.weight", "decoder.up.0.block.2.conv1.weight",
+                                            "decoder.up.3.upsample.conv.bias", "decoder.mid.attn_1.q.weight",
+                                            "decoder.norm_out.weight", "post_quant_conv.weight"};
+  names.insert(names.end(), decoder.begin(), decoder.end());
+  const NormalizedKeys k = normalize_vae_keys(names, "vae.safetensors", VaePart::Decoder);
+  EXPECT_EQ(k.layout, "ldm");
+  EXPECT_EQ(k.source.size(), decoder.size());
+  for (const auto& n : decoder) EXPECT_EQ(k.source.at(n), n);
+}
+
+TEST(NormalizeDecoderKeys, DiffusersUpBlocksAreNumberedFromTheDeepestLevel) {
+  // Four up blocks: diffusers' up_blocks.0 is LDM's up.3 (the deepest, which upsamples).
+  const std::vector<std::pair<std::string, std::string>> pairs = {
+      {"decoder.conv_in.weight", "decoder.conv_in.weight"},
+      {"decoder.up_blocks.0.resnets.0.conv1.weight", "decoder.up.3.block.0.conv1.weight"},
+      {"decoder.up_blocks.0.upsamplers.0.conv.weight", "decoder.up.3.upsample.conv.weight"},
+      {"decoder.up_blocks.1.resnets.2.norm2.bias", "decoder.up.2.block.2.norm2.bias"},
+      {"decoder.up_blocks.2.resnets.0.conv_shortcut.weight", "decoder.up.1.block.0.nin_shortcut.weight"},
+      {"decoder.up_blocks.3.resnets.1.conv2.weight", "decoder.up.0.block.1.conv2.weight"},
+      {"decoder.mid_block.resnets.0.norm1.weight", "decoder.mid.block_1.norm1.weight"},
+      {"decoder.mid_block.resnets.1.conv2.bias", "decoder.mid.block_2.conv2.bias"},
+      {"decoder.mid_block.attentions.0.group_norm.weight", "decoder.mid.attn_1.norm.weight"},
+      {"decoder.mid_block.attentions.0.to_q.weight", "decoder.mid.attn_1.q.weight"},
+      {"decoder.mid_block.attentions.0.key.bias", "decoder.mid.attn_1.k.bias"},
+      {"decoder.mid_block.attentions.0.to_out.0.weight", "decoder.mid.attn_1.proj_out.weight"},
+      {"decoder.mid_block.attentions.0.proj_attn.bias", "decoder.mid.attn_1.proj_out.bias"},
+      {"decoder.conv_norm_out.weight", "decoder.norm_out.weight"},
+      {"decoder.conv_out.bias", "decoder.conv_out.bias"},
+      {"post_quant_conv.weight", "post_quant_conv.weight"},
+  };
+  for (const std::string prefix : {"", "vae.", "first_stage_model."}) {
+    SCOPED_TRACE(prefix);
+    std::vector<std::string> names;
+    for (const auto& p : pairs) names.push_back(prefix + p.first);
+    for (const auto& p : kDiffusersCommon) names.push_back(prefix + p.first);
+    const NormalizedKeys k = normalize_vae_keys(names, "d.safetensors", VaePart::Decoder);
+    EXPECT_EQ(k.prefix, prefix);
+    EXPECT_EQ(k.layout, "diffusers");
+    EXPECT_EQ(k.source.size(), pairs.size());
+    for (const auto& p : pairs) {
+      ASSERT_TRUE(k.has(p.second)) << p.first << " -> " << p.second;
+      EXPECT_EQ(k.source.at(p.second), prefix + p.first);
+    }
+    // The encoder part of the same names knows nothing of the decoder.
+    const NormalizedKeys e = normalize_vae_keys(names, "d.safetensors", VaePart::Encoder);
+    for (const auto& kv : e.source) EXPECT_EQ(kv.first.rfind("encoder.", 0) == 0 || kv.first.rfind("quant_conv.", 0) == 0, true) << kv.first;
+  }
+}
+
+TEST(NormalizeDecoderKeys, Errors) {
+  const std::string m = error_of<CheckpointError>(
+      [] { normalize_vae_keys(kLdmEncoderNames, "enc-only.st", VaePart::Decoder); });
+  EXPECT_TRUE(contains(m, "enc-only.st") && contains(m, "decoder.conv_in.weight")) << m;
+  // An absurd up-block index is refused before any arithmetic on it.
+  const std::string huge = "decoder.up_blocks." + std::string(5000, '9') + ".resnets.0.conv1.weight";
+  const std::string m2 = error_of<CheckpointError>([&] {
+    normalize_vae_keys({"decoder.conv_in.weight", huge}, "huge.st", VaePart::Decoder);
+  });
+  EXPECT_TRUE(contains(m2, "huge.st") && contains(m2, "up block")) << m2.substr(0, 300);
+  EXPECT_LT(m2.size(), 1000u);
+}
+
+VaeSpec full_vae_spec(const std::string& layout = "ldm", uint64_t seed = 1) {
+  VaeSpec s = small_spec(layout, seed);
+  s.full_decoder = true;
+  return s;
+}
+
+std::shared_ptr<Decoder> cpu_decoder(const std::string& path, Precision precision = Precision::F32) {
+  ModelOptions o;
+  o.device = "cpu";
+  o.precision = precision;
+  return load_decoder(path, o);
+}
+
+// Number of decoder-side parameters in a checkpoint, counted from the file.
+int64_t decoder_parameters(const std::string& path) {
+  SafetensorsFile f(path);
+  int64_t n = 0;
+  for (const auto& kv : f.tensors())
+    for (const char* p : {"", "first_stage_model.", "vae."}) {
+      const std::string a = std::string(p) + "decoder.", b = std::string(p) + "post_quant_conv.";
+      if (kv.first.compare(0, a.size(), a) == 0 || kv.first.compare(0, b.size(), b) == 0) n += kv.second.numel();
+    }
+  return n;
+}
+
+// Deterministic latents ~ N(0, 1)-ish.
+std::vector<float> test_latents(size_t count, uint64_t seed) {
+  std::vector<float> v(count);
+  uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (auto& f : v) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    f = static_cast<float>((static_cast<double>(x % 20001) / 10000.0 - 1.0) * 1.7);
+  }
+  return v;
+}
+
+std::vector<float> decode_float(Decoder& dec, int h, int w, const std::vector<float>& latents,
+                                const DecodeParams& params = {}) {
+  const size_t per = static_cast<size_t>(dec.info().latent_channels) * h * w;
+  const size_t n = latents.size() / per;
+  auto batch = dec.new_batch(h, w, n);
+  for (size_t i = 0; i < n; ++i) batch->add(latents.data() + i * per, i);
+  const size_t up = static_cast<size_t>(dec.info().upscale);
+  std::vector<float> out(n * 3 * h * up * w * up + 8, std::numeric_limits<float>::quiet_NaN());
+  dec.decode_float(*batch, params, out.data());
+  for (size_t i = out.size() - 8; i < out.size(); ++i) EXPECT_TRUE(std::isnan(out[i])) << "wrote past the end";
+  out.resize(out.size() - 8);
+  return out;
+}
+
+TEST(LoadDecoder, InfoFields) {
+  const std::string path = Models::get().path("full_ldm", full_vae_spec());
+  auto dec = cpu_decoder(path);
+  const DecoderInfo& i = dec->info();
+  EXPECT_EQ(i.family, "kl");
+  EXPECT_EQ(i.model_path, path);
+  EXPECT_EQ(i.layout, "ldm");
+  EXPECT_EQ(i.device, "cpu");
+  EXPECT_EQ(i.precision, Precision::F32);
+  EXPECT_EQ(i.upscale, 8);
+  EXPECT_EQ(i.latent_channels, 4);
+  EXPECT_TRUE(i.native_format.is_raw());
+  EXPECT_TRUE(i.output_signed);
+  EXPECT_EQ(i.parameters, decoder_parameters(path));
+  EXPECT_TRUE(contains(i.architecture, "AutoencoderKL decoder")) << i.architecture;
+  EXPECT_TRUE(contains(i.architecture, "levels [32, 32, 64, 64]")) << i.architecture;
+  EXPECT_TRUE(contains(i.architecture, "2 blocks per level")) << i.architecture;
+  EXPECT_TRUE(contains(i.architecture, "z=4, post_quant_conv")) << i.architecture;
+  std::cout << "[ info     ] " << i.architecture << ", " << i.parameters << " parameters\n";
+
+  VaeSpec z16 = full_vae_spec("vae");
+  z16.z = 16;
+  z16.quant_conv = false;
+  z16.mult = {1, 2, 2};
+  auto d16 = cpu_decoder(Models::get().path("full_z16", z16));
+  EXPECT_EQ(d16->info().latent_channels, 16);
+  EXPECT_EQ(d16->info().upscale, 4);
+  EXPECT_EQ(d16->info().layout, "ldm under 'vae.'");
+  EXPECT_TRUE(contains(d16->info().architecture, "no post_quant_conv")) << d16->info().architecture;
+  const std::vector<float> px = decode_float(*d16, 3, 2, test_latents(16 * 3 * 2, 5));
+  EXPECT_EQ(px.size(), 3u * 12 * 8);
+}
+
+TEST(LoadDecoder, EncoderOnlyFileIsAClearError) {
+  VaeSpec s = small_spec();
+  s.include_decoder = false;
+  const std::string path = Models::get().path("no_decoder", s);
+  const std::string m = error_of<CheckpointError>([&] { cpu_decoder(path); });
+  EXPECT_TRUE(contains(m, path)) << m;
+  EXPECT_TRUE(contains(m, "no supported VAE decoder")) << m;
+  EXPECT_TRUE(contains(m, "decoder.conv_in.weight")) << m;
+  // And the other way round: a decoder-only file has no encoder.
+  VaeSpec d = full_vae_spec();
+  d.include_encoder = false;
+  const std::string dpath = Models::get().path("decoder_only", d);
+  EXPECT_EQ(cpu_decoder(dpath)->info().upscale, 8);
+  const std::string m2 = error_of<CheckpointError>([&] { load_encoder(dpath, ModelOptions{}); });
+  EXPECT_TRUE(contains(m2, "no supported VAE encoder")) << m2;
+}
+
+TEST(LoadDecoder, MissingTensorIsNamedInBothNamings) {
+  VaeSpec s = full_vae_spec("diffusers");
+  s.drop = {"decoder.up.0.block.1.conv2.weight"};
+  const std::string m = error_of<CheckpointError>([&] { cpu_decoder(Models::get().path("dec_missing", s)); });
+  EXPECT_TRUE(contains(m, "decoder.up.0.block.1.conv2.weight")) << m;
+}
+
+TEST(LoadDecoder, EveryLayoutGivesTheSameFrames) {
+  const std::vector<float> z = test_latents(2 * 4 * 5 * 3, 7);
+  const std::vector<float> ref = decode_float(*cpu_decoder(Models::get().path("full_ldm", full_vae_spec())), 5, 3, z);
+  ASSERT_EQ(ref.size(), 2u * 3 * 40 * 24);
+  for (const std::string layout : {"first_stage_model", "vae", "diffusers", "diffusers_old"}) {
+    SCOPED_TRACE(layout);
+    auto dec = cpu_decoder(Models::get().path("full_" + layout, full_vae_spec(layout)));
+    EXPECT_TRUE(contains(dec->info().layout, layout.rfind("diffusers", 0) == 0 ? "diffusers" : "ldm"));
+    const std::vector<float> px = decode_float(*dec, 5, 3, z);
+    EXPECT_LT(max_abs_diff(px, ref), 1e-5);
+  }
+  // Pixels stay in [0, 1] and are not all clamped.
+  size_t inside = 0;
+  for (float v : ref) {
+    EXPECT_TRUE(v >= 0.0f && v <= 1.0f) << v;
+    inside += v > 0.0f && v < 1.0f;
+  }
+  EXPECT_GT(inside, ref.size() / 2);
+}
+
+TEST(Decode, BytesArePixelsTimes255TruncatedInEveryFormat) {
+  auto dec = cpu_decoder(Models::get().path("full_ldm", full_vae_spec()));
+  const int h = 3, w = 4, H = 24, W = 32;
+  const std::vector<float> z = test_latents(2 * 4 * h * w, 9);
+  const std::vector<float> px = decode_float(*dec, h, w, z);
+  auto batch = dec->new_batch(h, w, 2);
+  batch->add(z.data(), 10);
+  batch->add(z.data() + 4 * h * w, 11);
+  for (PixelFormat format : {PixelFormat::RGB, PixelFormat::BGRA, PixelFormat::xRGB}) {
+    const PixelLayout l = pixel_layout(format);
+    auto out = dec->new_pixels(*batch, format);
+    ASSERT_EQ(out->bytes(), 2u * H * W * l.bytes_per_pixel);
+    dec->decode(*batch, DecodeParams{}, format, *out);
+    const uint8_t* b = out->data();
+    for (int n = 0; n < 2; ++n)
+      for (int y = 0; y < H; ++y)
+        for (int x = 0; x < W; ++x) {
+          const uint8_t* p = b + ((static_cast<size_t>(n) * H + y) * W + x) * l.bytes_per_pixel;
+          for (int c = 0; c < 3; ++c) {
+            const float v = px[((static_cast<size_t>(n) * 3 + c) * H + y) * W + x];
+            const int expected = static_cast<int>(std::min(255.0f, std::max(0.0f, v * 255.0f)));
+            ASSERT_EQ(p[c == 0 ? l.r : c == 1 ? l.g : l.b], expected) << "frame " << n << " at " << x << "," << y;
+          }
+          if (l.bytes_per_pixel == 4) {
+            const int other = 6 - l.r - l.g - l.b;
+            ASSERT_EQ(p[other], 255);
+          }
+        }
+  }
+  // One frame per latent, with the latent's index.
+  auto session = dec->open_session();
+  auto out = dec->new_pixels(*batch, PixelFormat::RGB);
+  BatchResult r = session->decode(*batch, DecodeParams{}, PixelFormat::RGB, *out);
+  ASSERT_EQ(r.spans.size(), 2u);
+  EXPECT_EQ(r.spans[0].first, 10u);
+  EXPECT_EQ(r.spans[1].first, 11u);
+}
+
+TEST(Decode, LatentFormatIsConvertedToRawFirst) {
+  auto dec = cpu_decoder(Models::get().path("full_ldm", full_vae_spec()));
+  const std::vector<float> raw = test_latents(4 * 3 * 3, 12);
+  for (const std::string name : {"sdxl", "sd3"}) {
+    const LatentFormat f = latent_format_by_name(name);
+    std::vector<float> scaled(raw.size());
+    for (size_t i = 0; i < raw.size(); ++i) scaled[i] = static_cast<float>((raw[i] - f.shift) * f.scale);
+    DecodeParams params;
+    params.latent_format = f;
+    EXPECT_LT(max_abs_diff(decode_float(*dec, 3, 3, scaled, params), decode_float(*dec, 3, 3, raw)), 1e-5) << name;
+  }
+}
+
+TEST(Decode, BatchingAndWrongChannels) {
+  auto dec = cpu_decoder(Models::get().path("full_ldm", full_vae_spec()));
+  const std::vector<float> z = test_latents(3 * 4 * 2 * 3, 13);
+  const std::vector<float> all = decode_float(*dec, 2, 3, z);
+  const size_t per_latent = 4 * 2 * 3, per_frame = all.size() / 3;
+  for (size_t i = 0; i < 3; ++i) {
+    const std::vector<float> one(z.begin() + i * per_latent, z.begin() + (i + 1) * per_latent);
+    const std::vector<float> alone = decode_float(*dec, 2, 3, one);
+    EXPECT_LT(max_abs_diff(alone, std::vector<float>(all.begin() + i * per_frame, all.begin() + (i + 1) * per_frame)),
+              1e-5);
+  }
+  LatentBatch wrong(16, 2, 2, 1, false);
+  std::vector<float> zeros(16 * 4, 0.0f);
+  wrong.add(zeros.data(), 0);
+  std::vector<float> out(3 * 16 * 16);
+  const std::string m = error_of<VaeError>([&] { dec->decode_float(wrong, DecodeParams{}, out.data()); });
+  EXPECT_TRUE(contains(m, "16 channels") && contains(m, "takes 4")) << m;
+}
+
+TEST(Decode, OutOfMemoryHalvesTheBatchThenDecodesTileByTile) {
+  // 65 x 33 latents exceed one 64-cell tile in each of the three passes, and
+  // no tile of any pass has more than 2112 cells: with forward passes over more
+  // than 2144 cells failing as out of memory, a batch of two is halved, and
+  // each latent alone is decoded tile by tile. Two levels (upscale 2) keep it quick.
+  VaeSpec s = full_vae_spec("diffusers", 4);
+  s.mult = {1, 2};
+  const std::string path = Models::get().path("full_two_level", s);
+  const int h = 65, w = 33;
+  const std::vector<float> z = test_latents(2 * 4 * h * w, 21);
+  auto dec = cpu_decoder(path);
+  ASSERT_EQ(dec->info().upscale, 2);
+  const std::vector<float> whole = decode_float(*dec, h, w, z);
+  dec->set_test_memory_limit(2144);
+  auto batch = dec->new_batch(h, w, 2);
+  batch->add(z.data(), 0);
+  batch->add(z.data() + 4 * h * w, 1);
+  std::vector<float> tiled(whole.size());
+  const ComputeReport r = dec->decode_float(*batch, DecodeParams{}, tiled.data());
+  dec->set_test_memory_limit(0);
+  EXPECT_EQ(r.tiled_frames, 2);
+  EXPECT_EQ(r.sub_batch, 1);
+  ASSERT_EQ(r.notes.size(), 3u);
+  EXPECT_TRUE(contains(r.notes[0], "halved to 1")) << r.notes[0];
+  EXPECT_TRUE(contains(r.notes[1], "tiled decoding")) << r.notes[1];
+  // Tiles see GroupNorm statistics and attention of their own region only, so
+  // the blend differs from the whole decode, but not by much.
+  double sum = 0;
+  for (size_t i = 0; i < whole.size(); ++i) sum += std::fabs(whole[i] - tiled[i]);
+  EXPECT_GT(max_abs_diff(whole, tiled), 1e-6);
+  EXPECT_LT(sum / whole.size(), 0.1);
+  // Tiled frames are in their places: the second equals the second latent tiled alone.
+  dec->set_test_memory_limit(2144);
+  const std::vector<float> second(z.begin() + 4 * h * w, z.end());
+  const std::vector<float> alone = decode_float(*dec, h, w, second);
+  dec->set_test_memory_limit(0);
+  EXPECT_LT(max_abs_diff(alone, std::vector<float>(tiled.begin() + tiled.size() / 2, tiled.end())), 1e-6);
+}
+
+TEST(DecoderCache, OneDecoderPerFileAndEncoderKeptApart) {
+  const std::string path = Models::get().path("full_cache", full_vae_spec("first_stage_model", 3));
+  const size_t loads = gstvae_model_load_count();
+  auto a = cpu_decoder(path);
+  auto b = cpu_decoder(path);
+  EXPECT_EQ(a.get(), b.get()) << "two loads of one file share one decoder";
+  EXPECT_EQ(gstvae_model_load_count(), loads + 1);
+  ModelOptions o;
+  o.device = "cpu";
+  auto e = load_encoder(path, o);
+  EXPECT_EQ(gstvae_model_load_count(), loads + 2) << "the encoder of the same file is a load of its own";
+  EXPECT_NE(static_cast<const void*>(e.get()), static_cast<const void*>(a.get()));
+  EXPECT_EQ(load_encoder(path, o).get(), e.get());
+  EXPECT_EQ(cpu_decoder(path).get(), a.get()) << "loading the encoder did not replace the decoder";
+  EXPECT_EQ(gstvae_model_load_count(), loads + 2);
+  // Each side loaded only its own tensors.
+  EXPECT_EQ(a->info().parameters, decoder_parameters(path));
+  EXPECT_EQ(e->info().parameters, encoder_parameters(path));
+  // Released by every holder: the next load reads the file again.
+  a.reset();
+  b.reset();
+  cpu_decoder(path);
+  EXPECT_EQ(gstvae_model_load_count(), loads + 3);
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
-// gst-vae-decode-file: decodes a latent file (.npy, .latent or .safetensors,
-// N x C x h x w float32) into raw packed 8-bit frames with the engine alone
-// (no GStreamer). Used by the cross-check against the Python reference and by
-// the round-trip PSNR test.
+// gst-vae-decode-file: decodes a latent file (.npy, .latent or .safetensors;
+// float32 N x C x h x w) into raw 8-bit RGB frames (N x H x W x 3) with the
+// engine alone (no GStreamer). With --float it writes what the 8 bits are
+// rounded from instead: float32 N x 3 x H x W in [0, 1], ComfyUI's
+// clamp((x + 1) / 2) of the decoder output. Used by the cross-check against
+// the Python reference and by benchmarks.
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <iostream>
@@ -18,10 +21,12 @@ using namespace gstvae;
 namespace {
 
 int usage() {
-  std::cerr << "usage: gst-vae-decode-file --model M --latents L.npy --out OUT.rgb [--format RGB|RGBA|...]\n"
+  std::cerr << "usage: gst-vae-decode-file --model M --latents IN.npy|IN.latent|IN.safetensors --out OUT\n"
                "         [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
-               "         [--latent-format raw|sd15|sdxl|sd3|flux] [--per-batch B] [--threads T]\n"
-               "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2]\n";
+               "         [--latent-format raw|sd15|sdxl|sd3|flux] [--per-batch B] [--threads T] [--float] [--warmup]\n"
+               "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2]  (a TAESD file's latent space)\n"
+               "         [--test-memory-limit CELLS]  (forward passes over more latent cells fail as out of memory)\n"
+               "  OUT: N x H x W x 3 bytes (RGB), or with --float N x 3 x H x W little-endian float32 in [0, 1]\n";
   return 2;
 }
 
@@ -31,16 +36,22 @@ int main(int argc, char** argv) {
   std::map<std::string, std::string> args;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.rfind("--", 0) != 0 || i + 1 >= argc) return usage();
-    args[a.substr(2)] = argv[++i];
+    if (a.rfind("--", 0) != 0) return usage();
+    a = a.substr(2);
+    if (a == "float" || a == "warmup") {
+      args[a] = "1";
+    } else if (i + 1 < argc) {
+      args[a] = argv[++i];
+    } else {
+      return usage();
+    }
   }
   for (const char* required : {"model", "latents", "out"})
     if (!args.count(required)) return usage();
   try {
-    PixelFormat format = PixelFormat::RGB;
-    if (args.count("format") && !parse_pixel_format(args["format"], &format))
-      throw VaeError("unknown format '" + args["format"] + "'");
+    const bool float_output = args.count("float") != 0;
     const size_t per_batch = args.count("per-batch") ? std::stoul(args["per-batch"]) : 4;
+    if (per_batch == 0) throw VaeError("--per-batch must be at least 1");
     ModelOptions options;
     if (args.count("device")) options.device = args["device"];
     if (args.count("precision")) options.precision = precision_by_name(args["precision"]);
@@ -52,29 +63,48 @@ int main(int argc, char** argv) {
     const LatentArray latents = read_latent_file(args["latents"]);
     auto decoder = load_decoder(args["model"], options);
     const DecoderInfo& info = decoder->info();
-    std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n";
-    auto batch = decoder->new_batch(static_cast<int>(latents.height), static_cast<int>(latents.width), per_batch);
-    if (latents.channels != batch->channels())
-      throw VaeError("'" + args["latents"] + "' holds " + std::to_string(latents.channels) +
-                     "-channel latents, but the decoder takes " + std::to_string(batch->channels()));
-    const size_t frame_bytes = decoder->frame_bytes(*batch, format);
-    std::vector<uint8_t> pixels(latents.frames * frame_bytes);
+    std::cerr << info.architecture << " (" << info.layout << ") on " << info.device << " in "
+              << precision_name(info.precision) << "\n";
+    if (latents.channels != info.latent_channels)
+      throw VaeError("'" + args["latents"] + "' holds latents of " + std::to_string(latents.channels) +
+                     " channels; the decoder '" + args["model"] + "' takes " + std::to_string(info.latent_channels));
+    const int h = static_cast<int>(latents.height), w = static_cast<int>(latents.width);
+    const size_t n = static_cast<size_t>(latents.frames);
+    const size_t H = static_cast<size_t>(h) * info.upscale, W = static_cast<size_t>(w) * info.upscale;
+
+    if (args.count("test-memory-limit")) decoder->set_test_memory_limit(std::stoll(args["test-memory-limit"]));
+    auto batch = decoder->new_batch(h, w, per_batch);
+    const size_t per_latent = batch->floats_per_latent();
+    const size_t frame_bytes = float_output ? 3 * H * W * sizeof(float) : decoder->frame_bytes(*batch, PixelFormat::RGB);
+    std::vector<uint8_t> frames(n * frame_bytes);
+    if (args.count("warmup") && n > 0) {
+      // One untimed batch first: oneDNN builds its kernels for a shape on first use.
+      for (size_t i = 0; i < std::min(n, per_batch); ++i) batch->add(latents.values.data() + i * per_latent, i);
+      decoder->decode(*batch, params, PixelFormat::RGB, frames.data());
+      batch->clear();
+    }
+    auto start = std::chrono::steady_clock::now();
     size_t done = 0;
-    const auto start = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i < latents.frames; ++i) {
-      batch->add(latents.values.data() + i * batch->floats_per_latent(), static_cast<uint64_t>(i));
-      if (batch->full() || i + 1 == latents.frames) {
-        decoder->decode(*batch, params, format, pixels.data() + done * frame_bytes);
+    size_t tiled = 0;
+    for (size_t i = 0; i < n; ++i) {
+      batch->add(latents.values.data() + i * per_latent, i);
+      if (batch->full() || i + 1 == n) {
+        uint8_t* dest = frames.data() + done * frame_bytes;
+        const ComputeReport report = float_output
+                                         ? decoder->decode_float(*batch, params, reinterpret_cast<float*>(dest))
+                                         : decoder->decode(*batch, params, PixelFormat::RGB, dest);
+        for (const std::string& note : report.notes) std::cerr << note << "\n";
+        tiled += static_cast<size_t>(report.tiled_frames);
         done += batch->size();
         batch->clear();
       }
     }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::ofstream out(args["out"], std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(pixels.data()), static_cast<std::streamsize>(pixels.size()));
+    out.write(reinterpret_cast<const char*>(frames.data()), static_cast<std::streamsize>(frames.size()));
     if (!out) throw VaeError("cannot write '" + args["out"] + "'");
-    std::cerr << "decoded " << latents.frames << " latents to " << latents.width * info.upscale << "x"
-              << latents.height * info.upscale << " frames in " << seconds << " s\n";
+    std::cerr << "decoded " << n << " latents to " << W << "x" << H << " frames in " << seconds << " s ("
+              << n / seconds << " frames/s)" << (tiled ? ", " + std::to_string(tiled) + " tiled" : "") << "\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -8,9 +8,11 @@ diffusers ``AutoencoderKL`` key layout).  Everything is computed in float64 with
 Contents
 --------
 read_safetensors / write_safetensors   minimal safetensors I/O (F32, F16, BF16; F64 on read)
-make_checkpoint                        random KL-encoder weights in one of several key layouts
-load_ldm_state / infer_arch            read any layout back into canonical LDM names
+make_checkpoint                        random KL-VAE weights (encoder and full decoder) in one of several key layouts
+load_ldm_state / infer_arch            read any layout back into canonical LDM names (encoder or decoder part)
+infer_decoder_arch                     the decoder's architecture from canonical names/shapes
 encode_reference                       crop + normalise + Encoder (+quant_conv) -> (mean, logvar)
+decoder_forward / decode_reference     (post_quant_conv +) Decoder; ComfyUI's clamp((x+1)/2) and 8-bit pixels
 unpack_frames / make_frames            packed RGB-ish byte buffers <-> N x H x W x 3 uint8
 apply_latent_format                    raw / sd15 / sdxl / sd3 / flux / custom scaling
 
@@ -158,8 +160,14 @@ for _d in (_ATTN_NEW, _ATTN_OLD):
         _ATTN_FROM_DIFFUSERS[_v] = _k
 
 
-def ldm_to_diffusers_name(name, old=False):
-    """Map a canonical LDM encoder/quant_conv key to its diffusers AutoencoderKL name."""
+def ldm_to_diffusers_name(name, old=False, levels=None):
+    """Map a canonical LDM key to its diffusers AutoencoderKL name.
+
+    Decoder keys need ``levels`` (number of up levels): diffusers numbers ``decoder.up_blocks`` from the
+    deepest level, so LDM ``decoder.up.{i}`` is ``decoder.up_blocks.{levels-1-i}``.
+    """
+    if name.startswith("decoder.") or name.startswith("post_quant_conv."):
+        return _ldm_to_diffusers_decoder_name(name, old, levels)
     m = re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(norm1|conv1|norm2|conv2|nin_shortcut)\.(weight|bias)", name)
     if m:
         part = "conv_shortcut" if m.group(3) == "nin_shortcut" else m.group(3)
@@ -181,6 +189,54 @@ def ldm_to_diffusers_name(name, old=False):
     if re.fullmatch(r"(encoder\.conv_in|encoder\.conv_out|quant_conv)\.(weight|bias)", name):
         return name
     raise KeyError("no diffusers name for %r" % name)
+
+
+def _ldm_to_diffusers_decoder_name(name, old, levels):
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(norm1|conv1|norm2|conv2|nin_shortcut)\.(weight|bias)", name)
+    if m:
+        part = "conv_shortcut" if m.group(3) == "nin_shortcut" else m.group(3)
+        return "decoder.up_blocks.%d.resnets.%s.%s.%s" % (levels - 1 - int(m.group(1)), m.group(2), part, m.group(4))
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", name)
+    if m:
+        return "decoder.up_blocks.%d.upsamplers.0.conv.%s" % (levels - 1 - int(m.group(1)), m.group(2))
+    m = re.fullmatch(r"decoder\.mid\.block_([12])\.(norm1|conv1|norm2|conv2|nin_shortcut)\.(weight|bias)", name)
+    if m:
+        part = "conv_shortcut" if m.group(2) == "nin_shortcut" else m.group(2)
+        return "decoder.mid_block.resnets.%d.%s.%s" % (int(m.group(1)) - 1, part, m.group(3))
+    m = re.fullmatch(r"decoder\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", name)
+    if m:
+        table = _ATTN_OLD if old else _ATTN_NEW
+        return "decoder.mid_block.attentions.0.%s.%s" % (table[m.group(1)], m.group(2))
+    m = re.fullmatch(r"decoder\.norm_out\.(weight|bias)", name)
+    if m:
+        return "decoder.conv_norm_out.%s" % m.group(1)
+    if re.fullmatch(r"(decoder\.conv_in|decoder\.conv_out|post_quant_conv)\.(weight|bias)", name):
+        return name
+    raise KeyError("no diffusers name for %r" % name)
+
+
+def diffusers_to_ldm_decoder_name(name, levels):
+    """diffusers decoder/post_quant_conv key -> canonical LDM key (None if not one); ``levels`` as above."""
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(norm1|conv1|norm2|conv2|conv_shortcut)\.(weight|bias)", name)
+    if m:
+        part = "nin_shortcut" if m.group(3) == "conv_shortcut" else m.group(3)
+        return "decoder.up.%d.block.%s.%s.%s" % (levels - 1 - int(m.group(1)), m.group(2), part, m.group(4))
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", name)
+    if m:
+        return "decoder.up.%d.upsample.conv.%s" % (levels - 1 - int(m.group(1)), m.group(2))
+    m = re.fullmatch(r"decoder\.mid_block\.resnets\.([01])\.(norm1|conv1|norm2|conv2|conv_shortcut)\.(weight|bias)", name)
+    if m:
+        part = "nin_shortcut" if m.group(2) == "conv_shortcut" else m.group(2)
+        return "decoder.mid.block_%d.%s.%s" % (int(m.group(1)) + 1, part, m.group(3))
+    m = re.fullmatch(r"decoder\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)\.(weight|bias)", name)
+    if m:
+        return "decoder.mid.attn_1.%s.%s" % (_ATTN_FROM_DIFFUSERS[m.group(1)], m.group(2))
+    m = re.fullmatch(r"decoder\.conv_norm_out\.(weight|bias)", name)
+    if m:
+        return "decoder.norm_out.%s" % m.group(1)
+    if re.fullmatch(r"(decoder\.conv_in|decoder\.conv_out|post_quant_conv)\.(weight|bias)", name):
+        return name
+    return None
 
 
 def diffusers_to_ldm_name(name):
@@ -207,11 +263,11 @@ def diffusers_to_ldm_name(name):
     return None
 
 
-_ATTN_WEIGHT_RE = re.compile(r"encoder\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+_ATTN_WEIGHT_RE = re.compile(r"(?:en|de)coder\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 
 
-def layout_name(canon, layout):
-    """Name under which canonical key ``canon`` is stored in ``layout``."""
+def layout_name(canon, layout, levels=None):
+    """Name under which canonical key ``canon`` is stored in ``layout`` (``levels``: see ldm_to_diffusers_name)."""
     if layout == "ldm":
         return canon
     if layout == "first_stage_model":
@@ -219,9 +275,9 @@ def layout_name(canon, layout):
     if layout == "vae":
         return "vae." + canon
     if layout == "diffusers":
-        return ldm_to_diffusers_name(canon, old=False)
+        return ldm_to_diffusers_name(canon, old=False, levels=levels)
     if layout == "diffusers_old":
-        return ldm_to_diffusers_name(canon, old=True)
+        return ldm_to_diffusers_name(canon, old=True, levels=levels)
     raise ValueError("unknown layout %r" % layout)
 
 
@@ -279,6 +335,55 @@ def canonical_shapes(ch=128, mult=(1, 2, 4, 4), blocks=2, z=4, quant_conv=True):
     return out
 
 
+def canonical_decoder_shapes(ch=128, mult=(1, 2, 4, 4), blocks=3, z=4, post_quant_conv=True):
+    """Ordered (canonical name, shape, kind) for a decoder; ``blocks`` ResnetBlocks per level (3 in released
+    models: the encoder's num_res_blocks + 1)."""
+    mult = _parse_mult(mult)
+    out = []
+
+    def conv(name, cout, cin, k):
+        out.append((name + ".weight", (cout, cin, k, k), "conv"))
+        out.append((name + ".bias", (cout,), "bias"))
+
+    def norm(name, c):
+        out.append((name + ".weight", (c,), "gn_w"))
+        out.append((name + ".bias", (c,), "gn_b"))
+
+    def resnet(name, cin, cout):
+        norm(name + ".norm1", cin)
+        conv(name + ".conv1", cout, cin, 3)
+        norm(name + ".norm2", cout)
+        conv(name + ".conv2", cout, cout, 3)
+        if cin != cout:
+            conv(name + ".nin_shortcut", cout, cin, 1)
+
+    if post_quant_conv:
+        conv("post_quant_conv", z, z, 1)
+    c = ch * mult[-1]
+    conv("decoder.conv_in", c, z, 3)
+    resnet("decoder.mid.block_1", c, c)
+    norm("decoder.mid.attn_1.norm", c)
+    for p in ("q", "k", "v", "proj_out"):
+        conv("decoder.mid.attn_1." + p, c, c, 1)
+    resnet("decoder.mid.block_2", c, c)
+    cin = c
+    for i in reversed(range(len(mult))):
+        cout = ch * mult[i]
+        for j in range(blocks):
+            resnet("decoder.up.%d.block.%d" % (i, j), cin, cout)
+            cin = cout
+        if i != 0:
+            conv("decoder.up.%d.upsample.conv" % i, cin, cin, 3)
+    norm("decoder.norm_out", cin)
+    conv("decoder.conv_out", 3, cin, 3)
+    return out
+
+
+# conv_out of a random decoder is scaled down so that most outputs stay inside [-1, 1]: a comparison after
+# ComfyUI's clamp would otherwise see mostly 0s and 1s.
+DECODER_OUT_SCALE = 0.6
+
+
 def _rand(kind, shape, gen):
     n = torch.randn(shape, generator=gen, dtype=torch.float32)
     if kind == "conv":
@@ -295,43 +400,29 @@ def _rand(kind, shape, gen):
     raise ValueError(kind)
 
 
-def _extra_tensors(layout, ch, mult, z, quant_conv, gen):
-    """Decoder / unrelated tensors that a reader must ignore (returned with their stored names)."""
-    cmax = ch * mult[-1]
-    diff = layout in ("diffusers", "diffusers_old")
-    if diff:
-        attn_q = "decoder.mid_block.attentions.0.%s.weight" % ("query" if layout == "diffusers_old" else "to_q")
-        dec = [
-            ("decoder.conv_in.weight", (cmax, z, 3, 3)),
-            ("decoder.conv_in.bias", (cmax,)),
-            (attn_q, (cmax, cmax)),
-            ("decoder.up_blocks.0.resnets.0.norm1.weight", (cmax,)),
-            ("decoder.conv_norm_out.weight", (ch,)),
-            ("decoder.conv_out.weight", (3, ch, 3, 3)),
-            ("decoder.conv_out.bias", (3,)),
-        ]
-    else:
-        dec = [
-            ("decoder.conv_in.weight", (cmax, z, 3, 3)),
-            ("decoder.conv_in.bias", (cmax,)),
-            ("decoder.mid.attn_1.q.weight", (cmax, cmax, 1, 1)),
-            ("decoder.up.0.block.0.norm1.weight", (cmax,)),
-            ("decoder.norm_out.weight", (ch,)),
-            ("decoder.conv_out.weight", (3, ch, 3, 3)),
-            ("decoder.conv_out.bias", (3,)),
-        ]
-    if quant_conv:
-        dec += [("post_quant_conv.weight", (z, z, 1, 1)), ("post_quant_conv.bias", (z,))]
-    prefix = {"first_stage_model": "first_stage_model.", "vae": "vae."}.get(layout, "")
-    return [(prefix + n, s) for n, s in dec]
+def _unrelated_tensors(gen):
+    """Tensors of a full model checkpoint outside its VAE (first_stage_model layout)."""
+    return {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn((32, 4, 3, 3), generator=gen) * 0.1,
+        "model.diffusion_model.input_blocks.0.0.bias": torch.randn((32,), generator=gen) * 0.1,
+        "model.diffusion_model.out.2.weight": torch.randn((4, 32, 3, 3), generator=gen) * 0.1,
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight":
+            torch.randn((8, 16), generator=gen) * 0.1,
+        "model_ema.decay": torch.tensor(0.9999),  # 0-d tensor (shape [])
+    }
 
 
 def make_checkpoint(path, layout="ldm", ch=32, mult=(1, 2), blocks=2, z=4, quant_conv=True, dtype="F32",
-                    seed=0, include_decoder=True, drop=()):
-    """Write a random KL-encoder checkpoint; return the canonical float64 tensors as stored.
+                    seed=0, include_decoder=True, drop=(), include_encoder=True, decoder_blocks=None,
+                    return_decoder=False):
+    """Write a random KL-VAE checkpoint; return the canonical float64 encoder tensors as stored.
 
-    Encoder values depend only on (ch, mult, blocks, z, quant_conv, seed) -- not on layout, dtype
-    (apart from rounding) or include_decoder.  ``drop`` lists canonical keys to leave out of the file.
+    The file holds the encoder (+ quant_conv) and, with ``include_decoder``, a whole decoder
+    (+ post_quant_conv when ``quant_conv``) with ``decoder_blocks`` ResnetBlocks per level (default
+    blocks + 1, as released models have). Encoder values depend only on (ch, mult, blocks, z, quant_conv,
+    seed) and decoder values only on (ch, mult, decoder_blocks, z, quant_conv, seed) -- not on layout, dtype
+    (apart from rounding) or on the other part.  ``drop`` lists canonical keys (either part) to leave out.
+    With ``return_decoder`` returns (encoder tensors, decoder tensors).
     """
     mult = _parse_mult(mult)
     if layout not in LAYOUTS:
@@ -343,35 +434,40 @@ def make_checkpoint(path, layout="ldm", ch=32, mult=(1, 2), blocks=2, z=4, quant
     canon32 = {}
     for name, shape, kind in canonical_shapes(ch, mult, blocks, z, quant_conv):
         canon32[name] = _rand(kind, shape, gen)
+    if not include_encoder:
+        canon32 = {}
+    dec32 = {}
+    if include_decoder:
+        dgen = torch.Generator().manual_seed(int(seed) * 7919 + 104729)  # its own stream: encoder values unchanged
+        dblocks = blocks + 1 if decoder_blocks is None else int(decoder_blocks)
+        for name, shape, kind in canonical_decoder_shapes(ch, mult, dblocks, z, quant_conv):
+            dec32[name] = _rand(kind, shape, dgen)
+        dec32["decoder.conv_out.weight"] = dec32["decoder.conv_out.weight"] * DECODER_OUT_SCALE
     for k in drop:
-        if k not in canon32:
+        if k in canon32:
+            del canon32[k]
+        elif k in dec32:
+            del dec32[k]
+        else:
             raise KeyError("--drop: %r is not a canonical key of this architecture" % k)
-        del canon32[k]
 
     stored = {}
     returned = {}
-    for name, t in canon32.items():
-        r = round_to_dtype(t, dtype)
-        returned[name] = r
-        out = t
-        if layout in ("diffusers", "diffusers_old") and _ATTN_WEIGHT_RE.fullmatch(name):
-            out = t.reshape(t.shape[0], t.shape[1])
-        stored[layout_name(name, layout)] = out
+    returned_dec = {}
+    for part, target in ((canon32, returned), (dec32, returned_dec)):
+        for name, t in part.items():
+            target[name] = round_to_dtype(t, dtype)
+            out = t
+            if layout in ("diffusers", "diffusers_old") and _ATTN_WEIGHT_RE.fullmatch(name):
+                out = t.reshape(t.shape[0], t.shape[1])
+            stored[layout_name(name, layout, levels=len(mult))] = out
 
-    if include_decoder:
-        for name, shape in _extra_tensors(layout, ch, mult, z, quant_conv, gen):
-            stored[name] = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.1
     if layout == "first_stage_model":
-        stored["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn((32, 4, 3, 3), generator=gen) * 0.1
-        stored["model.diffusion_model.input_blocks.0.0.bias"] = torch.randn((32,), generator=gen) * 0.1
-        stored["model.diffusion_model.out.2.weight"] = torch.randn((4, 32, 3, 3), generator=gen) * 0.1
-        stored["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"] = \
-            torch.randn((8, 16), generator=gen) * 0.1
-        stored["model_ema.decay"] = torch.tensor(0.9999)  # 0-d tensor (shape [])
+        stored.update(_unrelated_tensors(gen))
 
     meta = {"format": "pt", "generator": "vae_reference.py", "layout": layout}
     write_safetensors(path, stored, dtype=dtype, metadata=meta)
-    return returned
+    return (returned, returned_dec) if return_decoder else returned
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,8 +475,15 @@ def make_checkpoint(path, layout="ldm", ch=32, mult=(1, 2), blocks=2, z=4, quant
 # --------------------------------------------------------------------------------------------------
 
 
-def _canonical_from_stored(name):
-    """Map a stored key (any layout, prefix stripped) to a canonical key, or None to ignore it."""
+def _canonical_from_stored(name, part="encoder", levels=None):
+    """Map a stored key (any layout, prefix stripped) to a canonical key of ``part``, or None to ignore it."""
+    if part == "decoder":
+        if name.startswith("decoder.up_blocks.") or name.startswith("decoder.mid_block.") or \
+                name.startswith("decoder.conv_norm_out."):
+            return diffusers_to_ldm_decoder_name(name, levels)
+        if name.startswith("decoder.") or name.startswith("post_quant_conv."):
+            return name
+        return None
     if name.startswith("encoder.down_blocks.") or name.startswith("encoder.mid_block.") or \
             name.startswith("encoder.conv_norm_out."):
         return diffusers_to_ldm_name(name)
@@ -389,27 +492,35 @@ def _canonical_from_stored(name):
     return None
 
 
-def load_ldm_state(path):
-    """Read a checkpoint in any supported layout; return canonical LDM-named float64 encoder tensors."""
-    # Find the prefix from the header only (cheap), then read just the encoder tensors.
+def load_ldm_state(path, part="encoder"):
+    """Read a checkpoint in any supported layout; return the canonical LDM-named float64 tensors of ``part``
+    ("encoder": encoder + quant_conv, "decoder": decoder + post_quant_conv)."""
+    if part not in ("encoder", "decoder"):
+        raise ValueError("part must be 'encoder' or 'decoder'")
+    side = part + "."
+    # Find the prefix from the header only (cheap), then read just that part's tensors.
     with open(path, "rb") as f:
         (hlen,) = struct.unpack("<Q", f.read(8))
         names = [k for k in json.loads(f.read(hlen).decode("utf-8")) if k != "__metadata__"]
     prefix = ""
     for p in ("first_stage_model.", "vae."):
-        if any(n.startswith(p + "encoder.") for n in names):
+        if any(n.startswith(p + side) for n in names):
             prefix = p
             break
-    if not prefix and not any(n.startswith("encoder.") for n in names):
-        raise ValueError("%s: no encoder tensors found" % path)
+    if not prefix and not any(n.startswith(side) for n in names):
+        raise ValueError("%s: no %s tensors found" % (path, part))
+    levels = None
+    if part == "decoder":
+        ups = [int(m.group(1)) for n in names for m in [re.match(re.escape(prefix) + r"decoder\.up_blocks\.(\d+)\.", n)] if m]
+        levels = max(ups) + 1 if ups else None
 
     def want(n):
-        return n.startswith(prefix) and _canonical_from_stored(n[len(prefix):]) is not None
+        return n.startswith(prefix) and _canonical_from_stored(n[len(prefix):], part, levels) is not None
 
     raw, _ = read_safetensors(path, key_filter=want)
     state = {}
     for n, t in raw.items():
-        canon = _canonical_from_stored(n[len(prefix):])
+        canon = _canonical_from_stored(n[len(prefix):], part, levels)
         if canon is None:
             continue
         if _ATTN_WEIGHT_RE.fullmatch(canon) and t.dim() == 2:
@@ -566,6 +677,137 @@ def encode_reference(state, frames_uint8_rgb, arch=None):
         mean = moments[:, :z].contiguous()
         logvar = torch.clamp(moments[:, z:2 * z], -30.0, 20.0).contiguous()
     return mean, logvar
+
+
+def infer_decoder_arch(state):
+    """dict(widths, blocks, z, post_quant_conv, upscale) from canonical decoder tensor names/shapes."""
+    levels = sorted({int(m.group(1)) for k in state for m in [re.match(r"decoder\.up\.(\d+)\.", k)] if m})
+    if levels != list(range(len(levels))) or not levels:
+        raise ValueError("decoder levels are not contiguous: %s" % levels)
+    blocks = set()
+    widths = []
+    for i in levels:
+        js = sorted({int(m.group(1)) for k in state
+                     for m in [re.match(r"decoder\.up\.%d\.block\.(\d+)\." % i, k)] if m})
+        if js != list(range(len(js))) or not js:
+            raise ValueError("decoder level %d blocks are not contiguous: %s" % (i, js))
+        blocks.add(len(js))
+        widths.append(int(state["decoder.up.%d.block.0.conv1.weight" % i].shape[0]))
+    if len(blocks) != 1:
+        raise ValueError("decoder levels have different block counts: %s" % sorted(blocks))
+    return {
+        "widths": tuple(widths),
+        "blocks": blocks.pop(),
+        "z": int(state["decoder.conv_in.weight"].shape[1]),
+        "post_quant_conv": "post_quant_conv.weight" in state,
+        "upscale": 2 ** (len(widths) - 1),
+    }
+
+
+def upsample_nearest2x(x):
+    """Every cell becomes a 2x2 block of its value."""
+    return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+def decoder_forward(state, z, arch=None):
+    """Run (post_quant_conv +) Decoder on raw latents z (N x z x h x w float64); returns N x 3 x H x W,
+    nominally in [-1, 1]."""
+    if arch is None:
+        arch = infer_decoder_arch(state)
+    h = _conv(state, "post_quant_conv", z) if arch["post_quant_conv"] else z
+    h = _conv(state, "decoder.conv_in", h, padding=1)
+    h = resnet_block(state, "decoder.mid.block_1", h)
+    h = attn_block(state, "decoder.mid.attn_1", h)
+    h = resnet_block(state, "decoder.mid.block_2", h)
+    for i in reversed(range(len(arch["widths"]))):
+        for j in range(arch["blocks"]):
+            h = resnet_block(state, "decoder.up.%d.block.%d" % (i, j), h)
+        if i != 0:
+            h = _conv(state, "decoder.up.%d.upsample.conv" % i, upsample_nearest2x(h), padding=1)
+    h = F.silu(_norm(state, "decoder.norm_out", h))
+    return _conv(state, "decoder.conv_out", h, padding=1)
+
+
+def latents_to_raw(latents, name="raw", scale=None, shift=None):
+    """Inverse of apply_latent_format: x / scale + shift."""
+    if name == "raw":
+        return latents
+    if name == "custom":
+        sh, sc = (0.0 if shift is None else shift), scale
+    else:
+        sh, sc = LATENT_FORMATS[name]
+    return latents / sc + sh
+
+
+def pixels_u8(pixels01):
+    """ComfyUI SaveImage's bytes: 255 * (float32 pixels), clipped, truncated; N x 3 x H x W -> N x H x W x 3."""
+    p32 = np.asarray(pixels01, dtype=np.float32)
+    u8 = np.clip(np.float32(255.0) * p32, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(u8.transpose(0, 2, 3, 1))
+
+
+def decode_reference(state, latents, latent_format="raw", arch=None):
+    """ComfyUI's VAE.decode of ``latents`` (N x z x h x w, in ``latent_format``): returns (pixels, x) with
+    x the decoder output and pixels = clamp((x + 1) / 2, 0, 1), float64 N x 3 x H x W."""
+    with torch.no_grad():
+        z = torch.as_tensor(np.asarray(latents), dtype=torch.float64)
+        x = decoder_forward(state, latents_to_raw(z, latent_format), arch)
+        return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0), x
+
+
+def tiled_scale(z, fn, tile_h, tile_w, overlap, upscale):
+    """ComfyUI's tiled_scale for one pass (2-D, one latent at a time): tiles of tile_h x tile_w latent cells
+    at steps of tile - overlap, the output of each weighted by a mask ramping (t+1)/feather over
+    feather = overlap * upscale pixels on every side (not along a dimension the feather does not fit),
+    summed and divided by the summed masks. A latent within one tile is decoded whole."""
+    n, _, h, w = z.shape
+    if h <= tile_h and w <= tile_w:
+        return fn(z)
+    feather = overlap * upscale
+    outs = []
+    for b in range(n):
+        s = z[b:b + 1]
+        out = div = None
+        ys = range(0, h - overlap, tile_h - overlap) if h > tile_h else [0]
+        xs = range(0, w - overlap, tile_w - overlap) if w > tile_w else [0]
+        for y0 in ys:
+            for x0 in xs:
+                y, x = max(0, min(h - overlap, y0)), max(0, min(w - overlap, x0))
+                ps = fn(s[:, :, y:y + tile_h, x:x + tile_w])
+                if out is None:
+                    out = torch.zeros((1, ps.shape[1], h * upscale, w * upscale), dtype=ps.dtype)
+                    div = torch.zeros_like(out)
+                mask = torch.ones_like(ps)
+                for d in (2, 3):
+                    size = mask.shape[d]
+                    if feather >= size:
+                        continue
+                    for t in range(feather):
+                        a = (t + 1) / feather
+                        mask.narrow(d, t, 1).mul_(a)
+                        mask.narrow(d, size - 1 - t, 1).mul_(a)
+                oy, ox = y * upscale, x * upscale
+                out[:, :, oy:oy + ps.shape[2], ox:ox + ps.shape[3]] += ps * mask
+                div[:, :, oy:oy + ps.shape[2], ox:ox + ps.shape[3]] += mask
+        outs.append(out / div)
+    return torch.cat(outs)
+
+
+def decode_tiled_reference(state, latents, tile=64, overlap=16, arch=None):
+    """ComfyUI's decode_tiled_ on raw latents: the decoder output of three tiled passes (tile_x // 2,
+    tile_y * 2), (tile_x * 2, tile_y // 2), (tile_x, tile_y) -- as height x width (128, 32), (32, 128),
+    (64, 64) -- averaged. Returns (pixels, x) like decode_reference."""
+    if arch is None:
+        arch = infer_decoder_arch(state)
+    up = arch["upscale"]
+    with torch.no_grad():
+        z = torch.as_tensor(np.asarray(latents), dtype=torch.float64)
+
+        def fn(t):
+            return decoder_forward(state, t, arch)
+        x = (tiled_scale(z, fn, tile * 2, tile // 2, overlap, up) + tiled_scale(z, fn, tile // 2, tile * 2, overlap, up)
+             + tiled_scale(z, fn, tile, tile, overlap, up)) / 3.0
+        return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0), x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -771,6 +1013,53 @@ def np_encode(state, frames):
     return h[:, :z], np.clip(h[:, z:], -30, 20)
 
 
+def np_decode(state, latents):
+    """A second, numpy-only formulation of the whole decoder (used by selftest); returns the raw output."""
+    s = {k: v.numpy() for k, v in state.items()}
+    arch = infer_decoder_arch(state)
+
+    def conv(name, x, **kw):
+        return _np_conv2d(x, s[name + ".weight"], s[name + ".bias"], **kw)
+
+    def gn(name, x):
+        return _np_gn(x, s[name + ".weight"], s[name + ".bias"])
+
+    def res(name, x):
+        h = conv(name + ".conv1", _np_silu(gn(name + ".norm1", x)), padding=1)
+        h = conv(name + ".conv2", _np_silu(gn(name + ".norm2", h)), padding=1)
+        sc = conv(name + ".nin_shortcut", x) if name + ".nin_shortcut.weight" in s else x
+        return sc + h
+
+    def attn(name, x):
+        h = gn(name + ".norm", x)
+        n, c, hh, ww = h.shape
+        q, k, v = (conv(name + "." + p, h).reshape(n, c, -1) for p in "qkv")
+        logits = np.einsum("nci,ncj->nij", q, k) / math.sqrt(c)
+        logits -= logits.max(axis=2, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=2, keepdims=True)
+        return x + conv(name + ".proj_out", np.einsum("nij,ncj->nci", p, v).reshape(n, c, hh, ww))
+
+    def up(x):
+        # explicit: output cell (y, x) takes input cell (y // 2, x // 2)
+        n, c, hh, ww = x.shape
+        ys, xs = np.arange(2 * hh) // 2, np.arange(2 * ww) // 2
+        return x[:, :, ys][:, :, :, xs]
+
+    h = np.asarray(latents, dtype=np.float64)
+    if arch["post_quant_conv"]:
+        h = conv("post_quant_conv", h)
+    h = conv("decoder.conv_in", h, padding=1)
+    h = attn("decoder.mid.attn_1", res("decoder.mid.block_1", h))
+    h = res("decoder.mid.block_2", h)
+    for i in reversed(range(len(arch["widths"]))):
+        for j in range(arch["blocks"]):
+            h = res("decoder.up.%d.block.%d" % (i, j), h)
+        if i != 0:
+            h = conv("decoder.up.%d.upsample.conv" % i, up(h), padding=1)
+    return conv("decoder.conv_out", _np_silu(gn("decoder.norm_out", h)), padding=1)
+
+
 def selftest(verbose=True):
     import os
     import tempfile
@@ -917,7 +1206,55 @@ def selftest(verbose=True):
             check(rel < 1e-10, "encoder vs numpy formulation mult=%s z=%d %dx%d: rel %.2e, |mean| max %.3g, "
                   "logvar range [%.2f, %.2f]" % (mult, zc, w, h, rel, m1.abs().max(), l1.min(), l1.max()))
 
-        # 6. latent formats
+        # 6. decoder: round trips in every layout (diffusers numbers up_blocks from the deepest level),
+        # values independent of layout, architecture, and the whole decoder vs a numpy formulation
+        ref_dec = None
+        for layout in LAYOUTS:
+            for dtype in ("F32", "BF16"):
+                p = os.path.join(td, "d_%s_%s.safetensors" % (layout, dtype))
+                enc, dec = make_checkpoint(p, layout=layout, ch=32, mult=(1, 2, 2), blocks=1, z=4, dtype=dtype,
+                                           seed=6, return_decoder=True)
+                st = load_ldm_state(p, "decoder")
+                same = set(st) == set(dec) and all(torch.equal(st[k], dec[k]) for k in dec)
+                check(same and set(load_ldm_state(p)) == set(enc),
+                      "decoder roundtrip layout=%s dtype=%s (%d tensors)" % (layout, dtype, len(dec)))
+                if dtype == "F32":
+                    if ref_dec is None:
+                        ref_dec = dec
+                    check(all(torch.equal(dec[k], ref_dec[k]) for k in dec), "decoder values independent of layout")
+        arch = infer_decoder_arch(ref_dec)
+        check(arch == {"widths": (32, 64, 64), "blocks": 2, "z": 4, "post_quant_conv": True, "upscale": 4},
+              "infer_decoder_arch: %s" % arch)
+        with open(os.path.join(td, "d_diffusers_F32.safetensors"), "rb") as f:
+            (hl,) = struct.unpack("<Q", f.read(8))
+            names = json.loads(f.read(hl))
+        check("decoder.up_blocks.0.upsamplers.0.conv.weight" in names and
+              "decoder.up_blocks.2.upsamplers.0.conv.weight" not in names and
+              names["decoder.up_blocks.2.resnets.0.conv1.weight"]["shape"][0] == 32,
+              "diffusers up_blocks.0 is the deepest level, up_blocks.2 (LDM up.0) has no upsampler")
+        x = torch.randn((2, 3, 3, 5), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        check(torch.equal(upsample_nearest2x(x), F.interpolate(x, scale_factor=2.0, mode="nearest")),
+              "nearest x2 upsampling")
+        g = torch.Generator().manual_seed(4)
+        for mult, zc, qc in (((1, 2, 2), 4, True), ((1, 2), 16, False)):
+            p = os.path.join(td, "npd.safetensors")
+            _, dec = make_checkpoint(p, layout="diffusers_old", ch=32, mult=mult, blocks=1, z=zc, quant_conv=qc,
+                                     seed=8, return_decoder=True)
+            lat = torch.randn((2, zc, 3, 5), generator=g, dtype=torch.float64)
+            pixels, x1 = decode_reference(dec, lat)
+            x2 = np_decode(dec, lat.numpy())
+            rel = np.abs(x1.numpy() - x2).max() / np.abs(x2).max()
+            check(rel < 1e-10 and tuple(x1.shape) == (2, 3, 3 * 2 ** (len(mult) - 1), 5 * 2 ** (len(mult) - 1))
+                  and float(pixels.min()) >= 0 and float(pixels.max()) <= 1,
+                  "decoder vs numpy formulation mult=%s z=%d: rel %.2e, output range [%.2f, %.2f]"
+                  % (mult, zc, rel, float(x1.min()), float(x1.max())))
+        check(np.array_equal(pixels_u8(np.array([[[[0.0, 0.5, 1.0, 0.99999]]]] * 3).reshape(1, 3, 1, 4))[0, 0, :, 0],
+                             [0, 127, 255, 254]), "8-bit pixels: x255 truncated")
+        lat = torch.randn((1, 4, 2, 2), generator=g, dtype=torch.float64)
+        check(torch.allclose(latents_to_raw(apply_latent_format(lat, "sd3"), "sd3"), lat, atol=1e-12),
+              "latents_to_raw inverts apply_latent_format")
+
+        # 7. latent formats
         t = torch.tensor([1.0], dtype=torch.float64)
         check(abs(apply_latent_format(t, "sd3").item() - (1 - 0.0609) * 1.5305) < 1e-12
               and abs(apply_latent_format(t, "custom", scale=2.0, shift=0.5).item() - 1.0) < 1e-12
@@ -936,7 +1273,8 @@ def _cmd_make_checkpoint(a):
     mult = _parse_mult(a.mult)
     make_checkpoint(a.out, layout=a.layout, ch=a.ch, mult=mult, blocks=a.blocks, z=a.z,
                     quant_conv=not a.no_quant_conv, dtype=a.dtype, seed=a.seed,
-                    include_decoder=not a.no_decoder, drop=a.drop or ())
+                    include_decoder=not a.no_decoder, drop=a.drop or (), include_encoder=not a.no_encoder,
+                    decoder_blocks=a.decoder_blocks)
     return 0
 
 
@@ -974,7 +1312,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("make-checkpoint", help="write a random KL-encoder checkpoint")
+    p = sub.add_parser("make-checkpoint", help="write a random KL-VAE checkpoint (encoder and decoder)")
     p.add_argument("--out", required=True)
     p.add_argument("--layout", default="ldm", choices=LAYOUTS)
     p.add_argument("--ch", type=int, default=32)
@@ -985,6 +1323,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="F32", choices=("F32", "F16", "BF16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-decoder", action="store_true")
+    p.add_argument("--no-encoder", action="store_true", help="a decoder-only file")
+    p.add_argument("--decoder-blocks", type=int, default=None, help="ResnetBlocks per decoder level (blocks + 1)")
     p.add_argument("--drop", action="append", metavar="KEY", help="canonical (LDM) key to leave out; repeatable")
     p.set_defaults(fn=_cmd_make_checkpoint)
 

@@ -261,6 +261,32 @@ def case_preview_pipeline(c, tmp):
     c.check(os.path.getsize(out) == 10 * 128 * 96 * 3, "%d bytes, expected 10 frames" % os.path.getsize(out))
 
 
+def case_kl_layouts(c, tmp):
+    """The KL decoder in the element: every checkpoint layout gives the frames
+    gst-vae-decode-file gives (the engine, cross-checked against the float64
+    reference in crosscheck_decoder.py), for raw and sdxl-scaled latents."""
+    import vae_reference as V
+    tool = os.environ.get("GSTVAE_DECODE_TOOL")
+    c.need(tool and os.path.exists(tool), "GSTVAE_DECODE_TOOL is not set to gst-vae-decode-file")
+    lat = make_latents(3, 4, 5, 7, seed=9)
+    npy = os.path.join(tmp, "lat.npy")
+    for layout, dtype in (("ldm", "F32"), ("diffusers", "F16"), ("first_stage_model", "BF16"),
+                          ("diffusers_old", "F32")):
+        path = os.path.join(tmp, "kl-%s-%s.safetensors" % (layout, dtype))
+        V.make_checkpoint(path, layout=layout, ch=32, mult=(1, 2, 2, 2), blocks=1, z=4, seed=11, dtype=dtype)
+        for fmt, values in (("raw", lat), ("sdxl", lat * np.float32(0.13025))):
+            np.save(npy, values)
+            out = os.path.join(tmp, "tool.rgb")
+            r = subprocess.run([tool, "--model", path, "--latents", npy, "--out", out, "--device", "cpu",
+                                "--precision", "fp32", "--latent-format", fmt], capture_output=True, text=True)
+            c.need(r.returncode == 0, "gst-vae-decode-file failed: %s" % r.stderr[-800:])
+            want = np.fromfile(out, dtype=np.uint8).reshape(3, 40, 56, 3)
+            frames, error = decode_with_appsrc(c, path, values, latent_format=fmt, per_batch=2)
+            c.need(frames is not None, "%s %s: %s" % (layout, fmt, error))
+            c.check(all(np.array_equal(a, b) for a, b in zip(frames, want)) and len(frames) == 3,
+                    "%s (%s), %s latents: the element's frames differ from the engine's" % (layout, dtype, fmt))
+
+
 CASES = [
     ("a. real TAESD weights: gst-launch round trips within 0.2 dB of the README", case_psnr),
     ("b. 8-bit frames equal the float64 reference decoder's", case_reference),
@@ -271,6 +297,7 @@ CASES = [
     ("g. a flush drops the latents staged before it", case_flush),
     ("h. errors: wrong channels, an encoder file, a missing model", case_errors),
     ("i. vaeencode ! vaedecode preview, one frame per frame", case_preview_pipeline),
+    ("j. KL decoder: every layout, raw and scaled latents, equal the engine's frames", case_kl_layouts),
 ]
 
 

@@ -244,13 +244,14 @@ struct Recorder {
     gsize size;
     GstClockTime pts;
     int caps_width, caps_height;
+    std::string caps_format;
   };
   std::mutex mutex;
   std::vector<Item> items;
 
   static GstPadProbeReturn probe(GstPad* pad, GstPadProbeInfo* info, gpointer data) {
     auto* self = static_cast<Recorder*>(data);
-    Item it{false, GST_EVENT_UNKNOWN, 0, GST_CLOCK_TIME_NONE, -1, -1};
+    Item it{false, GST_EVENT_UNKNOWN, 0, GST_CLOCK_TIME_NONE, -1, -1, ""};
     if (info->type & GST_PAD_PROBE_TYPE_BUFFER) {
       GstBuffer* b = GST_PAD_PROBE_INFO_BUFFER(info);
       it.is_buffer = true;
@@ -260,6 +261,7 @@ struct Recorder {
         const GstStructure* s = gst_caps_get_structure(c, 0);
         gst_structure_get_int(s, "width", &it.caps_width);
         gst_structure_get_int(s, "height", &it.caps_height);
+        if (const char* f = gst_structure_get_string(s, "format")) it.caps_format = f;
         gst_caps_unref(c);
       }
     } else if (info->type & GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM) {
@@ -667,7 +669,7 @@ TEST_F(VaeDecodeTest, FlushWhileDecodingDropsStaleFrames) {
 TEST_F(VaeDecodeTest, FlushDuringDecodeDropsItsFrames) {
   Harness t(make_element(2));
   // Large enough that a decode outlasts the flush by far.
-  constexpr int big = 40;
+  constexpr int big = 24;
   t.caps(latent_caps(big, big));
   auto lat = make_latents(big, big, 4);
   // Batch A (0, 1), then B (2, 3): B's hand-over returns once the work thread
@@ -1164,6 +1166,101 @@ TEST_F(VaeDecodeTest, FrameCountersWhileDownstreamHolds) {
   auto out = t.pull_all();
   EXPECT_EQ(out.size(), 5u);
   unref_all(out);
+}
+
+// Downstream asks for another output format mid-stream (a RECONFIGURE with
+// new caps): the latents staged for the batch being gathered are not lost,
+// and come out in the new format.
+TEST_F(VaeDecodeTest, DownstreamFormatChangeKeepsStagedLatents) {
+  Harness t(make_element(4));
+  Recorder rec;
+  rec.attach(t.element);
+  t.downstream("video/x-raw, format=(string)RGB");
+  t.caps(latent_caps(kW, kH));
+  auto lat = make_latents(kW, kH, 4);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(latent_buffer(lat[n], n)), GST_FLOW_OK);
+  t.downstream("video/x-raw, format=(string)BGRx");
+  ASSERT_TRUE(gst_harness_push_upstream_event(t.h, gst_event_new_reconfigure()));
+  for (guint64 n = 2; n < 4; ++n) ASSERT_EQ(t.push(latent_buffer(lat[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  EXPECT_EQ(t.out_caps().format, "BGRx");
+  EXPECT_EQ(t.u64("frames-out"), 4u) << "staged latents were lost at the renegotiation";
+  expect_frames(out, engine_frames("BGRx", kW, kH, lat, 4));
+  for (const auto& it : rec.take()) {
+    if (it.is_buffer) {
+      EXPECT_EQ(it.caps_format, "BGRx") << "frame at " << it.pts;
+    }
+  }
+  unref_all(out);
+}
+
+// Downstream asks for another output format while decoded frames wait to be
+// pushed: those frames go out before the new caps, each frame under caps
+// that describe its bytes.
+TEST_F(VaeDecodeTest, DownstreamFormatChangeKeepsFramesInFlightUnderTheirCaps) {
+  Harness t(make_element(2));
+  Recorder rec;
+  rec.attach(t.element);
+  auto gate = std::make_unique<DownstreamGate>(t.h);
+  t.downstream("video/x-raw, format=(string)RGB");
+  t.caps(latent_caps(kW, kH));
+  auto lat = make_latents(kW, kH, 6);
+  for (guint64 n = 0; n < 4; ++n) ASSERT_EQ(t.push(latent_buffer(lat[n], n)), GST_FLOW_OK);
+  ASSERT_TRUE(gate->wait_arrived(1));
+  EXPECT_TRUE(eventually([&] { return t.u64("frames-out") == 4; }));  // both batches decoded in RGB
+  t.downstream("video/x-raw, format=(string)BGRx");
+  ASSERT_TRUE(gst_harness_push_upstream_event(t.h, gst_event_new_reconfigure()));
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    gate->open();
+  });
+  for (guint64 n = 4; n < 6; ++n) ASSERT_EQ(t.push(latent_buffer(lat[n], n)), GST_FLOW_OK);
+  opener.join();
+  ASSERT_TRUE(gst_harness_push_event(t.h, gst_event_new_eos()));
+  auto out = t.pull_all();
+  gate.reset();
+  ASSERT_EQ(out.size(), 6u);
+  size_t mislabelled = 0;
+  for (const auto& it : rec.take()) {
+    if (!it.is_buffer) continue;
+    const size_t bpp = it.caps_format == "RGB" ? 3 : 4;
+    if (it.size != static_cast<size_t>(it.caps_width * it.caps_height) * bpp) ++mislabelled;
+  }
+  EXPECT_EQ(mislabelled, 0u) << "frames pushed under caps of another format";
+  auto rgb = engine_frames("RGB", kW, kH, lat, 2);
+  auto bgrx = engine_frames("BGRx", kW, kH, lat, 2);
+  for (size_t n = 0; n < 4; ++n) EXPECT_EQ(bytes_of(out[n]), rgb[n]) << "frame " << n;
+  for (size_t n = 4; n < 6; ++n) EXPECT_EQ(bytes_of(out[n]), bgrx[n]) << "frame " << n;
+  unref_all(out);
+}
+
+// Good caps, then caps the decoder refuses (16 channels) whose buffers have
+// the old byte size: those buffers are not decoded as the old latents.
+TEST_F(VaeDecodeTest, RefusedCapsChangeDoesNotDecodeWithTheOldCaps) {
+  Harness t(make_element(1), true);
+  t.caps(latent_caps(kW, kH));
+  ASSERT_EQ(t.push(latent_buffer(make_latent(kW, kH, 1), 0)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 1u);
+  t.caps(latent_caps(2, kH, "sd3", 16));  // 16 x 6 x 2 floats: the byte size of 4 x 6 x 8
+  EXPECT_NE(t.push(latent_buffer(make_latent(2, kH, 2, 16), 1)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 1u) << "a 16-channel latent was decoded as a 4-channel one";
+  const std::string error = bus_text(t.bus, GST_MESSAGE_ERROR);
+  EXPECT_NE(error.find("16 channels"), std::string::npos) << error;
+}
+
+// A latent size whose frame size overflows int: refused at negotiation, not
+// decoded into frames of a wrapped-around size.
+TEST_F(VaeDecodeTest, LatentSizeBeyondFrameSizeLimitsRefused) {
+  Harness t(make_element(1), true);
+  GstCaps* huge = gst_caps_from_string(latent_caps(300000000, 1).c_str());
+  gst_harness_push_event(t.h, gst_event_new_caps(huge));
+  gst_caps_unref(huge);
+  t.segment();
+  EXPECT_EQ(t.push(latent_buffer(make_latent(1, 1, 1), 0)), GST_FLOW_NOT_NEGOTIATED);
+  EXPECT_EQ(t.queued(), 0u);
+  EXPECT_EQ(t.u64("frames-out"), 0u);
+  EXPECT_NE(bus_text(t.bus, GST_MESSAGE_ERROR), "") << "refused without an error message";
 }
 
 }  // namespace

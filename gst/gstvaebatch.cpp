@@ -453,6 +453,12 @@ static gboolean gst_vae_batch_set_caps(GstBaseTransform* trans, GstCaps* incaps,
   GstVaeBatch* self = GST_VAE_BATCH(trans);
   Streaming& st = priv(self).state;
   if (!st.direction) return FALSE;
+  // A renegotiation asked by downstream (RECONFIGURE) comes here from
+  // submit_input_buffer, not after a drain: outputs already handed to the
+  // worker were made for the current output caps and go out before the base
+  // class sets the new ones on the src pad. (After a caps event's drain there
+  // is nothing to wait for.)
+  priv(self).worker->wait_idle();
   if (!st.direction->set_caps(incaps, outcaps)) return FALSE;
   GstStructure* s = gst_caps_get_structure(incaps, 0);
   gint fps_n = 0, fps_d = 1;

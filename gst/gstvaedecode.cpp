@@ -119,10 +119,17 @@ class DecodeDirection final : public gstvae_glue::Direction {
                          GST_VIDEO_INFO_HEIGHT(&out)));
       return false;
     }
+    // Downstream renegotiating the output format (same latents) comes here
+    // without a drain: the staged latents do not depend on the output format
+    // and stay. New latents come with a caps event, drained already.
+    const bool same_latents = have_caps_ && in.channels == in_.channels && in.width == in_.width &&
+                              in.height == in_.height && in.latent_format == in_.latent_format;
     in_ = in;
-    batch_.reset();
     have_caps_ = true;
-    reset_pending_ = true;
+    if (!same_latents) {
+      batch_.reset();
+      reset_pending_ = true;
+    }
     return true;
   }
 

@@ -128,7 +128,8 @@ def check_encoder(ctx, model, state, family, rgb, extra=(), latent_format=None, 
 
 
 def check_decoder(ctx, model, state, family, raw, extra=(), latent_format=None):
-    """Tool 8-bit frames vs reference 8-bit frames for float32 raw latents (or the given format of them)."""
+    """Tool frames vs the reference for float32 raw latents (or the given format of them): the float pixels
+    within TOL, and the 8-bit frames equal but within BOUNDARY of a truncation boundary."""
     given = raw.astype(np.float32)
     if latent_format is not None:
         given = np.asarray(V.apply_latent_format(torch.from_numpy(raw), latent_format)).astype(np.float32)
@@ -149,7 +150,17 @@ def check_decoder(ctx, model, state, family, raw, extra=(), latent_format=None):
         raise CaseFailure("%d of %d 8-bit values differ (max %d levels; a mismatch %.2e from a boundary, more "
                           "than %.0e)" % (int(bad.sum()), bad.size, int(diff.max()), 1.0 - worst, BOUNDARY))
     near = int(np.sum(dist < BOUNDARY))
-    return None, "frames %s, %d/%d values differ (all within %.0e of a boundary; %d values that close)" % (
+    # And the pixels before 8-bit rounding (--float: after ComfyUI's clamp), within TOL.
+    src = ctx.path("latents.npy")
+    np.save(src, np.ascontiguousarray(given, dtype="<f4"))
+    fout = ctx.path("frames.f32")
+    ctx.run([ctx.decode_tool, "--model", model, "--latents", src, "--out", fout, "--float"] + list(extra), True)
+    got = np.fromfile(fout, dtype="<f4").reshape(tuple(pixels.shape)).astype(np.float64)
+    want = torch.clamp(pixels, 0.0, 1.0).numpy()
+    rel = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+    if not rel <= TOL:
+        raise CaseFailure("pixels before 8-bit rounding: rel=%.3e > %.0e" % (rel, TOL))
+    return rel, "frames %s, %d/%d 8-bit values differ (all within %.0e of a boundary; %d values that close)" % (
         "x".join(map(str, out.shape)), int(bad.sum()), bad.size, BOUNDARY, near)
 
 

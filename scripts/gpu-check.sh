@@ -14,10 +14,12 @@
 # Mode: GPU when nvidia-smi is there and the torch of python3 sees CUDA (everything
 # with --device cuda, all cross-check cases, fp32/bf16/fp16, 512² bench); else CPU
 # with tiny sizes (what CI runs). GPU_CHECK_MODE=cpu|gpu forces one.
+# The whole run stays within GPU_CHECK_BUDGET seconds (default 470 in GPU mode:
+# ≤ 8 minutes on the GPU machine, summary included; 900 in CPU mode); a step that would start later is NOT RUN.
 # Writes OUTDIR/summary.md (also printed) and OUTDIR/logs/*.log. Exit 0 when
 # every step passed; 1 otherwise. The GPU mode is unverified on a GPU so far.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 root=$PWD
 [ $# -eq 1 ] || { echo "usage: bash scripts/gpu-check.sh OUTDIR" >&2; exit 2; }
 mkdir -p "$1/logs" && out=$(cd "$1" && pwd) || exit 2
@@ -40,7 +42,8 @@ if [ -z "$mode" ]; then
     mode=gpu
   fi
 fi
-if [ "$mode" = gpu ]; then dev=cuda; jobs=${GPU_CHECK_JOBS:-$(nproc)}; else dev=cpu; jobs=${GPU_CHECK_JOBS:-2}; fi
+if [ "$mode" = gpu ]; then dev=cuda; jobs=${GPU_CHECK_JOBS:-$(nproc)}; budget=${GPU_CHECK_BUDGET:-470}
+else dev=cpu; jobs=${GPU_CHECK_JOBS:-2}; budget=${GPU_CHECK_BUDGET:-900}; fi
 
 rows=()
 failed=0
@@ -48,7 +51,13 @@ notes=()
 # step NAME LIMIT_S CMD...: runs CMD under timeout, logs to logs/NAME.log, adds a row.
 step() {
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS rc
+  local t0=$SECONDS rc left=$((budget - (SECONDS - t_start)))
+  # The whole check stays inside GPU_CHECK_BUDGET seconds, so the summary is
+  # always written: a step gets at most what is left, none when under 15 s.
+  if [ $left -lt 15 ]; then
+    failed=1; rows+=("| $name | NOT RUN | 0 | the check's budget of $budget s was spent |"); return 1
+  fi
+  [ $left -lt $limit ] && limit=$left
   echo "gpu-check: [$name] $*" >&2
   # Shell functions run in a child bash (exported with export -f): timeout runs programs only.
   if declare -F "$1" >/dev/null; then set -- bash -c '"$@"' "$1" "$@"; fi
@@ -148,6 +157,8 @@ if [ "$gst_built" = yes ] && [ -f "$model" ]; then
   else
     step pipeline-fp32 120 pipeline fp32 64
   fi
+elif [ "$gst_built" = yes ]; then
+  skip pipeline "no model (make-model did not pass)"
 else
   skip pipeline "no GStreamer plugin built"
 fi
@@ -186,7 +197,7 @@ fi
   echo "- machine: $(uname -m), $(nproc) cores; $(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || echo 'no nvidia-smi')"
   echo "- torch: $("$py" -c 'import torch;print(torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())' 2>/dev/null) ($py)"
   echo "- LibTorch: ${torch_root:-system (/usr)}; GStreamer plugin built: **$gst_built**"
-  echo "- total: $((SECONDS - t_start)) s"
+  echo "- total: $((SECONDS - t_start)) s of a budget of $budget s"
   for n in "${notes[@]}"; do echo "- $n"; done
   echo
   echo "| step | result | seconds | last line of its log |"

@@ -14,13 +14,17 @@
 namespace gstvae {
 
 struct EncoderInfo {
-  std::string family;      // "kl" (AutoencoderKL)
+  std::string family;      // "kl" (AutoencoderKL), "taesd", "wan2.1", "wan2.2", "taehv"
   std::string model_path;
   std::string layout;      // checkpoint key layout, e.g. "ldm", "diffusers"
   std::string device;      // resolved, e.g. "cpu", "cuda:0"
   Precision precision = Precision::F32;  // resolved, never Auto
   int downscale = 8;       // pixels per latent cell
   int latent_channels = 4;
+  // Input frames per latent frame: 1 for image models; 4 for the causal video
+  // VAEs, whose sessions regroup frames into the model's chunks (see
+  // EncodeSession) and whose encode() refuses to run outside a session.
+  int temporal_downscale = 1;
   bool input_signed = true;  // pixels fed as [-1, 1] (true) or [0, 1]
   // The latent space the forward pass outputs: raw for the KL VAEs; a tiny
   // autoencoder outputs its diffusion model's scaled space, which encode()
@@ -34,6 +38,13 @@ struct EncodeParams {
   bool sample = false;  // false: the Gaussian mean; true: mean + sigma * eps
   uint64_t seed = 0;    // with sample: noise of frame i depends on (seed, i) only
   LatentFormat latent_format;
+  // Temporal models: the clip ends after this batch (EOS, a new stream, a caps
+  // change, DISCONT). Frames held in an incomplete group are dropped, as every
+  // reference drops them (BatchResult::dropped), or with pad_clip_end the group
+  // is completed by repeating its last frame (one more latent, which no
+  // reference gives). The session then starts a new clip. Image models: no effect.
+  bool end_of_clip = false;
+  bool pad_clip_end = false;
 };
 
 // A stream's state over a shared encoder: what a temporal family carries from
@@ -45,8 +56,13 @@ class EncodeSession {
   // The next frame starts a new clip (flush, caps change, DISCONT).
   virtual void reset() = 0;
   // Encodes `batch` into `out` (from Encoder::new_latents): result.spans.size()
-  // latents, in order, each covering the frames its span names.
+  // latents, in order, each covering the frames its span names. A temporal
+  // session emits a latent as soon as its group of frames is complete, keeps
+  // the frames of an incomplete group for the next batch, and may be given an
+  // empty batch (with params.end_of_clip) to end a clip.
   virtual BatchResult encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) = 0;
+  // Frames received that no latent covers yet (an incomplete group); 0 for image models.
+  virtual size_t held_frames() const { return 0; }
 };
 
 class Encoder : public std::enable_shared_from_this<Encoder> {
@@ -57,7 +73,9 @@ class Encoder : public std::enable_shared_from_this<Encoder> {
   // A staging batch suited to this encoder (page-locked on GPUs).
   std::unique_ptr<FrameBatch> new_batch(PixelFormat format, int width, int height,
                                         size_t capacity) const;
-  // A block for the latents of `batch`'s frames (page-locked on GPUs).
+  // A block for the latents of `batch`'s frames (page-locked on GPUs): room
+  // for max(batch.size(), 1) latents, which is what a session's encode() can
+  // give for that batch (a temporal model's padded clip end included).
   std::unique_ptr<LatentBlock> new_latents(const FrameBatch& batch) const;
 
   // Optional: turns a filled batch into the encoder's input ahead of encode(),

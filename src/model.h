@@ -50,6 +50,11 @@ struct Span {
 struct BatchResult {
   std::vector<Span> spans;  // one per output, in output order
   ComputeReport report;
+  // A temporal model's clip end: the frames of an incomplete group that were
+  // dropped (count 0: none), or, when padding was asked for, how many copies
+  // of the last frame completed the group of the last span.
+  Span dropped{0, 0};
+  uint32_t padded_frames = 0;
 };
 
 }  // namespace gstvae

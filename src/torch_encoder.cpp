@@ -8,6 +8,7 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <thread>
@@ -217,7 +218,8 @@ std::unique_ptr<FrameBatch> Encoder::new_batch(PixelFormat format, int width, in
 }
 
 std::unique_ptr<LatentBlock> Encoder::new_latents(const FrameBatch& batch) const {
-  return std::make_unique<LatentBlock>(batch.size() * latent_floats_per_frame(batch), pinned_host(info()));
+  return std::make_unique<LatentBlock>(std::max<size_t>(batch.size(), 1) * latent_floats_per_frame(batch),
+                                       pinned_host(info()));
 }
 
 size_t Encoder::latent_floats_per_frame(const FrameBatch& batch) const {

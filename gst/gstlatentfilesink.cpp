@@ -484,6 +484,12 @@ static gboolean gst_latent_file_sink_set_caps(GstBaseSink* sink, GstCaps* caps) 
                          e.what()));
       return FALSE;
     }
+    if (!st.to_raw.fits(static_cast<size_t>(info.channels))) {
+      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Latent format '%s' does not fit %d channels",
+                                                info.latent_format.c_str(), info.channels),
+                        ("the format normalises %zu channels one by one", st.to_raw.shifts.size()));
+      return FALSE;
+    }
     info.latent_format = "raw";  // what the file will hold, for every record of it
   }
   if (st.writer && (info.channels != st.caps.channels || info.width != st.caps.width ||
@@ -557,8 +563,12 @@ static GstFlowReturn gst_latent_file_sink_render(GstBaseSink* sink, GstBuffer* b
       } else {
         std::vector<float> raw(map.size / sizeof(float));
         std::memcpy(raw.data(), map.data, map.size);
-        const double scale = st.to_raw.scale, shift = st.to_raw.shift;
-        for (float& x : raw) x = static_cast<float>(x / scale + shift);
+        // Frame-major C x h x w: channel c is the c-th run of h * w values.
+        const size_t plane = static_cast<size_t>(st.caps.height) * st.caps.width;
+        for (size_t i = 0; i < raw.size(); ++i) {
+          const size_t c = i / plane;
+          raw[i] = static_cast<float>(raw[i] / st.to_raw.scale_of(c) + st.to_raw.shift_of(c));
+        }
         st.writer->append(raw.data(), map.size);
         st.converted.insert(st.to_raw.name);
       }

@@ -29,5 +29,6 @@ extern const EncoderFamily kKLFamily;               // kl_vae.cpp
 extern const DecoderFamily kKLDecoderFamily;        // kl_vae.cpp
 extern const EncoderFamily kTaesdEncoderFamily;     // taesd.cpp
 extern const DecoderFamily kTaesdDecoderFamily;     // taesd.cpp
+extern const EncoderFamily kWanEncoderFamily;       // wan_vae.cpp
 
 }  // namespace gstvae

@@ -150,10 +150,7 @@ at::Tensor TorchDecoder::run(const LatentBatch& batch, const DecodeParams& param
     at::Tensor z = host.view({n, batch.channels(), batch.height(), batch.width()})
                        .to(target_.device, /*non_blocking=*/batch.block().pinned());
     // Given format -> raw (x / scale + shift) -> the model's own space.
-    const LatentFormat& given = params.latent_format;
-    if (!given.is_raw()) z = z / given.scale + given.shift;
-    const LatentFormat& native = info_.native_format;
-    if (!native.is_raw()) z = (z - native.shift) * native.scale;
+    z = raw_to_format(format_to_raw(z, params.latent_format), info_.native_format);
     z = z.to(target_.dtype).contiguous();
 
     std::vector<at::Tensor> parts;

@@ -95,22 +95,28 @@ uint64_t mix_seed(uint64_t seed, uint64_t index) {
 
 }  // namespace
 
+at::Tensor TorchEncoder::batch_pixels(const FrameBatch& batch) const {
+  if (!batch.storage().prepared.defined()) return prepare_pixels(batch, target_, info_.input_signed);
+  at::Tensor pixels = batch.storage().prepared;
+  if (const auto& ready = batch.storage().prepared_ready) {
+    // Made on a side stream: the compute stream waits for it, and the
+    // caching allocator learns that the compute stream uses its memory.
+    c10::impl::VirtualGuardImpl impl(target_.device.type());
+    const c10::Stream compute = impl.getStream(target_.device);
+    ready->block(compute);
+    impl.recordDataPtrOnStream(pixels.storage().data_ptr(), compute);
+  }
+  return pixels;
+}
+
+at::Tensor frame_noise(uint64_t seed, uint64_t index, at::IntArrayRef sizes) {
+  auto gen = at::detail::createCPUGenerator(mix_seed(seed, index));
+  return at::randn(sizes, gen, at::TensorOptions().dtype(at::kFloat));
+}
+
 at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeParams& params,
                                           EncodeReport& report) {
-  at::Tensor pixels;
-  if (batch.storage().prepared.defined()) {
-    pixels = batch.storage().prepared;
-    if (const auto& ready = batch.storage().prepared_ready) {
-      // Made on a side stream: the compute stream waits for it, and the
-      // caching allocator learns that the compute stream uses its memory.
-      c10::impl::VirtualGuardImpl impl(target_.device.type());
-      const c10::Stream compute = impl.getStream(target_.device);
-      ready->block(compute);
-      impl.recordDataPtrOnStream(pixels.storage().data_ptr(), compute);
-    }
-  } else {
-    pixels = prepare_pixels(batch, target_, info_.input_signed);
-  }
+  at::Tensor pixels = batch_pixels(batch);
   std::vector<at::Tensor> means, logvars;
   auto keep = [&](const Moments& m) {
     means.push_back(m.mean.to(at::kFloat));
@@ -135,20 +141,13 @@ at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeP
     // sample does not depend on the batch size or the device.
     std::vector<at::Tensor> noise;
     const auto sizes = latents.sizes().slice(1);
-    for (uint64_t index : batch.indices()) {
-      auto gen = at::detail::createCPUGenerator(mix_seed(params.seed, index));
-      noise.push_back(at::randn(sizes, gen, at::TensorOptions().dtype(at::kFloat)));
-    }
+    for (uint64_t index : batch.indices()) noise.push_back(frame_noise(params.seed, index, sizes));
     at::Tensor eps = at::stack(noise).to(target_.device);
     at::Tensor std = at::exp(0.5f * at::cat(logvars, 0).clamp(-30.0, 20.0));
     latents = latents + std * eps;
   }
   // The model's space -> raw (ComfyUI: output / scale + shift) -> the format asked for.
-  const LatentFormat& native = info_.native_format;
-  if (!native.is_raw()) latents = latents / native.scale + native.shift;
-  const LatentFormat& lf = params.latent_format;
-  if (!lf.is_raw()) latents = (latents - lf.shift) * lf.scale;
-  return latents;
+  return raw_to_format(format_to_raw(latents, info_.native_format), params.latent_format);
 }
 
 EncodeReport TorchEncoder::encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host) {

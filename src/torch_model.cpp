@@ -138,6 +138,37 @@ at::Tensor WeightReader::get(const std::string& name, const std::vector<int64_t>
   return out;
 }
 
+namespace {
+// shift and scale as tensors broadcasting over dim 1 of `like`.
+std::pair<at::Tensor, at::Tensor> channel_terms(const at::Tensor& like, const LatentFormat& f) {
+  const int64_t c = like.size(1);
+  if (!f.fits(static_cast<size_t>(c)))
+    throw VaeError("latent format '" + f.name + "' is defined for " + std::to_string(f.shifts.size()) +
+                   " channels, but these latents have " + std::to_string(c));
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape[1] = c;
+  std::vector<float> shift(c), scale(c);
+  for (int64_t i = 0; i < c; ++i) shift[i] = static_cast<float>(f.shift_of(i)), scale[i] = static_cast<float>(f.scale_of(i));
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  return {at::tensor(shift, opts).view(shape).to(like.device(), like.scalar_type()),
+          at::tensor(scale, opts).view(shape).to(like.device(), like.scalar_type())};
+}
+}  // namespace
+
+at::Tensor raw_to_format(const at::Tensor& raw, const LatentFormat& f) {
+  if (f.is_raw()) return raw;
+  if (!f.per_channel()) return (raw - f.shift) * f.scale;
+  auto [shift, scale] = channel_terms(raw, f);
+  return (raw - shift) * scale;
+}
+
+at::Tensor format_to_raw(const at::Tensor& stored, const LatentFormat& f) {
+  if (f.is_raw()) return stored;
+  if (!f.per_channel()) return stored / f.scale + f.shift;
+  auto [shift, scale] = channel_terms(stored, f);
+  return stored / scale + shift;
+}
+
 void configure_cuda(const ComputeTarget& target) {
   if (!target.device.is_cuda()) return;
   // A stream keeps one frame size, so cuDNN's autotuning pays off. fp32 must

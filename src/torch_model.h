@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "latent_format.h"
 #include "model.h"
 #include "safetensors.h"
 
@@ -64,6 +65,12 @@ at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   int64_t padding = 0);
 // Whether conv2d() sends `x` to oneDNN (fp32 on a CPU with oneDNN).
 bool use_onednn(const at::Tensor& x);
+
+// Latents (N x C x ...) from the raw space into format `f` ((raw - shift) *
+// scale, per channel where `f` is) and back. Throw VaeError when a
+// per-channel format does not have C channels.
+at::Tensor raw_to_format(const at::Tensor& raw, const LatentFormat& f);
+at::Tensor format_to_raw(const at::Tensor& stored, const LatentFormat& f);
 
 // Sets the process-wide CUDA settings a stream needs (cuDNN autotuning; no
 // TF32 when fp32 is asked for, so that fp32 means fp32).

@@ -20,7 +20,8 @@ namespace {
 int usage() {
   std::cerr << "usage: gst-vae-encode-file --model M --frames F --n N --width W --height H --format FMT\n"
                "         [--stride BYTES] --out OUT.f32 [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
-               "         [--latent-format raw|sd15|sdxl|sd3|flux] [--sample --seed K] [--per-batch B] [--threads T]\n"
+               "         [--latent-format raw|sd15|sdxl|sd3|flux|wan21] [--sample --seed K] [--per-batch B] [--threads T]\n"
+               "         [--pad-clip-end] (video VAEs: complete the last group by repeating the last frame)\n"
                "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2|taesana]\n";
   return 2;
 }
@@ -33,7 +34,7 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a.rfind("--", 0) != 0) return usage();
     a = a.substr(2);
-    if (a == "sample") {
+    if (a == "sample" || a == "pad-clip-end") {
       args[a] = "1";
     } else if (i + 1 < argc) {
       args[a] = argv[++i];
@@ -59,6 +60,7 @@ int main(int argc, char** argv) {
     if (args.count("latent-space")) options.latent_space = args["latent-space"];
     EncodeParams params;
     params.sample = args.count("sample") != 0;
+    params.pad_clip_end = args.count("pad-clip-end") != 0;
     if (args.count("seed")) params.seed = std::stoull(args["seed"]);
     if (args.count("latent-format")) params.latent_format = latent_format_by_name(args["latent-format"]);
 
@@ -72,16 +74,28 @@ int main(int argc, char** argv) {
     auto encoder = load_encoder(args["model"], options);
     const EncoderInfo& info = encoder->info();
     std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n";
+    // Through a session, as the element does: batches of --per-batch frames
+    // form one stream, and the stream ends after the last frame (a video
+    // model drops the frames of an incomplete last group, as the reference does).
     auto batch = encoder->new_batch(format, width, height, per_batch);
+    auto session = encoder->open_session();
     const size_t per_frame = encoder->latent_floats_per_frame(*batch);
-    std::vector<float> latents(n * per_frame);
-    size_t done = 0;
+    std::vector<float> latents;
+    size_t produced = 0;
     auto start = std::chrono::steady_clock::now();
     for (size_t i = 0; i < n; ++i) {
       batch->add(pixels.data() + i * height * stride, stride, i);
       if (batch->full() || i + 1 == n) {
-        encoder->encode(*batch, params, latents.data() + done * per_frame);
-        done += batch->size();
+        params.end_of_clip = i + 1 == n;
+        auto block = encoder->new_latents(*batch);
+        const BatchResult result = session->encode(*batch, params, *block);
+        latents.insert(latents.end(), block->data(), block->data() + result.spans.size() * per_frame);
+        produced += result.spans.size();
+        if (result.dropped.count)
+          std::cerr << "dropped the last " << result.dropped.count << " frames (from frame " << result.dropped.first
+                    << "): they do not complete a group of " << info.temporal_downscale << "\n";
+        if (result.padded_frames)
+          std::cerr << "padded the last group with " << result.padded_frames << " copies of the last frame\n";
         batch->clear();
       }
     }
@@ -90,7 +104,7 @@ int main(int argc, char** argv) {
     out.write(reinterpret_cast<const char*>(latents.data()), static_cast<std::streamsize>(latents.size() * 4));
     if (!out) throw VaeError("cannot write '" + args["out"] + "'");
     const int d = info.downscale;
-    std::cerr << "encoded " << n << " frames to " << info.latent_channels << "x" << batch->crop().height / d << "x"
+    std::cerr << "encoded " << n << " frames to " << produced << " latents of " << info.latent_channels << "x" << batch->crop().height / d << "x"
               << batch->crop().width / d << " latents in " << seconds << " s (" << n / seconds << " frames/s)\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";

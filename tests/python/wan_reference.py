@@ -161,7 +161,7 @@ def prepare_input(state, x):
     m = SPATIAL[arch["variant"]]
     if x.shape[3] % m or x.shape[4] % m:
         raise ValueError("H, W = %d, %d must be multiples of %d" % (x.shape[3], x.shape[4], m))
-    x = x.to(torch.float64)
+    x = x.to(state["encoder.conv1.weight"].dtype)  # float64 but for a caller's float32 experiment
     if arch["variant"] == "2.2":
         x = patchify(x)
     return arch, x

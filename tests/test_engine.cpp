@@ -424,7 +424,7 @@ TEST(LatentFormats, KnownValues) {
   const Expect expected[] = {
       {"raw", 1.0, 0.0}, {"sd15", 0.18215, 0.0}, {"sdxl", 0.13025, 0.0}, {"sd3", 1.5305, 0.0609}, {"flux", 0.3611, 0.1159},
   };
-  ASSERT_EQ(known_latent_formats().size(), 5u);
+  ASSERT_EQ(known_latent_formats().size(), 7u);
   for (size_t i = 0; i < 5; ++i) {
     const auto& e = expected[i];
     SCOPED_TRACE(e.name);
@@ -442,6 +442,23 @@ TEST(LatentFormats, KnownValues) {
   EXPECT_DOUBLE_EQ(c.shift, 0.25);
   EXPECT_FALSE(c.is_raw());
   EXPECT_TRUE(custom_latent_format(1.0, 0.0).is_raw());
+
+  // The video VAEs' per-channel normalisation (x - mean_c) / std_c: first and
+  // last values of the published tables.
+  const LatentFormat w21 = latent_format_by_name("wan21"), w22 = latent_format_by_name("wan22");
+  ASSERT_TRUE(w21.per_channel() && w22.per_channel());
+  EXPECT_FALSE(w21.is_raw());
+  ASSERT_EQ(w21.shifts.size(), 16u);
+  ASSERT_EQ(w22.shifts.size(), 48u);
+  EXPECT_DOUBLE_EQ(w21.shift_of(0), -0.7571);
+  EXPECT_DOUBLE_EQ(w21.scale_of(15), 1.0 / 1.9160);
+  EXPECT_DOUBLE_EQ(w22.shift_of(0), -0.2289);
+  EXPECT_DOUBLE_EQ(w22.shift_of(47), -0.0667);
+  EXPECT_DOUBLE_EQ(w22.scale_of(0), 1.0 / 0.4765);
+  EXPECT_DOUBLE_EQ(w22.scale_of(47), 1.0 / 0.7744);
+  EXPECT_TRUE(w21.fits(16));
+  EXPECT_FALSE(w21.fits(4));
+  EXPECT_TRUE(latent_format_by_name("sd15").fits(4));
 }
 
 TEST(LatentFormats, UnknownNameListsKnownOnes) {

@@ -63,6 +63,9 @@ class EncodeSession {
   virtual BatchResult encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) = 0;
   // Frames received that no latent covers yet (an incomplete group); 0 for image models.
   virtual size_t held_frames() const { return 0; }
+  // Bytes of state carried to the next batch (caches and held frames); 0 for
+  // image models. Bounded by the frame size, never by the stream's length.
+  virtual size_t state_bytes() const { return 0; }
 };
 
 class Encoder : public std::enable_shared_from_this<Encoder> {

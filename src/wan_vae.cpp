@@ -476,6 +476,9 @@ class WanSession final : public EncodeSession {
     held_indices_.clear();
   }
   size_t held_frames() const override { return held_indices_.size(); }
+  size_t state_bytes() const override {
+    return state_.bytes() + (held_.defined() ? held_.numel() * held_.element_size() : 0);
+  }
 
   BatchResult encode(const FrameBatch& batch, const EncodeParams& params, LatentBlock& out) override {
     use_configured_threads();

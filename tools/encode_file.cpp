@@ -1,6 +1,7 @@
 // gst-vae-encode-file: encodes raw packed 8-bit frames from a file into raw
 // float32 latents with the engine alone (no GStreamer). Used by the
 // cross-check against the Python reference and by benchmarks.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -81,7 +82,7 @@ int main(int argc, char** argv) {
     auto session = encoder->open_session();
     const size_t per_frame = encoder->latent_floats_per_frame(*batch);
     std::vector<float> latents;
-    size_t produced = 0;
+    size_t produced = 0, state_bytes = 0;
     auto start = std::chrono::steady_clock::now();
     for (size_t i = 0; i < n; ++i) {
       batch->add(pixels.data() + i * height * stride, stride, i);
@@ -91,6 +92,7 @@ int main(int argc, char** argv) {
         const BatchResult result = session->encode(*batch, params, *block);
         latents.insert(latents.end(), block->data(), block->data() + result.spans.size() * per_frame);
         produced += result.spans.size();
+        state_bytes = std::max(state_bytes, session->state_bytes());
         if (result.dropped.count)
           std::cerr << "dropped the last " << result.dropped.count << " frames (from frame " << result.dropped.first
                     << "): they do not complete a group of " << info.temporal_downscale << "\n";
@@ -106,6 +108,10 @@ int main(int argc, char** argv) {
     const int d = info.downscale;
     std::cerr << "encoded " << n << " frames to " << produced << " latents of " << info.latent_channels << "x" << batch->crop().height / d << "x"
               << batch->crop().width / d << " latents in " << seconds << " s (" << n / seconds << " frames/s)\n";
+    if (state_bytes)
+      std::cerr << "stream state: " << state_bytes << " bytes at most ("
+                << static_cast<double>(state_bytes) / (batch->crop().width * batch->crop().height)
+                << " bytes per input pixel)\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -95,8 +95,11 @@ uint64_t mix_seed(uint64_t seed, uint64_t index) {
 
 }  // namespace
 
-at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeParams& params,
-                                          EncodeReport& report) {
+at::Tensor apply_latent_format(const at::Tensor& raw, const LatentFormat& format) {
+  return format.is_raw() ? raw : (raw - format.shift) * format.scale;
+}
+
+at::Tensor TorchEncoder::pixels_of(const FrameBatch& batch) const {
   at::Tensor pixels;
   if (batch.storage().prepared.defined()) {
     pixels = batch.storage().prepared;
@@ -111,6 +114,12 @@ at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeP
   } else {
     pixels = prepare_pixels(batch, target_, info_.input_signed);
   }
+  return pixels;
+}
+
+at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeParams& params,
+                                          EncodeReport& report) {
+  const at::Tensor pixels = pixels_of(batch);
   std::vector<at::Tensor> means, logvars;
   auto keep = [&](const Moments& m) {
     means.push_back(m.mean.to(at::kFloat));
@@ -146,9 +155,7 @@ at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeP
   // The model's space -> raw (ComfyUI: output / scale + shift) -> the format asked for.
   const LatentFormat& native = info_.native_format;
   if (!native.is_raw()) latents = latents / native.scale + native.shift;
-  const LatentFormat& lf = params.latent_format;
-  if (!lf.is_raw()) latents = (latents - lf.shift) * lf.scale;
-  return latents;
+  return apply_latent_format(latents, params.latent_format);
 }
 
 EncodeReport TorchEncoder::encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host) {

@@ -38,6 +38,9 @@ class TorchEncoder : public Encoder {
   // device/precision combination fails at load time with a clear message.
   void probe();
 
+  // The batch's pixels on the compute device: what prepare() made (waited for
+  // on the compute stream), else converted now.
+  at::Tensor pixels_of(const FrameBatch& batch) const;
   // The batch's latents as float32 on the compute device, formatted per params.
   at::Tensor encode_on_device(const FrameBatch& batch, const EncodeParams& params, EncodeReport& report);
   // Both encode()s: the latents into `host`, a 1-D float32 tensor with room for
@@ -53,5 +56,8 @@ class TorchEncoder : public Encoder {
 // Converts a uint8 staging batch to N x 3 x H x W on `target`: upload the
 // 8-bit data, then pick the colour channels and normalise on the device.
 at::Tensor prepare_pixels(const FrameBatch& batch, const ComputeTarget& target, bool signed_range);
+
+// Raw latents (float32) -> the latent format asked for: every family's last step.
+at::Tensor apply_latent_format(const at::Tensor& raw, const LatentFormat& format);
 
 }  // namespace gstvae

@@ -29,5 +29,6 @@ extern const EncoderFamily kKLFamily;               // kl_vae.cpp
 extern const DecoderFamily kKLDecoderFamily;        // kl_vae.cpp
 extern const EncoderFamily kTaesdEncoderFamily;     // taesd.cpp
 extern const DecoderFamily kTaesdDecoderFamily;     // taesd.cpp
+extern const EncoderFamily kTaehvEncoderFamily;     // taehv.cpp
 
 }  // namespace gstvae

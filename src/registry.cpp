@@ -24,6 +24,7 @@ namespace {
 
 const EncoderFamily* const kEncoderFamilies[] = {
     &kKLFamily,
+    &kTaehvEncoderFamily,  // before TAESD: both are Sequentials named by index
     &kTaesdEncoderFamily,
 };
 
@@ -78,7 +79,8 @@ std::shared_ptr<void> load_uncached(Direction direction, const std::string& path
                           std::to_string(file->tensors().size()) +
                           " tensors; expected the encoder of an AutoencoderKL, e.g. 'encoder.conv_in.weight' "
                           "and 'encoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', or a "
-                          "TAESD encoder, e.g. '1.conv.0.weight')");
+                          "TAESD encoder, e.g. '1.conv.0.weight', or a TAEHV video encoder, e.g. "
+                          "'encoder.2.conv.weight')");
   }
   for (const DecoderFamily* family : kDecoderFamilies)
     if (family && family->detect(*file)) return family->load(file, options);

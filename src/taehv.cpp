@@ -304,8 +304,13 @@ class TaehvEncoder final : public TorchEncoder {
   at::Tensor mean_, std_;  // 1 x z x 1 x 1 float32 on the device
 };
 
+// Pixels (frames x height x width) per forward pass: 8 frames of 512x512
+// (512 MiB for the first layer's output in fp32 at the real width of 64).
+constexpr int64_t kPassPixels = int64_t{8} * 512 * 512;
+
 // One stream: the prepared pixels of an incomplete group and the MemBlocks'
 // last inputs. Every complete group of frames_per_latent frames gives a latent.
+
 class TaehvSession final : public EncodeSession {
  public:
   explicit TaehvSession(std::shared_ptr<TaehvEncoder> encoder) : encoder_(std::move(encoder)) {}
@@ -322,7 +327,7 @@ class TaehvSession final : public EncodeSession {
     const EncoderInfo& info = encoder_->info();
     const int64_t group = encoder_->network().frames_per_latent;
     BatchResult result;
-    result.report.sub_batch = group;
+    result.report.sub_batch = 0;  // frames per forward pass, once one ran
     use_configured_threads();
     c10::InferenceMode guard;
     try {
@@ -369,8 +374,20 @@ class TaehvSession final : public EncodeSession {
   // The first `count` held frames (whole groups) through the network; their
   // spans into result. Returns raw float32 latents.
   at::Tensor run(int64_t count, int64_t group, BatchResult& result) {
-    std::vector<at::Tensor> frames(held_.begin(), held_.begin() + count);
-    at::Tensor normalised = network_forward(encoder_->network(), at::cat(frames, 0), state_);
+    // Whole groups per pass, as many as fit kPassPixels (at least one): the
+    // first layer's output is 64 channels at full resolution for every frame
+    // of the pass. Passes chain through the MemBlock state, so the numbers do
+    // not depend on how the groups are cut.
+    const int64_t frame_pixels = held_.front().size(2) * held_.front().size(3);
+    const int64_t per_pass = std::max<int64_t>(1, kPassPixels / (group * frame_pixels)) * group;
+    std::vector<at::Tensor> passes;
+    for (int64_t start = 0; start < count; start += per_pass) {
+      const int64_t n = std::min(per_pass, count - start);
+      std::vector<at::Tensor> frames(held_.begin() + start, held_.begin() + start + n);
+      passes.push_back(network_forward(encoder_->network(), at::cat(frames, 0), state_));
+    }
+    at::Tensor normalised = passes.size() == 1 ? passes.front() : at::cat(passes, 0);
+    result.report.sub_batch = per_pass;
     for (int64_t g = 0; g < count; g += group)
       result.spans.push_back({held_indices_[static_cast<size_t>(g)], static_cast<uint32_t>(group)});
     held_.erase(held_.begin(), held_.begin() + count);

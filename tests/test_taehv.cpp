@@ -359,6 +359,20 @@ TEST(TaehvSession, ChunkPlansGiveTheSameLatents) {
   EXPECT_LE(max_rel_diff(again.latents, whole.latents), 1e-6);
 }
 
+TEST(TaehvSession, LargeBatchesRunInSeveralPasses) {
+  // 8 frames of 544x544 exceed one pass (8 frames of 512x512): two passes of
+  // one group each, chained through the state, give what two batches give.
+  TempDir dir;
+  auto enc = load_encoder(TinyTaehv().write(dir.file("m.safetensors")), cpu());
+  const int w = 544, h = 544;
+  auto clip = frames(8, w, h);
+  auto session = enc->open_session();
+  ClipRun one = encode_clip(*enc, *session, clip, w, h, {8}, true, false);
+  ClipRun two = encode_clip(*enc, *session, clip, w, h, {4}, true, false);
+  ASSERT_EQ(one.spans.size(), 2u);
+  EXPECT_LE(max_rel_diff(one.latents, two.latents), 1e-6);
+}
+
 TEST(TaehvSession, RawLatentsThenTheLatentFormat) {
   TempDir dir;
   auto enc = load_encoder(TinyTaehv().write(dir.file("m.safetensors")), cpu());

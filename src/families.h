@@ -30,5 +30,6 @@ extern const DecoderFamily kKLDecoderFamily;        // kl_vae.cpp
 extern const EncoderFamily kTaesdEncoderFamily;     // taesd.cpp
 extern const DecoderFamily kTaesdDecoderFamily;     // taesd.cpp
 extern const EncoderFamily kWanEncoderFamily;       // wan_vae.cpp
+extern const EncoderFamily kTaehvEncoderFamily;     // taehv.cpp
 
 }  // namespace gstvae

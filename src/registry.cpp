@@ -25,6 +25,7 @@ namespace {
 const EncoderFamily* const kEncoderFamilies[] = {
     &kWanEncoderFamily,  // first: its diffusers files share names with image VAEs (5-D convs tell them apart)
     &kKLFamily,
+    &kTaehvEncoderFamily,  // before TAESD: both are Sequentials named by index
     &kTaesdEncoderFamily,
 };
 
@@ -79,7 +80,8 @@ std::shared_ptr<void> load_uncached(Direction direction, const std::string& path
                           std::to_string(file->tensors().size()) +
                           " tensors; expected the encoder of an AutoencoderKL, e.g. 'encoder.conv_in.weight' "
                           "and 'encoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', or a "
-                          "TAESD encoder, e.g. '1.conv.0.weight', or a Wan video VAE encoder, e.g. a 5-D 'encoder.conv1.weight')");
+                          "TAESD encoder, e.g. '1.conv.0.weight', or a video VAE encoder: Wan (a 5-D "
+                          "'encoder.conv1.weight') or TAEHV (e.g. 'encoder.2.conv.weight')");
   }
   for (const DecoderFamily* family : kDecoderFamilies)
     if (family && family->detect(*file)) return family->load(file, options);

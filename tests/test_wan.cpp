@@ -5,7 +5,10 @@
 // tests/python/crosscheck_wan.py.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <memory>
 #include <random>
@@ -323,6 +326,43 @@ TEST_F(WanEncoderTest, StateDoesNotGrowWithTheStream) {
   }
   EXPECT_GT(after_warm_up, 0u);
   EXPECT_EQ(session->state_bytes(), after_warm_up);
+}
+
+size_t resident_bytes() {
+  long pages = 0, resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    std::fclose(f);
+  }
+  return static_cast<size_t>(resident) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+}
+
+// Soak: 5,000 frames through one session in batches of 7; the process's
+// resident memory after warm-up stays within 5 %.
+TEST_F(WanEncoderTest, SoakFiveThousandFramesWithFlatMemory) {
+  constexpr int kSide = 16;
+  constexpr size_t kFrames = 5000, kBatch = 7;
+  std::vector<std::vector<uint8_t>> frames;
+  for (int i = 0; i < 8; ++i) frames.push_back(test::make_frame(kSide, kSide, 3, kSide * 3, 200 + i));
+  auto session = enc_->open_session();
+  auto batch = enc_->new_batch(PixelFormat::RGB, kSide, kSide, kBatch);
+  size_t latents = 0, warm = 0, peak = 0;
+  for (size_t i = 0; i < kFrames; ++i) {
+    batch->add(frames[i % frames.size()].data(), kSide * 3, i);
+    if (batch->full() || i + 1 == kFrames) {
+      EncodeParams params;
+      params.end_of_clip = i + 1 == kFrames;
+      auto block = enc_->new_latents(*batch);
+      latents += session->encode(*batch, params, *block).spans.size();
+      batch->clear();
+      if (i >= 500 && !warm) warm = resident_bytes();
+      if (warm) peak = std::max(peak, resident_bytes());
+    }
+  }
+  EXPECT_EQ(latents, 1 + (kFrames - 1) / 4);
+  ASSERT_GT(warm, 0u);
+  EXPECT_LE(static_cast<double>(peak), 1.05 * static_cast<double>(warm))
+      << "resident memory grew from " << warm << " to " << peak << " bytes";
 }
 
 TEST_F(WanEncoderTest, SamplingDependsOnTheSeedNotTheBatching) {

@@ -19,6 +19,7 @@
 
 #include "errors.h"
 #include "families.h"
+#include "name_rules.h"
 #include "frame_storage.h"
 #include "torch_encoder.h"
 
@@ -43,16 +44,6 @@ const Variant kVariants[] = {
 
 // Files of upstream's other latent spaces, some with taew2_1's very shapes.
 const char* const kOtherSpaces[] = {"taehv1_5", "taehv", "taecvx", "taeltx"};
-
-std::string lowercase(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-std::string basename_of(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
 
 /* ------------------------------------------------------------------ layers */
 

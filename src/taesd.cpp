@@ -16,6 +16,7 @@
 
 #include "errors.h"
 #include "families.h"
+#include "name_rules.h"
 #include "torch_decoder.h"
 #include "torch_encoder.h"
 
@@ -62,16 +63,6 @@ const LatentSpace* space_by_name(const std::string& name) {
   for (const LatentSpace& s : kLatentSpaces)
     if (name == s.name) return &s;
   return nullptr;
-}
-
-std::string lowercase(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-std::string basename_of(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
 }
 
 // ComfyUI's rule: a file whose name starts with "taesdxl_" belongs to SDXL,

@@ -3,10 +3,12 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <string>
 #include <vector>
 
+#include "model.h"
 #include "safetensors.h"
 
 namespace gstvae::test {
@@ -47,5 +49,31 @@ std::vector<uint8_t> make_frame(int width, int height, int bytes_per_pixel, size
 
 // Writes raw bytes to a file (for hostile-file tests).
 void write_bytes(const std::string& path, const std::string& bytes);
+
+inline bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+// The message of the exception of type E thrown by `f`, or a marker.
+template <typename E, typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("<wrong exception type: ") + e.what() + ">";
+  }
+  return "<no exception>";
+}
+
+// fp32 on the CPU, the latent space given (TAESD-family files need one).
+inline ModelOptions cpu_fp32(const std::string& latent_space = "") {
+  ModelOptions o;
+  o.device = "cpu";
+  o.precision = Precision::F32;
+  o.latent_space = latent_space;
+  return o;
+}
 
 }  // namespace gstvae::test

@@ -38,25 +38,10 @@
 namespace gstvae {
 namespace {
 
+using test::contains;
+using test::error_of;
 using test::TempDir;
 using test::VaeSpec;
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
-// The message of the exception of type E thrown by `f`, or a marker.
-template <typename E, typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<wrong exception type: ") + e.what() + ">";
-  }
-  return "<no exception>";
-}
 
 // ============================================================ key normalisation
 

@@ -20,31 +20,11 @@
 namespace gstvae {
 namespace {
 
+using test::contains;
+using test::error_of;
 using test::TempDir;
 
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
-template <typename E, typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<wrong exception type: ") + e.what() + ">";
-  }
-  return "<no exception>";
-}
-
-ModelOptions cpu(const std::string& latent_space = "") {
-  ModelOptions o;
-  o.device = "cpu";
-  o.precision = Precision::F32;
-  o.latent_space = latent_space;
-  return o;
-}
+ModelOptions cpu(const std::string& latent_space = "") { return test::cpu_fp32(latent_space); }
 
 // Random TAEHV-layout encoder weights (He-scaled: activations stay O(1)).
 class TinyTaehv {

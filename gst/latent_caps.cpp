@@ -275,7 +275,7 @@ bool temporal_fits(const GstStructure* in, int t) {
   GValue want = G_VALUE_INIT;
   g_value_init(&want, G_TYPE_INT);
   g_value_set_int(&want, t);
-  const bool fits = gst_value_can_intersect(v, &want);
+  const bool fits = gst_value_intersect(nullptr, v, &want);
   g_value_unset(&want);
   return fits;
 }

@@ -160,7 +160,9 @@ class EncodeJob final : public gstvae_glue::Job {
   void report_padded(const gstvae::Span& last, uint32_t padded) const {
     GstClockTime start, end;
     time_range(last, &start, &end);
-    const uint32_t real = last.count > padded ? last.count - padded : last.count;
+    // The span may or may not count the copies: its real frames are the known ones.
+    uint32_t real = 1;
+    while (real < last.count && input_meta(last.first + real)) ++real;
     GST_ELEMENT_INFO(element, STREAM, ENCODE,
                      ("Padded the end of a clip: the last latent (PTS %" GST_TIME_FORMAT " to %" GST_TIME_FORMAT
                       ") repeats the last frame %u times",
@@ -168,7 +170,7 @@ class EncodeJob final : public gstvae_glue::Job {
                      ("pad-clip-end=true: a group of %d frames was completed by repeating its last frame (frame "
                       "%" G_GUINT64_FORMAT "); no reference encode does that, so this latent has no reference "
                       "counterpart",
-                      encoder->info().temporal_downscale, last.first + (real ? real - 1 : 0)));
+                      encoder->info().temporal_downscale, last.first + real - 1));
   }
 };
 

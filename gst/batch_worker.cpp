@@ -197,6 +197,11 @@ guint64 BatchWorker::inputs_in_flight() {
   return inputs_in_flight_;
 }
 
+bool BatchWorker::busy() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return !idle();
+}
+
 void BatchWorker::work_loop() {
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {

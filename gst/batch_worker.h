@@ -36,6 +36,7 @@ class BatchJob {
  public:
   virtual ~BatchJob() = default;
   // Inputs it holds (counted in frames-in-flight until its outputs are out).
+  // May be 0: a job that only flushes state its model kept from earlier jobs.
   virtual size_t inputs() const = 0;
   // Computes the outputs, in push order, each with its timestamps. Throws
   // std::exception on failure.
@@ -107,6 +108,9 @@ class BatchWorker {
   void set_flushing();
 
   guint64 inputs_in_flight();
+  // Any thread: whether a job or event is queued, running or being pushed
+  // (a job of no inputs counts, although inputs_in_flight() does not see it).
+  bool busy();
 
  private:
   struct WorkItem {

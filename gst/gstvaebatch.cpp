@@ -31,6 +31,14 @@
  *   sink pad stream lock -> BatchTimer::mutex_ (released before the timer
  *                           thread takes the stream lock)
  *   object lock: a leaf, never held while another lock is taken.
+ * Temporal models (a video VAE whose session regroups inputs, e.g. frame 0
+ * alone then groups of 4): a job's outputs may cover inputs of earlier jobs
+ * that the session held. Their metadata lives in the stream's HeldInputs
+ * (gstvaebatch.h), which, like the session, only the work thread touches, in
+ * job order; the streaming side only reads its atomic count. The streaming
+ * side tracks the clip (Streaming::clip_open, stream lock) and ends it with a
+ * job flagged end_of_clip, possibly of no inputs (end_clip()).
+ *
  * No C++ exception leaves this file: each vmethod catches and posts an
  * element error. */
 #include "gstvaebatch.h"
@@ -55,6 +63,7 @@ using gstvae_glue::BatchWorker;
 using gstvae_glue::CommonSettings;
 using gstvae_glue::DeferredJoins;
 using gstvae_glue::Direction;
+using gstvae_glue::HeldInputs;
 using gstvae_glue::InputMeta;
 using gstvae_glue::Job;
 
@@ -109,6 +118,12 @@ struct Stats {
 
 struct Streaming {
   std::unique_ptr<Direction> direction;
+  int temporal = 1;  // the model's temporal_downscale
+  // Temporal models: inputs were staged since the clip began (the next clip
+  // end must reach the session), so a DISCONT input starts a new clip.
+  bool clip_open = false;
+  // What the session holds, shared with the jobs (work thread; see HeldInputs).
+  std::shared_ptr<HeldInputs> held;
   std::vector<InputMeta> pending;  // metadata of the staged inputs
   guint64 first_pending_index = 0;
   // When the oldest staged input came, on the clock the batch timer uses.
@@ -135,6 +150,7 @@ struct Streaming {
 struct Facts {
   int scale = 8;
   int channels = 0;  // 0 until a model is loaded
+  int temporal = 1;  // inputs per output
   int fps_n = 0, fps_d = 1;
   GstClockTime reported_latency = 0;  // processing part last announced
 };
@@ -209,6 +225,13 @@ void gst_vae_batch_class_add_pad_templates(GstVaeBatchClass* klass, const char* 
   }
 }
 
+int gst_vae_batch_temporal_downscale(GstVaeBatch* self) {
+  GST_OBJECT_LOCK(self);
+  const int n = priv(self).facts.temporal;
+  GST_OBJECT_UNLOCK(self);
+  return n;
+}
+
 guint64 gst_vae_batch_outputs(GstVaeBatch* self) {
   GST_OBJECT_LOCK(self);
   const guint64 n = priv(self).stats.outputs;
@@ -218,38 +241,87 @@ guint64 gst_vae_batch_outputs(GstVaeBatch* self) {
 
 /* ------------------------------------------------------------------ jobs */
 
-std::vector<GstBuffer*> Job::outputs(GstMemory* memory, size_t output_bytes,
-                                     const std::vector<gstvae::Span>& spans) const {
+const InputMeta* Job::input_meta(guint64 index) const {
+  if (held && index >= held->first_index && index - held->first_index < held->metas.size())
+    return &held->metas[index - held->first_index];
+  if (index >= first_index && index - first_index < metas.size()) return &metas[index - first_index];
+  return nullptr;
+}
+
+std::vector<GstBuffer*> Job::outputs(GstMemory* memory, size_t output_bytes, const std::vector<gstvae::Span>& spans,
+                                     uint32_t padded) const {
   GstBuffer* all = gst_buffer_new();
   gst_buffer_append_memory(all, memory);
   std::vector<GstBuffer*> out;
+  auto fail = [&](size_t i, const gstvae::Span& span) {
+    for (GstBuffer* b : out) gst_buffer_unref(b);
+    gst_buffer_unref(all);
+    std::string known = std::to_string(first_index) + "+" + std::to_string(metas.size());
+    if (held && !held->metas.empty())
+      known = std::to_string(held->first_index) + "+" + std::to_string(held->metas.size()) + " (held) and " + known;
+    throw gstvae::VaeError("output " + std::to_string(i) + " covers inputs " + std::to_string(span.first) + "+" +
+                           std::to_string(span.count) + ", outside the inputs known to the batch, " + known);
+  };
   for (size_t i = 0; i < spans.size(); ++i) {
     const gstvae::Span& span = spans[i];
-    if (span.first < first_index || span.first + span.count > first_index + metas.size() || span.count == 0) {
-      for (GstBuffer* b : out) gst_buffer_unref(b);
-      gst_buffer_unref(all);
-      throw gstvae::VaeError("output " + std::to_string(i) + " covers inputs " + std::to_string(span.first) + "+" +
-                             std::to_string(span.count) + ", outside the batch's inputs " +
-                             std::to_string(first_index) + "+" + std::to_string(metas.size()));
+    const InputMeta* first = span.count ? input_meta(span.first) : nullptr;
+    if (!first) fail(i, span);
+    // The last span of a padded clip end may name the copies of the last
+    // frame: they add no time.
+    const uint32_t copies = i + 1 == spans.size() ? std::min<uint32_t>(padded, span.count - 1) : 0;
+    const InputMeta* last = first;
+    GstClockTime duration = first->duration;
+    for (uint32_t k = 1; k < span.count; ++k) {
+      const InputMeta* m = input_meta(span.first + k);
+      if (!m) {
+        if (k < span.count - copies) fail(i, span);
+        break;
+      }
+      last = m;
+      if (duration != GST_CLOCK_TIME_NONE)
+        duration = m->duration == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : duration + m->duration;
     }
     // Each output shares the batch's memory: no copy.
     GstBuffer* b = gst_buffer_copy_region(all, GST_BUFFER_COPY_MEMORY, i * output_bytes, output_bytes);
-    const InputMeta& m = metas[span.first - first_index];
-    GST_BUFFER_PTS(b) = m.pts;
-    GST_BUFFER_DTS(b) = m.dts;
-    GstClockTime duration = m.duration;
-    for (uint32_t k = 1; k < span.count && duration != GST_CLOCK_TIME_NONE; ++k) {
-      const GstClockTime d = metas[span.first - first_index + k].duration;
-      duration = d == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : duration + d;
-    }
+    GST_BUFFER_PTS(b) = first->pts;
+    GST_BUFFER_DTS(b) = first->dts;
     GST_BUFFER_DURATION(b) = duration;
-    GST_BUFFER_OFFSET(b) = m.offset;
-    GST_BUFFER_OFFSET_END(b) = metas[span.first - first_index + span.count - 1].offset_end;
-    if (m.discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+    GST_BUFFER_OFFSET(b) = first->offset;
+    GST_BUFFER_OFFSET_END(b) = last->offset_end;
+    if (first->discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
     out.push_back(b);
   }
   gst_buffer_unref(all);
   return out;
+}
+
+void Job::keep_held(size_t held_frames) {
+  if (!held) return;
+  HeldInputs& h = *held;
+  if (!metas.empty()) {
+    if (!h.metas.empty() && h.first_index + h.metas.size() != first_index) {
+      // Not the inputs that came right before: the session cannot hold those.
+      GST_WARNING("held inputs %" G_GUINT64_FORMAT "+%zu do not precede this batch's %" G_GUINT64_FORMAT
+                  ": forgetting them",
+                  h.first_index, h.metas.size(), first_index);
+      h.metas.clear();
+    }
+    if (h.metas.empty()) h.first_index = first_index;
+    h.metas.insert(h.metas.end(), metas.begin(), metas.end());
+  }
+  if (held_frames < h.metas.size()) {
+    const size_t drop = h.metas.size() - held_frames;
+    h.metas.erase(h.metas.begin(), h.metas.begin() + drop);
+    h.first_index += drop;
+  }
+  h.held.store(h.metas.size());
+}
+
+void Job::forget_held() {
+  if (!held) return;
+  held->metas.clear();
+  held->first_index = first_index;
+  held->held.store(0);
 }
 
 /* ------------------------------------------------------ worker callbacks */
@@ -318,14 +390,15 @@ static BatchWorker::Callbacks worker_callbacks(GstVaeBatch* self) {
 /* ------------------------------------------------------- streaming side */
 
 // Makes a job of the staged inputs and hands it to the worker, waiting while
-// another job is already waiting there.
-static GstFlowReturn hand_over(GstVaeBatch* self) {
+// another job is already waiting there. With `end_of_clip` (temporal models)
+// the job ends the clip, even with no inputs.
+static GstFlowReturn hand_over(GstVaeBatch* self, bool end_of_clip = false) {
   Streaming& st = priv(self).state;
-  if (!st.direction || st.pending.empty()) return GST_FLOW_OK;
+  if (!st.direction || (st.pending.empty() && !end_of_clip)) return GST_FLOW_OK;
   std::unique_ptr<Job> job;
   const auto start = std::chrono::steady_clock::now();
   try {
-    job = st.direction->take();
+    job = st.direction->take(end_of_clip);
   } catch (const std::exception& e) {
     st.drop_pending();
     GST_ELEMENT_ERROR(self, STREAM, FAILED, ("%s failed", GST_ELEMENT_NAME(self)), ("%s", e.what()));
@@ -334,17 +407,43 @@ static GstFlowReturn hand_over(GstVaeBatch* self) {
   job->prepare_time =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
   job->metas = std::move(st.pending);
-  job->first_index = st.first_pending_index;
+  job->first_index = job->metas.empty() ? st.input_index : st.first_pending_index;
+  job->end_of_clip = end_of_clip;
+  job->held = st.held;
   st.pending.clear();
   st.first_pending_index = st.input_index;
   return priv(self).worker->submit(std::move(job));
 }
 
-// Runs and pushes whatever is pending (EOS, caps change, serialized events).
-static GstFlowReturn drain(GstVaeBatch* self) {
-  GstFlowReturn ret = hand_over(self);
-  GstFlowReturn idle = priv(self).worker->wait_idle();
-  return ret != GST_FLOW_OK ? ret : idle;
+// A temporal model's clip ends (EOS, a new stream, a caps change, a DISCONT
+// input): the staged inputs go to the session as the clip's last job, or,
+// with none staged, a job of no inputs when the session may still hold frames
+// of the clip (an incomplete group, to drop or pad). The next input starts a
+// new clip. `may_wait`: the caller drains anyway, so it may wait for the jobs
+// in flight to learn whether the session holds anything; otherwise a job of no
+// inputs is sent unless the worker is idle with nothing held. Image models:
+// only hands the staged inputs over.
+static GstFlowReturn end_clip(GstVaeBatch* self, bool may_wait) {
+  Private& p = priv(self);
+  Streaming& st = p.state;
+  if (st.temporal <= 1 || !st.direction) return hand_over(self);
+  if (!st.clip_open) return GST_FLOW_OK;  // nothing staged since the last clip end or reset
+  st.clip_open = false;
+  GstFlowReturn ret = GST_FLOW_OK;
+  bool needed = !st.pending.empty();
+  if (!needed && may_wait) {
+    ret = p.worker->wait_idle();
+    needed = ret == GST_FLOW_OK && st.held->held.load() > 0;
+  } else if (!needed) {
+    needed = p.worker->busy() || st.held->held.load() > 0;
+  }
+  if (needed) {
+    GST_DEBUG_OBJECT(self, "clip ends after %zu staged inputs (the session held %zu before)", st.pending.size(),
+                     st.held->held.load());
+    ret = hand_over(self, true);
+  }
+  st.direction->reset();
+  return ret;
 }
 
 // Timer thread: the oldest staged input has waited batch-timeout, or
@@ -398,6 +497,9 @@ static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
     return FALSE;
   }
   p.state.pending.clear();
+  p.state.temporal = std::max(1, p.state.direction->temporal_downscale());
+  p.state.clip_open = false;
+  p.state.held = std::make_shared<HeldInputs>();
   p.state.input_index = 0;
   p.state.first_pending_index = 0;
   p.state.timer_flow = GST_FLOW_OK;
@@ -407,6 +509,7 @@ static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
   p.facts = Facts();
   p.facts.scale = p.state.direction->scale();
   p.facts.channels = p.state.direction->channels();
+  p.facts.temporal = p.state.temporal;
   GST_OBJECT_UNLOCK(self);
   p.timer->start([self] { timer_expired(self); },
                  [self] {
@@ -508,6 +611,18 @@ static GstFlowReturn gst_vae_batch_submit_input_buffer(GstBaseTransform* trans, 
     g_free(base);
     st.tags_sent = true;
   }
+  if (st.temporal > 1 && st.clip_open && GST_BUFFER_FLAG_IS_SET(input, GST_BUFFER_FLAG_DISCONT)) {
+    // A discontinuity inside a clip: the frames before it end the old clip,
+    // this one is frame 0 of a new one.
+    p.timer->disarm();
+    GST_DEBUG_OBJECT(self, "DISCONT at %" GST_TIME_FORMAT ": the clip ends before it",
+                     GST_TIME_ARGS(GST_BUFFER_PTS(input)));
+    const GstFlowReturn ret = end_clip(self, false);
+    if (ret != GST_FLOW_OK) {
+      gst_buffer_unref(input);
+      return ret;
+    }
+  }
   const CommonSettings s = settings_snapshot(self);
   if (st.pending.empty()) st.first_pending_index = st.input_index;
   try {
@@ -518,6 +633,7 @@ static GstFlowReturn gst_vae_batch_submit_input_buffer(GstBaseTransform* trans, 
     return GST_FLOW_ERROR;
   }
   st.input_index++;
+  st.clip_open = true;
   st.pending.push_back(InputMeta{GST_BUFFER_PTS(input), GST_BUFFER_DTS(input), GST_BUFFER_DURATION(input),
                                  GST_BUFFER_OFFSET(input), GST_BUFFER_OFFSET_END(input),
                                  GST_BUFFER_FLAG_IS_SET(input, GST_BUFFER_FLAG_DISCONT) != 0});
@@ -574,10 +690,15 @@ static gboolean gst_vae_batch_sink_event(GstBaseTransform* trans, GstEvent* even
     case GST_EVENT_SEGMENT_DONE:
     case GST_EVENT_STREAM_GROUP_DONE:
     case GST_EVENT_CUSTOM_DOWNSTREAM: {
-      // Outputs of the inputs before this event go out first, with the old caps.
+      // Outputs of the inputs before this event go out first, with the old
+      // caps. EOS, a new stream and new caps end a temporal model's clip.
       p.timer->disarm();
       GST_DEBUG_OBJECT(self, "draining %zu pending inputs before %s", st.pending.size(), GST_EVENT_TYPE_NAME(event));
-      GstFlowReturn ret = drain(self);
+      const GstEventType type = GST_EVENT_TYPE(event);
+      const bool ends_clip = type == GST_EVENT_EOS || type == GST_EVENT_STREAM_START || type == GST_EVENT_CAPS;
+      GstFlowReturn ret = ends_clip ? end_clip(self, true) : hand_over(self);
+      const GstFlowReturn idle = p.worker->wait_idle();
+      if (ret == GST_FLOW_OK) ret = idle;
       if (ret != GST_FLOW_OK && ret != GST_FLOW_FLUSHING)
         GST_WARNING_OBJECT(self, "draining before %s: %s", GST_EVENT_TYPE_NAME(event), gst_flow_get_name(ret));
       if (GST_EVENT_TYPE(event) == GST_EVENT_STREAM_START) {
@@ -585,6 +706,7 @@ static gboolean gst_vae_batch_sink_event(GstBaseTransform* trans, GstEvent* even
         // model again. Its first input starts a new clip.
         st.tags_sent = false;
         if (st.direction) st.direction->reset();
+        st.clip_open = false;
       }
       break;
     }
@@ -598,6 +720,7 @@ static gboolean gst_vae_batch_sink_event(GstBaseTransform* trans, GstEvent* even
       GST_DEBUG_OBJECT(self, "flush: dropping %zu pending inputs", st.pending.size());
       st.drop_pending();
       if (st.direction) st.direction->reset();
+      st.clip_open = false;
       st.timer_flow = GST_FLOW_OK;
       p.worker->flush_stop();
       break;
@@ -633,6 +756,7 @@ static gboolean gst_vae_batch_query(GstBaseTransform* trans, GstPadDirection dir
   Private& p = priv(self);
   const GstClockTime batch_time = p.stats.processing_estimate();
   const gint fps_n = p.facts.fps_n, fps_d = p.facts.fps_d;
+  const int temporal = p.facts.temporal;
   p.facts.reported_latency = batch_time;
   GST_OBJECT_UNLOCK(self);
 
@@ -642,10 +766,18 @@ static gboolean gst_vae_batch_query(GstBaseTransform* trans, GstPadDirection dir
     wait = gst_util_uint64_scale(static_cast<guint64>(s.per_batch) - 1, GST_SECOND * fps_d, fps_n);
   if (s.per_batch == 1) wait = 0;
   if (s.batch_timeout && (wait == GST_CLOCK_TIME_NONE || wait > s.batch_timeout)) wait = s.batch_timeout;
+  // A temporal model's output also waits for the rest of its group: up to
+  // (temporal - 1) inputs after its first, whatever the batching.
+  if (temporal > 1) {
+    const GstClockTime group = fps_n > 0 && fps_d > 0
+                                   ? gst_util_uint64_scale(static_cast<guint64>(temporal) - 1, GST_SECOND * fps_d, fps_n)
+                                   : GST_CLOCK_TIME_NONE;
+    wait = wait == GST_CLOCK_TIME_NONE || group == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : wait + group;
+  }
 
   min += (wait == GST_CLOCK_TIME_NONE ? 0 : wait) + batch_time;
   if (max != GST_CLOCK_TIME_NONE) max = wait == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : max + wait + batch_time;
-  GST_DEBUG_OBJECT(self, "latency: batch wait %" GST_TIME_FORMAT " + processing %" GST_TIME_FORMAT
+  GST_DEBUG_OBJECT(self, "latency: batch (and group) wait %" GST_TIME_FORMAT " + processing %" GST_TIME_FORMAT
                    " -> min %" GST_TIME_FORMAT " max %" GST_TIME_FORMAT,
                    GST_TIME_ARGS(wait), GST_TIME_ARGS(batch_time), GST_TIME_ARGS(min), GST_TIME_ARGS(max));
   gst_query_set_latency(query, live, min, max);

@@ -94,6 +94,14 @@ class DecodeDirection final : public gstvae_glue::Direction {
       GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Invalid latent caps"), ("%" GST_PTR_FORMAT, incaps));
       return false;
     }
+    if (in.temporal_downscale > temporal_downscale()) {
+      // Video latents (one per group of frames) need a temporal decoder.
+      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Video latents cannot be decoded yet"),
+                        ("the latents have temporal-downscale=%d (each covers %d frames, from a video VAE such as "
+                         "Wan); the decoder '%s' decodes one image per latent and has no temporal decoder",
+                         in.temporal_downscale, in.temporal_downscale, model_path().c_str()));
+      return false;
+    }
     if (in.channels != channels()) {
       GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Latents do not fit the decoder"),
                         ("the latents have %d channels, the decoder '%s' takes %d", in.channels,
@@ -166,7 +174,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
   // Applied by the next job on the work thread, which alone uses the session.
   void reset() override { reset_pending_ = true; }
 
-  std::unique_ptr<gstvae_glue::Job> take() override {
+  std::unique_ptr<gstvae_glue::Job> take(bool /*end_of_clip: image decoders only, for now*/) override {
     auto job = std::make_unique<DecodeJob>();
     job->element = GST_ELEMENT(element_);
     job->decoder = decoder_;

@@ -9,6 +9,18 @@
  * that frame's timestamps. Batching, threads, events, latency and progress
  * come from GstVaeBatch (gstvaebatch.cpp); this file is the encode direction.
  *
+ * Video VAEs (the causal Wan 2.1/2.2 VAEs, TAEHV: temporal-downscale N = 4)
+ * give one latent per group of N frames instead (Wan: frame 0 alone, then
+ * groups of 4), whatever `per-batch` is: the model's session regroups the
+ * frames across batches and holds an incomplete group until it completes. A
+ * latent has the PTS, DTS, offset and DISCONT of the first frame it covers
+ * and the summed duration of its frames; the caps say temporal-downscale=N
+ * and the framerate divided by N. EOS, a new stream, a caps change and a
+ * DISCONT frame (other than a clip's first) end the clip: an incomplete last
+ * group is dropped with a warning naming its frames, as the reference encodes
+ * do, or completed by repeating its last frame with `pad-clip-end`. Flushes
+ * drop it silently. See docs/vaeencode.md, "Video VAEs: temporal models".
+ *
  * ## Example launch line
  * |[
  * gst-launch-1.0 filesrc location=clip.mp4 ! decodebin ! videoconvert ! video/x-raw,format=RGB \
@@ -46,6 +58,7 @@ enum {
   PROP_LATENT_FORMAT,
   PROP_LATENT_SPACE,
   PROP_LATENTS_OUT,
+  PROP_PAD_CLIP_END,
 };
 
 struct EncodeSettings {
@@ -53,6 +66,7 @@ struct EncodeSettings {
   guint64 seed = 0;
   gint latent_format = 0;
   std::string latent_space;
+  gboolean pad_clip_end = FALSE;
 };
 
 // Staging batches the work thread is done with, for the next ones.
@@ -79,18 +93,84 @@ class EncodeJob final : public gstvae_glue::Job {
   }
 
   std::vector<GstBuffer*> run() override {
-    // The session is touched only here, on the work thread, in job order.
-    if (reset_session) session->reset();
+    // The session, and the metadata of the frames it holds (HeldInputs), are
+    // touched only here, on the work thread, in job order.
+    if (reset_session) {
+      session->reset();
+      forget_held();
+    }
     std::unique_ptr<LatentBlock> block = encoder->new_latents(*batch);
-    gstvae::BatchResult result = session->encode(*batch, params, *block);
+    gstvae::BatchResult result;
+    try {
+      result = session->encode(*batch, params, *block);
+    } catch (...) {
+      // What the session holds now is unknown: the next clip starts afresh.
+      session->reset();
+      forget_held();
+      throw;
+    }
     for (const std::string& note : result.report.notes) GST_WARNING_OBJECT(element, "%s", note.c_str());
+    if (result.dropped.count) report_dropped(result.dropped);
+    if (result.padded_frames && !result.spans.empty()) report_padded(result.spans.back(), result.padded_frames);
     const size_t latent_bytes = encoder->latent_floats_per_frame(*batch) * sizeof(float);
     LatentBlock* raw = block.release();
     GstMemory* memory =
         gst_memory_new_wrapped(static_cast<GstMemoryFlags>(0), raw->data(), raw->bytes(), 0,
                                result.spans.size() * latent_bytes, raw,
                                [](gpointer p) { delete static_cast<LatentBlock*>(p); });
-    return outputs(memory, latent_bytes, result.spans);
+    std::vector<GstBuffer*> out;
+    try {
+      out = outputs(memory, latent_bytes, result.spans, result.padded_frames);
+    } catch (...) {
+      keep_held(session->held_frames());
+      throw;
+    }
+    keep_held(session->held_frames());
+    return out;
+  }
+
+ private:
+  // The PTS of the first of `span`'s frames and the end of its last known one.
+  void time_range(const gstvae::Span& span, GstClockTime* start, GstClockTime* end) const {
+    *start = *end = GST_CLOCK_TIME_NONE;
+    if (const gstvae_glue::InputMeta* m = input_meta(span.first)) *start = m->pts;
+    for (uint32_t k = span.count; k > 0; --k)
+      if (const gstvae_glue::InputMeta* m = input_meta(span.first + k - 1)) {
+        *end = GST_CLOCK_TIME_IS_VALID(m->pts) && GST_CLOCK_TIME_IS_VALID(m->duration) ? m->pts + m->duration
+                                                                                     : m->pts;
+        break;
+      }
+  }
+
+  void report_dropped(const gstvae::Span& dropped) const {
+    GstClockTime start, end;
+    time_range(dropped, &start, &end);
+    const int group = encoder->info().temporal_downscale;
+    GST_ELEMENT_WARNING(element, STREAM, ENCODE,
+                        ("Dropped %u frames at the end of a clip (PTS %" GST_TIME_FORMAT " to %" GST_TIME_FORMAT
+                         "): too few for a latent",
+                         dropped.count, GST_TIME_ARGS(start), GST_TIME_ARGS(end)),
+                        ("frames %" G_GUINT64_FORMAT "..%" G_GUINT64_FORMAT " of the stream: the model (%s) "
+                         "turns each complete group of %d frames into one latent and, as its official encode "
+                         "does, drops a clip's frames past the last complete group. Set pad-clip-end=true to "
+                         "encode them anyway by repeating the last frame (which no reference does)",
+                         dropped.first, dropped.first + dropped.count - 1, encoder->info().family.c_str(), group));
+  }
+
+  void report_padded(const gstvae::Span& last, uint32_t padded) const {
+    GstClockTime start, end;
+    time_range(last, &start, &end);
+    // The span may or may not count the copies: its real frames are the known ones.
+    uint32_t real = 1;
+    while (real < last.count && input_meta(last.first + real)) ++real;
+    GST_ELEMENT_INFO(element, STREAM, ENCODE,
+                     ("Padded the end of a clip: the last latent (PTS %" GST_TIME_FORMAT " to %" GST_TIME_FORMAT
+                      ") repeats the last frame %u times",
+                      GST_TIME_ARGS(start), GST_TIME_ARGS(end), padded),
+                     ("pad-clip-end=true: a group of %d frames was completed by repeating its last frame (frame "
+                      "%" G_GUINT64_FORMAT "); no reference encode does that, so this latent has no reference "
+                      "counterpart",
+                      encoder->info().temporal_downscale, last.first + real - 1));
   }
 };
 
@@ -102,6 +182,7 @@ class EncodeDirection final : public gstvae_glue::Direction {
   std::string model_path() const override { return encoder_->info().model_path; }
   int scale() const override { return encoder_->info().downscale; }
   int channels() const override { return encoder_->info().latent_channels; }
+  int temporal_downscale() const override { return encoder_->info().temporal_downscale; }
   bool have_caps() const override { return have_info_; }
 
   bool set_caps(GstCaps* incaps, GstCaps* /*outcaps*/) override {
@@ -139,6 +220,9 @@ class EncodeDirection final : public gstvae_glue::Direction {
                            GST_VIDEO_INFO_PAR_N(&info), GST_VIDEO_INFO_PAR_D(&info), GST_VIDEO_INFO_WIDTH(&info),
                            GST_VIDEO_INFO_HEIGHT(&info)));
     }
+    // The same caps again (downstream renegotiating): the staged frames and
+    // the clip go on.
+    if (have_info_ && gst_video_info_is_equal(&info, &info_)) return true;
     // A different geometry or format needs a new staging batch (drained already).
     batch_.reset();
     info_ = info;
@@ -173,7 +257,7 @@ class EncodeDirection final : public gstvae_glue::Direction {
   // Applied by the next job on the work thread, which alone uses the session.
   void reset() override { reset_pending_ = true; }
 
-  std::unique_ptr<gstvae_glue::Job> take() override {
+  std::unique_ptr<gstvae_glue::Job> take(bool end_of_clip) override {
     auto job = std::make_unique<EncodeJob>();
     job->element = GST_ELEMENT(element_);
     job->encoder = encoder_;
@@ -187,9 +271,13 @@ class EncodeDirection final : public gstvae_glue::Direction {
     job->params.sample = s.sample;
     job->params.seed = s.seed;
     job->params.latent_format = gstvae::latent_format_by_name(gst_vae_latent_format_nick(s.latent_format));
+    job->params.end_of_clip = end_of_clip;
+    job->params.pad_clip_end = s.pad_clip_end;
     job->batch = std::move(batch_);
+    // A clip end with no frames staged: an empty batch of the clip's geometry.
+    if (!job->batch) job->batch = empty_batch();
     // On GPUs this starts the upload, which then overlaps the encode in progress.
-    encoder_->prepare(*job->batch);
+    if (!job->batch->empty()) encoder_->prepare(*job->batch);
     return job;
   }
 
@@ -214,6 +302,21 @@ class EncodeDirection final : public gstvae_glue::Direction {
       }
     }
     batch_ = encoder_->new_batch(format_, width, height, per_batch);
+  }
+
+  // An empty batch for the current caps, of any capacity.
+  std::unique_ptr<FrameBatch> empty_batch() {
+    const int width = GST_VIDEO_INFO_WIDTH(&info_), height = GST_VIDEO_INFO_HEIGHT(&info_);
+    {
+      std::lock_guard<std::mutex> lock(spares_->mutex);
+      for (auto it = spares_->batches.begin(); it != spares_->batches.end(); ++it)
+        if ((*it)->format() == format_ && (*it)->frame_width() == width && (*it)->frame_height() == height) {
+          std::unique_ptr<FrameBatch> b = std::move(*it);
+          spares_->batches.erase(it);
+          return b;
+        }
+    }
+    return encoder_->new_batch(format_, width, height, 1);
   }
 
   GstVaeEncode* element_;
@@ -265,6 +368,7 @@ static GstCaps* gst_vae_encode_transform_caps(GstBaseTransform* trans, GstPadDir
   // Caps queries come from any thread: only object-locked facts are read.
   gst_latent_caps::Model model;
   gst_vae_batch_model_facts(GST_VAE_BATCH(self), &model.downscale, &model.channels);
+  model.temporal_downscale = gst_vae_batch_temporal_downscale(GST_VAE_BATCH(self));
   GST_OBJECT_LOCK(self);
   model.latent_format = gst_vae_latent_format_nick(self->settings->latent_format);
   GST_OBJECT_UNLOCK(self);
@@ -298,6 +402,7 @@ static void gst_vae_encode_set_property(GObject* object, guint prop_id, const GV
     case PROP_SEED: s.seed = g_value_get_uint64(value); break;
     case PROP_LATENT_FORMAT: s.latent_format = g_value_get_enum(value); break;
     case PROP_LATENT_SPACE: s.latent_space = g_value_get_string(value) ? g_value_get_string(value) : ""; break;
+    case PROP_PAD_CLIP_END: s.pad_clip_end = g_value_get_boolean(value); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
   GST_OBJECT_UNLOCK(self);
@@ -316,6 +421,7 @@ static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* 
     case PROP_SEED: g_value_set_uint64(value, s.seed); break;
     case PROP_LATENT_FORMAT: g_value_set_enum(value, s.latent_format); break;
     case PROP_LATENT_SPACE: g_value_set_string(value, s.latent_space.c_str()); break;
+    case PROP_PAD_CLIP_END: g_value_set_boolean(value, s.pad_clip_end); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
   GST_OBJECT_UNLOCK(self);
@@ -370,6 +476,15 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
                           "taesdxl, taesd3, taef1, taef2), overriding its file name and metadata; empty = from "
                           "the file",
                           "", rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_PAD_CLIP_END,
+      g_param_spec_boolean("pad-clip-end", "Pad clip end",
+                           "Video VAEs (temporal-downscale > 1): at a clip's end (EOS, new stream, caps change, "
+                           "DISCONT) complete the last incomplete group of frames by repeating the last frame, "
+                           "giving one more latent, instead of dropping those frames (with a warning) as every "
+                           "reference encode does; no reference pads, so that latent has no reference "
+                           "counterpart. Applies from the next clip end. No effect on image models",
+                           FALSE, rw_playing));
   g_object_class_install_property(
       gobject_class, PROP_LATENTS_OUT,
       g_param_spec_uint64("latents-out", "Latents out", "Latents produced since the element started", 0,

@@ -202,6 +202,84 @@ void copy_framerate(const GstStructure* in, GstStructure* out) {
     gst_structure_set(out, "framerate", GST_TYPE_FRACTION_RANGE, 0, 1, G_MAXINT, 1, nullptr);
 }
 
+// n/d scaled by `mul` / `div`; an overflow saturates at G_MAXINT/1 (the top
+// of the caps' framerate ranges). 0/1 stays 0/1.
+void scale_fraction(gint n, gint d, gint mul, gint div, gint* rn, gint* rd) {
+  if (n == 0) {
+    *rn = 0, *rd = 1;
+  } else if (!gst_util_fraction_multiply(n, d, mul, div, rn, rd)) {
+    *rn = G_MAXINT, *rd = 1;
+  }
+}
+
+// Maps a framerate value (fraction, fraction range or list of them); false
+// for other value types.
+bool map_framerate(const GValue* in, GValue* out, gint mul, gint div) {
+  if (GST_VALUE_HOLDS_FRACTION(in)) {
+    gint n, d;
+    scale_fraction(gst_value_get_fraction_numerator(in), gst_value_get_fraction_denominator(in), mul, div, &n, &d);
+    g_value_init(out, GST_TYPE_FRACTION);
+    gst_value_set_fraction(out, n, d);
+    return true;
+  }
+  if (GST_VALUE_HOLDS_FRACTION_RANGE(in)) {
+    const GValue* lo = gst_value_get_fraction_range_min(in);
+    const GValue* hi = gst_value_get_fraction_range_max(in);
+    gint ln, ld, hn, hd;
+    scale_fraction(gst_value_get_fraction_numerator(lo), gst_value_get_fraction_denominator(lo), mul, div, &ln, &ld);
+    scale_fraction(gst_value_get_fraction_numerator(hi), gst_value_get_fraction_denominator(hi), mul, div, &hn, &hd);
+    if (gst_util_fraction_compare(ln, ld, hn, hd) >= 0) {  // saturated to one value
+      g_value_init(out, GST_TYPE_FRACTION);
+      gst_value_set_fraction(out, hn, hd);
+    } else {
+      g_value_init(out, GST_TYPE_FRACTION_RANGE);
+      gst_value_set_fraction_range_full(out, ln, ld, hn, hd);
+    }
+    return true;
+  }
+  if (GST_VALUE_HOLDS_LIST(in)) {
+    g_value_init(out, GST_TYPE_LIST);
+    for (guint i = 0; i < gst_value_list_get_size(in); ++i) {
+      GValue item = G_VALUE_INIT;
+      if (map_framerate(gst_value_list_get_value(in, i), &item, mul, div))
+        gst_value_list_append_and_take_value(out, &item);
+    }
+    if (gst_value_list_get_size(out) == 0) {
+      g_value_unset(out);
+      return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+// The framerate through a video model's temporal downscale `t`: divided on
+// the way to latents, multiplied on the way back. t = 1: copied.
+bool copy_framerate_scaled(const GstStructure* in, GstStructure* out, int t, bool to_latent) {
+  const GValue* fr = gst_structure_get_value(in, "framerate");
+  if (t <= 1 || !fr) {
+    copy_framerate(in, out);
+    return true;
+  }
+  GValue mapped = G_VALUE_INIT;
+  if (!map_framerate(fr, &mapped, to_latent ? 1 : t, to_latent ? t : 1)) return false;
+  gst_structure_take_value(out, "framerate", &mapped);
+  return true;
+}
+
+// Whether latent caps `in` may carry the temporal downscale `t` (a field
+// that is absent, or whose value allows t; absent means 1 for fixed caps).
+bool temporal_fits(const GstStructure* in, int t) {
+  const GValue* v = gst_structure_get_value(in, "temporal-downscale");
+  if (!v) return true;
+  GValue want = G_VALUE_INIT;
+  g_value_init(&want, G_TYPE_INT);
+  g_value_set_int(&want, t);
+  const bool fits = gst_value_intersect(nullptr, v, &want);
+  g_value_unset(&want);
+  return fits;
+}
+
 }  // namespace
 
 GstCaps* video_to_latent(const GstCaps* video, const Model& model) {
@@ -217,8 +295,14 @@ GstCaps* video_to_latent(const GstCaps* video, const Model& model) {
       gst_structure_free(s);
       continue;
     }
-    copy_framerate(in, s);
+    if (!copy_framerate_scaled(in, s, model.temporal_downscale, true)) {
+      gst_structure_free(s);
+      continue;
+    }
     gst_structure_set(s, "latent-format", G_TYPE_STRING, model.latent_format.c_str(), nullptr);
+    // Image models' caps carry no temporal-downscale (1 is implied).
+    if (model.temporal_downscale > 1)
+      gst_structure_set(s, "temporal-downscale", G_TYPE_INT, model.temporal_downscale, nullptr);
     out = gst_caps_merge_structure(out, s);
   }
   return out;
@@ -234,13 +318,14 @@ GstCaps* latent_to_video(const GstCaps* latent, const Model& model) {
     if (model.channels > 0 && gst_structure_get_int(in, "channels", &channels) && channels != model.channels) continue;
     const char* lf = gst_structure_get_string(in, "latent-format");
     if (lf && model.latent_format != lf) continue;
+    if (!temporal_fits(in, std::max(1, model.temporal_downscale))) continue;
     GstStructure* s = gst_structure_new_empty("video/x-raw");
     gst_structure_set_value(s, "format", &formats);
-    if (!copy_dimensions(in, s, false, model.downscale)) {
+    if (!copy_dimensions(in, s, false, model.downscale) ||
+        !copy_framerate_scaled(in, s, model.temporal_downscale, false)) {
       gst_structure_free(s);
       continue;
     }
-    copy_framerate(in, s);
     out = gst_caps_merge_structure(out, s);
   }
   g_value_unset(&formats);
@@ -308,6 +393,8 @@ bool parse(const GstCaps* caps, Info* info) {
   }
   const char* lf = gst_structure_get_string(s, "latent-format");
   info->latent_format = lf ? lf : "raw";
+  if (!gst_structure_get_int(s, "temporal-downscale", &info->temporal_downscale) || info->temporal_downscale < 1)
+    info->temporal_downscale = 1;
   if (!gst_structure_get_int(s, "source-width", &info->source_width) ||
       !gst_structure_get_int(s, "source-height", &info->source_height))
     info->source_width = info->source_height = 0;

@@ -25,14 +25,20 @@ struct Model {
   int downscale = 8;
   int channels = 0;  // 0: unknown yet (no model loaded): any
   std::string latent_format = "raw";
+  // Input frames per latent frame: 1 for image models; N > 1 (video VAEs)
+  // adds temporal-downscale=N to the latent caps and divides the framerate.
+  int temporal_downscale = 1;
 };
 
 // video/x-raw -> application/x-latent (width and height divided by the
-// downscale, rounding down as the crop does; framerate kept; the video size
-// kept as source-width and source-height).
+// downscale, rounding down as the crop does; framerate kept, or divided by a
+// video model's temporal downscale, which the caps then carry as
+// temporal-downscale; the video size kept as source-width and source-height).
 GstCaps* video_to_latent(const GstCaps* video, const Model& model);
 // application/x-latent -> video/x-raw in the accepted formats (each latent
-// width w comes from video widths w*d .. w*d + d-1, or exactly source-width).
+// width w comes from video widths w*d .. w*d + d-1, or exactly source-width;
+// the framerate multiplied by the temporal downscale; latents of another
+// temporal-downscale than the model's left out).
 GstCaps* latent_to_video(const GstCaps* latent, const Model& model);
 
 // For a decoder: application/x-latent -> video/x-raw in the accepted formats,
@@ -53,6 +59,7 @@ struct Info {
   int fps_n = 0, fps_d = 1;
   int source_width = 0, source_height = 0;  // video frame size, when the caps say
   std::string latent_format = "raw";
+  int temporal_downscale = 1;  // frames per latent (the caps' temporal-downscale, 1 when absent)
   size_t frame_bytes() const { return static_cast<size_t>(channels) * width * height * sizeof(float); }
 };
 // False when the caps are not fixed latent caps in F32.

@@ -252,6 +252,53 @@ TEST(BatchWorker, StopDuringAJobDropsItsOutputs) {
   w.stop();
 }
 
+// Outputs `n` buffers (offsets 1000, 1001, ...) from no inputs: a temporal
+// model's clip end, emitting what its session held from earlier jobs.
+class NoInputJob : public BatchJob {
+ public:
+  explicit NoInputJob(size_t n, Gate* gate = nullptr) : n_(n), gate_(gate) {}
+  size_t inputs() const override { return 0; }
+  std::vector<GstBuffer*> run() override {
+    if (gate_) gate_->pass();
+    std::vector<GstBuffer*> out;
+    for (size_t i = 0; i < n_; ++i) {
+      GstBuffer* b = gst_buffer_new();
+      GST_BUFFER_OFFSET(b) = 1000 + i;
+      out.push_back(b);
+    }
+    return out;
+  }
+
+ private:
+  size_t n_;
+  Gate* gate_;
+};
+
+TEST(BatchWorker, JobsOfNoInputsRunInOrder) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  EXPECT_FALSE(w.busy());
+  Gate model;
+  model.close();
+  ASSERT_EQ(w.submit(job({0, 1})), GST_FLOW_OK);
+  ASSERT_EQ(w.submit(std::make_unique<NoInputJob>(1, &model)), GST_FLOW_OK);
+  ASSERT_TRUE(model.wait_for_waiter());
+  // Its inputs are not in flight, but the job is: events wait behind it.
+  EXPECT_TRUE(w.busy());
+  EXPECT_TRUE(w.queue_event(gst_event_new_tag(gst_tag_list_new_empty())));
+  ASSERT_EQ(w.submit(std::make_unique<NoInputJob>(0)), GST_FLOW_OK);  // nothing to emit
+  model.release();
+  ASSERT_EQ(w.submit(job({2})), GST_FLOW_OK);
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_OK);
+  EXPECT_FALSE(w.busy());
+  EXPECT_EQ(down.snapshot(), (std::vector<std::string>{"0", "1", "1000", "tag", "2"}));
+  EXPECT_EQ(w.inputs_in_flight(), 0u);
+  EXPECT_EQ(down.done_jobs, 4u);
+  w.stop();
+}
+
 // The timer waits on the clock it is given: a GstTestClock moves it, real
 // time does not.
 TEST(BatchTimer, FiresOnTheTestClockDeadlineOnlyAndNotWhenDisarmed) {

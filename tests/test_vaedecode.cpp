@@ -979,6 +979,27 @@ TEST_F(VaeDecodeTest, WrongChannelCountErrorNamesBothCounts) {
   EXPECT_EQ(t.queued(), 0u);
 }
 
+// Video latents (Wan, TAEHV: one latent per 4 frames) need a temporal
+// decoder, which vaedecode does not have yet: refused at caps, saying why.
+TEST_F(VaeDecodeTest, VideoLatentsRefusedClearly) {
+  Harness t(make_element(1), true);
+  t.caps(latent_caps(kW, kH) + ", temporal-downscale=(int)4");
+  EXPECT_EQ(t.push(latent_buffer(make_latent(kW, kH, 1), 0)), GST_FLOW_NOT_NEGOTIATED);
+  const std::string error = bus_text(t.bus, GST_MESSAGE_ERROR);
+  EXPECT_NE(error.find("Video latents cannot be decoded yet"), std::string::npos) << error;
+  EXPECT_NE(error.find("temporal-downscale=4"), std::string::npos) << error;
+  EXPECT_NE(error.find("taesd_decoder.safetensors"), std::string::npos) << error;
+  EXPECT_EQ(t.queued(), 0u);
+}
+
+// temporal-downscale=1 is what image latents are (the field is optional).
+TEST_F(VaeDecodeTest, TemporalDownscaleOneIsAnImageLatent) {
+  Harness t(make_element(1));
+  t.caps(latent_caps(kW, kH) + ", temporal-downscale=(int)1");
+  EXPECT_EQ(t.push(latent_buffer(make_latent(kW, kH, 1), 0)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 1u);
+}
+
 TEST_F(VaeDecodeTest, WrongBufferSizeErrorNamesSizes) {
   Harness t(make_element(1), true);
   t.caps(latent_caps(kW, kH));

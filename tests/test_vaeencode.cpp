@@ -489,6 +489,7 @@ TEST_F(VaeEncodeTest, BatchReleasedWhenFullWithTimestampsAndCaps) {
   EXPECT_EQ(fps_n, 25);
   EXPECT_EQ(fps_d, 1);
   EXPECT_STREQ(gst_structure_get_string(s, "latent-format"), "raw");
+  EXPECT_FALSE(gst_structure_has_field(s, "temporal-downscale")) << "image models' caps are as before video VAEs";
   gst_caps_unref(caps);
 }
 

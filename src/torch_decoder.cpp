@@ -44,7 +44,9 @@ void LatentBatch::add(const void* values, uint64_t index) {
 void LatentBatch::clear() { indices_.clear(); }
 
 namespace {
-bool pinned_host(const DecoderInfo& info) { return info.device.rfind("cuda", 0) == 0; }
+bool pinned_host(const DecoderInfo& info) {
+  return info.device.rfind("cuda", 0) == 0 && cuda_levers().pinned_staging;
+}
 
 // One frame per latent: the session of a decoder without time.
 class ImageDecodeSession final : public DecodeSession {
@@ -154,7 +156,7 @@ at::Tensor TorchDecoder::run(const LatentBatch& batch, const DecodeParams& param
     if (!given.is_raw()) z = z / given.scale + given.shift;
     const LatentFormat& native = info_.native_format;
     if (!native.is_raw()) z = (z - native.shift) * native.scale;
-    z = z.to(target_.dtype).contiguous();
+    z = z.to(target_.dtype).contiguous(activation_format(target_));
 
     std::vector<at::Tensor> parts;
     report = run_with_memory_fallback(

@@ -12,6 +12,7 @@
 
 #include "encoder.h"
 #include "errors.h"
+#include "levers.h"
 
 using namespace gstvae;
 
@@ -71,7 +72,8 @@ int main(int argc, char** argv) {
 
     auto encoder = load_encoder(args["model"], options);
     const EncoderInfo& info = encoder->info();
-    std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n";
+    std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n"
+              << describe_levers(cuda_levers(), info.device, info.precision) << "\n";
     auto batch = encoder->new_batch(format, width, height, per_batch);
     const size_t per_frame = encoder->latent_floats_per_frame(*batch);
     std::vector<float> latents(n * per_frame);

@@ -92,7 +92,7 @@ def engine_fps(tool, model, size, batches, precisions, device, iters, threads):
         m = re.match(r"\s*(\d+)\s+(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line)
         if m:
             result[(m.group(2), int(m.group(3)))] = (float(m.group(5)), float(m.group(6)))
-        elif "skipped" in line or "failed" in line:
+        elif "skipped" in line or "failed" in line or line.startswith("levers:"):
             print("engine: " + line.strip())
     return result
 

@@ -6,6 +6,8 @@
 // `iters` timed batches twice: serially, and overlapped as in the element (the
 // next batch prepared by another thread while one encodes). frames/s = frames /
 // wall time, including the upload and the device->host copy of the latents.
+// Before each precision's rows, a "levers:" line says which CUDA speed levers
+// (GSTVAE_* variables, docs/gpu.md) were set and which took effect.
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -15,6 +17,7 @@
 #include <vector>
 
 #include "encoder.h"
+#include "levers.h"
 
 using namespace gstvae;
 
@@ -63,6 +66,8 @@ int main(int argc, char** argv) {
       std::printf("%-6d %-5s skipped: %s\n", size, p.c_str(), e.what());
       continue;
     }
+    // Which CUDA speed levers ran (environment variables, docs/gpu.md).
+    std::printf("%s\n", describe_levers(cuda_levers(), encoder->info().device, encoder->info().precision).c_str());
     for (const std::string& b : split(batches)) {
       const size_t n = std::stoul(b);
       // Two staging batches, as the element keeps one gathering while one encodes.

@@ -12,12 +12,24 @@
 #    gst-launch-1.0 whose latent file is read back, the Python cross-check against
 #    the float64 reference, and bench/bench_engine.py.
 # Mode: GPU when nvidia-smi is there and the torch of python3 sees CUDA (everything
-# with --device cuda, all cross-check cases, fp32/bf16/fp16, 512² bench); else CPU
-# with tiny sizes (what CI runs). GPU_CHECK_MODE=cpu|gpu forces one.
+# with --device cuda, all cross-check cases, fp32/bf16/fp16, 512² bench, a sweep of
+# the CUDA speed levers); else CPU with tiny sizes. GPU_CHECK_MODE=cpu|gpu forces one.
+# GPU_CHECK_REUSE_BUILD=DIR (CPU mode only; what CI runs, scripts/test.sh): instead
+# of the whole build against the bundle (~220 s here), DIR, a built meson folder of
+# this tree (CI's build/), is checked up to date and used; the bundle is still
+# unpacked in full, and a fresh meson folder configured against it compiles, links
+# and runs the one LibTorch-free target (tests/worker-tests: GStreamer, gstcheck and
+# GoogleTest from the prefix); the later steps run as usual, with the prefix's
+# gst-launch-1.0 and base plugins, on reduced sets (engine tests Levers.* and
+# Devices.*, cross-check case ldm). GPU_CHECK_ENGINE_FILTER and
+# GPU_CHECK_CROSSCHECK_CASES override those sets in any mode.
+# The CUDA speed levers (GSTVAE_* variables, docs/gpu.md) are taken from the
+# environment like any other run's; the summary lists which settings ran.
 # The whole run stays within GPU_CHECK_BUDGET seconds (default 470 in GPU mode:
 # ≤ 8 minutes on the GPU machine, summary included; 900 in CPU mode); a step that would start later is NOT RUN.
 # Writes OUTDIR/summary.md (also printed) and OUTDIR/logs/*.log. Exit 0 when
-# every step passed; 1 otherwise. The GPU mode is unverified on a GPU so far.
+# every step passed; 1 otherwise (2: bad usage). The GPU mode is unverified on a
+# GPU so far.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 root=$PWD
@@ -44,6 +56,11 @@ if [ -z "$mode" ]; then
 fi
 if [ "$mode" = gpu ]; then dev=cuda; jobs=${GPU_CHECK_JOBS:-$(nproc)}; budget=${GPU_CHECK_BUDGET:-470}
 else dev=cpu; jobs=${GPU_CHECK_JOBS:-2}; budget=${GPU_CHECK_BUDGET:-900}; fi
+reuse=${GPU_CHECK_REUSE_BUILD:-}
+if [ -n "$reuse" ]; then
+  [ "$mode" = cpu ] || { echo "gpu-check: GPU_CHECK_REUSE_BUILD is for the CPU mode (a GPU run builds against its CUDA LibTorch)" >&2; exit 2; }
+  reuse=$(cd "$reuse" 2>/dev/null && pwd) || { echo "gpu-check: GPU_CHECK_REUSE_BUILD=$GPU_CHECK_REUSE_BUILD is not a folder" >&2; exit 2; }
+fi
 
 rows=()
 failed=0
@@ -79,7 +96,13 @@ unpack() {
   # The .pc files say prefix=/usr: point them at the prefix. Requires.private
   # only matters for static linking and names -dev packages left out of the bundle.
   find "$prefix" -name '*.pc' -print0 | xargs -0 sed -i -E "s#^([A-Za-z_]+)=/usr#\1=$prefix/usr#; /^Requires.private:/d"
-  echo "unpacked $(ls "$bundle"/*.deb | wc -l) packages into $prefix ($(du -sh "$prefix" | cut -f1))"
+  # The bundled pkgconf must find the bundled GStreamer, not a system one.
+  local ma=x86_64-linux-gnu got
+  got=$(LD_LIBRARY_PATH="$prefix/usr/lib/$ma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        PKG_CONFIG_PATH="$prefix/usr/lib/$ma/pkgconfig:$prefix/usr/share/pkgconfig" \
+        "$prefix/usr/bin/pkgconf" --variable=libdir gstreamer-1.0) || { echo "the bundled pkgconf does not find gstreamer-1.0"; return 1; }
+  [ "$got" = "$prefix/usr/lib/$ma" ] || { echo "gstreamer-1.0.pc points at $got, not into $prefix"; return 1; }
+  echo "unpacked $(ls "$bundle"/*.deb | wc -l) packages into $prefix ($(du -sh "$prefix" | cut -f1)); pkgconf finds gstreamer-1.0 there"
 }
 export bundle prefix
 export -f unpack
@@ -113,7 +136,41 @@ export jobs
 export -f ninja_run configure_build
 gst_built=yes
 build=$root/build-gpucheck/build
-if ! step build-full 420 configure_build "$build" "${setup_args[@]}"; then
+if [ -n "$reuse" ]; then
+  # The reused folder must be a meson build of this very tree, brought up to
+  # date here (a no-op when it is).
+  reuse_build() {
+    local src
+    src=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["directories"]["source"])' "$reuse/meson-info/meson-info.json") || { echo "$reuse is not a configured meson build"; return 1; }
+    [ "$src" = "$root" ] || { echo "$reuse builds $src, not $root"; return 1; }
+    ninja_run "$reuse" && echo "reused $reuse: up to date"
+  }
+  # What the bundle must give a build, without LibTorch: a fresh folder
+  # configured against the prefix, then the LibTorch-free worker-tests
+  # compiled, linked and run against the prefix's GStreamer and GoogleTest.
+  prefix_build() {
+    local b=$1; shift
+    rm -rf "$b" && meson setup "$b" "$@" || return 1
+    if command -v flock >/dev/null; then flock /tmp/ninja-gpu.lock ninja -C "$b" -j "$jobs" tests/worker-tests || return 1
+    else ninja -C "$b" -j "$jobs" tests/worker-tests || return 1; fi
+    local lib
+    lib=$(ldd "$b/tests/worker-tests" | awk '/libgstreamer-1.0/ {print $3}')
+    case "$lib" in "$prefix"/*) ;; *) echo "worker-tests loads libgstreamer-1.0 from '$lib', not from $prefix"; return 1 ;; esac
+    "$b/tests/worker-tests" --gtest_brief=1 || return 1
+    echo "worker-tests built and run against the bundle ($lib)"
+  }
+  export py root reuse
+  export -f reuse_build prefix_build
+  # The bundle's build takes the LibTorch the reused build was configured with.
+  reuse_torch=$("$py" -c 'import json,sys; print(next((o["value"] for o in json.load(open(sys.argv[1])) if o["name"] == "libtorch_root"), ""))' "$reuse/meson-info/intro-buildoptions.json" 2>/dev/null)
+  setup_args=(-Dbuildtype=release)
+  [ -n "$reuse_torch" ] && setup_args+=("-Dlibtorch_root=$reuse_torch")
+  build=$reuse
+  step build-reuse 300 reuse_build || notes+=("The reused build $reuse is not this tree's or does not build (logs/build-reuse.log).")
+  step build-bundle 300 prefix_build "$root/build-gpucheck/bundle" "${setup_args[@]}"
+  [ -f "$build/gst/libgstvae.so" ] || gst_built=no
+  notes+=("CI mode: reused the build $reuse (no build against the bundle but tests/worker-tests); reduced engine-test and cross-check sets.")
+elif ! step build-full 420 configure_build "$build" "${setup_args[@]}"; then
   gst_built=no
   notes+=("The full build (GStreamer plugin and its tests) failed (logs/build-full.log); the engine-only build (-Dgstreamer=disabled) ran instead.")
   build=$root/build-gpucheck/build-nogst
@@ -123,22 +180,32 @@ if ! step build-full 420 configure_build "$build" "${setup_args[@]}"; then
 fi
 
 # --- 3. checks -----------------------------------------------------------------
+export dev build
 if [ -x "$build/tests/engine-tests" ]; then
   filter="*"
+  [ -n "$reuse" ] && filter="Levers.*:Devices.*"
   shared=${GSTVAE_SHARED_DIR:-$root/../shared}
   if [ -d "$shared/models" ]; then export GSTVAE_SHARED_DIR=$shared
-  else filter="-TaesdRealFiles.*"; notes+=("No shared/models beside the repository: TaesdRealFiles.* left out of the engine tests."); fi
+  elif [ -z "$reuse" ]; then filter="-TaesdRealFiles.*"; notes+=("No shared/models beside the repository: TaesdRealFiles.* left out of the engine tests."); fi
+  filter=${GPU_CHECK_ENGINE_FILTER:-$filter}
   step engine-tests 300 "$build/tests/engine-tests" --gtest_brief=1 "--gtest_filter=$filter"
 else
   skip engine-tests "not built"
 fi
 
 model=$out/model.safetensors
+# The lever sweep's model: the full SD VAE encoder (random weights) on a GPU,
+# the small one in CPU mode.
+sweep_model=$model
+[ "$mode" = gpu ] && sweep_model=$out/sd-vae-encoder.safetensors
 step make-model 120 "$py" -c "
 import sys; sys.path.insert(0, '$root/tests/python')
 import vae_reference as V
 V.make_checkpoint('$model', layout='ldm', ch=32, mult=(1, 2), blocks=2, z=4, quant_conv=True, dtype='F32', seed=0)
-print('small random SD-layout VAE: $model')"
+print('small random SD-layout VAE: $model')
+if '$sweep_model' != '$model':
+    V.make_checkpoint('$sweep_model', layout='ldm', ch=128, mult=(1, 2, 4, 4), blocks=2, z=4, seed=0, include_decoder=False)
+    print('random SD VAE encoder for the lever sweep: $sweep_model')"
 
 if [ "$gst_built" = yes ] && [ -f "$model" ]; then
   pipeline() {  # PRECISION SIZE
@@ -170,23 +237,75 @@ if [ -x "$build/tools/gst-vae-encode-file" ]; then
     step crosscheck 240 "$py" tests/python/crosscheck.py "$build/tools/gst-vae-encode-file" \
       --tool-arg=--device --tool-arg=cuda
   else
+    cases=ldm,precision_bf16,precision_fp16,sample
+    [ -n "$reuse" ] && cases=ldm
     step crosscheck 240 "$py" tests/python/crosscheck.py "$build/tools/gst-vae-encode-file" \
-      --only ldm,precision_bf16,precision_fp16,sample
+      --only "${GPU_CHECK_CROSSCHECK_CASES:-$cases}"
   fi
 else
   skip crosscheck "gst-vae-encode-file not built"
 fi
 
+# bench_engine.py prints "engine: -" (and exits 0) when the engine gave no
+# number for a configuration (a load or an encode that failed): a failure here.
+bench() {
+  local o rc
+  o=$("$py" bench/bench_engine.py "$@"); rc=$?
+  printf '%s\n' "$o"
+  [ $rc -eq 0 ] || return $rc
+  if grep -qE 'engine: -|skipped|failed' <<<"$o"; then echo "the engine gave no number for some configuration"; return 1; fi
+}
+export -f bench
 if [ -x "$build/bench/gst-vae-engine-bench" ]; then
   if [ "$mode" = gpu ]; then
-    step bench-512 240 "$py" bench/bench_engine.py --device cuda --size 512 --batches 1,4,16 \
+    step bench-512 240 bench --device cuda --size 512 --batches 1,4,16 \
       --precisions fp32,bf16,fp16 --iters 3 --tool "$build/bench/gst-vae-engine-bench"
+  elif [ -n "$reuse" ] && [ -f "$model" ]; then
+    # CI: the small model at 32², one thread (6 s here, against 30 s for the SD VAE at 64²).
+    step bench-32 180 bench --device cpu --size 32 --batches 1 \
+      --precisions fp32 --iters 1 --threads 1 --model "$model" --tool "$build/bench/gst-vae-engine-bench"
   else
-    step bench-64 180 "$py" bench/bench_engine.py --device cpu --size 64 --batches 1 \
+    step bench-64 180 bench --device cpu --size 64 --batches 1 \
       --precisions fp32 --iters 1 --threads 2 --tool "$build/bench/gst-vae-engine-bench"
   fi
 else
   skip bench "gst-vae-engine-bench not built"
+fi
+
+# The CUDA speed levers (docs/gpu.md): the engine alone, once with the
+# environment's settings, then with one lever (or two) set on top of them, each
+# away from its default. On a
+# GPU: the SD VAE encoder, 512², batch 16, bf16 (channels-last only takes effect
+# in bf16/fp16); on the CPU, where no lever takes effect, only the mechanics.
+lever_variants=("" GSTVAE_CUDNN_BENCHMARK=0 GSTVAE_PINNED_STAGING=0 GSTVAE_UPLOAD_OVERLAP=0
+  GSTVAE_CHANNELS_LAST=1 GSTVAE_SDPA=1 "GSTVAE_CHANNELS_LAST=1 GSTVAE_SDPA=1")
+# Every variant runs; one without a measurement (the tool prints "skipped" or
+# "failed" rows and exits 0) fails the step at the end.
+lever_sweep() {  # SIZE BATCH PRECISION ITERS THREADS
+  local v o bad=()
+  for v in "${lever_variants[@]}"; do
+    echo "== ${v:-as set (defaults unless the environment says otherwise)}"
+    # shellcheck disable=SC2086  # a variant is zero or more NAME=VALUE words
+    o=$(env $v "$build/bench/gst-vae-engine-bench" "$sweep_model" --device "$dev" --size "$1" --batches "$2" \
+      --precisions "$3" --iters "$4" --threads "$5" 2>&1)
+    local rc=$?
+    printf '%s\n' "$o"
+    if [ $rc -ne 0 ] || ! grep -qE '^[0-9]+ +[a-z0-9]+ +[0-9]+ +[0-9.]+ ' <<<"$o"; then bad+=("${v:-as set}"); fi
+  done
+  if [ ${#bad[@]} -gt 0 ]; then echo "no measurement for: $(IFS=,; echo "${bad[*]}")"; return 1; fi
+  echo "every variant measured"
+}
+if [ -x "$build/bench/gst-vae-engine-bench" ] && [ -f "$sweep_model" ]; then
+  export sweep_model
+  lever_variants_list=$(printf '%s\n' "${lever_variants[@]}")
+  export lever_variants_list
+  # Arrays do not cross into the child bash: rebuilt there from the list.
+  sweep() { mapfile -t lever_variants <<<"$lever_variants_list"; lever_sweep "$@"; }
+  export -f sweep lever_sweep
+  if [ "$mode" = gpu ]; then step levers 150 sweep 512 16 bf16 5 "$jobs"
+  else step levers 120 sweep 32 1 fp32 1 1; fi
+else
+  skip levers "gst-vae-engine-bench or the model missing"
 fi
 
 # --- summary ---------------------------------------------------------------------
@@ -203,8 +322,23 @@ fi
   echo "| step | result | seconds | last line of its log |"
   echo "| --- | --- | --- | --- |"
   printf '%s\n' "${rows[@]}"
-  if [ -f "$logs/bench-512.log" ] || [ -f "$logs/bench-64.log" ]; then
+  echo
+  echo "CUDA speed levers in this run (docs/gpu.md; the steps above ran with these settings):"
+  echo
+  echo "| variable | this run | default |"
+  echo "| --- | --- | --- |"
+  for kv in GSTVAE_CUDNN_BENCHMARK=1 GSTVAE_PINNED_STAGING=1 GSTVAE_UPLOAD_OVERLAP=1 GSTVAE_CHANNELS_LAST=0 GSTVAE_SDPA=0; do
+    name=${kv%%=*}
+    echo "| $name | ${!name:-${kv#*=} (default)} | ${kv#*=} |"
+  done
+  engine_levers=$(grep -h -m1 '^levers:' "$logs"/levers.log 2>/dev/null)
+  [ -n "$engine_levers" ] && { echo; echo "The engine said: \`$engine_levers\`"; }
+  if ls "$logs"/bench-*.log >/dev/null 2>&1; then
     echo; echo '```'; cat "$logs"/bench-*.log; echo '```'
+  fi
+  if [ -f "$logs/levers.log" ]; then
+    echo; echo "Lever sweep (the settings above, then one or two levers set on top of them):"
+    echo; echo '```'; cat "$logs/levers.log"; echo '```'
   fi
 } >"$out/summary.md"
 cat "$out/summary.md"

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The test command: install, build, run every test suite. Fails on any failure.
 #   1. the normal build (build/): every suite (unit, element, crosscheck, pipeline);
-#   2. the C++ test executables again under ASan + UBSan (build-asan/,
+#   2. the GPU check in CPU mode over that build (docs/gpu.md): the bundle made
+#      by scripts/gpu-bundle.sh (apt-get download, no install) and unpacked into a
+#      prefix, a LibTorch-free target built against it, a pipeline through its
+#      gst-launch-1.0, reduced engine tests and cross-check, the bench and the
+#      lever sweep (GPU_CHECK_REUSE_BUILD=build; out in build-gpucheck/ci/);
+#   3. the C++ test executables again under ASan + UBSan (build-asan/,
 #      scripts/test-sanitizers.sh);
-#   3. 60 seconds of fuzzing the checkpoint loader and the latent file reader
+#   4. 60 seconds of fuzzing the checkpoint loader and the latent file reader
 #      (build-fuzz/, scripts/fuzz.sh).
 # Arguments go to `meson setup` of both builds (e.g. -Dlibtorch_root=/opt/libtorch).
-# For quicker local runs: GSTVAE_TEST_SANITIZERS=0 skips step 2, FUZZ_SECONDS=0
-# skips step 3 (FUZZ_SECONDS=600 fuzzes longer). CI runs all three.
+# For quicker local runs: GSTVAE_TEST_GPU_CHECK=0 skips step 2,
+# GSTVAE_TEST_SANITIZERS=0 step 3, FUZZ_SECONDS=0 step 4 (FUZZ_SECONDS=600
+# fuzzes longer). CI runs all four.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
@@ -15,12 +21,18 @@ bash scripts/build.sh "$@"
 bash scripts/setup.sh slurm  # tests/python/test_slurm.py runs a real single-node Slurm
 meson test -C build --print-errorlogs --num-processes 1
 t1=$SECONDS
+if [ "${GSTVAE_TEST_GPU_CHECK:-1}" != 0 ]; then
+  bash scripts/gpu-bundle.sh
+  GPU_CHECK_MODE=cpu GPU_CHECK_REUSE_BUILD=build GPU_CHECK_BUDGET=300 bash scripts/gpu-check.sh build-gpucheck/ci
+fi
+t2=$SECONDS
 if [ "${GSTVAE_TEST_SANITIZERS:-1}" != 0 ]; then
   bash scripts/test-sanitizers.sh "$@"
 fi
-t2=$SECONDS
+t3=$SECONDS
 if [ "${FUZZ_SECONDS:-60}" != 0 ]; then
   bash scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
 fi
-t3=$SECONDS
-echo "test: all passed; build+tests $((t1 - t0)) s, sanitizers $((t2 - t1)) s, fuzzing $((t3 - t2)) s" >&2
+t4=$SECONDS
+echo "test: all passed; build+tests $((t1 - t0)) s, gpu-check (CPU mode) $((t2 - t1)) s, sanitizers $((t3 - t2)) s," \
+  "fuzzing $((t4 - t3)) s" >&2

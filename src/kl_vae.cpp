@@ -130,8 +130,9 @@ at::Tensor attention_onednn(const at::Tensor& q, const at::Tensor& k, const at::
   return at::cat(frames, 0);
 }
 
-// Single head over all h*w positions, scale C^-0.5.
-at::Tensor attention_forward(const Attention& attn, const at::Tensor& x) {
+// Single head over all h*w positions, scale C^-0.5. `sdpa`: the target's
+// GSTVAE_SDPA lever (levers.h), in effect only on CUDA in a LibTorch >= 2 build.
+at::Tensor attention_forward(const Attention& attn, const at::Tensor& x, bool sdpa) {
   const int64_t n = x.size(0), c = x.size(1), hh = x.size(2), ww = x.size(3);
   at::Tensor h = at::group_norm(x, kGroups, attn.norm.weight, attn.norm.bias, kNormEps);
   at::Tensor q = conv2d(h, attn.q), k = conv2d(h, attn.k), v = conv2d(h, attn.v);
@@ -139,19 +140,21 @@ at::Tensor attention_forward(const Attention& attn, const at::Tensor& x) {
   at::Tensor out;
   if (use_onednn(x)) {
     out = attention_onednn(q, k, v, scale);
-  } else {
 #if TORCH_VERSION_MAJOR >= 2
-    // One head of width C over h*w tokens: the fused (flash or
-    // memory-efficient) kernel never materialises the hw x hw matrix.
+  } else if (sdpa) {
+    // One head of width C over h*w tokens, SDPA's default scale C^-0.5: the
+    // fused (flash or memory-efficient) kernel never materialises the hw x hw
+    // matrix. Not compiled against LibTorch 1.x (this project's Debian 1.13).
     auto tokens = [&](const at::Tensor& t) { return t.reshape({n, 1, c, hh * ww}).transpose(2, 3); };
     out = at::scaled_dot_product_attention(tokens(q), tokens(k), tokens(v))
               .transpose(2, 3)
               .reshape({n, c, hh, ww});
-#else
+#endif
+  } else {
+    (void)sdpa;  // only read in LibTorch >= 2 builds
     q = q.reshape({n, c, hh * ww}).transpose(1, 2);
     at::Tensor weights = at::softmax(at::bmm(q, k.reshape({n, c, hh * ww})).mul_(scale), -1);
     out = at::bmm(v.reshape({n, c, hh * ww}), weights.transpose(1, 2)).reshape({n, c, hh, ww});
-#endif
   }
   return conv2d(out, attn.proj_out).add_(x);
 }
@@ -197,7 +200,7 @@ class KLEncoder final : public TorchEncoder {
       }
     }
     h = resblock_forward(mid1_, h);
-    h = attention_forward(attn_, h);
+    h = attention_forward(attn_, h, target_.levers.sdpa);
     h = resblock_forward(mid2_, h);
     h = conv2d(norm_silu(norm_out_, h), conv_out_, 1, 1);
     if (quant_conv_.weight.defined()) h = conv2d(h, quant_conv_);
@@ -328,7 +331,7 @@ class KLDecoder final : public TorchDecoder {
     at::Tensor h = post_quant_conv_.weight.defined() ? conv2d(z, post_quant_conv_) : z;
     h = conv2d(h, conv_in_, 1, 1);
     h = resblock_forward(mid1_, h);
-    h = attention_forward(attn_, h);
+    h = attention_forward(attn_, h, target_.levers.sdpa);
     h = resblock_forward(mid2_, h);
     for (size_t i = levels_.size(); i-- > 0;) {
       const Level& level = levels_[i];

@@ -125,11 +125,13 @@ struct CacheKey {
   std::string device;  // resolved: "cpu", "cuda:0", ...
   Precision precision;  // resolved, never Auto
   std::string latent_space;
+  LeversInEffect levers;  // a lever changed in the environment gives another model
 
   bool operator<(const CacheKey& o) const {
     return std::tie(direction, file.canonical, file.dev, file.ino, file.size, file.mtime_ns, device, precision,
-                    latent_space) < std::tie(o.direction, o.file.canonical, o.file.dev, o.file.ino, o.file.size,
-                                             o.file.mtime_ns, o.device, o.precision, o.latent_space);
+                    latent_space, levers) < std::tie(o.direction, o.file.canonical, o.file.dev, o.file.ino,
+                                                     o.file.size, o.file.mtime_ns, o.device, o.precision,
+                                                     o.latent_space, o.levers);
   }
 };
 
@@ -179,6 +181,7 @@ std::shared_ptr<void> load_cached(Direction direction, const std::string& path, 
     const ComputeTarget target = resolve_target(options);
     key.device = target.device.str();
     key.precision = target.precision;
+    key.levers = target.levers;
   } catch (const std::exception&) {
     return load_uncached(direction, path, options);
   }

@@ -44,7 +44,9 @@ void LatentBatch::add(const void* values, uint64_t index) {
 void LatentBatch::clear() { indices_.clear(); }
 
 namespace {
-bool pinned_host(const DecoderInfo& info) { return info.device.rfind("cuda", 0) == 0; }
+bool pinned_host(const DecoderInfo& info) {
+  return info.device.rfind("cuda", 0) == 0 && cuda_levers().pinned_staging;
+}
 
 // One frame per latent: the session of a decoder without time.
 class ImageDecodeSession final : public DecodeSession {
@@ -151,7 +153,7 @@ at::Tensor TorchDecoder::run(const LatentBatch& batch, const DecodeParams& param
                        .to(target_.device, /*non_blocking=*/batch.block().pinned());
     // Given format -> raw (x / scale + shift) -> the model's own space.
     z = raw_to_format(format_to_raw(z, params.latent_format), info_.native_format);
-    z = z.to(target_.dtype).contiguous();
+    z = z.to(target_.dtype).contiguous(activation_format(target_));
 
     std::vector<at::Tensor> parts;
     report = run_with_memory_fallback(

@@ -51,11 +51,13 @@ at::Tensor prepare_pixels(const FrameBatch& batch, const ComputeTarget& target, 
   // ComfyUI: pixels = u8 / 255 in fp32, then 2 * pixels - 1, then the VAE dtype.
   at::Tensor x = rgb.to(at::kFloat).div_(255.0f);
   if (signed_range) x.mul_(2.0f).sub_(1.0f);
-  // NCHW, kept by every layer after it. Not channels-last, though eager bf16
-  // runs 22 % faster so on this project's CPU: Debian's LibTorch 1.13 CPU
-  // GroupNorm gives wrong bf16 values on channels-last input (max error 4.75
-  // against 0.077 in NCHW), and in fp32 channels-last is 1.5x slower here.
-  return x.to(target.dtype).contiguous();
+  // NCHW, kept by every layer after it. Not channels-last on the CPU, though
+  // eager bf16 runs 22 % faster so on this project's CPU: Debian's LibTorch
+  // 1.13 CPU GroupNorm gives wrong bf16 values on channels-last input (max
+  // error 4.75 against 0.077 in NCHW), and in fp32 channels-last is 1.5x
+  // slower here. Channels-last (NHWC, which tensor cores prefer) only where the
+  // GSTVAE_CHANNELS_LAST lever takes effect: bf16/fp16 on CUDA, or `always`.
+  return x.to(target.dtype).contiguous(activation_format(target));
 }
 
 void TorchEncoder::prepare(FrameBatch& batch) {
@@ -65,9 +67,10 @@ void TorchEncoder::prepare(FrameBatch& batch) {
   FrameBatch::Storage& storage = batch.storage();
   storage.forget_prepared();
   try {
-    if (target_.device.is_cuda()) {
+    if (target_.device.is_cuda() && target_.levers.upload_overlap) {
       // A side stream, so that the upload overlaps the encode running on the
       // compute stream; encode() makes the compute stream wait for the event.
+      // GSTVAE_UPLOAD_OVERLAP=0: on the compute stream, as on the CPU.
       c10::impl::VirtualGuardImpl impl(target_.device.type());
       c10::StreamGuard on_side_stream(impl.getStreamFromGlobalPool(target_.device));
       storage.prepared = prepare_pixels(batch, target_, info_.input_signed);
@@ -187,8 +190,10 @@ EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& p
 }
 
 namespace {
-// Host buffers of GPU encoders are page-locked.
-bool pinned_host(const EncoderInfo& info) { return info.device.rfind("cuda", 0) == 0; }
+// Host buffers of GPU encoders are page-locked (unless GSTVAE_PINNED_STAGING=0).
+bool pinned_host(const EncoderInfo& info) {
+  return info.device.rfind("cuda", 0) == 0 && cuda_levers().pinned_staging;
+}
 
 // One latent per frame: the session of an encoder without time.
 class ImageEncodeSession final : public EncodeSession {

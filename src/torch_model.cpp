@@ -76,6 +76,7 @@ ComputeTarget resolve_target(const ModelOptions& options) {
     case Precision::BF16: target.dtype = at::kBFloat16; break;
     default: target.dtype = at::kFloat; break;
   }
+  target.levers = levers_in_effect(cuda_levers(), target.device.is_cuda(), target.precision);
   return target;
 }
 
@@ -133,7 +134,8 @@ at::Tensor WeightReader::get(const std::string& name, const std::vector<int64_t>
   file_->release(t);
   if (linear_as_conv) host = host.reshape(expected);
   // Converted in fp32 first so that F16 -> BF16 (or back) rounds once.
-  at::Tensor out = host.to(at::kFloat).to(target_.device, target_.dtype).contiguous();
+  at::Tensor out = host.to(at::kFloat).to(target_.device, target_.dtype);
+  out = out.dim() == 4 ? out.contiguous(activation_format(target_)) : out.contiguous();
   parameters_ += out.numel();
   return out;
 }
@@ -174,11 +176,15 @@ void configure_cuda(const ComputeTarget& target) {
   // A stream keeps one frame size, so cuDNN's autotuning pays off. fp32 must
   // mean fp32 (the 1e-4 agreement with ComfyUI): no TF32 in convolutions or
   // matrix products. Both are process-wide LibTorch settings.
-  at::globalContext().setBenchmarkCuDNN(true);
+  at::globalContext().setBenchmarkCuDNN(target.levers.cudnn_benchmark);
   if (target.precision == Precision::F32) {
     at::globalContext().setAllowTF32CuDNN(false);
     at::globalContext().setFloat32MatmulPrecision("highest");
   }
+}
+
+at::MemoryFormat activation_format(const ComputeTarget& target) {
+  return target.levers.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 bool use_onednn(const at::Tensor& x) {

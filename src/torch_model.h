@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "latent_format.h"
+#include "levers.h"
 #include "model.h"
 #include "safetensors.h"
 
@@ -19,10 +20,14 @@ struct ComputeTarget {
   c10::Device device = c10::Device(c10::kCPU);
   Precision precision = Precision::F32;
   at::ScalarType dtype = at::kFloat;
+  // The CUDA speed levers that take effect for this device and precision,
+  // read from the environment by resolve_target() (levers.h, docs/gpu.md).
+  LeversInEffect levers;
 };
 
 // Resolves "auto"/"cpu"/"cuda"/"cuda:N" and the precision rule. An explicit CUDA
 // request that cannot be met throws VaeError; there is no silent fallback.
+// Also reads the levers (cuda_levers(): a bad value throws VaeError).
 ComputeTarget resolve_target(const ModelOptions& options);
 
 // Sets LibTorch's intra-op thread count (0 = all cores) for the process.
@@ -43,7 +48,8 @@ class WeightReader {
   // Shape as stored; throws CheckpointError naming the tensor when missing.
   std::vector<int64_t> shape(const std::string& name) const;
   // The tensor, which must have `expected` shape. A 2-D [O, I] Linear weight is
-  // accepted for an expected [O, I, 1, 1] 1x1 convolution.
+  // accepted for an expected [O, I, 1, 1] 1x1 convolution. 4-D weights are
+  // channels-last when the target's channels_last lever is in effect.
   at::Tensor get(const std::string& name, const std::vector<int64_t>& expected);
   int64_t parameters_loaded() const { return parameters_; }
   const std::string& path() const { return file_->path(); }
@@ -72,8 +78,12 @@ bool use_onednn(const at::Tensor& x);
 at::Tensor raw_to_format(const at::Tensor& raw, const LatentFormat& f);
 at::Tensor format_to_raw(const at::Tensor& stored, const LatentFormat& f);
 
-// Sets the process-wide CUDA settings a stream needs (cuDNN autotuning; no
-// TF32 when fp32 is asked for, so that fp32 means fp32).
+// The memory format activations are kept in on `target` (its channels_last lever).
+at::MemoryFormat activation_format(const ComputeTarget& target);
+
+// Sets the process-wide CUDA settings a stream needs (cuDNN autotuning unless
+// GSTVAE_CUDNN_BENCHMARK=0; no TF32 when fp32 is asked for, so that fp32 means
+// fp32). Nothing on the CPU.
 void configure_cuda(const ComputeTarget& target);
 
 }  // namespace gstvae

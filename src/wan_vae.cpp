@@ -419,10 +419,11 @@ class WanEncoder final : public TorchEncoder {
  public:
   WanEncoder(EncoderInfo info, ComputeTarget target, Network net)
       : TorchEncoder(std::move(info), target), net_(std::move(net)) {
-    // Channels-last runs oneDNN's fastest fp32 kernels on the CPU; elsewhere NCHW.
+    // Channels-last runs oneDNN's fastest fp32 kernels on the CPU; elsewhere
+    // the channels-last lever decides (GSTVAE_CHANNELS_LAST, docs/gpu.md).
     format_ = use_onednn(at::empty({0}, at::TensorOptions().device(target_.device).dtype(target_.dtype)))
                   ? at::MemoryFormat::ChannelsLast
-                  : at::MemoryFormat::Contiguous;
+                  : activation_format(target_);
     probe();
   }
 

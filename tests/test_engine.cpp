@@ -32,6 +32,7 @@
 #include "frame.h"
 #include "latent_file.h"
 #include "latent_format.h"
+#include "levers.h"
 #include "model_cache.h"
 #include "safetensors.h"
 
@@ -1747,6 +1748,191 @@ TEST(DecoderCache, OneDecoderPerFileAndEncoderKeptApart) {
   b.reset();
   cpu_decoder(path);
   EXPECT_EQ(gstvae_model_load_count(), loads + 3);
+}
+
+// ============================================================ CUDA speed levers
+
+// Sets (or, with nullptr, unsets) an environment variable for one scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = std::make_unique<std::string>(old);
+    if (value) ::setenv(name, value, 1);
+    else ::unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (old_) ::setenv(name_.c_str(), old_->c_str(), 1);
+    else ::unsetenv(name_.c_str());
+  }
+
+ private:
+  std::string name_;
+  std::unique_ptr<std::string> old_;
+};
+
+const char* const kLeverVariables[] = {"GSTVAE_CUDNN_BENCHMARK", "GSTVAE_PINNED_STAGING", "GSTVAE_UPLOAD_OVERLAP",
+                                       "GSTVAE_CHANNELS_LAST", "GSTVAE_SDPA"};
+
+// Every lever variable set to `value` (nullptr: unset) for one scope.
+struct AllLevers {
+  explicit AllLevers(const char* value) {
+    for (const char* name : kLeverVariables) envs.push_back(std::make_unique<ScopedEnv>(name, value));
+  }
+  std::vector<std::unique_ptr<ScopedEnv>> envs;
+};
+
+TEST(Levers, DefaultsAreConservative) {
+  AllLevers unset(nullptr);
+  const CudaLevers l = cuda_levers();
+  EXPECT_TRUE(l.cudnn_benchmark);
+  EXPECT_TRUE(l.pinned_staging);
+  EXPECT_TRUE(l.upload_overlap);
+  EXPECT_EQ(l.channels_last, ChannelsLast::Off);
+  EXPECT_FALSE(l.sdpa);
+  AllLevers empty("");
+  const CudaLevers e = cuda_levers();
+  EXPECT_TRUE(e.cudnn_benchmark && e.pinned_staging && e.upload_overlap && !e.sdpa);
+  EXPECT_EQ(e.channels_last, ChannelsLast::Off);
+}
+
+TEST(Levers, EveryVariableSwitches) {
+  {
+    AllLevers on("1");
+    const CudaLevers l = cuda_levers();
+    EXPECT_TRUE(l.cudnn_benchmark && l.pinned_staging && l.upload_overlap && l.sdpa);
+    EXPECT_EQ(l.channels_last, ChannelsLast::Half);
+  }
+  {
+    AllLevers off("off");
+    const CudaLevers l = cuda_levers();
+    EXPECT_FALSE(l.cudnn_benchmark || l.pinned_staging || l.upload_overlap || l.sdpa);
+    EXPECT_EQ(l.channels_last, ChannelsLast::Off);
+  }
+  ScopedEnv always("GSTVAE_CHANNELS_LAST", "always");
+  EXPECT_EQ(cuda_levers().channels_last, ChannelsLast::Always);
+}
+
+TEST(Levers, BadValueNamesTheVariableAtLoad) {
+  for (const char* name : kLeverVariables) {
+    SCOPED_TRACE(name);
+    ScopedEnv bad(name, std::string(name) == "GSTVAE_SDPA" ? "always" : "maybe");
+    EXPECT_THROW(cuda_levers(), VaeError);
+    ModelOptions o;
+    o.device = "cpu";
+    const std::string msg = error_of<VaeError>([&] { load_encoder(Models::get().path("ldm", small_spec()), o); });
+    EXPECT_TRUE(contains(msg, name)) << msg;
+  }
+}
+
+TEST(Levers, InEffectOnlyOnCudaExceptChannelsLastAlways) {
+  CudaLevers all;
+  all.cudnn_benchmark = all.pinned_staging = all.upload_overlap = all.sdpa = true;
+  all.channels_last = ChannelsLast::Half;
+  for (Precision p : {Precision::F32, Precision::F16, Precision::BF16}) {
+    SCOPED_TRACE(precision_name(p));
+    EXPECT_EQ(levers_in_effect(all, /*cuda=*/false, p).bits(), 0) << "no lever takes effect on the CPU";
+    const LeversInEffect cuda = levers_in_effect(all, true, p);
+    EXPECT_TRUE(cuda.cudnn_benchmark && cuda.pinned_staging && cuda.upload_overlap);
+    EXPECT_EQ(cuda.channels_last, p != Precision::F32) << "channels-last for bf16/fp16 only";
+    EXPECT_EQ(cuda.sdpa, sdpa_built());
+    EXPECT_EQ(levers_in_effect(CudaLevers{}, true, p).channels_last, false);
+    EXPECT_EQ(levers_in_effect(CudaLevers{}, true, p).sdpa, false);
+  }
+  all.channels_last = ChannelsLast::Always;
+  EXPECT_TRUE(levers_in_effect(all, false, Precision::F32).channels_last);
+  EXPECT_EQ(sdpa_built(), std::string(libtorch_version()).rfind("1.", 0) != 0);
+}
+
+TEST(Levers, DescriptionNamesEveryVariableAndWhatTookEffect) {
+  CudaLevers l;
+  l.channels_last = ChannelsLast::Half;
+  const std::string cpu = describe_levers(l, "cpu", Precision::BF16);
+  for (const char* name : kLeverVariables) EXPECT_TRUE(contains(cpu, name)) << cpu;
+  EXPECT_TRUE(contains(cpu, "GSTVAE_CHANNELS_LAST=1")) << cpu;
+  EXPECT_TRUE(contains(cpu, std::string("LibTorch ") + libtorch_version())) << cpu;
+  EXPECT_TRUE(contains(cpu, "in effect on cpu bf16: none")) << cpu;
+  const std::string cuda = describe_levers(l, "cuda:0", Precision::BF16);
+  EXPECT_TRUE(contains(cuda, "in effect on cuda:0 bf16: cudnn_benchmark pinned_staging upload_overlap channels_last"))
+      << cuda;
+  EXPECT_FALSE(contains(cuda, " sdpa")) << cuda;
+  std::cout << "[ info     ] " << describe_levers(cuda_levers(), "cpu", Precision::F32) << "\n";
+}
+
+// On the CPU the levers (all switched away from their defaults, channels-last
+// asked for bf16/fp16) change nothing: the same bits in fp32 and in bf16.
+TEST(Levers, NoLeverChangesACpuResult) {
+  const auto frames = rgb_frames(64, 48, 3);
+  for (Precision p : {Precision::F32, Precision::BF16}) {
+    SCOPED_TRACE(precision_name(p));
+    ModelOptions o;
+    o.device = "cpu";
+    o.precision = p;
+    const std::string path = Models::get().path("ldm", small_spec());
+    std::shared_ptr<Encoder> plain;
+    {
+      AllLevers unset(nullptr);
+      try {
+        plain = load_encoder(path, o);
+      } catch (const VaeError& e) {
+        std::cout << "[ info     ] " << precision_name(p) << " on CPU fails at load: " << e.what() << "\n";
+        continue;
+      }
+    }
+    std::shared_ptr<Encoder> levered;
+    {
+      AllLevers flipped("0");
+      ScopedEnv cl("GSTVAE_CHANNELS_LAST", "1");
+      ScopedEnv sdpa("GSTVAE_SDPA", "1");
+      levered = load_encoder(path, o);
+      auto batch = levered->new_batch(PixelFormat::RGB, 64, 48, 1);
+      EXPECT_FALSE(batch->pinned());
+    }
+    EXPECT_EQ(levered.get(), plain.get()) << "the same levers in effect: the cached encoder";
+    const auto a = encode_frames(*plain, PixelFormat::RGB, 64, 48, frames, {0, 1, 2});
+    {
+      AllLevers flipped("0");
+      ScopedEnv cl("GSTVAE_CHANNELS_LAST", "1");
+      ScopedEnv sdpa("GSTVAE_SDPA", "1");
+      const auto b = encode_frames(*levered, PixelFormat::RGB, 64, 48, frames, {0, 1, 2});
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "max |diff| " << max_abs_diff(a, b);
+    }
+  }
+}
+
+// GSTVAE_CHANNELS_LAST=always runs the channels-last path (weights and
+// activations NHWC) on the CPU: in fp32 it gives the NCHW latents and frames
+// to float rounding, from a model of its own (the cache keys on the levers).
+TEST(Levers, ChannelsLastAlwaysAgreesWithNchwInFp32) {
+  const std::string path = Models::get().path("full_ldm", full_vae_spec());
+  const auto frames = rgb_frames(64, 48, 2);
+  const std::vector<float> z = test_latents(2 * 4 * 5 * 3, 7);
+  ModelOptions o;
+  o.device = "cpu";
+  o.precision = Precision::F32;
+  std::shared_ptr<Encoder> nchw;
+  std::shared_ptr<Decoder> nchw_dec;
+  {
+    ScopedEnv unset("GSTVAE_CHANNELS_LAST", nullptr);
+    nchw = load_encoder(path, o);
+    nchw_dec = load_decoder(path, o);
+  }
+  ScopedEnv always("GSTVAE_CHANNELS_LAST", "always");
+  auto nhwc = load_encoder(path, o);
+  auto nhwc_dec = load_decoder(path, o);
+  EXPECT_NE(nhwc.get(), nchw.get()) << "another layout: another model";
+  EXPECT_NE(nhwc_dec.get(), nchw_dec.get());
+  const auto a = encode_frames(*nchw, PixelFormat::RGB, 64, 48, frames, {0, 1});
+  const auto b = encode_frames(*nhwc, PixelFormat::RGB, 64, 48, frames, {0, 1});
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_TRUE(all_finite(b));
+  EXPECT_LT(max_abs_diff(a, b), 1e-4 * std::max(1.0, max_abs(a)));
+  const auto pa = decode_float(*nchw_dec, 5, 3, z);
+  const auto pb = decode_float(*nhwc_dec, 5, 3, z);
+  ASSERT_EQ(pa.size(), pb.size());
+  EXPECT_LT(max_abs_diff(pa, pb), 1e-4);
+  std::cout << "[ info     ] channels-last vs NCHW, fp32 CPU: latents max |diff| " << max_abs_diff(a, b)
+            << ", frames " << max_abs_diff(pa, pb) << "\n";
 }
 
 }  // namespace

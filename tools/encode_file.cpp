@@ -13,6 +13,7 @@
 
 #include "encoder.h"
 #include "errors.h"
+#include "levers.h"
 
 using namespace gstvae;
 
@@ -74,7 +75,8 @@ int main(int argc, char** argv) {
 
     auto encoder = load_encoder(args["model"], options);
     const EncoderInfo& info = encoder->info();
-    std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n";
+    std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n"
+              << describe_levers(cuda_levers(), info.device, info.precision) << "\n";
     // Through a session, as the element does: batches of --per-batch frames
     // form one stream, and the stream ends after the last frame (a video
     // model drops the frames of an incomplete last group, as the reference does).

@@ -42,6 +42,22 @@ std::string braced(const std::vector<std::string>& items) {
   return s + " }";
 }
 
+// A GST_TYPE_LIST mapped item by item with `map_item(in, out)`; false when
+// no item maps. Every value mapper below handles lists through this.
+template <typename MapItem>
+bool map_list(const GValue* in, GValue* out, MapItem map_item) {
+  g_value_init(out, GST_TYPE_LIST);
+  for (guint i = 0; i < gst_value_list_get_size(in); ++i) {
+    GValue item = G_VALUE_INIT;
+    if (map_item(gst_value_list_get_value(in, i), &item)) gst_value_list_append_and_take_value(out, &item);
+  }
+  if (gst_value_list_get_size(out) == 0) {
+    g_value_unset(out);
+    return false;
+  }
+  return true;
+}
+
 // Decoder sizes: latent w <-> exactly w*d pixels.
 bool map_exact(const GValue* in, GValue* out, bool to_latent, int d) {
   if (G_VALUE_HOLDS_INT(in)) {
@@ -77,19 +93,8 @@ bool map_exact(const GValue* in, GValue* out, bool to_latent, int d) {
     }
     return true;
   }
-  if (GST_VALUE_HOLDS_LIST(in)) {
-    g_value_init(out, GST_TYPE_LIST);
-    for (guint i = 0; i < gst_value_list_get_size(in); ++i) {
-      GValue item = G_VALUE_INIT;
-      if (map_exact(gst_value_list_get_value(in, i), &item, to_latent, d))
-        gst_value_list_append_and_take_value(out, &item);
-    }
-    if (gst_value_list_get_size(out) == 0) {
-      g_value_unset(out);
-      return false;
-    }
-    return true;
-  }
+  if (GST_VALUE_HOLDS_LIST(in))
+    return map_list(in, out, [&](const GValue* v, GValue* o) { return map_exact(v, o, to_latent, d); });
   return false;
 }
 
@@ -147,19 +152,8 @@ bool map_dimension(const GValue* in, GValue* out, bool to_latent, int d) {
     }
     return true;
   }
-  if (GST_VALUE_HOLDS_LIST(in)) {
-    g_value_init(out, GST_TYPE_LIST);
-    for (guint i = 0; i < gst_value_list_get_size(in); ++i) {
-      GValue item = G_VALUE_INIT;
-      if (map_dimension(gst_value_list_get_value(in, i), &item, to_latent, d))
-        gst_value_list_append_and_take_value(out, &item);
-    }
-    if (gst_value_list_get_size(out) == 0) {
-      g_value_unset(out);
-      return false;
-    }
-    return true;
-  }
+  if (GST_VALUE_HOLDS_LIST(in))
+    return map_list(in, out, [&](const GValue* v, GValue* o) { return map_dimension(v, o, to_latent, d); });
   return false;
 }
 
@@ -237,19 +231,8 @@ bool map_framerate(const GValue* in, GValue* out, gint mul, gint div) {
     }
     return true;
   }
-  if (GST_VALUE_HOLDS_LIST(in)) {
-    g_value_init(out, GST_TYPE_LIST);
-    for (guint i = 0; i < gst_value_list_get_size(in); ++i) {
-      GValue item = G_VALUE_INIT;
-      if (map_framerate(gst_value_list_get_value(in, i), &item, mul, div))
-        gst_value_list_append_and_take_value(out, &item);
-    }
-    if (gst_value_list_get_size(out) == 0) {
-      g_value_unset(out);
-      return false;
-    }
-    return true;
-  }
+  if (GST_VALUE_HOLDS_LIST(in))
+    return map_list(in, out, [&](const GValue* v, GValue* o) { return map_framerate(v, o, mul, div); });
   return false;
 }
 

@@ -244,7 +244,6 @@ class TaehvEncoder final : public TorchEncoder {
 
   // A session's work, under its own state.
   const Network& network() const { return net_; }
-  const ComputeTarget& target() const { return target_; }
   at::Tensor pixels(const FrameBatch& batch) const { return batch_pixels(batch); }
   // Normalised latents (compute dtype) -> raw Wan latents (x * std + mean), float32.
   at::Tensor to_raw(const at::Tensor& x) const { return format_to_raw(x.to(at::kFloat), info_.native_format); }

@@ -176,7 +176,7 @@ struct Resample {
 struct Level {
   std::vector<ResBlock> blocks;
   Resample resample;
-  int64_t in = 0, out = 0;
+  int64_t out = 0;  // channels
   bool average_shortcut = false;  // Wan 2.2
 };
 struct Attention {
@@ -436,7 +436,6 @@ class WanEncoder final : public TorchEncoder {
     return encode_chunk(net_, frames, s, format_);
   }
   const Network& network() const { return net_; }
-  const ComputeTarget& target() const { return target_; }
   at::Tensor pixels(const FrameBatch& batch) const { return batch_pixels(batch); }
 
  protected:
@@ -628,7 +627,6 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   int64_t in = dim;
   for (int level = 0; level < kLevels; ++level) {
     Level lv;
-    lv.in = in;
     const std::string base = net.wan22 ? "encoder.downsamples." + std::to_string(level) + ".downsamples."
                                        : "encoder.downsamples.";
     const int first = net.wan22 ? 0 : level * (kBlocksPerLevel + 1);

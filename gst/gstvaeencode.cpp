@@ -467,14 +467,14 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       gobject_class, PROP_LATENT_FORMAT,
       g_param_spec_enum("latent-format", "Latent format",
                         "Raw latents (as ComfyUI returns them) or scaled for a diffusion model family: "
-                        "output = (raw - shift) * scale",
+                        "output = (raw - shift) * scale; wan21/wan22 per channel, (raw - mean_c) / std_c",
                         gst_vae_latent_format_get_type(), 0, rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_LATENT_SPACE,
       g_param_spec_string("latent-space", "Latent space",
-                          "For a TAESD-family model: the diffusion model's latent space it belongs to (taesd, "
-                          "taesdxl, taesd3, taef1, taef2), overriding its file name and metadata; empty = from "
-                          "the file",
+                          "For a tiny autoencoder: the diffusion model's latent space it belongs to (TAESD family: "
+                          "taesd, taesdxl, taesd3, taef1, taef2; TAEHV: taew2_1, taew2_2), overriding its file "
+                          "name and metadata; empty = from the file",
                           "", rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_PAD_CLIP_END,
@@ -482,8 +482,8 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
                            "Video VAEs (temporal-downscale > 1): at a clip's end (EOS, new stream, caps change, "
                            "DISCONT) complete the last incomplete group of frames by repeating the last frame, "
                            "giving one more latent, instead of dropping those frames (with a warning) as every "
-                           "reference encode does; no reference pads, so that latent has no reference "
-                           "counterpart. Applies from the next clip end. No effect on image models",
+                           "Wan reference encode does; no Wan reference pads (upstream TAEHV does), so a padded Wan "
+                           "latent has no reference counterpart. Applies from the next clip end. No effect on image models",
                            FALSE, rw_playing));
   g_object_class_install_property(
       gobject_class, PROP_LATENTS_OUT,
@@ -500,7 +500,8 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
   gst_vae_batch_class_add_pad_templates(batch_class, sink_caps.c_str(), src_caps.c_str());
   gst_element_class_set_static_metadata(
       element_class, "VAE encoder", "Filter/Converter/Video",
-      "Encodes video frames in batches into the latents of a Stable-Diffusion-family VAE (LibTorch)",
+      "Encodes video frames in batches into the latents of a Stable-Diffusion-family VAE or a causal video "
+      "VAE (Wan 2.1/2.2, TAEHV) (LibTorch)",
       "gst-vae developers");
 
   trans_class->transform_caps = GST_DEBUG_FUNCPTR(gst_vae_encode_transform_caps);

@@ -1,9 +1,12 @@
 #!/usr/bin/python3
-"""Float64 reference of the Wan 2.1 and Wan 2.2 causal video VAE *encoders*.
+"""Float64 reference of the Wan 2.1 and Wan 2.2 causal video VAE encoders and decoders.
 
-Written from the architecture description in shared/notes/video-vae-semantics.md (not from any C++ code and
-not from upstream code); torch.nn.functional in float64.  Weights: canonical (official, unprefixed) names as
-produced by wan_weights.make_state / load_wan_state.
+Encoder: written from the architecture description in shared/notes/video-vae-semantics.md.  Decoder: written
+from a description of the official code (Wan-Video/Wan2.1 wan/modules/vae.py ``Decoder3d``, ``Resample``
+upsample2d/upsample3d with its 'Rep' feat-cache rule, ``WanVAE_.decode``; Wan-Video/Wan2.2
+wan/modules/vae2_2.py ``Decoder3d``, ``Up_ResidualBlock``, ``DupUp3D``, the unpatchify) -- not from any C++
+code and not from upstream code; torch.nn.functional in float64.  Weights: canonical (official, unprefixed)
+names as produced by wan_weights.make_state / load_wan_state.
 
 Two independent formulations, which the self-test makes agree:
 
@@ -23,6 +26,19 @@ mean, N x z x T_lat x h x w.
   encode_frames(state, frames_u8, ...)  the above + encode -> T_lat x z x h x w (raw mean, float64)
   normalise(latents, variant)           (mean - mu_c) / sigma_c (Wan 2.1's 16 values, Wan 2.2's 48 values)
   latent_shape(variant, n, H, W, z)     T_lat, z, h, w after the crop
+
+Decoder (raw latents in, as ComfyUI's LATENT; the official decode un-normalises first):
+
+  decode_whole_clip(state, z)          no state: causal convs over the whole time axis; each upsample3d passes
+                                       frame 0 through and runs its time conv over frames 1.. with 2 zero
+                                       frames in front (2 output frames each); DupUp3D drops ft - 1 frames.
+  decode_chunked(state, z, plan)       the official feat-cache protocol, default one latent per call
+                                       (WanVAE_.decode); the self-test shows plans [1, rest], [1, 2, 2], ...
+                                       (latent 0 alone first) equal it to ~3e-15.
+  decode_latents(state, lat, images=)  T x z x h x w raw -> F x 3 x H x W in [0, 1] (ComfyUI's
+                                       clamp((x + 1) / 2, 0, 1) after the official clamp(-1, 1));
+                                       F = 1 + 4 (T - 1); images=True: each latent its own clip (F = T).
+  CLI: --model M --latents IN.npy [--latent-format raw|wan21|wan22] [--images] --out OUT.f32
 
 Run ``/usr/bin/python3 tests/python/wan_reference.py --self-test``.
 """
@@ -321,6 +337,164 @@ def encode_chunked(state, x, plan=None):
     return vae_conv1(state, torch.cat(outs, dim=2), arch["z"])
 
 
+# ------------------------------------------------------------------------------------------ decoder
+# Rules (a description of the official code: W21 = Wan-Video/Wan2.1 wan/modules/vae.py Decoder3d, Resample,
+# WanVAE_.decode; W22 = Wan-Video/Wan2.2 wan/modules/vae2_2.py Decoder3d, Up_ResidualBlock, DupUp3D):
+#   conv2 (1x1x1, z -> z) on the raw latents; conv1 causal 3x3x3; middle = ResidualBlock, AttentionBlock,
+#   ResidualBlock; 4 up levels (wan_weights.decoder_levels); head = RMS norm, SiLU, causal conv -> 3 (12 for
+#   2.2, then unpatchified); clamp(-1, 1).  Official decode: one latent per call with a shared feat cache.
+#   upsample3d: time_conv (3,1,1) BEFORE the spatial step; its first chunk passes unchanged (slot 'Rep');
+#   a later chunk after 'Rep' sees plain zero padding (frame 0 is not its history), else the 2 kept frames;
+#   2C output channels per frame -> 2 frames (channels [0, C) first).  Spatial: nearest 2x + 3x3 conv.
+#   W22 DupUp3D shortcut of the level input: repeat_interleave channels, (ft, fs, fs) depth-to-space, first
+#   chunk drops its first ft - 1 frames.
+
+def spatial_up(state, p, x):
+    """upsample2d step: per frame nearest 2x (nearest-exact: each pixel becomes 2x2), 3x3 conv, padding 1."""
+    n = x.shape[0]
+    y = frames_fold(x).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    y = F.conv2d(y, state[p + ".resample.1.weight"], state[p + ".resample.1.bias"], padding=1)
+    return frames_unfold(y, n)
+
+
+def time_pairs(y):
+    """N x 2C x T x h x w (time_conv output) -> N x C x 2T x h x w: frame 2t from channels [0, C), 2t + 1 from
+    [C, 2C)."""
+    n, c2, t, h, w = y.shape
+    y = y.reshape(n, 2, c2 // 2, t, h, w)
+    return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(n, c2 // 2, 2 * t, h, w)
+
+
+def dup_up(x, cout, ft, fs, first):
+    """W22 DupUp3D: channel repeat then depth-to-space by (ft, fs, fs); first chunk drops ft - 1 frames."""
+    n, cin, t, h, w = x.shape
+    y = x.repeat_interleave(cout * ft * fs * fs // cin, dim=1)
+    y = y.view(n, cout, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    y = y.reshape(n, cout, t * ft, h * fs, w * fs)
+    return y[:, :, ft - 1:] if first else y
+
+
+def unpatchify(x):
+    """Inverse of patchify: "b (c r q) f h w -> b c f (h q) (w r)", channel c*4 + r*2 + q at (2y + q, 2x + r)."""
+    n, c4, t, h, w = x.shape
+    y = x.reshape(n, c4 // 4, 2, 2, t, h, w)               # n c col row t Y X
+    y = y.permute(0, 1, 4, 5, 3, 6, 2)                      # n c t Y row X col
+    return y.reshape(n, c4 // 4, t, 2 * h, 2 * w)
+
+
+class _WholeClip:
+    """Decoder layers over a whole clip at once (no state): every causal conv sees 2 zero frames in front;
+    upsample3d passes frame 0 through and runs the time conv over frames 1.. with 2 zero frames in front."""
+
+    causal_conv = staticmethod(causal_conv_whole)
+    resblock = staticmethod(resblock_whole)
+
+    @staticmethod
+    def upsample(state, p, x, temporal):
+        if temporal and x.shape[2] > 1:
+            key = p + ".time_conv"
+            rest = F.conv3d(F.pad(x[:, :, 1:], (0, 0, 0, 0, 2, 0)), state[key + ".weight"], state[key + ".bias"])
+            x = torch.cat([x[:, :, :1], time_pairs(rest)], dim=2)
+        return spatial_up(state, p, x)
+
+
+def _decoder_body(ops, state, arch, x, first):
+    """decoder.conv1 .. decoder.head on a chunk of latents (after conv2); ops: _WholeClip or a FeatCache."""
+    x = ops.causal_conv(state, "decoder.conv1", x)
+    x = ops.resblock(state, "decoder.middle.0", x)
+    x = attention(state, "decoder.middle.1", x)
+    x = ops.resblock(state, "decoder.middle.2", x)
+    for lv in W.decoder_levels(arch["variant"], arch["dim"]):
+        x_in = x
+        for b in lv["blocks"]:
+            x = ops.resblock(state, b, x)
+        if lv["up"] is not None:
+            x = ops.upsample(state, lv["up"], x, lv["temporal"])
+        if lv["dup"]:
+            x = x + dup_up(x_in, lv["cout"], 2 if lv["temporal"] else 1, 2, first)
+    x = F.silu(rms_norm(x, state["decoder.head.0.gamma"]))
+    return ops.causal_conv(state, "decoder.head.2", x)
+
+
+def _decoder_stream_upsample(self, state, p, x, temporal):
+    """FeatCache.upsample: the official upsample3d cache rule (see the section comment), then spatial_up."""
+    if temporal:
+        key = p + ".time_conv"
+        prev = self.slots.get(key)
+        if prev is None:                        # first chunk: passed through unchanged, slot marked 'Rep'
+            self.slots[key] = "Rep"
+        else:
+            keep = x[:, :, -2:]
+            if keep.shape[2] < 2:
+                keep = torch.cat([torch.zeros_like(keep) if isinstance(prev, str) else prev[:, :, -1:], keep], dim=2)
+            if isinstance(prev, str):           # after 'Rep': plain zero padding
+                y = F.pad(x, (0, 0, 0, 0, 2, 0))
+            else:
+                y = torch.cat([prev, x], dim=2)
+            self.slots[key] = keep
+            x = time_pairs(F.conv3d(y, state[key + ".weight"], state[key + ".bias"]))
+    return spatial_up(state, p, x)
+
+
+FeatCache.upsample = _decoder_stream_upsample
+
+
+def decoder_arch(state):
+    return W.infer_decoder_arch(state)
+
+
+def _decode_finish(arch, x):
+    if arch["variant"] == "2.2":
+        x = unpatchify(x)
+    return x.clamp(-1.0, 1.0)
+
+
+def decoded_frames(t):
+    """Frames a clip of t latents decodes to: 1 + 4 (t - 1)."""
+    return 1 + 4 * (t - 1) if t >= 1 else 0
+
+
+def decode_whole_clip(state, z):
+    """Float64 N x z x T x h x w RAW latents -> N x 3 x (1 + 4(T-1)) x H x W in [-1, 1], no chunking."""
+    arch = decoder_arch(state)
+    z = z.to(state["conv2.weight"].dtype)
+    x = F.conv3d(z, state["conv2.weight"], state["conv2.bias"])
+    return _decode_finish(arch, _decoder_body(_WholeClip, state, arch, x, first=True))
+
+
+def decode_chunked(state, z, plan=None):
+    """The official streaming decode: latents fed in calls of the given sizes (default: one per call, as
+    WanVAE_.decode), one feat cache; the call holding latent 0 is the first chunk.  Any plan is run as given
+    (only plans whose first call has 1 latent give the official frames)."""
+    arch = decoder_arch(state)
+    z = z.to(state["conv2.weight"].dtype)
+    t = z.shape[2]
+    plan = [1] * t if plan is None else list(plan)
+    if sum(plan) != t:
+        raise ValueError("plan %s covers %d latents, the clip has %d" % (plan, sum(plan), t))
+    x = F.conv3d(z, state["conv2.weight"], state["conv2.bias"])
+    cache = FeatCache()
+    outs, pos = [], 0
+    for i, size in enumerate(plan):
+        outs.append(_decoder_body(cache, state, arch, x[:, :, pos:pos + size], first=(i == 0)))
+        pos += size
+    return _decode_finish(arch, torch.cat(outs, dim=2))
+
+
+def decode_latents(state, latents, chunked=False, plan=None, images=False):
+    """RAW latents T x z x h x w (one clip) -> pixels F x 3 x H x W float64 numpy, ComfyUI's
+    clamp((x + 1) / 2, 0, 1); F = 1 + 4 (T - 1).  images=True: each latent decoded as its own clip (F = T)."""
+    lat = torch.as_tensor(np.asarray(latents, dtype=np.float64))
+    with torch.no_grad():
+        if images:
+            out = torch.cat([decode_whole_clip(state, lat[i:i + 1].permute(1, 0, 2, 3).unsqueeze(0))
+                             for i in range(lat.shape[0])], dim=2)
+        else:
+            z = lat.permute(1, 0, 2, 3).unsqueeze(0)
+            out = decode_chunked(state, z, plan) if chunked else decode_whole_clip(state, z)
+    return ((out[0].permute(1, 0, 2, 3) + 1.0) / 2.0).clamp(0.0, 1.0).numpy()
+
+
 # ------------------------------------------------------------------------------------------ pixels in, latents out
 
 def crop_frames(frames_u8, variant):
@@ -476,6 +650,55 @@ def self_test(verbose=True):
         check(np.allclose(denormalise(normalise(r, "2.1"), "2.1"), r) and len(WAN22_MEAN) == len(WAN22_STD) == 48,
               "normalise / denormalise round trip; Wan 2.2 table has 48 + 48 values")
 
+    # Decoder: multi-latent calls are exact, frame counts, causality, images.
+    x = torch.randn(2, 12, 3, 4, 5, generator=g, dtype=torch.float64)
+    check(torch.equal(patchify(unpatchify(x)), x), "unpatchify inverts patchify (channel c*4 + col*2 + row)")
+    y = torch.randn(1, 6, 2, 3, 4, generator=g, dtype=torch.float64)
+    tp = time_pairs(y)
+    check(torch.equal(tp[:, :, 0::2], y[:, :3]) and torch.equal(tp[:, :, 1::2], y[:, 3:]),
+          "time_conv pairs: frame 2t from channels [0, C), frame 2t + 1 from [C, 2C)")
+    with torch.no_grad():
+        for variant, z, h, w in (("2.1", 16, 3, 5), ("2.2", 48, 3, 5)):
+            state = W.make_state(variant, 8, z, seed=21, decoder_dim=8)
+            m = SPATIAL[variant]
+            tag = "Wan %s decoder dim 8 z %d, %dx%d latents" % (variant, z, w, h)
+            norm = torch.randn(1, z, 5, h, w, generator=g, dtype=torch.float64)
+            lat = torch.as_tensor(denormalise(norm.numpy(), variant))
+            t0 = time.monotonic()
+            official = decode_chunked(state, lat)  # one latent per call, as WanVAE_.decode
+            dt = time.monotonic() - t0
+            check(tuple(official.shape) == (1, 3, 17, h * m, w * m),
+                  "%s: 5 latents -> %s (1 + 4*4 frames of %dx%d) (%.2f s)"
+                  % (tag, tuple(official.shape), w * m, h * m, dt))
+            unsat = float(((official > -1) & (official < 1)).double().mean())
+            check(unsat > 0.5, "%s: %.1f %% of the outputs inside (-1, 1), std %.3f"
+                  % (tag, 100 * unsat, float(official.std())))
+            for plan in ([1, 4], [1, 2, 2], [1, 1, 3], "whole"):
+                other = decode_whole_clip(state, lat) if plan == "whole" else decode_chunked(state, lat, plan)
+                d = float((other - official).abs().max())
+                check(other.shape == official.shape and d <= 1e-12,
+                      "%s: %s == one latent per call: max |diff| %.2e"
+                      % (tag, "whole clip" if plan == "whole" else "plan %s" % plan, d))
+            for t in (1, 2, 3):
+                pre = decode_chunked(state, lat[:, :, :t])
+                n = decoded_frames(t)
+                d = float((pre - official[:, :, :n]).abs().max()) if pre.shape[2] == n else float("inf")
+                check(pre.shape[2] == n and d <= 1e-12, "%s: first %d latent(s) -> the first %d frames: max |diff| %.2e"
+                      % (tag, t, n, d))
+            try:
+                bad = decode_chunked(state, lat, [2, 3])
+                check(bad.shape[2] != official.shape[2], "%s: wrong plan [2, 3] gives %d frames, not %d"
+                      % (tag, bad.shape[2], official.shape[2]))
+            except RuntimeError as e:
+                check(True, "%s: wrong plan [2, 3] fails: %s" % (tag, str(e).splitlines()[0][:80]))
+            imgs = decode_latents(state, lat[0].permute(1, 0, 2, 3).numpy()[:3], images=True)
+            alone = np.concatenate([decode_latents(state, lat[0, :, i:i + 1].permute(1, 0, 2, 3).numpy())
+                                    for i in range(3)])
+            first = decode_latents(state, lat[0].permute(1, 0, 2, 3).numpy()[:1])
+            check(imgs.shape == (3, 3, h * m, w * m) and np.array_equal(imgs, alone)
+                  and np.abs(imgs[0] - first[0]).max() == 0.0,
+                  "%s: images=True decodes each latent alone (3 latents -> 3 frames)" % tag)
+
     print("%s: %d failure(s) (%.1f s)" % ("self-test passed" if not failures else "self-test FAILED", len(failures),
                                           time.monotonic() - t_start))
     return not failures
@@ -490,10 +713,23 @@ def main(argv=None):
     ap.add_argument("--width", type=int)
     ap.add_argument("--height", type=int)
     ap.add_argument("--normalise", action="store_true", help="(mean - mu) / sigma instead of the raw mean")
-    ap.add_argument("--out", help="float32 T_lat x z x h x w")
+    ap.add_argument("--latents", help="decode instead: float32 T x z x h x w .npy (one clip; raw unless "
+                                      "--latent-format wan21|wan22)")
+    ap.add_argument("--latent-format", choices=("raw", "wan21", "wan22"), default="raw")
+    ap.add_argument("--images", action="store_true", help="decode each latent as its own clip")
+    ap.add_argument("--out", help="float32 T_lat x z x h x w (encode) or F x 3 x H x W in [0, 1] (decode)")
     a = ap.parse_args(argv)
     if a.self_test:
         return 0 if self_test() else 1
+    if a.model and a.latents and a.out:
+        state, info = W.load_wan_state(a.model, decoder=True)
+        lat = np.load(a.latents).astype(np.float64)
+        if a.latent_format != "raw":
+            lat = denormalise(lat, {"wan21": "2.1", "wan22": "2.2"}[a.latent_format])
+        px = decode_latents(state, lat, images=a.images)
+        px.astype("<f4").tofile(a.out)
+        print("wrote %s: %s pixels of Wan %s" % (a.out, "x".join(map(str, px.shape)), info["variant"]))
+        return 0
     if not (a.model and a.frames and a.n and a.width and a.height and a.out):
         ap.print_usage(sys.stderr)
         return 2

@@ -118,7 +118,9 @@ struct Stats {
 
 struct Streaming {
   std::unique_ptr<Direction> direction;
-  int temporal = 1;  // the model's temporal_downscale
+  // The session carries state across inputs (a video model): clip ends
+  // (EOS, a new stream, new caps, a DISCONT input) must reach it.
+  bool clips = false;
   // Temporal models: inputs were staged since the clip began (the next clip
   // end must reach the session), so a DISCONT input starts a new clip.
   bool clip_open = false;
@@ -283,12 +285,38 @@ std::vector<GstBuffer*> Job::outputs(GstMemory* memory, size_t output_bytes, con
     }
     // Each output shares the batch's memory: no copy.
     GstBuffer* b = gst_buffer_copy_region(all, GST_BUFFER_COPY_MEMORY, i * output_bytes, output_bytes);
-    GST_BUFFER_PTS(b) = first->pts;
-    GST_BUFFER_DTS(b) = first->dts;
-    GST_BUFFER_DURATION(b) = duration;
-    GST_BUFFER_OFFSET(b) = first->offset;
-    GST_BUFFER_OFFSET_END(b) = last->offset_end;
-    if (first->discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+    if (span.parts <= 1) {
+      GST_BUFFER_PTS(b) = first->pts;
+      GST_BUFFER_DTS(b) = first->dts;
+      GST_BUFFER_DURATION(b) = duration;
+      GST_BUFFER_OFFSET(b) = first->offset;
+      GST_BUFFER_OFFSET_END(b) = last->offset_end;
+      if (first->discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+    } else {
+      // Part k of a latent's n frames: the k-th n-th of its time (or of
+      // frame_duration each where the latent has no duration), frame offsets
+      // from its first.
+      GstClockTime start = GST_CLOCK_TIME_NONE, length = GST_CLOCK_TIME_NONE;
+      if (duration != GST_CLOCK_TIME_NONE) {
+        start = gst_util_uint64_scale(duration, span.part, span.parts);
+        length = gst_util_uint64_scale(duration, span.part + 1, span.parts) - start;
+      } else if (frame_duration != GST_CLOCK_TIME_NONE) {
+        start = frame_duration * span.part;
+        length = frame_duration;
+      } else if (span.part == 0) {
+        start = 0;
+      }
+      auto shifted = [&](GstClockTime t) {
+        return t == GST_CLOCK_TIME_NONE || start == GST_CLOCK_TIME_NONE ? GST_CLOCK_TIME_NONE : t + start;
+      };
+      GST_BUFFER_PTS(b) = shifted(first->pts);
+      GST_BUFFER_DTS(b) = shifted(first->dts);
+      GST_BUFFER_DURATION(b) = length;
+      GST_BUFFER_OFFSET(b) = first->offset == GST_BUFFER_OFFSET_NONE ? GST_BUFFER_OFFSET_NONE : first->offset + span.part;
+      GST_BUFFER_OFFSET_END(b) =
+          first->offset == GST_BUFFER_OFFSET_NONE ? GST_BUFFER_OFFSET_NONE : first->offset + span.part + 1;
+      if (first->discont && span.part == 0) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+    }
     out.push_back(b);
   }
   gst_buffer_unref(all);
@@ -426,7 +454,7 @@ static GstFlowReturn hand_over(GstVaeBatch* self, bool end_of_clip = false) {
 static GstFlowReturn end_clip(GstVaeBatch* self, bool may_wait) {
   Private& p = priv(self);
   Streaming& st = p.state;
-  if (st.temporal <= 1 || !st.direction) return hand_over(self);
+  if (!st.clips || !st.direction) return hand_over(self);
   if (!st.clip_open) return GST_FLOW_OK;  // nothing staged since the last clip end or reset
   st.clip_open = false;
   GstFlowReturn ret = GST_FLOW_OK;
@@ -497,7 +525,7 @@ static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
     return FALSE;
   }
   p.state.pending.clear();
-  p.state.temporal = std::max(1, p.state.direction->temporal_downscale());
+  p.state.clips = p.state.direction->has_clips();
   p.state.clip_open = false;
   p.state.held = std::make_shared<HeldInputs>();
   p.state.input_index = 0;
@@ -509,7 +537,7 @@ static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
   p.facts = Facts();
   p.facts.scale = p.state.direction->scale();
   p.facts.channels = p.state.direction->channels();
-  p.facts.temporal = p.state.temporal;
+  p.facts.temporal = std::max(1, p.state.direction->temporal_downscale());
   GST_OBJECT_UNLOCK(self);
   p.timer->start([self] { timer_expired(self); },
                  [self] {
@@ -611,7 +639,7 @@ static GstFlowReturn gst_vae_batch_submit_input_buffer(GstBaseTransform* trans, 
     g_free(base);
     st.tags_sent = true;
   }
-  if (st.temporal > 1 && st.clip_open && GST_BUFFER_FLAG_IS_SET(input, GST_BUFFER_FLAG_DISCONT)) {
+  if (st.clips && st.clip_open && GST_BUFFER_FLAG_IS_SET(input, GST_BUFFER_FLAG_DISCONT)) {
     // A discontinuity inside a clip: the frames before it end the old clip,
     // this one is frame 0 of a new one.
     p.timer->disarm();

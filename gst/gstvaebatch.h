@@ -74,13 +74,18 @@ class Job : public BatchJob {
   GstClockTime prepare_time = 0;  // spent preparing it on the streaming thread
   bool end_of_clip = false;       // the clip ends after these inputs
   std::shared_ptr<HeldInputs> held;  // the stream's; may be null (nothing held)
+  // A video decoder's frame duration from its output caps: the duration of
+  // each part of a latent (Span::parts) whose latent has none.
+  GstClockTime frame_duration = GST_CLOCK_TIME_NONE;
 
  protected:
   // Wraps `memory` (holding the outputs back to back, `output_bytes` each)
   // into one buffer per span, sharing the memory. An output's PTS, DTS,
   // offset and DISCONT come from the first input it covers; its duration is
   // the sum of the durations of the inputs it covers, which may be inputs of
-  // earlier jobs the session held. A span of a padded clip end may reach up
+  // earlier jobs the session held. An output that is part k of n of one
+  // input (a video decoder's frames of a latent) gets the k-th n-th of that
+  // input's time, offset + k, and DISCONT only as part 0. A span of a padded clip end may reach up
   // to `padded` inputs past the last one: those copies add no time. Takes
   // `memory`. Throws VaeError for a span over unknown inputs. Work thread.
   std::vector<GstBuffer*> outputs(GstMemory* memory, size_t output_bytes, const std::vector<gstvae::Span>& spans,
@@ -107,9 +112,14 @@ class Direction {
   virtual std::string model_path() const = 0;
   virtual int scale() const = 0;
   virtual int channels() const = 0;
-  // Inputs per output of a temporal model (4 for the causal video VAEs),
-  // whose session regroups inputs across jobs; 1 otherwise.
+  // Inputs per output of a temporal model (4 for the causal video VAEs'
+  // encoders), whose session regroups inputs across jobs and which makes an
+  // output wait for the rest of its group; 1 otherwise.
   virtual int temporal_downscale() const { return 1; }
+  // Whether the session carries state from input to input within a clip (a
+  // video model, either direction): then clip ends (EOS, a new stream, new
+  // caps, a DISCONT input) reach it as jobs with end_of_clip.
+  virtual bool has_clips() const { return temporal_downscale() > 1; }
   // New input caps (the worker is drained). Posts its own element error and
   // returns false when it cannot take them.
   virtual bool set_caps(GstCaps* incaps, GstCaps* outcaps) = 0;

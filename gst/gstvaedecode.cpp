@@ -4,11 +4,22 @@
  *
  * Gathers `per-batch` latents (application/x-latent, as vaeencode and
  * latentfilesrc give them), decodes them with a VAE decoder (the KL
- * autoencoders of SD 1.x/2.x, SDXL, SD3 and Flux.1, or a TAESD-family tiny
- * autoencoder) as ComfyUI's VAE Decode does, and pushes one 8-bit video frame
- * per latent with that latent's timestamps. Scaled latents (the caps'
- * latent-format) are turned back into raw ones first. Batching, threads,
- * events, latency and progress come from GstVaeBatch.
+ * autoencoders of SD 1.x/2.x, SDXL, SD3 and Flux.1, a TAESD-family tiny
+ * autoencoder, or a video VAE: Wan 2.1, Wan 2.2, TAEHV) as ComfyUI's VAE
+ * Decode does, and pushes one 8-bit video frame per latent with that
+ * latent's timestamps. Scaled latents (the caps' latent-format) are turned
+ * back into raw ones first. Batching, threads, events, latency and progress
+ * come from GstVaeBatch.
+ *
+ * Video latents (caps temporal-downscale=4, as vaeencode gives them for a
+ * video VAE) are decoded as a stream: the decoder's causal state is carried
+ * from latent to latent, so any per-batch gives the frames of the official
+ * whole-clip decode. A clip's first latent gives 1 frame, every later one 4,
+ * each with its share of the latent's time; the output framerate is the
+ * latents' times 4. A clip ends (the state resets) at EOS, a new stream, new
+ * caps, a flush and a DISCONT latent. Latents without temporal-downscale
+ * decode one by one, each as a clip's first (Qwen-Image's use of the Wan 2.1
+ * VAE). See docs/vaedecode.md.
  *
  * ## Example launch lines
  * |[
@@ -17,12 +28,16 @@
  * gst-launch-1.0 videotestsrc ! video/x-raw,format=RGB,width=256,height=256 \
  *   ! vaeencode model=taesd_encoder.safetensors ! vaedecode model=taesd_decoder.safetensors \
  *   ! videoconvert ! autovideosink
+ * gst-launch-1.0 videotestsrc num-buffers=33 ! video/x-raw,format=RGB,width=256,height=256,framerate=16/1 \
+ *   ! vaeencode model=wan_2.1_vae.safetensors per-batch=4 ! vaedecode model=wan_2.1_vae.safetensors \
+ *   ! videoconvert ! autovideosink
  * ]|
  */
 #include "gstvaedecode.h"
 
 #include <gst/video/video.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -51,6 +66,9 @@ enum {
 
 struct DecodeSettings {
   std::string latent_space;
+  // The loaded decoder's frames per video latent (1 before one is loaded),
+  // for caps transforms on any thread.
+  std::atomic<int> video_frames{1};
 };
 
 class DecodeJob final : public gstvae_glue::Job {
@@ -59,14 +77,18 @@ class DecodeJob final : public gstvae_glue::Job {
   std::shared_ptr<Decoder> decoder;
   std::shared_ptr<DecodeSession> session;
   bool reset_session = false;  // the stream restarted before this batch
-  std::unique_ptr<LatentBatch> batch;
+  std::unique_ptr<LatentBatch> batch;  // null for a clip end with nothing staged
   DecodeParams params;
   gstvae::PixelFormat format;
+  int frames_per_latent = 1;  // the session's: a video decoder's temporal upscale on video latents
 
   std::vector<GstBuffer*> run() override {
     // The session is touched only here, on the work thread, in job order.
-    if (reset_session) session->reset();
-    std::unique_ptr<PixelBlock> block = decoder->new_pixels(*batch, format);
+    if (reset_session && session) session->reset();
+    // A clip's end reaches the session as the next job's reset (the element
+    // resets its direction after handing this job over): nothing to do here.
+    if (!batch || batch->empty()) return {};
+    std::unique_ptr<PixelBlock> block = decoder->new_pixels(*batch, format, frames_per_latent);
     gstvae::BatchResult result = session->decode(*batch, params, format, *block);
     for (const std::string& note : result.report.notes) GST_WARNING_OBJECT(element, "%s", note.c_str());
     const size_t frame_bytes = decoder->frame_bytes(*batch, format);
@@ -81,7 +103,7 @@ class DecodeJob final : public gstvae_glue::Job {
 class DecodeDirection final : public gstvae_glue::Direction {
  public:
   DecodeDirection(GstVaeDecode* element, std::shared_ptr<Decoder> decoder)
-      : element_(element), decoder_(std::move(decoder)), session_(decoder_->open_session()) {}
+      : element_(element), decoder_(std::move(decoder)) {}
 
   std::string model_path() const override { return decoder_->info().model_path; }
   int scale() const override { return decoder_->info().upscale; }
@@ -94,12 +116,21 @@ class DecodeDirection final : public gstvae_glue::Direction {
       GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Invalid latent caps"), ("%" GST_PTR_FORMAT, incaps));
       return false;
     }
-    if (in.temporal_downscale > temporal_downscale()) {
-      // Video latents (one per group of frames) need a temporal decoder.
-      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Video latents cannot be decoded yet"),
-                        ("the latents have temporal-downscale=%d (each covers %d frames, from a video VAE such as "
-                         "Wan); the decoder '%s' decodes one image per latent and has no temporal decoder",
-                         in.temporal_downscale, in.temporal_downscale, model_path().c_str()));
+    const int video_frames = decoder_->info().temporal_upscale;
+    if (in.temporal_downscale > 1 && in.temporal_downscale != video_frames) {
+      // Video latents (one per group of frames) need that video decoder.
+      if (video_frames == 1)
+        GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Video latents need a video decoder"),
+                          ("the latents have temporal-downscale=%d (each covers %d frames, from a video VAE such "
+                           "as Wan); the decoder '%s' (%s) decodes one image per latent; use the decoder of the "
+                           "video VAE that made them",
+                           in.temporal_downscale, in.temporal_downscale, model_path().c_str(),
+                           decoder_->info().family.c_str()));
+      else
+        GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Latents do not fit the decoder"),
+                          ("the latents have temporal-downscale=%d; the video decoder '%s' makes %d frames per "
+                           "latent",
+                           in.temporal_downscale, model_path().c_str(), video_frames));
       return false;
     }
     if (in.channels != channels()) {
@@ -131,7 +162,24 @@ class DecodeDirection final : public gstvae_glue::Direction {
     // without a drain: the staged latents do not depend on the output format
     // and stay. New latents come with a caps event, drained already.
     const bool same_latents = have_caps_ && in.channels == in_.channels && in.width == in_.width &&
-                              in.height == in_.height && in.latent_format == in_.latent_format;
+                              in.height == in_.height && in.latent_format == in_.latent_format &&
+                              in.temporal_downscale == in_.temporal_downscale;
+    // Video latents go through a video session (the decoder's causal state
+    // carried from latent to latent); image latents decode one by one, a
+    // video decoder's each as a clip's first latent.
+    const int frames_per_latent = in.temporal_downscale > 1 ? video_frames : 1;
+    if (!session_ || frames_per_latent != frames_per_latent_) {
+      try {
+        session_ = decoder_->open_session(frames_per_latent);
+      } catch (const std::exception& e) {
+        GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Latents do not fit the decoder"), ("%s", e.what()));
+        return false;
+      }
+      frames_per_latent_ = frames_per_latent;
+    }
+    frame_duration_ = GST_VIDEO_INFO_FPS_N(&out) > 0
+                          ? gst_util_uint64_scale_int(GST_SECOND, GST_VIDEO_INFO_FPS_D(&out), GST_VIDEO_INFO_FPS_N(&out))
+                          : GST_CLOCK_TIME_NONE;
     in_ = in;
     have_caps_ = true;
     if (!same_latents) {
@@ -174,8 +222,13 @@ class DecodeDirection final : public gstvae_glue::Direction {
   // Applied by the next job on the work thread, which alone uses the session.
   void reset() override { reset_pending_ = true; }
 
-  std::unique_ptr<gstvae_glue::Job> take(bool /*end_of_clip: image decoders only, for now*/) override {
+  // A video decoder's session carries state from latent to latent.
+  bool has_clips() const override { return decoder_->info().temporal_upscale > 1; }
+
+  std::unique_ptr<gstvae_glue::Job> take(bool /*end_of_clip: the reset() that follows ends the clip*/) override {
     auto job = std::make_unique<DecodeJob>();
+    job->frames_per_latent = frames_per_latent_;
+    job->frame_duration = frame_duration_;
     job->element = GST_ELEMENT(element_);
     job->decoder = decoder_;
     job->session = session_;
@@ -190,7 +243,9 @@ class DecodeDirection final : public gstvae_glue::Direction {
  private:
   GstVaeDecode* element_;
   std::shared_ptr<Decoder> decoder_;
-  std::shared_ptr<DecodeSession> session_;
+  std::shared_ptr<DecodeSession> session_;  // opened for the caps' kind of latents
+  int frames_per_latent_ = 1;
+  GstClockTime frame_duration_ = GST_CLOCK_TIME_NONE;  // from the output caps' framerate
   bool reset_pending_ = false;
   gst_latent_caps::Info in_;
   gstvae::LatentFormat latent_format_;
@@ -220,6 +275,7 @@ static gstvae_glue::Direction* gst_vae_decode_open(GstVaeBatch* batch, const gst
   GST_OBJECT_UNLOCK(self);
   std::shared_ptr<Decoder> decoder = gstvae::load_decoder(s.model, options);
   const auto& info = decoder->info();
+  self->settings->video_frames = info.temporal_upscale;
   GST_INFO_OBJECT(self, "loaded '%s': %s (%s layout), %" G_GINT64_FORMAT " parameters, on %s in %s", s.model.c_str(),
                   info.architecture.c_str(), info.layout.c_str(), info.parameters, info.device.c_str(),
                   gstvae::precision_name(info.precision));
@@ -231,6 +287,7 @@ static GstCaps* gst_vae_decode_transform_caps(GstBaseTransform* trans, GstPadDir
   GstVaeDecode* self = GST_VAE_DECODE(trans);
   gst_latent_caps::Model model;
   gst_vae_batch_model_facts(GST_VAE_BATCH(self), &model.downscale, &model.channels);
+  model.temporal_downscale = self->settings->video_frames.load();
   GstCaps* result = direction == GST_PAD_SINK ? gst_latent_caps::latent_to_decoded(caps, model)
                                               : gst_latent_caps::decoded_to_latent(caps, model);
   if (filter) {
@@ -314,7 +371,8 @@ static void gst_vae_decode_class_init(GstVaeDecodeClass* klass) {
   gst_vae_batch_class_add_pad_templates(batch_class, sink_caps.c_str(), src_caps.c_str());
   gst_element_class_set_static_metadata(
       element_class, "VAE decoder", "Filter/Converter/Video",
-      "Decodes the latents of a Stable-Diffusion-family VAE in batches into video frames (LibTorch)",
+      "Decodes the latents of a Stable-Diffusion-family or video VAE (Wan 2.1/2.2, TAEHV; streamed with "
+      "their causal state) in batches into video frames (LibTorch)",
       "gst-vae developers");
 
   trans_class->transform_caps = GST_DEBUG_FUNCPTR(gst_vae_decode_transform_caps);

@@ -324,11 +324,13 @@ GstCaps* latent_to_decoded(const GstCaps* latent, const Model& model) {
     const GstStructure* in = gst_caps_get_structure(latent, i);
     GstStructure* s = gst_structure_new_empty("video/x-raw");
     gst_structure_set_value(s, "format", &formats);
-    if (!copy_exact_dimensions(in, s, false, model.downscale)) {
+    // Video latents (temporal-downscale t) decode to t frames each.
+    int t = 1;
+    if (!gst_structure_get_int(in, "temporal-downscale", &t) || t < 1) t = 1;
+    if (!copy_exact_dimensions(in, s, false, model.downscale) || !copy_framerate_scaled(in, s, t, false)) {
       gst_structure_free(s);
       continue;
     }
-    copy_framerate(in, s);
     out = gst_caps_merge_structure(out, s);
   }
   g_value_unset(&formats);
@@ -351,6 +353,18 @@ GstCaps* decoded_to_latent(const GstCaps* video, const Model& model) {
     }
     copy_framerate(in, s);
     gst_structure_set_value(s, "latent-format", &formats);
+    // A video decoder also takes video latents, t frames each.
+    GstStructure* video = nullptr;
+    if (model.temporal_downscale > 1) {
+      video = gst_structure_copy(s);
+      gst_structure_set(video, "temporal-downscale", G_TYPE_INT, model.temporal_downscale, nullptr);
+      gst_structure_remove_field(video, "framerate");
+      if (!copy_framerate_scaled(in, video, model.temporal_downscale, true)) {
+        gst_structure_free(video);
+        video = nullptr;
+      }
+    }
+    if (video) out = gst_caps_merge_structure(out, video);
     out = gst_caps_merge_structure(out, s);
   }
   g_value_unset(&formats);

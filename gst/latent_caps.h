@@ -42,9 +42,12 @@ GstCaps* video_to_latent(const GstCaps* video, const Model& model);
 GstCaps* latent_to_video(const GstCaps* latent, const Model& model);
 
 // For a decoder: application/x-latent -> video/x-raw in the accepted formats,
-// each latent width w giving exactly w*d pixels (any latent format).
+// each latent width w giving exactly w*d pixels (any latent format), the
+// framerate multiplied by the latents' temporal-downscale.
 GstCaps* latent_to_decoded(const GstCaps* latent, const Model& model);
-// ... and back: video widths that are multiples of d, divided by d.
+// ... and back: video widths that are multiples of d, divided by d; for a
+// video decoder (model.temporal_downscale t > 1) video latents first
+// (temporal-downscale=t, the framerate divided by t), then image latents.
 GstCaps* decoded_to_latent(const GstCaps* video, const Model& model);
 
 // The packed RGB formats the elements take and give, as caps list entries

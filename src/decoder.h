@@ -28,6 +28,10 @@ struct DecoderInfo {
   LatentFormat native_format;
   // Output range of the forward pass: [-1, 1] (true, the KL VAEs) or [0, 1].
   bool output_signed = true;
+  // Frames per latent of a video decoder (4 for the Wan VAEs and TAEHV): in
+  // a video stream the first latent of a clip gives 1 frame, every later one
+  // this many. 1 for image decoders.
+  int temporal_upscale = 1;
   int64_t parameters = 0;
   std::string architecture;  // human-readable summary of what was inferred
 };
@@ -91,15 +95,24 @@ class PixelBlock {
   std::unique_ptr<Storage> storage_;
 };
 
-// A stream's state over a shared decoder (see EncodeSession).
+// A stream's state over a shared decoder (see EncodeSession). A video
+// session carries the decoder's causal state from latent to latent: a clip
+// cut into batches in any way gives the frames of the whole-clip decode.
 class DecodeSession {
  public:
   virtual ~DecodeSession() = default;
+  // The next latent starts a new clip.
   virtual void reset() = 0;
-  // Decodes `batch` into `out` (from Decoder::new_pixels): result.spans.size()
-  // frames in `format`, each made from the latents its span names.
+  // Decodes `batch` into `out` (from Decoder::new_pixels with this session's
+  // frames per latent): result.spans.size() frames in `format`, each made
+  // from the latent its span names (for a video session, one of its parts).
   virtual BatchResult decode(const LatentBatch& batch, const DecodeParams& params, PixelFormat format,
                              PixelBlock& out) = 0;
+  // The same stopped before the 8 bits (see Decoder::decode_float): 3 x H x W
+  // float32 per frame at `out`, room for batch.size() x frames per latent.
+  virtual BatchResult decode_float(const LatentBatch& batch, const DecodeParams& params, float* out) = 0;
+  // Bytes of state carried between batches (0 for image sessions).
+  virtual size_t state_bytes() const { return 0; }
 };
 
 class Decoder : public std::enable_shared_from_this<Decoder> {
@@ -108,8 +121,10 @@ class Decoder : public std::enable_shared_from_this<Decoder> {
   virtual const DecoderInfo& info() const = 0;
 
   std::unique_ptr<LatentBatch> new_batch(int height, int width, size_t capacity) const;
-  // Room for the frames of every latent of `batch`.
-  std::unique_ptr<PixelBlock> new_pixels(const LatentBatch& batch, PixelFormat format) const;
+  // Room for the frames of every latent of `batch`, `frames_per_latent` each
+  // (a video session's, see open_session).
+  std::unique_ptr<PixelBlock> new_pixels(const LatentBatch& batch, PixelFormat format,
+                                         int frames_per_latent = 1) const;
   size_t frame_bytes(const LatentBatch& batch, PixelFormat format) const;
 
   // Decodes every latent of `batch` into frames of (height x upscale) x
@@ -132,8 +147,12 @@ class Decoder : public std::enable_shared_from_this<Decoder> {
   // 0 turns it off. Affects every holder of this (shared) decoder.
   virtual void set_test_memory_limit(int64_t latent_cells);
 
-  // A session for one stream (holds the decoder). The default: one frame per latent.
-  virtual std::unique_ptr<DecodeSession> open_session();
+  // A session for one stream (holds the decoder). `frames_per_latent` 1: an
+  // image stream, one frame per latent, each latent decoded alone (for a
+  // video decoder, as the first latent of a clip: how Qwen-Image uses the
+  // Wan 2.1 VAE). info().temporal_upscale of a video decoder: a video
+  // stream. Throws VaeError for any other value.
+  virtual std::unique_ptr<DecodeSession> open_session(int frames_per_latent = 1);
 };
 
 // Detects the decoder's family from the checkpoint's tensor names (and, for

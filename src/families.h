@@ -30,6 +30,8 @@ extern const DecoderFamily kKLDecoderFamily;        // kl_vae.cpp
 extern const EncoderFamily kTaesdEncoderFamily;     // taesd.cpp
 extern const DecoderFamily kTaesdDecoderFamily;     // taesd.cpp
 extern const EncoderFamily kWanEncoderFamily;       // wan_vae.cpp
+extern const DecoderFamily kWanDecoderFamily;       // wan_vae.cpp
 extern const EncoderFamily kTaehvEncoderFamily;     // taehv.cpp
+extern const DecoderFamily kTaehvDecoderFamily;     // taehv.cpp
 
 }  // namespace gstvae

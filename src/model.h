@@ -42,9 +42,15 @@ using DecodeReport = ComputeReport;
 // for frames, the order of arrival for latents). Image models map one input
 // to one output; temporal models cover several inputs, possibly from an
 // earlier batch, and may emit nothing for a batch.
+//
+// A video decoder makes several frames of one latent: each frame's span names
+// that latent (count 1) and which of its `parts` equal shares of the
+// latent's time the frame is (`part`, from 0).
 struct Span {
   uint64_t first = 0;
   uint32_t count = 1;
+  uint32_t part = 0;
+  uint32_t parts = 1;
 };
 
 struct BatchResult {

@@ -30,7 +30,9 @@ const EncoderFamily* const kEncoderFamilies[] = {
 };
 
 const DecoderFamily* const kDecoderFamilies[] = {
+    &kWanDecoderFamily,  // first, as for encoders
     &kKLDecoderFamily,
+    &kTaehvDecoderFamily,  // before TAESD: both are Sequentials named by index
     &kTaesdDecoderFamily,
 };
 
@@ -87,8 +89,9 @@ std::shared_ptr<void> load_uncached(Direction direction, const std::string& path
     if (family && family->detect(*file)) return family->load(file, options);
   throw CheckpointError("'" + path + "' holds no supported VAE decoder (" + std::to_string(file->tensors().size()) +
                         " tensors; expected the decoder of an AutoencoderKL, e.g. 'decoder.conv_in.weight' and "
-                        "'decoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', or a TAESD "
-                        "decoder, e.g. '1.weight' and '3.conv.0.weight')");
+                        "'decoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', a TAESD "
+                        "decoder, e.g. '1.weight' and '3.conv.0.weight', or a video VAE decoder: Wan (a 5-D "
+                        "'decoder.conv1.weight') or TAEHV (e.g. 'decoder.7.conv.weight')");
 }
 
 /* ------------------------------------------------------------------ cache */

@@ -1,13 +1,17 @@
-// The TAEHV tiny video autoencoders of madebyollin/taehv, encoder side:
+// The TAEHV tiny video autoencoders of madebyollin/taehv, both halves:
 // taew2_1 (Wan 2.1 latents, 16 channels) and taew2_2 (Wan 2.2, 48 channels,
 // 2x2 space-to-depth input). An nn.Sequential named by index (`encoder.0.weight`,
 // `encoder.2.conv.weight`, `encoder.4.conv.0.weight`): 3x3 convs, TPools that
 // stack frames along channels, and MemBlocks that see the previous frame's
-// input. Four frames 4k..4k+3 make latent k; see docs/video-vaes-taehv.md.
+// input. Four frames 4k..4k+3 make latent k; see docs/video-vaes.md.
 //
-// The network outputs the Wan model's normalised space; the latents leave as
+// The encoder outputs the Wan model's normalised space; the latents leave as
 // raw Wan latents (x * std + mean, the Wan VAE family's output), then in the
 // latent format asked for. Only sessions encode: the MemBlocks carry state.
+// The decoder mirrors it (TGrows make 4 frames of a latent) and takes that
+// normalised space; a video session carries its MemBlocks' state, and each
+// latent decoded alone (an image stream) keeps its last frame, as a clip's
+// first latent does.
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -21,6 +25,7 @@
 #include "families.h"
 #include "name_rules.h"
 #include "frame_storage.h"
+#include "torch_decoder.h"
 #include "torch_encoder.h"
 
 namespace gstvae {
@@ -438,14 +443,14 @@ const Variant& resolve_variant(const SafetensorsFile& file, const ModelOptions& 
   shapes << channels << " latent channels, " << patch << "x" << patch << " input patches, " << frames
          << " frames per latent";
   if (!by_shape)
-    throw CheckpointError("'" + file.path() + "' is a TAEHV encoder with " + shapes.str() +
+    throw CheckpointError("'" + file.path() + "' is a TAEHV model with " + shapes.str() +
                           ": only " + variant_names() +
                           " (Wan 2.1: 16 channels, no patches; Wan 2.2: 48 channels, 2x2 patches; both 4 frames "
                           "per latent) are supported");
   if (!options.latent_space.empty()) {
     const Variant* asked = variant_by_name(lowercase(options.latent_space));
     if (asked != by_shape)
-      throw CheckpointError("'" + file.path() + "' is a TAEHV encoder whose shapes say " + by_shape->name +
+      throw CheckpointError("'" + file.path() + "' is a TAEHV model whose shapes say " + by_shape->name +
                             " (" + shapes.str() + "), but the latent space '" + options.latent_space +
                             "' was asked for (TAEHV files: " + variant_names() + ")");
   }
@@ -496,8 +501,224 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
   return std::make_shared<TaehvEncoder>(std::move(info), target, std::move(net));
 }
 
+/* ------------------------------------------------------------------ decoder */
+
+// The decoder Sequential, by index: 0 Clamp (tanh(x / 3) * 3), 1 conv, 2 ReLU,
+// then three stages of three MemBlocks, a nearest 2x upsampling, a TGrow
+// (1x1 conv to `stride` frames' channels) and a 3x3 conv without bias (first
+// index 3, 9, 15), then 21 ReLU and 22 conv. A clip's first latent gives
+// frames_per_latent frames of which upstream keeps the last: decode_video
+// trims frames_per_latent - 1 from the clip's start.
+constexpr int kDecoderStageFirst[3] = {3, 9, 15};
+constexpr int kDecoderLastConv = 22;
+
+struct DecoderStage {
+  MemBlock blocks[3];
+  Conv grow;  // 1x1, no bias: n -> n * grow_frames
+  int64_t grow_frames = 1;
+  Conv conv;  // 3x3, no bias
+};
+
+struct DecoderNetwork {
+  int64_t patch = 1;
+  int64_t latent_channels = 0;
+  Conv first;
+  DecoderStage stages[3];
+  Conv last;
+  int64_t frames_per_latent = 1;
+};
+
+struct DecoderMemory {
+  at::Tensor memory[3][3];  // each MemBlock's last input
+  bool started = false;
+  size_t bytes() const {
+    size_t n = 0;
+    for (const auto& stage : memory)
+      for (const auto& m : stage)
+        if (m.defined()) n += m.numel() * m.element_size();
+    return n;
+  }
+};
+
+// L normalised latents (compute dtype) of one clip, after what `state` saw ->
+// their frames in [0, 1] before the clamp, L * frames_per_latent of them
+// (the trim is the caller's).
+at::Tensor decoder_forward(const DecoderNetwork& net, const at::Tensor& z, DecoderMemory& state) {
+  const bool nhwc = use_onednn(z);
+  auto layout = [&](const at::Tensor& t) { return nhwc ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous(); };
+  at::Tensor x = layout(at::tanh(z / 3.0) * 3.0);
+  x = run_conv(net.first, x).relu_();
+  for (int s = 0; s < 3; ++s) {
+    const DecoderStage& stage = net.stages[s];
+    for (int b = 0; b < 3; ++b) {
+      at::Tensor next_past = x.narrow(0, x.size(0) - 1, 1).clone();
+      x = memblock_forward(stage.blocks[b], x, state.memory[s][b]);
+      state.memory[s][b] = next_past;
+    }
+    x = at::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)});
+    x = run_conv(stage.grow, x).contiguous();
+    // Frame t's channels [k*n, (k+1)*n) become frame t * grow_frames + k.
+    const int64_t n = x.size(1) / stage.grow_frames;
+    x = layout(x.view({x.size(0) * stage.grow_frames, n, x.size(2), x.size(3)}));
+    x = run_conv(stage.conv, x);
+  }
+  x = run_conv(net.last, x.relu_()).contiguous();
+  return net.patch > 1 ? at::pixel_shuffle(x, net.patch) : x;
+}
+
+class DecoderLoader {
+ public:
+  explicit DecoderLoader(WeightReader& w) : w_(w) {}
+
+  DecoderNetwork load() {
+    DecoderNetwork net;
+    const std::vector<int64_t> s1 = shape("1.weight", 4);
+    net.latent_channels = s1[1];
+    channels_ = s1[1];
+    net.first = conv("1", 3, true);
+    for (int s = 0; s < 3; ++s) {
+      DecoderStage& stage = net.stages[s];
+      const int first = kDecoderStageFirst[s];
+      for (int b = 0; b < 3; ++b) stage.blocks[b] = memblock(std::to_string(first + b));
+      const std::string grow = std::to_string(first + 4) + ".conv";
+      const std::vector<int64_t> gs = shape(grow + ".weight", 4);
+      if (gs[0] % channels_ != 0)
+        fail(grow + ".weight", gs, "[k*" + std::to_string(channels_) + ", " + std::to_string(channels_) +
+                                       ", 1, 1] (a TGrow to k frames)");
+      stage.grow_frames = gs[0] / channels_;
+      const int64_t n = channels_;
+      stage.grow = conv(grow, 1, false);
+      channels_ = n;  // each grown frame has the width again
+      net.frames_per_latent *= stage.grow_frames;
+      stage.conv = conv(std::to_string(first + 5), 3, false);
+    }
+    const std::vector<int64_t> sl = shape(std::to_string(kDecoderLastConv) + ".weight", 4);
+    net.last = conv(std::to_string(kDecoderLastConv), 3, true);
+    net.patch = 0;
+    for (int64_t p = 1; p <= 8; ++p)
+      if (3 * p * p == sl[0]) net.patch = p;
+    if (!net.patch) fail(std::to_string(kDecoderLastConv) + ".weight", sl, "3 * p * p output channels (RGB in p x p patches)");
+    return net;
+  }
+
+ private:
+  std::vector<int64_t> shape(const std::string& name, size_t dims) {
+    std::vector<int64_t> s = w_.shape(name);
+    if (s.size() != dims || s[0] < 1) fail(name, s, std::to_string(dims) + " dimensions");
+    return s;
+  }
+  [[noreturn]] void fail(const std::string& name, const std::vector<int64_t>& s, const std::string& expected) {
+    throw CheckpointError("'" + w_.path() + "': tensor 'decoder." + name + "' has shape " + shape_string(s) +
+                          ", expected " + expected);
+  }
+  Conv conv(const std::string& p, int64_t kernel, bool bias) {
+    const std::vector<int64_t> s = shape(p + ".weight", 4);
+    Conv c;
+    c.weight = w_.get(p + ".weight", {s[0], channels_, kernel, kernel});
+    if (bias) c.bias = w_.get(p + ".bias", {s[0]});
+    else if (w_.has(p + ".bias"))
+      throw CheckpointError("'" + w_.path() + "': tensor 'decoder." + p + ".bias' is not part of a TAEHV decoder");
+    c.padding = kernel / 2;
+    channels_ = s[0];
+    return c;
+  }
+  MemBlock memblock(const std::string& p) {
+    MemBlock b;
+    const int64_t in = channels_;
+    const std::vector<int64_t> s = shape(p + ".conv.0.weight", 4);
+    if (s[1] != 2 * in) fail(p + ".conv.0.weight", s, "[W, " + std::to_string(2 * in) + ", 3, 3] (frame and past)");
+    channels_ = 2 * in;
+    b.conv0 = conv(p + ".conv.0", 3, true);
+    b.conv2 = conv(p + ".conv.2", 3, true);
+    b.conv4 = conv(p + ".conv.4", 3, true);
+    if (w_.has(p + ".skip.weight"))
+      b.skip = w_.get(p + ".skip.weight", {channels_, in, 1, 1});
+    else if (channels_ != in)
+      throw CheckpointError("'" + w_.path() + "': MemBlock 'decoder." + p + "' changes the width from " +
+                            std::to_string(in) + " to " + std::to_string(channels_) + " but has no skip.weight");
+    return b;
+  }
+
+  WeightReader& w_;
+  int64_t channels_ = 0;
+};
+
+class TaehvDecoder final : public TorchDecoder {
+ public:
+  TaehvDecoder(DecoderInfo info, ComputeTarget target, DecoderNetwork net)
+      : TorchDecoder(std::move(info), target), net_(std::move(net)) {
+    probe();
+  }
+
+  struct State final : StreamState {
+    DecoderMemory memory;
+    size_t bytes() const override { return memory.bytes(); }
+  };
+  std::unique_ptr<StreamState> new_stream_state() const override { return std::make_unique<State>(); }
+  at::Tensor forward_stream(const at::Tensor& z, StreamState& state) override {
+    DecoderMemory& memory = static_cast<State&>(state).memory;
+    at::Tensor frames = decoder_forward(net_, z, memory);
+    if (!memory.started) {
+      memory.started = true;
+      const int64_t trim = net_.frames_per_latent - 1;
+      frames = frames.narrow(0, trim, frames.size(0) - trim);
+    }
+    return frames;
+  }
+
+ protected:
+  // Each latent as a clip of its own: its one kept frame.
+  at::Tensor forward(const at::Tensor& z) override {
+    std::vector<at::Tensor> frames;
+    for (int64_t i = 0; i < z.size(0); ++i) {
+      DecoderMemory memory;
+      frames.push_back(decoder_forward(net_, z.narrow(0, i, 1), memory).narrow(0, net_.frames_per_latent - 1, 1));
+    }
+    return at::cat(frames, 0);
+  }
+
+ private:
+  DecoderNetwork net_;
+};
+
+// decoder.1 a 3x3 conv from the latents, decoder.3 a MemBlock over frame and
+// past, decoder.7 a TGrow (1x1). TAESD's decoder has a plain conv at 7
+// (`decoder.7.weight`) and Blocks of one frame.
+bool detect_decoder(const SafetensorsFile& file) {
+  const TensorInfo* first = file.find("decoder.1.weight");
+  const TensorInfo* mem = file.find("decoder.3.conv.0.weight");
+  const TensorInfo* grow = file.find("decoder.7.conv.weight");
+  return is_conv(first, 3) && is_conv(mem, 3) && is_conv(grow, 1) && mem->shape[1] == 2 * first->shape[0];
+}
+
+std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
+  const ComputeTarget target = resolve_target(options);
+  apply_thread_option(options.threads);
+  WeightReader reader(file, names_under(*file, "decoder."), target);
+  DecoderNetwork net = DecoderLoader(reader).load();
+  const Variant& variant = resolve_variant(*file, options, net.patch, net.latent_channels, net.frames_per_latent);
+
+  DecoderInfo info;
+  info.family = "taehv";
+  info.model_path = file->path();
+  info.layout = "taehv";
+  info.upscale = static_cast<int>(8 * net.patch);
+  info.latent_channels = static_cast<int>(net.latent_channels);
+  info.native_format = latent_format_by_name(variant.space);  // takes the Wan model's normalised space
+  info.output_signed = false;  // [0, 1]
+  info.temporal_upscale = static_cast<int>(net.frames_per_latent);
+  info.parameters = reader.parameters_loaded();
+  std::ostringstream os;
+  os << "TAEHV decoder " << variant.name << " for " << variant.model << " latents (from the shapes), C="
+     << info.latent_channels << ", upscale " << info.upscale << ", " << net.frames_per_latent
+     << " frames per latent (a clip's first latent keeps its last frame)";
+  info.architecture = os.str();
+  return std::make_shared<TaehvDecoder>(std::move(info), target, std::move(net));
+}
+
 }  // namespace
 
 const EncoderFamily kTaehvEncoderFamily = {"taehv", detect_encoder, load_encoder_file};
+const DecoderFamily kTaehvDecoderFamily = {"taehv", detect_decoder, load_decoder_file};
 
 }  // namespace gstvae

@@ -23,6 +23,29 @@ class TorchDecoder : public Decoder {
   using Decoder::decode;
   ComputeReport decode_float(const LatentBatch& batch, const DecodeParams& params, float* out) override;
   void set_test_memory_limit(int64_t latent_cells) override { test_memory_limit_ = latent_cells; }
+  std::unique_ptr<DecodeSession> open_session(int frames_per_latent = 1) override;
+
+  // What a video decoder (info_.temporal_upscale > 1) carries from latent to
+  // latent of a stream; the family defines it.
+  struct StreamState {
+    virtual ~StreamState() = default;
+    virtual size_t bytes() const = 0;
+  };
+
+  // The work of a video session (torch_decoder.cpp), on its stream's state:
+  // a fresh state, at the start of a clip.
+  virtual std::unique_ptr<StreamState> new_stream_state() const;
+  // z: L x C x h x w (compute dtype, native format), the latents following
+  // what `state` saw. Returns their frames, N x 3 x H x W (range per
+  // info_.output_signed): 1 for the first latent of a clip, temporal_upscale
+  // for each later one.
+  virtual at::Tensor forward_stream(const at::Tensor& z, StreamState& state);
+  // The batch's latents on the device, in the model's space and compute dtype.
+  at::Tensor prepare(const LatentBatch& batch, const DecodeParams& params) const;
+  // Pixels in [0, 1] (N x 3 x H x W float32) -> ComfyUI SaveImage's 8 bits, N x 3 x H x W.
+  static at::Tensor to_bytes(const at::Tensor& pixels);
+  // Those bytes packed into `format` (alpha and padding bytes 255) at `out`.
+  static void pack(const at::Tensor& bytes, PixelFormat format, uint8_t* out);
 
  protected:
   TorchDecoder(DecoderInfo info, ComputeTarget target);
@@ -51,11 +74,9 @@ class TorchDecoder : public Decoder {
 };
 
 // ComfyUI's pixels from a decoder output x (N x 3 x H x W, any float dtype):
-// clamp((x + 1) / 2, 0, 1) for a signed output; a [0, 1] output (TAESD) goes
-// through the same arithmetic after ComfyUI's (x - 0.5) * 2. Then SaveImage's
-// 8 bits: x * 255, clipped to [0, 255], truncated. Returns uint8 N x H x W x 3.
-at::Tensor comfy_pixels_u8(const at::Tensor& x, bool signed_output);
-// The first half of that: clamp((x + 1) / 2, 0, 1) in float32, N x 3 x H x W.
+// clamp((x + 1) / 2, 0, 1) in float32 for a signed output; a [0, 1] output
+// (TAESD, TAEHV) goes through the same arithmetic after ComfyUI's
+// (x - 0.5) * 2. TorchDecoder::to_bytes makes SaveImage's 8 bits of them.
 at::Tensor comfy_pixels_float(const at::Tensor& x, bool signed_output);
 
 }  // namespace gstvae

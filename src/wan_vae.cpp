@@ -26,6 +26,7 @@
 #include "errors.h"
 #include "families.h"
 #include "frame_storage.h"
+#include "torch_decoder.h"
 #include "torch_encoder.h"
 
 namespace gstvae {
@@ -33,7 +34,8 @@ namespace gstvae {
 namespace {
 
 constexpr int kLevels = 4;
-constexpr int kBlocksPerLevel = 2;
+constexpr int kBlocksPerLevel = 2;    // encoder
+constexpr int kUpBlocksPerLevel = 3;  // decoder
 constexpr int kFramesPerLatent = 4;
 // Latent groups encoded per forward pass at most: bounds the activations of a
 // large batch; any number gives the same latents.
@@ -85,7 +87,7 @@ std::string official_block_tail(const std::string& tail) {
 
 // One encoder-side name (prefix removed) in the official naming, or "" when
 // it is not part of the encoder. Official and ComfyUI names pass unchanged.
-std::string official_name(const std::string& name, bool* diffusers) {
+std::string official_encoder_name(const std::string& name, bool* diffusers) {
   static const std::pair<const char*, const char*> kTop[] = {
       {"encoder.conv_in.", "encoder.conv1."}, {"encoder.norm_out.", "encoder.head.0."},
       {"encoder.conv_out.", "encoder.head.2."}, {"quant_conv.", "conv1."},
@@ -117,34 +119,88 @@ std::string official_name(const std::string& name, bool* diffusers) {
   return "";
 }
 
+// The decoder's counterpart. diffusers groups the decoder's flat list
+// (Wan 2.1: `upsamples.{k}`) as `up_blocks.{k div 4}.resnets.{k mod 4}` and
+// `.upsamplers.0`; Wan 2.2's nested `upsamples.{i}.upsamples.{j}` becomes
+// `up_blocks.{i}.resnets.{j}` and `.upsampler`. `nested`: the file is Wan
+// 2.2's (its last level alone cannot tell).
+std::string official_decoder_name(const std::string& name, bool nested, bool* diffusers) {
+  static const std::pair<const char*, const char*> kTop[] = {
+      {"decoder.conv_in.", "decoder.conv1."}, {"decoder.norm_out.", "decoder.head.0."},
+      {"decoder.conv_out.", "decoder.head.2."}, {"post_quant_conv.", "conv2."},
+      {"decoder.mid_block.attentions.0.", "decoder.middle.1."},
+  };
+  for (const auto& r : kTop)
+    if (starts_with(name, r.first)) {
+      *diffusers = true;
+      return r.second + name.substr(std::strlen(r.first));
+    }
+  if (starts_with(name, "decoder.mid_block.resnets.")) {
+    *diffusers = true;
+    const std::vector<std::string> p = split_dots(name);
+    if (p.size() < 5 || (p[3] != "0" && p[3] != "1")) return "";
+    return std::string("decoder.middle.") + (p[3] == "0" ? "0." : "2.") + official_block_tail(join_dots(p, 4));
+  }
+  if (starts_with(name, "decoder.up_blocks.")) {
+    *diffusers = true;
+    const std::vector<std::string> p = split_dots(name);  // decoder up_blocks I ...
+    if (p.size() < 5 || !all_digits(p[2])) return "";
+    const int level = std::stoi(p[2]);
+    const int stride = kUpBlocksPerLevel + 1;  // the blocks, then the Resample
+    if (p[3] == "resnets" && p.size() >= 6 && all_digits(p[4])) {
+      const std::string tail = official_block_tail(join_dots(p, 5));
+      return nested ? "decoder.upsamples." + p[2] + ".upsamples." + p[4] + "." + tail
+                    : "decoder.upsamples." + std::to_string(level * stride + std::stoi(p[4])) + "." + tail;
+    }
+    if (p[3] == "upsampler" && nested)
+      return "decoder.upsamples." + p[2] + ".upsamples." + std::to_string(kUpBlocksPerLevel) + "." + join_dots(p, 4);
+    if (p[3] == "upsamplers" && p[4] == "0" && p.size() >= 6 && !nested)
+      return "decoder.upsamples." + std::to_string(level * stride + kUpBlocksPerLevel) + "." + join_dots(p, 5);
+    return "";
+  }
+  if (starts_with(name, "decoder.") || starts_with(name, "conv2.")) return name;
+  return "";
+}
+
 struct WanKeys {
   std::string prefix;  // "" or "vae."
   bool diffusers = false;
   std::map<std::string, std::string> source;  // official name -> name in the file
 };
 
-const char* encoder_prefix(const SafetensorsFile& file) {
+// The prefix ("" or "vae.") of a Wan encoder (`half` "encoder") or decoder
+// ("decoder"), or null: its first conv is 5-D, image VAEs' conv_in 4-D.
+const char* half_prefix(const SafetensorsFile& file, const std::string& half) {
   for (const char* prefix : {"", "vae."})
-    for (const char* conv : {"encoder.conv1.weight", "encoder.conv_in.weight"}) {
-      const TensorInfo* t = file.find(std::string(prefix) + conv);
-      if (t && t->shape.size() == 5) return prefix;  // image VAEs' conv_in is 4-D
+    for (const char* conv : {".conv1.weight", ".conv_in.weight"}) {
+      const TensorInfo* t = file.find(std::string(prefix) + half + conv);
+      if (t && t->shape.size() == 5) return prefix;
     }
   return nullptr;
 }
+const char* encoder_prefix(const SafetensorsFile& file) { return half_prefix(file, "encoder"); }
+const char* decoder_prefix(const SafetensorsFile& file) { return half_prefix(file, "decoder"); }
 
-WanKeys normalize_keys(const SafetensorsFile& file) {
+// Both halves' tensors under `prefix`, by official name.
+WanKeys normalize_keys(const SafetensorsFile& file, const char* prefix) {
   WanKeys keys;
-  keys.prefix = encoder_prefix(file);
+  keys.prefix = prefix;
+  bool nested = false;  // a diffusers Wan 2.2 decoder
+  for (const auto& kv : file.tensors())
+    nested = nested || (starts_with(kv.first, keys.prefix + "decoder.up_blocks.") &&
+                        kv.first.find(".upsampler.") != std::string::npos);
   for (const auto& kv : file.tensors()) {
     if (!starts_with(kv.first, keys.prefix)) continue;
     bool diffusers = false;
-    const std::string official = official_name(kv.first.substr(keys.prefix.size()), &diffusers);
+    const std::string name = kv.first.substr(keys.prefix.size());
+    std::string official = official_encoder_name(name, &diffusers);
+    if (official.empty()) official = official_decoder_name(name, nested, &diffusers);
     if (official.empty()) continue;
     keys.diffusers = keys.diffusers || diffusers;
     auto [it, inserted] = keys.source.emplace(official, kv.first);
     if (!inserted)
       throw CheckpointError("'" + file.path() + "': tensors '" + it->second + "' and '" + kv.first +
-                            "' are both the Wan encoder's '" + official + "'");
+                            "' are both the Wan VAE's '" + official + "'");
   }
   return keys;
 }
@@ -210,9 +266,9 @@ struct StreamState {
   std::vector<at::Tensor> last;     // per time slot: 1 x C x H x W, or undefined
   bool started = false;
 
-  void reset(const Network& net) {
-    history.assign(net.slots, at::Tensor());
-    last.assign(net.time_slots, at::Tensor());
+  void reset(int slots, int time_slots = 0) {
+    history.assign(slots, at::Tensor());
+    last.assign(time_slots, at::Tensor());
     started = false;
   }
   size_t bytes() const {
@@ -361,9 +417,11 @@ std::pair<at::Tensor, at::Tensor> encode_chunk(const Network& net, at::Tensor x,
 
 /* ------------------------------------------------------------------ loading */
 
+// Reads layers by official name; numbers the state slots of the causal
+// convs (`slots`) and temporal downsamplings (`time_slots`) it loads.
 class Loader {
  public:
-  Loader(WeightReader& reader, Network& net) : r_(reader), net_(net) {}
+  Loader(WeightReader& reader, int& slots, int& time_slots) : r_(reader), slots_(slots), time_slots_(time_slots) {}
 
   CausalConv causal(const std::string& name, int64_t out, int64_t in, int64_t k, int64_t space_k, int64_t padding) {
     const at::Tensor w = r_.get(name + ".weight", {out, in, k, space_k, space_k});
@@ -392,8 +450,8 @@ class Loader {
     b.gamma2 = gamma(name + ".residual.3.gamma", out, 3);
     b.conv2 = causal(name + ".residual.6", out, out, 3, 3, 1);
     if (in != out) b.shortcut = pointwise(name + ".shortcut", out, in);
-    b.slot1 = net_.slots++;
-    b.slot2 = net_.slots++;
+    b.slot1 = slots_++;
+    b.slot2 = slots_++;
     return b;
   }
   Resample resample(const std::string& name, int64_t c, bool temporal) {
@@ -403,14 +461,15 @@ class Loader {
     r.spatial = conv(name + ".resample.1", c, c, 3);
     if (temporal) {
       r.time = causal(name + ".time_conv", c, c, 3, 1, 0);
-      r.slot = net_.time_slots++;
+      r.slot = time_slots_++;
     }
     return r;
   }
 
  private:
   WeightReader& r_;
-  Network& net_;
+  int& slots_;
+  int& time_slots_;
 };
 
 int64_t dim_of(const std::vector<int64_t>& shape, size_t i) { return shape.size() > i ? shape[i] : 0; }
@@ -445,7 +504,7 @@ class WanEncoder final : public TorchEncoder {
     std::vector<at::Tensor> means, logvars;
     for (int64_t i = 0; i < pixels.size(0); ++i) {
       StreamState s;
-      s.reset(net_);
+      s.reset(net_.slots, net_.time_slots);
       auto m = encode_chunk(net_, pixels.narrow(0, i, 1), s, format_);
       means.push_back(m.first);
       logvars.push_back(m.second);
@@ -471,7 +530,7 @@ class WanSession final : public EncodeSession {
   explicit WanSession(std::shared_ptr<WanEncoder> encoder) : encoder_(std::move(encoder)) { reset(); }
 
   void reset() override {
-    state_.reset(encoder_->network());
+    state_.reset(encoder_->network().slots, encoder_->network().time_slots);
     held_ = at::Tensor();
     held_indices_.clear();
   }
@@ -586,12 +645,251 @@ std::unique_ptr<EncodeSession> WanEncoder::open_session() {
   return std::make_unique<WanSession>(std::static_pointer_cast<WanEncoder>(shared_from_this()));
 }
 
+/* ------------------------------------------------------------------ decoder */
+
+// The decoder mirrors the encoder: conv1, the middle (blocks and per-frame
+// attention), four levels of 3 residual blocks, each of the first three
+// ending in an upsampling Resample (levels 0 and 1 also in time), the head.
+// Wan 2.2 adds the DupUp3D shortcut around each upsampling level and a 2x2
+// unpatchify at the end. The official decode feeds one latent at a time; the
+// states below make any number per pass give the same frames, except that a
+// clip's first latent goes alone (it gives 1 frame, not 4).
+struct UpResample {
+  bool present = false;
+  bool temporal = false;
+  CausalConv time;   // C -> 2C: each frame becomes two
+  int time_slot = 0;
+  Conv2 spatial;     // 3x3 after a nearest 2x upsampling
+};
+struct UpLevel {
+  std::vector<ResBlock> blocks;
+  UpResample resample;
+  bool duplicate_shortcut = false;  // Wan 2.2's DupUp3D of the level's input
+  int64_t out = 0;
+};
+struct DecoderNetwork {
+  bool wan22 = false;
+  int64_t z = 16;
+  Conv2 unscale;  // the VAE-level conv2, z -> z, 1x1x1
+  CausalConv conv_in;
+  int conv_in_slot = 0;
+  ResBlock mid1, mid2;
+  Attention attention;
+  std::vector<UpLevel> levels;
+  at::Tensor head_gamma;
+  CausalConv head;
+  int head_slot = 0;
+  int slots = 0;
+  int time_slots = 0;  // none: the upsamplings' time convs are causal convs with slots of their own
+};
+
+// The time step of an upsampling: nothing on a clip's first chunk (its frame
+// passes as it is, and does not enter the conv's history: upstream marks the
+// cache 'Rep'); afterwards a causal 3-tap conv to 2C channels whose halves
+// are two consecutive frames.
+at::Tensor temporal_up(const UpResample& r, const at::Tensor& x, StreamState& s) {
+  if (!s.started) return x;
+  const at::Tensor y = causal_conv(r.time, x, s.history[r.time_slot]).contiguous();
+  const int64_t t = y.size(0), c = y.size(1) / 2;
+  return y.view({t, 2, c, y.size(2), y.size(3)}).reshape({2 * t, c, y.size(2), y.size(3)});
+}
+
+// Wan 2.2's DupUp3D: each input channel repeated, the copies spread over
+// 2 frames (where the level upsamples time) and 2x2 pixels; on a clip's
+// first chunk the first of each frame pair is dropped, as the main path
+// passes that frame through.
+at::Tensor duplicate_up(const at::Tensor& x, int64_t out_channels, bool time, bool first_chunk) {
+  const int64_t ft = time ? 2 : 1, fs = 2;
+  const int64_t t = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t repeats = out_channels * ft * fs * fs / c;
+  // channel o*ft*fs*fs + a*fs*fs + b*fs + d of the repeated input -> frame
+  // t*ft + a, row y*fs + b, column x*fs + d of output channel o.
+  at::Tensor v = x.contiguous().repeat_interleave(repeats, 1).view({t, out_channels, ft, fs, fs, h, w});
+  v = v.permute({0, 2, 1, 5, 3, 6, 4}).reshape({t * ft, out_channels, h * fs, w * fs});
+  return first_chunk && ft > 1 ? v.narrow(0, ft - 1, t * ft - (ft - 1)) : v;
+}
+
+// Wan 2.2's unpatchify, the inverse of patchify(): channel c*4 + column*2 + row.
+at::Tensor unpatchify(const at::Tensor& x) {
+  const int64_t t = x.size(0), c = x.size(1) / 4, h = x.size(2), w = x.size(3);
+  return x.contiguous().view({t, c, 2, 2, h, w}).permute({0, 1, 4, 3, 5, 2}).reshape({t, c, 2 * h, 2 * w});
+}
+
+// Raw latents (L x z x h x w, compute dtype) after what `s` saw -> frames
+// in [-1, 1] before the clamp, N x 3 x H x W: 1 for a clip's first latent
+// (which must come alone), 4 for every later one.
+at::Tensor decode_chunk(const DecoderNetwork& net, const at::Tensor& z, StreamState& s, at::MemoryFormat format) {
+  at::Tensor x = conv2d(z.contiguous(format), net.unscale.weight, net.unscale.bias);
+  x = causal_conv(net.conv_in, x, s.history[net.conv_in_slot]);
+  x = residual_block(net.mid1, x, s);
+  x = attention(net.attention, x);
+  x = residual_block(net.mid2, x, s);
+  for (const UpLevel& level : net.levels) {
+    const at::Tensor level_in = x;
+    for (const ResBlock& b : level.blocks) x = residual_block(b, x, s);
+    if (level.resample.present) {
+      if (level.resample.temporal) x = temporal_up(level.resample, x, s);
+      x = at::upsample_nearest2d(x.contiguous(format), {2 * x.size(2), 2 * x.size(3)});
+      x = conv2d(x, level.resample.spatial.weight, level.resample.spatial.bias, 1, 1);
+    }
+    if (level.duplicate_shortcut)
+      x = x.add_(duplicate_up(level_in, level.out, level.resample.temporal, !s.started).contiguous(format));
+  }
+  x = causal_conv(net.head, rms_norm_silu(x, net.head_gamma), s.history[net.head_slot]);
+  s.started = true;
+  return net.wan22 ? unpatchify(x) : x.contiguous();
+}
+
+class WanDecoder final : public TorchDecoder {
+ public:
+  WanDecoder(DecoderInfo info, ComputeTarget target, DecoderNetwork net)
+      : TorchDecoder(std::move(info), target), net_(std::move(net)) {
+    format_ = use_onednn(at::empty({0}, at::TensorOptions().device(target_.device).dtype(target_.dtype)))
+                  ? at::MemoryFormat::ChannelsLast
+                  : activation_format(target_);
+    probe();
+  }
+
+  struct State final : StreamState {
+    gstvae::StreamState s;
+    size_t bytes() const override { return s.bytes(); }
+  };
+  std::unique_ptr<StreamState> new_stream_state() const override {
+    auto state = std::make_unique<State>();
+    state->s.reset(net_.slots, net_.time_slots);
+    return state;
+  }
+  at::Tensor forward_stream(const at::Tensor& z, StreamState& state) override {
+    State& st = static_cast<State&>(state);
+    if (!st.s.started && z.size(0) != 1)
+      throw VaeError("internal: a clip's first latent must be decoded alone");
+    return decode_chunk(net_, z, st.s, format_);
+  }
+
+ protected:
+  // Each latent as a clip of its own: the image decode (Qwen-Image's use).
+  at::Tensor forward(const at::Tensor& z) override {
+    std::vector<at::Tensor> frames;
+    for (int64_t i = 0; i < z.size(0); ++i) {
+      gstvae::StreamState s;
+      s.reset(net_.slots, net_.time_slots);
+      frames.push_back(decode_chunk(net_, z.narrow(0, i, 1), s, format_));
+    }
+    return at::cat(frames, 0);
+  }
+
+ private:
+  DecoderNetwork net_;
+  at::MemoryFormat format_;
+};
+
+bool detect_decoder(const SafetensorsFile& file) { return decoder_prefix(file) != nullptr; }
+
+std::shared_ptr<Decoder> load_decoder(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
+  const WanKeys keys = normalize_keys(*file, decoder_prefix(*file));
+  const std::string& path = file->path();
+  auto has = [&](const std::string& name) { return keys.source.count(name) != 0; };
+  auto shape_of = [&](const std::string& name) -> std::vector<int64_t> {
+    auto it = keys.source.find(name);
+    const TensorInfo* t = it == keys.source.end() ? nullptr : file->find(it->second);
+    if (!t) throw CheckpointError("'" + path + "' lacks the Wan decoder's tensor '" + name + "'");
+    return t->shape;
+  };
+  DecoderNetwork net;
+  net.wan22 = has("decoder.upsamples.0.upsamples.0.residual.2.weight");
+  const std::vector<int64_t> conv_in = shape_of("decoder.conv1.weight");
+  const int64_t width = dim_of(conv_in, 0);
+  net.z = dim_of(conv_in, 1);
+  const int64_t pixels_out = net.wan22 ? 12 : 3;
+  const int64_t head_out = dim_of(shape_of("decoder.head.2.weight"), 0);
+  if (head_out != pixels_out)
+    throw CheckpointError("'" + path + "': the Wan decoder's head gives " + std::to_string(head_out) +
+                          " channels, expected " + std::to_string(pixels_out) +
+                          (net.wan22 ? " (RGB in 2x2 patches)" : " (RGB)") +
+                          "; other variants (RGBA, 2x upscaling decoders) are not supported");
+
+  const ComputeTarget target = resolve_target(options);
+  apply_thread_option(options.threads);
+  WeightReader reader(file, keys.source, target);
+  Loader l(reader, net.slots, net.time_slots);
+  net.unscale = l.pointwise("conv2", net.z, net.z);
+  net.conv_in = l.causal("decoder.conv1", width, net.z, 3, 3, 1);
+  net.conv_in_slot = net.slots++;
+  net.mid1 = l.block("decoder.middle.0", width, width);
+  net.attention.gamma = l.gamma("decoder.middle.1.norm.gamma", width, 2);
+  net.attention.qkv = l.conv("decoder.middle.1.to_qkv", 3 * width, width, 1);
+  net.attention.proj = l.conv("decoder.middle.1.proj", width, width, 1);
+  net.mid2 = l.block("decoder.middle.2", width, width);
+  int64_t in = width;
+  int upsamplings = 0;
+  std::ostringstream widths;
+  for (int level = 0; level < kLevels; ++level) {
+    UpLevel lv;
+    auto name = [&](int j) {
+      return net.wan22 ? "decoder.upsamples." + std::to_string(level) + ".upsamples." + std::to_string(j)
+                       : "decoder.upsamples." + std::to_string(level * (kUpBlocksPerLevel + 1) + j);
+    };
+    const int64_t level_in = in;
+    lv.out = dim_of(shape_of(name(0) + ".residual.2.weight"), 0);
+    for (int b = 0; b < kUpBlocksPerLevel; ++b) {
+      lv.blocks.push_back(l.block(name(b), in, lv.out));
+      in = lv.out;
+    }
+    const std::string resample = name(kUpBlocksPerLevel);
+    if (has(resample + ".resample.1.weight")) {
+      UpResample& r = lv.resample;
+      r.present = true;
+      r.temporal = has(resample + ".time_conv.weight");
+      if (r.temporal) {
+        r.time = l.causal(resample + ".time_conv", 2 * in, in, 3, 1, 0);
+        r.time_slot = net.slots++;
+      }
+      const int64_t out = dim_of(shape_of(resample + ".resample.1.weight"), 0);
+      r.spatial = l.conv(resample + ".resample.1", out, in, 3);
+      in = out;
+      ++upsamplings;
+      if (net.wan22) {
+        lv.duplicate_shortcut = true;
+        const int64_t factor = (r.temporal ? 2 : 1) * 4;
+        if ((in * factor) % level_in != 0)
+          throw CheckpointError("'" + path + "': Wan 2.2 decoder level " + std::to_string(level) + " goes from " +
+                                std::to_string(level_in) + " to " + std::to_string(in) +
+                                " channels, which its duplicating shortcut cannot spread");
+        lv.out = in;
+      }
+    }
+    widths << " " << in;
+    net.levels.push_back(std::move(lv));
+  }
+  net.head_gamma = l.gamma("decoder.head.0.gamma", in, 3);
+  net.head = l.causal("decoder.head.2", pixels_out, in, 3, 3, 1);
+  net.head_slot = net.slots++;
+
+  DecoderInfo info;
+  info.family = net.wan22 ? "wan2.2" : "wan2.1";
+  info.model_path = path;
+  info.layout = std::string(keys.diffusers ? "diffusers" : "official") +
+                (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+  info.upscale = (1 << upsamplings) * (net.wan22 ? 2 : 1);
+  info.latent_channels = static_cast<int>(net.z);
+  info.native_format = LatentFormat();  // raw, as ComfyUI's LATENT holds them
+  info.output_signed = true;
+  info.temporal_upscale = kFramesPerLatent;
+  info.parameters = reader.parameters_loaded();
+  std::ostringstream os;
+  os << (net.wan22 ? "Wan 2.2 video VAE decoder" : "Wan 2.1 video VAE decoder") << ", width " << width
+     << ", widths after each level" << widths.str() << ", z=" << net.z << ", upscale " << info.upscale << "x"
+     << info.upscale << " and 4 in time (a clip's first latent gives 1 frame)";
+  info.architecture = os.str();
+  return std::make_shared<WanDecoder>(std::move(info), target, std::move(net));
+}
+
 /* ------------------------------------------------------------------- family */
 
 bool detect(const SafetensorsFile& file) { return encoder_prefix(file) != nullptr; }
 
 std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
-  const WanKeys keys = normalize_keys(*file);
+  const WanKeys keys = normalize_keys(*file, encoder_prefix(*file));
   const std::string& path = file->path();
   auto shape_of = [&](const std::string& name) -> std::vector<int64_t> {
     auto it = keys.source.find(name);
@@ -619,7 +917,7 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   const ComputeTarget target = resolve_target(options);
   apply_thread_option(options.threads);
   WeightReader reader(file, keys.source, target);
-  Loader l(reader, net);
+  Loader l(reader, net.slots, net.time_slots);
   net.conv_in = l.causal("encoder.conv1", dim, net.in_channels, 3, 3, 1);
   net.conv_in_slot = net.slots++;
   // Widths per level from each level's first block's first conv.
@@ -681,5 +979,6 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
 }  // namespace
 
 const EncoderFamily kWanEncoderFamily = {"wan", detect, load};
+const DecoderFamily kWanDecoderFamily = {"wan", detect_decoder, load_decoder};
 
 }  // namespace gstvae

@@ -1,9 +1,11 @@
 // gst-vae-decode-file: decodes a latent file (.npy, .latent or .safetensors;
-// float32 N x C x h x w) into raw 8-bit RGB frames (N x H x W x 3) with the
-// engine alone (no GStreamer). With --float it writes what the 8 bits are
-// rounded from instead: float32 N x 3 x H x W in [0, 1], ComfyUI's
-// clamp((x + 1) / 2) of the decoder output. Used by the cross-check against
-// the Python reference and by benchmarks.
+// float32 N x C x h x w) into raw 8-bit RGB frames (F x H x W x 3) with the
+// engine alone (no GStreamer), through a session as vaedecode does. With
+// --float it writes what the 8 bits are rounded from instead: float32
+// F x 3 x H x W in [0, 1], ComfyUI's clamp((x + 1) / 2) of the decoder
+// output. A video decoder (Wan, TAEHV) decodes the file as one clip, F =
+// 1 + 4 (N - 1), unless --images decodes each latent alone (F = N). Used by
+// the cross-checks against the Python references and by benchmarks.
 #include <algorithm>
 #include <chrono>
 #include <fstream>
@@ -23,10 +25,11 @@ namespace {
 int usage() {
   std::cerr << "usage: gst-vae-decode-file --model M --latents IN.npy|IN.latent|IN.safetensors --out OUT\n"
                "         [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
-               "         [--latent-format raw|sd15|sdxl|sd3|flux] [--per-batch B] [--threads T] [--float] [--warmup]\n"
+               "         [--latent-format raw|sd15|sdxl|sd3|flux|wan21|wan22] [--per-batch B] [--threads T] [--float]\n"
+               "         [--warmup] [--images]  (a video decoder: each latent alone, not one clip)\n"
                "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2]  (a TAESD file's latent space)\n"
                "         [--test-memory-limit CELLS]  (forward passes over more latent cells fail as out of memory)\n"
-               "  OUT: N x H x W x 3 bytes (RGB), or with --float N x 3 x H x W little-endian float32 in [0, 1]\n";
+               "  OUT: F x H x W x 3 bytes (RGB), or with --float F x 3 x H x W little-endian float32 in [0, 1]\n";
   return 2;
 }
 
@@ -38,7 +41,7 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a.rfind("--", 0) != 0) return usage();
     a = a.substr(2);
-    if (a == "float" || a == "warmup") {
+    if (a == "float" || a == "warmup" || a == "images") {
       args[a] = "1";
     } else if (i + 1 < argc) {
       args[a] = argv[++i];
@@ -73,38 +76,49 @@ int main(int argc, char** argv) {
     const size_t H = static_cast<size_t>(h) * info.upscale, W = static_cast<size_t>(w) * info.upscale;
 
     if (args.count("test-memory-limit")) decoder->set_test_memory_limit(std::stoll(args["test-memory-limit"]));
+    const int frames_per_latent = args.count("images") ? 1 : info.temporal_upscale;
     auto batch = decoder->new_batch(h, w, per_batch);
     const size_t per_latent = batch->floats_per_latent();
     const size_t frame_bytes = float_output ? 3 * H * W * sizeof(float) : decoder->frame_bytes(*batch, PixelFormat::RGB);
-    std::vector<uint8_t> frames(n * frame_bytes);
+    std::vector<uint8_t> frames(n * frames_per_latent * frame_bytes);
+    auto run = [&](DecodeSession& session, uint8_t* dest) {
+      if (float_output) return session.decode_float(*batch, params, reinterpret_cast<float*>(dest));
+      PixelBlock block(batch->size() * frames_per_latent * frame_bytes, false);
+      BatchResult r = session.decode(*batch, params, PixelFormat::RGB, block);
+      std::copy(block.data(), block.data() + r.spans.size() * frame_bytes, dest);
+      return r;
+    };
     if (args.count("warmup") && n > 0) {
-      // One untimed batch first: oneDNN builds its kernels for a shape on first use.
+      // One untimed batch first, in a session of its own: oneDNN builds its
+      // kernels for a shape on first use.
+      auto warm = decoder->open_session(frames_per_latent);
       for (size_t i = 0; i < std::min(n, per_batch); ++i) batch->add(latents.values.data() + i * per_latent, i);
-      decoder->decode(*batch, params, PixelFormat::RGB, frames.data());
+      run(*warm, frames.data());
       batch->clear();
     }
+    auto session = decoder->open_session(frames_per_latent);
     auto start = std::chrono::steady_clock::now();
     size_t done = 0;
     size_t tiled = 0;
     for (size_t i = 0; i < n; ++i) {
       batch->add(latents.values.data() + i * per_latent, i);
       if (batch->full() || i + 1 == n) {
-        uint8_t* dest = frames.data() + done * frame_bytes;
-        const ComputeReport report = float_output
-                                         ? decoder->decode_float(*batch, params, reinterpret_cast<float*>(dest))
-                                         : decoder->decode(*batch, params, PixelFormat::RGB, dest);
-        for (const std::string& note : report.notes) std::cerr << note << "\n";
-        tiled += static_cast<size_t>(report.tiled_frames);
-        done += batch->size();
+        const BatchResult r = run(*session, frames.data() + done * frame_bytes);
+        for (const std::string& note : r.report.notes) std::cerr << note << "\n";
+        tiled += static_cast<size_t>(r.report.tiled_frames);
+        done += r.spans.size();
         batch->clear();
       }
     }
+    frames.resize(done * frame_bytes);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::ofstream out(args["out"], std::ios::binary | std::ios::trunc);
     out.write(reinterpret_cast<const char*>(frames.data()), static_cast<std::streamsize>(frames.size()));
     if (!out) throw VaeError("cannot write '" + args["out"] + "'");
-    std::cerr << "decoded " << n << " latents to " << W << "x" << H << " frames in " << seconds << " s ("
-              << n / seconds << " frames/s)" << (tiled ? ", " + std::to_string(tiled) + " tiled" : "") << "\n";
+    std::cerr << "decoded " << n << " latents to " << done << " frames of " << W << "x" << H << " in " << seconds
+              << " s (" << done / seconds << " frames/s)" << (tiled ? ", " + std::to_string(tiled) + " tiled" : "");
+    if (frames_per_latent > 1) std::cerr << ", stream state " << session->state_bytes() << " bytes";
+    std::cerr << "\n";
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -1,8 +1,10 @@
-// The Wan video VAE encoders through the engine's session interface, on small
-// random checkpoints written here: chunk-plan invariance, the clip end (drop
-// or pad), resets, separate streams on one shared model, bounded state, and
-// the errors. The numbers against the float64 reference are checked by
-// tests/python/crosscheck_wan.py.
+// The Wan video VAEs through the engine's session interface, on small random
+// checkpoints written here. Encoders: chunk-plan invariance, the clip end
+// (drop or pad), resets, separate streams on one shared model, bounded
+// state, and the errors. Decoders: frames per latent and their spans,
+// batching invariance, resets, image sessions, bounded state. The numbers
+// against the float64 references are checked by tests/python/crosscheck_wan.py
+// and crosscheck_video_decode.py.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -15,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "decoder.h"
 #include "encoder.h"
 #include "errors.h"
 #include "fixtures.h"
@@ -30,6 +33,7 @@ struct WanSpec {
   int64_t dim = 8;
   int64_t z = 4;
   uint64_t seed = 3;
+  bool decoder = false;  // Wan 2.1's decoder and conv2 too (width 4 * dim)
 };
 
 // The official names and shapes of a Wan encoder (see wan_vae.cpp), random
@@ -74,6 +78,33 @@ void write_wan(const std::string& path, const WanSpec& spec) {
   shapes.push_back({"encoder.head.0.gamma", {in, 1, 1, 1}});
   conv3("encoder.head.2", 2 * spec.z, in, 3, 3);
   conv3("conv1", 2 * spec.z, 2 * spec.z, 1, 1);
+  if (spec.decoder && !spec.wan22) {
+    // Wan 2.1's decoder: widths [4d, 4d, 4d, 2d, d], each level after the
+    // first taking half its predecessor's width (the upsamplings halve it).
+    const int64_t dims[5] = {4 * d, 4 * d, 4 * d, 2 * d, d};
+    conv3("conv2", spec.z, spec.z, 1, 1);
+    conv3("decoder.conv1", dims[0], spec.z, 3, 3);
+    block("decoder.middle.0", dims[0], dims[0]);
+    shapes.push_back({"decoder.middle.1.norm.gamma", {dims[0], 1, 1}});
+    shapes.push_back({"decoder.middle.1.to_qkv.weight", {3 * dims[0], dims[0], 1, 1}});
+    shapes.push_back({"decoder.middle.1.to_qkv.bias", {3 * dims[0]}});
+    shapes.push_back({"decoder.middle.1.proj.weight", {dims[0], dims[0], 1, 1}});
+    shapes.push_back({"decoder.middle.1.proj.bias", {dims[0]}});
+    block("decoder.middle.2", dims[0], dims[0]);
+    for (int level = 0; level < 4; ++level) {
+      int64_t i = level == 0 ? dims[0] : dims[level] / 2;
+      const int64_t o = dims[level + 1];
+      for (int j = 0; j < 3; ++j, i = o) block("decoder.upsamples." + std::to_string(level * 4 + j), i, o);
+      if (level < 3) {
+        const std::string r = "decoder.upsamples." + std::to_string(level * 4 + 3);
+        shapes.push_back({r + ".resample.1.weight", {o / 2, o, 3, 3}});
+        shapes.push_back({r + ".resample.1.bias", {o / 2}});
+        if (level < 2) conv3(r + ".time_conv", 2 * o, o, 3, 1);
+      }
+    }
+    shapes.push_back({"decoder.head.0.gamma", {d, 1, 1, 1}});
+    conv3("decoder.head.2", 3, d, 3, 3);
+  }
 
   std::mt19937_64 rng(spec.seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -430,6 +461,174 @@ TEST(WanEncoderLoad, RgbaVariantsAreRefusedClearly) {
     FAIL() << "a 4-channel Wan encoder loaded";
   } catch (const CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find("4 input channels"), std::string::npos) << e.what();
+  }
+}
+
+/* ------------------------------------------------------------------ decoder */
+
+constexpr int kLatentW = 5, kLatentH = 3;
+
+// Latents of order 1, one clip.
+std::vector<std::vector<float>> make_latents(size_t n, int channels, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::vector<float>> latents(n, std::vector<float>(static_cast<size_t>(channels) * kLatentW * kLatentH));
+  for (auto& l : latents)
+    for (float& x : l) x = normal(rng);
+  return latents;
+}
+
+struct Frames {
+  std::vector<std::vector<float>> frames;  // 3 x H x W float in [0, 1] each
+  std::vector<Span> spans;
+};
+
+// Feeds `latents` to `session` in batches of the sizes in `plan` (cycled).
+Frames decode_run(Decoder& dec, DecodeSession& session, const std::vector<std::vector<float>>& latents,
+                  std::vector<size_t> plan, int frames_per_latent, uint64_t first_index = 0) {
+  Frames f;
+  const size_t per_frame = 3 * static_cast<size_t>(kLatentW * 8) * (kLatentH * 8);
+  size_t next = 0, step = 0;
+  while (next < latents.size()) {
+    const size_t n = std::min(plan[step++ % plan.size()], latents.size() - next);
+    auto batch = dec.new_batch(kLatentH, kLatentW, n);
+    for (size_t i = 0; i < n; ++i) batch->add(latents[next + i].data(), first_index + next + i);
+    next += n;
+    std::vector<float> out(n * frames_per_latent * per_frame);
+    const BatchResult r = session.decode_float(*batch, DecodeParams{}, out.data());
+    for (size_t i = 0; i < r.spans.size(); ++i)
+      f.frames.emplace_back(out.begin() + i * per_frame, out.begin() + (i + 1) * per_frame);
+    f.spans.insert(f.spans.end(), r.spans.begin(), r.spans.end());
+  }
+  return f;
+}
+
+class WanDecoderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = dir_.file("wan_2.1_vae.safetensors");
+    WanSpec spec;
+    spec.decoder = true;
+    write_wan(path_, spec);
+    dec_ = load_decoder(path_, cpu());
+  }
+  TempDir dir_;
+  std::string path_;
+  std::shared_ptr<Decoder> dec_;
+};
+
+TEST_F(WanDecoderTest, Info) {
+  const DecoderInfo& info = dec_->info();
+  EXPECT_EQ(info.family, "wan2.1");
+  EXPECT_EQ(info.upscale, 8);
+  EXPECT_EQ(info.temporal_upscale, 4);
+  EXPECT_EQ(info.latent_channels, 4);
+  EXPECT_TRUE(info.output_signed);
+  EXPECT_TRUE(info.native_format.is_raw());
+}
+
+// Latent 0 gives one frame, each later latent 4, each frame naming its
+// latent and its share of the latent's time.
+TEST_F(WanDecoderTest, FramesPerLatentAndTheirSpans) {
+  auto session = dec_->open_session(4);
+  const Frames f = decode_run(*dec_, *session, make_latents(3, 4, 1), {3}, 4, 10);
+  ASSERT_EQ(f.frames.size(), 9u);
+  EXPECT_EQ(f.spans[0].first, 10u);
+  EXPECT_EQ(f.spans[0].parts, 1u);
+  for (size_t i = 1; i < 9; ++i) {
+    EXPECT_EQ(f.spans[i].first, 10u + 1 + (i - 1) / 4) << i;
+    EXPECT_EQ(f.spans[i].count, 1u);
+    EXPECT_EQ(f.spans[i].part, (i - 1) % 4) << i;
+    EXPECT_EQ(f.spans[i].parts, 4u);
+  }
+}
+
+// Any batching of a clip gives the frames of one batch (the state carries).
+TEST_F(WanDecoderTest, BatchingDoesNotChangeTheFrames) {
+  const auto latents = make_latents(6, 4, 2);
+  auto whole_session = dec_->open_session(4);
+  const Frames whole = decode_run(*dec_, *whole_session, latents, {6}, 4);
+  ASSERT_EQ(whole.frames.size(), 21u);
+  for (const std::vector<size_t>& plan : std::vector<std::vector<size_t>>{{1}, {2}, {1, 4}, {5}, {3, 1}}) {
+    auto session = dec_->open_session(4);
+    const Frames f = decode_run(*dec_, *session, latents, plan, 4);
+    ASSERT_EQ(f.frames.size(), whole.frames.size());
+    EXPECT_LT(rel_diff(f.frames, whole.frames), 1e-5) << "plan starting " << plan[0];
+  }
+}
+
+// After reset() the next latent is a clip's first again: one frame, the one
+// a fresh session gives; and two sessions on the one decoder do not mix.
+TEST_F(WanDecoderTest, ResetAndSeparateSessions) {
+  const auto a = make_latents(3, 4, 3), b = make_latents(2, 4, 4);
+  auto fresh = dec_->open_session(4);
+  const Frames b_alone = decode_run(*dec_, *fresh, b, {2}, 4);
+  auto session = dec_->open_session(4);
+  auto other = dec_->open_session(4);
+  decode_run(*dec_, *session, a, {3}, 4);
+  const Frames interleaved = decode_run(*dec_, *other, b, {1}, 4);
+  EXPECT_LT(rel_diff(interleaved.frames, b_alone.frames), 1e-5);
+  session->reset();
+  const Frames after = decode_run(*dec_, *session, b, {2}, 4);
+  ASSERT_EQ(after.frames.size(), 5u);
+  EXPECT_LT(rel_diff(after.frames, b_alone.frames), 1e-5);
+}
+
+// An image session decodes each latent as a clip's first.
+TEST_F(WanDecoderTest, ImageSessionDecodesEachLatentAlone) {
+  const auto latents = make_latents(3, 4, 5);
+  auto images = dec_->open_session(1);
+  const Frames f = decode_run(*dec_, *images, latents, {3}, 1);
+  ASSERT_EQ(f.frames.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    auto video = dec_->open_session(4);
+    const Frames first = decode_run(*dec_, *video, {latents[i]}, {1}, 4);
+    EXPECT_LT(rel_diff({f.frames[i]}, first.frames), 1e-5) << i;
+  }
+}
+
+TEST_F(WanDecoderTest, StateIsBoundedAndSessionKindsChecked) {
+  auto session = dec_->open_session(4);
+  EXPECT_EQ(session->state_bytes(), 0u);
+  decode_run(*dec_, *session, make_latents(3, 4, 6), {3}, 4);
+  const size_t after3 = session->state_bytes();
+  EXPECT_GT(after3, 0u);
+  decode_run(*dec_, *session, make_latents(8, 4, 7), {2}, 4, 3);
+  EXPECT_EQ(session->state_bytes(), after3);
+  EXPECT_THROW(dec_->open_session(2), VaeError);
+  EXPECT_THROW(dec_->open_session(8), VaeError);
+}
+
+// Image VAE decoders have no video sessions.
+TEST(WanDecoderLoad, ImageDecodersRefuseVideoSessions) {
+  TempDir dir;
+  const std::string path = dir.file("kl.safetensors");
+  test::VaeSpec spec;
+  spec.full_decoder = true;
+  test::write_test_vae(path, spec);
+  auto kl = load_decoder(path, cpu());
+  EXPECT_EQ(kl->info().temporal_upscale, 1);
+  try {
+    kl->open_session(4);
+    FAIL() << "an image decoder opened a video session";
+  } catch (const VaeError& e) {
+    EXPECT_NE(std::string(e.what()).find("decodes images"), std::string::npos) << e.what();
+  }
+}
+
+TEST(WanDecoderLoad, OtherOutputChannelsAreRefusedClearly) {
+  TempDir dir;
+  const std::string path = dir.file("rgba_decoder.safetensors");
+  std::vector<float> w(16 * 4 * 27, 0.0f), b(16, 0.0f), head(4 * 8 * 27, 0.0f), hb(4, 0.0f);
+  write_safetensors(path, {{"decoder.conv1.weight", DType::F32, {16, 4, 3, 3, 3}, w.data()},
+                           {"decoder.conv1.bias", DType::F32, {16}, b.data()},
+                           {"decoder.head.2.weight", DType::F32, {4, 8, 3, 3, 3}, head.data()},
+                           {"decoder.head.2.bias", DType::F32, {4}, hb.data()}});
+  try {
+    load_decoder(path, cpu());
+    FAIL() << "a 4-channel Wan decoder loaded";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("gives 4 channels"), std::string::npos) << e.what();
   }
 }
 

@@ -26,21 +26,19 @@
 
 #include "encoder.h"
 #include "fixtures.h"
+#include "harness_util.h"
 
 namespace {
 
+using gstvae::test::floats_of;
+using gstvae::test::joined;
+using gstvae::test::kFrameDur;
 using gstvae::test::TempDir;
+using gstvae::test::time_string;
 
-constexpr GstClockTime kFrameDur = GST_SECOND / 25;  // 40 ms at 25/1
 constexpr int kW = 64, kH = 48;                     // latents 8x6
 constexpr int kChannels = 16;
 constexpr size_t kLatentFloats = size_t(kChannels) * (kH / 8) * (kW / 8);
-
-class GstEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override { gst_init(nullptr, nullptr); }
-};
-::testing::Environment* const gst_env = ::testing::AddGlobalTestEnvironment(new GstEnvironment);
 
 std::string video_caps(int w = kW, int h = kH, int fps_n = 25, int fps_d = 1) {
   return "video/x-raw, format=(string)RGB, width=(int)" + std::to_string(w) + ", height=(int)" + std::to_string(h) +
@@ -64,12 +62,6 @@ GstBuffer* frame_buffer(guint64 n, uint64_t seed, bool discont = false, int w = 
   return b;
 }
 
-std::vector<float> floats_of(GstBuffer* b) {
-  std::vector<float> v(gst_buffer_get_size(b) / sizeof(float));
-  gst_buffer_extract(b, 0, v.data(), v.size() * sizeof(float));
-  return v;
-}
-
 // max |a - b| relative to max |b|; infinity when the sizes differ.
 double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
   if (a.size() != b.size() || a.empty()) return INFINITY;
@@ -89,34 +81,10 @@ struct Out {
   std::vector<float> values;
 };
 
-struct Harness {
-  GstHarness* h = nullptr;
-  GstElement* element = nullptr;
-  GstBus* bus = gst_bus_new();
+// The shared harness with a bus, reading latents back as Out records.
+struct Harness : gstvae::test::Harness {
+  explicit Harness(GstElement* e) : gstvae::test::Harness(e, true) {}
 
-  explicit Harness(GstElement* e) {
-    gst_element_set_bus(e, bus);
-    h = gst_harness_new_with_element(e, "sink", "src");
-    element = h->element;
-    gst_object_unref(e);
-    gst_harness_use_systemclock(h);
-  }
-  ~Harness() {
-    gst_harness_teardown(h);
-    gst_bus_set_flushing(bus, TRUE);
-    gst_object_unref(bus);
-  }
-  Harness(const Harness&) = delete;
-  Harness& operator=(const Harness&) = delete;
-
-  void caps(const std::string& s) { gst_harness_set_src_caps_str(h, s.c_str()); }
-  GstFlowReturn push(GstBuffer* b) { return gst_harness_push(h, b); }
-  bool eos() { return gst_harness_push_event(h, gst_event_new_eos()); }
-  guint64 u64(const char* prop) {
-    guint64 v = 0;
-    g_object_get(element, prop, &v, nullptr);
-    return v;
-  }
   // Waits until `n` batches (jobs, clip ends of no frames included) ran and
   // their latents are out, at most 60 s.
   void wait_batches(guint64 n) {
@@ -160,19 +128,6 @@ struct Harness {
   // The fixed caps on the src pad, or null.
   GstCaps* out_caps() { return gst_pad_get_current_caps(h->sinkpad); }
 };
-
-std::string joined(const std::vector<std::string>& v) {
-  std::string s;
-  for (const std::string& x : v) s += x + "\n----\n";
-  return s;
-}
-
-std::string time_string(GstClockTime t) {
-  gchar* s = g_strdup_printf("%" GST_TIME_FORMAT, GST_TIME_ARGS(t));
-  std::string out(s);
-  g_free(s);
-  return out;
-}
 
 // Latent k of a clip whose frame 0 is stream frame `f0`: frame f0 alone, then
 // frames f0+4k-3 .. f0+4k.

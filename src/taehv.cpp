@@ -142,41 +142,15 @@ at::Tensor network_forward(const Network& net, at::Tensor x, ClipState& state) {
 
 /* ------------------------------------------------------------------ loading */
 
-class NetworkLoader {
+// Reads one half of the Sequential (`half`: "encoder" or "decoder"), layer
+// by layer, tracking the width the next layer takes.
+class SequentialLoader {
  public:
-  explicit NetworkLoader(WeightReader& w) : w_(w) {}
+  SequentialLoader(WeightReader& w, const char* half) : w_(w), half_(half) {}
 
-  Network load() {
-    Network net;
-    const std::vector<int64_t> s0 = shape("0.weight", 4);
-    net.width = s0[0];
-    net.patch = patch_from(s0[1]);
-    channels_ = s0[1];
-    net.first = conv("0", 3, 1, 1, true);
-    net.frames_per_latent = 1;
-    for (int s = 0; s < 3; ++s) {
-      const std::string p = std::to_string(kStageFirst[s]);
-      Stage& stage = net.stages[s];
-      const std::vector<int64_t> ps = shape(p + ".conv.weight", 4);
-      if (ps[1] % channels_ != 0 || ps[1] / channels_ < 1)
-        fail(p + ".conv.weight", ps, "[W, k*" + std::to_string(channels_) + ", 1, 1] (a TPool over k frames)");
-      stage.pool_frames = ps[1] / channels_;
-      const int64_t before = channels_;
-      channels_ = before * stage.pool_frames;
-      stage.pool = conv(p + ".conv", 1, 1, 0, false);
-      if (channels_ != before) fail(p + ".conv.weight", ps, "a TPool keeping the width " + std::to_string(before));
-      net.frames_per_latent *= stage.pool_frames;
-      stage.down = conv(std::to_string(kStageFirst[s] + 1), 3, 2, 1, false);
-      for (int b = 0; b < 3; ++b) stage.blocks[b] = memblock(std::to_string(kStageFirst[s] + 2 + b));
-    }
-    net.last = conv(std::to_string(kLastConv), 3, 1, 1, true);
-    channels_out_ = channels_;
-    return net;
-  }
+  int64_t channels() const { return channels_; }
+  void set_channels(int64_t c) { channels_ = c; }
 
-  int64_t latent_channels() const { return channels_out_; }
-
- private:
   std::vector<int64_t> shape(const std::string& name, size_t dims) {
     std::vector<int64_t> s = w_.shape(name);
     if (s.size() != dims || s[0] < 1) fail(name, s, std::to_string(dims) + " dimensions");
@@ -184,15 +158,8 @@ class NetworkLoader {
   }
 
   [[noreturn]] void fail(const std::string& name, const std::vector<int64_t>& s, const std::string& expected) {
-    throw CheckpointError("'" + w_.path() + "': tensor 'encoder." + name + "' has shape " + shape_string(s) +
+    throw CheckpointError("'" + w_.path() + "': tensor '" + half_ + "." + name + "' has shape " + shape_string(s) +
                           ", expected " + expected);
-  }
-
-  int64_t patch_from(int64_t in) {
-    for (int64_t p = 1; p <= 8; ++p)
-      if (3 * p * p == in) return p;
-    throw CheckpointError("'" + w_.path() + "': tensor 'encoder.0.weight' takes " + std::to_string(in) +
-                          " input channels, expected 3 * p * p (RGB, space-to-depth by p)");
   }
 
   // A conv from the current width to what its weight says; bias only when the
@@ -204,7 +171,8 @@ class NetworkLoader {
     c.weight = w_.get(name, {s[0], channels_, kernel, kernel});
     if (bias) c.bias = w_.get(p + ".bias", {s[0]});
     else if (w_.has(p + ".bias"))
-      throw CheckpointError("'" + w_.path() + "': tensor 'encoder." + p + ".bias' is not part of a TAEHV encoder");
+      throw CheckpointError("'" + w_.path() + "': tensor '" + half_ + "." + p + ".bias' is not part of a TAEHV " +
+                            half_);
     c.stride = stride;
     c.padding = padding;
     channels_ = s[0];
@@ -224,15 +192,53 @@ class NetworkLoader {
     if (w_.has(p + ".skip.weight"))
       b.skip = w_.get(p + ".skip.weight", {channels_, in, 1, 1});
     else if (channels_ != in)
-      throw CheckpointError("'" + w_.path() + "': MemBlock 'encoder." + p + "' changes the width from " +
+      throw CheckpointError("'" + w_.path() + "': MemBlock '" + half_ + "." + p + "' changes the width from " +
                             std::to_string(in) + " to " + std::to_string(channels_) + " but has no skip.weight");
     return b;
   }
 
+  const std::string& path() const { return w_.path(); }
+
+ private:
   WeightReader& w_;
+  std::string half_;
   int64_t channels_ = 0;
-  int64_t channels_out_ = 0;
 };
+
+int64_t patch_from(SequentialLoader& l, const std::string& name, int64_t channels, const char* what) {
+  for (int64_t p = 1; p <= 8; ++p)
+    if (3 * p * p == channels) return p;
+  throw CheckpointError("'" + l.path() + "': tensor '" + name + "' " + what + " " + std::to_string(channels) +
+                        " channels, expected 3 * p * p (RGB in p x p patches)");
+}
+
+// The encoder's layers; the latent channels are l.channels() afterwards.
+Network load_encoder_network(SequentialLoader& l) {
+  Network net;
+  const std::vector<int64_t> s0 = l.shape("0.weight", 4);
+  net.width = s0[0];
+  net.patch = patch_from(l, "encoder.0.weight", s0[1], "takes");
+  l.set_channels(s0[1]);
+  net.first = l.conv("0", 3, 1, 1, true);
+  net.frames_per_latent = 1;
+  for (int s = 0; s < 3; ++s) {
+    const std::string p = std::to_string(kStageFirst[s]);
+    Stage& stage = net.stages[s];
+    const int64_t before = l.channels();
+    const std::vector<int64_t> ps = l.shape(p + ".conv.weight", 4);
+    if (ps[1] % before != 0 || ps[1] / before < 1)
+      l.fail(p + ".conv.weight", ps, "[W, k*" + std::to_string(before) + ", 1, 1] (a TPool over k frames)");
+    stage.pool_frames = ps[1] / before;
+    l.set_channels(before * stage.pool_frames);
+    stage.pool = l.conv(p + ".conv", 1, 1, 0, false);
+    if (l.channels() != before) l.fail(p + ".conv.weight", ps, "a TPool keeping the width " + std::to_string(before));
+    net.frames_per_latent *= stage.pool_frames;
+    stage.down = l.conv(std::to_string(kStageFirst[s] + 1), 3, 2, 1, false);
+    for (int b = 0; b < 3; ++b) stage.blocks[b] = l.memblock(std::to_string(kStageFirst[s] + 2 + b));
+  }
+  net.last = l.conv(std::to_string(kLastConv), 3, 1, 1, true);
+  return net;
+}
 
 /* ------------------------------------------------------------------ encoder */
 
@@ -475,17 +481,16 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
   const ComputeTarget target = resolve_target(options);
   apply_thread_option(options.threads);
   WeightReader reader(file, names_under(*file, kPrefix), target);
-  NetworkLoader loader(reader);
-  Network net = loader.load();
-  const Variant& variant =
-      resolve_variant(*file, options, net.patch, loader.latent_channels(), net.frames_per_latent);
+  SequentialLoader loader(reader, "encoder");
+  Network net = load_encoder_network(loader);
+  const Variant& variant = resolve_variant(*file, options, net.patch, loader.channels(), net.frames_per_latent);
 
   EncoderInfo info;
   info.family = "taehv";
   info.model_path = file->path();
   info.layout = "taehv";
   info.downscale = static_cast<int>(8 * net.patch);
-  info.latent_channels = static_cast<int>(loader.latent_channels());
+  info.latent_channels = static_cast<int>(loader.channels());
   info.temporal_downscale = static_cast<int>(net.frames_per_latent);
   info.input_signed = false;  // RGB in [0, 1]
   // The network's output is the Wan model's normalised space; this family
@@ -566,82 +571,33 @@ at::Tensor decoder_forward(const DecoderNetwork& net, const at::Tensor& z, Decod
   return net.patch > 1 ? at::pixel_shuffle(x, net.patch) : x;
 }
 
-class DecoderLoader {
- public:
-  explicit DecoderLoader(WeightReader& w) : w_(w) {}
-
-  DecoderNetwork load() {
-    DecoderNetwork net;
-    const std::vector<int64_t> s1 = shape("1.weight", 4);
-    net.latent_channels = s1[1];
-    channels_ = s1[1];
-    net.first = conv("1", 3, true);
-    for (int s = 0; s < 3; ++s) {
-      DecoderStage& stage = net.stages[s];
-      const int first = kDecoderStageFirst[s];
-      for (int b = 0; b < 3; ++b) stage.blocks[b] = memblock(std::to_string(first + b));
-      const std::string grow = std::to_string(first + 4) + ".conv";
-      const std::vector<int64_t> gs = shape(grow + ".weight", 4);
-      if (gs[0] % channels_ != 0)
-        fail(grow + ".weight", gs, "[k*" + std::to_string(channels_) + ", " + std::to_string(channels_) +
-                                       ", 1, 1] (a TGrow to k frames)");
-      stage.grow_frames = gs[0] / channels_;
-      const int64_t n = channels_;
-      stage.grow = conv(grow, 1, false);
-      channels_ = n;  // each grown frame has the width again
-      net.frames_per_latent *= stage.grow_frames;
-      stage.conv = conv(std::to_string(first + 5), 3, false);
-    }
-    const std::vector<int64_t> sl = shape(std::to_string(kDecoderLastConv) + ".weight", 4);
-    net.last = conv(std::to_string(kDecoderLastConv), 3, true);
-    net.patch = 0;
-    for (int64_t p = 1; p <= 8; ++p)
-      if (3 * p * p == sl[0]) net.patch = p;
-    if (!net.patch) fail(std::to_string(kDecoderLastConv) + ".weight", sl, "3 * p * p output channels (RGB in p x p patches)");
-    return net;
+DecoderNetwork load_decoder_network(SequentialLoader& l) {
+  DecoderNetwork net;
+  const std::vector<int64_t> s1 = l.shape("1.weight", 4);
+  net.latent_channels = s1[1];
+  l.set_channels(s1[1]);
+  net.first = l.conv("1", 3, 1, 1, true);
+  for (int s = 0; s < 3; ++s) {
+    DecoderStage& stage = net.stages[s];
+    const int first = kDecoderStageFirst[s];
+    for (int b = 0; b < 3; ++b) stage.blocks[b] = l.memblock(std::to_string(first + b));
+    const std::string grow = std::to_string(first + 4) + ".conv";
+    const int64_t n = l.channels();
+    const std::vector<int64_t> gs = l.shape(grow + ".weight", 4);
+    if (gs[0] % n != 0)
+      l.fail(grow + ".weight", gs, "[k*" + std::to_string(n) + ", " + std::to_string(n) + ", 1, 1] (a TGrow to k frames)");
+    stage.grow_frames = gs[0] / n;
+    stage.grow = l.conv(grow, 1, 1, 0, false);
+    l.set_channels(n);  // each grown frame has the width again
+    net.frames_per_latent *= stage.grow_frames;
+    stage.conv = l.conv(std::to_string(first + 5), 3, 1, 1, false);
   }
-
- private:
-  std::vector<int64_t> shape(const std::string& name, size_t dims) {
-    std::vector<int64_t> s = w_.shape(name);
-    if (s.size() != dims || s[0] < 1) fail(name, s, std::to_string(dims) + " dimensions");
-    return s;
-  }
-  [[noreturn]] void fail(const std::string& name, const std::vector<int64_t>& s, const std::string& expected) {
-    throw CheckpointError("'" + w_.path() + "': tensor 'decoder." + name + "' has shape " + shape_string(s) +
-                          ", expected " + expected);
-  }
-  Conv conv(const std::string& p, int64_t kernel, bool bias) {
-    const std::vector<int64_t> s = shape(p + ".weight", 4);
-    Conv c;
-    c.weight = w_.get(p + ".weight", {s[0], channels_, kernel, kernel});
-    if (bias) c.bias = w_.get(p + ".bias", {s[0]});
-    else if (w_.has(p + ".bias"))
-      throw CheckpointError("'" + w_.path() + "': tensor 'decoder." + p + ".bias' is not part of a TAEHV decoder");
-    c.padding = kernel / 2;
-    channels_ = s[0];
-    return c;
-  }
-  MemBlock memblock(const std::string& p) {
-    MemBlock b;
-    const int64_t in = channels_;
-    const std::vector<int64_t> s = shape(p + ".conv.0.weight", 4);
-    if (s[1] != 2 * in) fail(p + ".conv.0.weight", s, "[W, " + std::to_string(2 * in) + ", 3, 3] (frame and past)");
-    channels_ = 2 * in;
-    b.conv0 = conv(p + ".conv.0", 3, true);
-    b.conv2 = conv(p + ".conv.2", 3, true);
-    b.conv4 = conv(p + ".conv.4", 3, true);
-    if (w_.has(p + ".skip.weight"))
-      b.skip = w_.get(p + ".skip.weight", {channels_, in, 1, 1});
-    else if (channels_ != in)
-      throw CheckpointError("'" + w_.path() + "': MemBlock 'decoder." + p + "' changes the width from " +
-                            std::to_string(in) + " to " + std::to_string(channels_) + " but has no skip.weight");
-    return b;
-  }
-
-  WeightReader& w_;
-  int64_t channels_ = 0;
-};
+  const std::string last = std::to_string(kDecoderLastConv);
+  const std::vector<int64_t> sl = l.shape(last + ".weight", 4);
+  net.last = l.conv(last, 3, 1, 1, true);
+  net.patch = patch_from(l, "decoder." + last + ".weight", sl[0], "gives");
+  return net;
+}
 
 class TaehvDecoder final : public TorchDecoder {
  public:
@@ -695,7 +651,8 @@ std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile
   const ComputeTarget target = resolve_target(options);
   apply_thread_option(options.threads);
   WeightReader reader(file, names_under(*file, "decoder."), target);
-  DecoderNetwork net = DecoderLoader(reader).load();
+  SequentialLoader loader(reader, "decoder");
+  DecoderNetwork net = load_decoder_network(loader);
   const Variant& variant = resolve_variant(*file, options, net.patch, net.latent_channels, net.frames_per_latent);
 
   DecoderInfo info;

@@ -85,25 +85,37 @@ std::string official_block_tail(const std::string& tail) {
   return tail;
 }
 
+// The diffusers names both halves share (`half` "encoder" or "decoder"):
+// conv_in, norm_out, conv_out, the middle, and the half's VAE-level 1x1x1
+// conv (quant_conv = conv1, post_quant_conv = conv2). True when `name` is
+// one of them, with *official its official name ("" for a malformed one).
+bool official_shared_name(const std::string& name, const std::string& half, const char* vae_conv,
+                          const char* vae_conv_official, bool* diffusers, std::string* official) {
+  const std::pair<std::string, std::string> top[] = {
+      {half + ".conv_in.", half + ".conv1."}, {half + ".norm_out.", half + ".head.0."},
+      {half + ".conv_out.", half + ".head.2."}, {vae_conv, vae_conv_official},
+      {half + ".mid_block.attentions.0.", half + ".middle.1."},
+  };
+  for (const auto& r : top)
+    if (starts_with(name, r.first)) {
+      *diffusers = true;
+      *official = r.second + name.substr(r.first.size());
+      return true;
+    }
+  if (!starts_with(name, half + ".mid_block.resnets.")) return false;
+  *diffusers = true;
+  const std::vector<std::string> p = split_dots(name);  // half mid_block resnets J tail...
+  *official = p.size() < 5 || (p[3] != "0" && p[3] != "1")
+                  ? ""
+                  : half + ".middle." + (p[3] == "0" ? "0." : "2.") + official_block_tail(join_dots(p, 4));
+  return true;
+}
+
 // One encoder-side name (prefix removed) in the official naming, or "" when
 // it is not part of the encoder. Official and ComfyUI names pass unchanged.
 std::string official_encoder_name(const std::string& name, bool* diffusers) {
-  static const std::pair<const char*, const char*> kTop[] = {
-      {"encoder.conv_in.", "encoder.conv1."}, {"encoder.norm_out.", "encoder.head.0."},
-      {"encoder.conv_out.", "encoder.head.2."}, {"quant_conv.", "conv1."},
-      {"encoder.mid_block.attentions.0.", "encoder.middle.1."},
-  };
-  for (const auto& r : kTop)
-    if (starts_with(name, r.first)) {
-      *diffusers = true;
-      return r.second + name.substr(std::strlen(r.first));
-    }
-  if (starts_with(name, "encoder.mid_block.resnets.")) {
-    *diffusers = true;
-    const std::vector<std::string> p = split_dots(name);  // encoder mid_block resnets J tail...
-    if (p.size() < 5 || (p[3] != "0" && p[3] != "1")) return "";
-    return std::string("encoder.middle.") + (p[3] == "0" ? "0." : "2.") + official_block_tail(join_dots(p, 4));
-  }
+  std::string official;
+  if (official_shared_name(name, "encoder", "quant_conv.", "conv1.", diffusers, &official)) return official;
   if (starts_with(name, "encoder.down_blocks.")) {
     *diffusers = true;
     const std::vector<std::string> p = split_dots(name);  // encoder down_blocks I ...
@@ -125,29 +137,15 @@ std::string official_encoder_name(const std::string& name, bool* diffusers) {
 // `up_blocks.{i}.resnets.{j}` and `.upsampler`. `nested`: the file is Wan
 // 2.2's (its last level alone cannot tell).
 std::string official_decoder_name(const std::string& name, bool nested, bool* diffusers) {
-  static const std::pair<const char*, const char*> kTop[] = {
-      {"decoder.conv_in.", "decoder.conv1."}, {"decoder.norm_out.", "decoder.head.0."},
-      {"decoder.conv_out.", "decoder.head.2."}, {"post_quant_conv.", "conv2."},
-      {"decoder.mid_block.attentions.0.", "decoder.middle.1."},
-  };
-  for (const auto& r : kTop)
-    if (starts_with(name, r.first)) {
-      *diffusers = true;
-      return r.second + name.substr(std::strlen(r.first));
-    }
-  if (starts_with(name, "decoder.mid_block.resnets.")) {
-    *diffusers = true;
-    const std::vector<std::string> p = split_dots(name);
-    if (p.size() < 5 || (p[3] != "0" && p[3] != "1")) return "";
-    return std::string("decoder.middle.") + (p[3] == "0" ? "0." : "2.") + official_block_tail(join_dots(p, 4));
-  }
+  std::string official;
+  if (official_shared_name(name, "decoder", "post_quant_conv.", "conv2.", diffusers, &official)) return official;
   if (starts_with(name, "decoder.up_blocks.")) {
     *diffusers = true;
     const std::vector<std::string> p = split_dots(name);  // decoder up_blocks I ...
-    if (p.size() < 5 || !all_digits(p[2])) return "";
+    if (p.size() < 5 || !all_digits(p[2]) || p[2].size() > 4) return "";
     const int level = std::stoi(p[2]);
     const int stride = kUpBlocksPerLevel + 1;  // the blocks, then the Resample
-    if (p[3] == "resnets" && p.size() >= 6 && all_digits(p[4])) {
+    if (p[3] == "resnets" && p.size() >= 6 && all_digits(p[4]) && p[4].size() <= 4) {
       const std::string tail = official_block_tail(join_dots(p, 5));
       return nested ? "decoder.upsamples." + p[2] + ".upsamples." + p[4] + "." + tail
                     : "decoder.upsamples." + std::to_string(level * stride + std::stoi(p[4])) + "." + tail;
@@ -836,10 +834,12 @@ std::shared_ptr<Decoder> load_decoder(std::shared_ptr<const SafetensorsFile> fil
       in = lv.out;
     }
     const std::string resample = name(kUpBlocksPerLevel);
-    if (has(resample + ".resample.1.weight")) {
+    // Upsampling after levels 0-2, in time too after levels 0 and 1 (the
+    // loaders' temperal_upsample [True, True, False]): required tensors.
+    if (level < kLevels - 1) {
       UpResample& r = lv.resample;
       r.present = true;
-      r.temporal = has(resample + ".time_conv.weight");
+      r.temporal = level < 2;
       if (r.temporal) {
         r.time = l.causal(resample + ".time_conv", 2 * in, in, 3, 1, 0);
         r.time_slot = net.slots++;

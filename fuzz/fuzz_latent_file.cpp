@@ -7,7 +7,8 @@
 //   - latent_layout_of_image() either succeeds or throws LatentFileError; any
 //     other exception is a bug (reported as a crash); ASan/UBSan catch memory
 //     errors and UB;
-//   - an accepted layout is 3-D or 4-D, every size is in range, one frame is
+//   - an accepted layout is 3-D, 4-D or 5-D (1 x C x T x h x w, frames
+//     gathered plane by plane), every size is in range, one frame is
 //     at most kMaxLatentFrameBytes as float32, and every frame lies inside the
 //     image; every value is converted (ASan sees any bad read);
 //   - the same bytes as a file (a memfd, through /proc/self/fd) read by
@@ -35,7 +36,7 @@ namespace {
 }
 
 void check_layout(const gstvae::LatentFileLayout& l, size_t size) {
-  if (l.stored_dims != 3 && l.stored_dims != 4) fail("stored_dims not 3 or 4");
+  if (l.stored_dims < 3 || l.stored_dims > 5) fail("stored_dims not 3, 4 or 5");
   if (l.stored_dims == 3 && l.frames != 1) fail("3-D tensor is not one frame");
   if (l.frames < 0) fail("negative frame count");
   for (int64_t d : {l.channels, l.height, l.width})
@@ -98,11 +99,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (accepted) {
       check_layout(layout, size);
       // Bounded by the input: the frames were checked to lie inside it.
+      // Plane by plane, so that 5-D (channel-major) files are gathered too.
       const size_t per_frame = static_cast<size_t>(layout.values_per_frame());
+      const size_t per_plane = static_cast<size_t>(layout.height * layout.width);
       values.resize(static_cast<size_t>(layout.frames) * per_frame);
       for (int64_t i = 0; i < layout.frames; ++i)
-        gstvae::latent_values_to_f32(data + layout.data_offset + static_cast<uint64_t>(i) * layout.stored_frame_bytes(),
-                                     layout.element, per_frame, values.data() + static_cast<size_t>(i) * per_frame);
+        for (int64_t ch = 0; ch < layout.channels; ++ch)
+          gstvae::latent_values_to_f32(data + layout.stored_plane_offset(i, ch), layout.element, per_plane,
+                                       values.data() + static_cast<size_t>(i) * per_frame +
+                                           static_cast<size_t>(ch) * per_plane);
     }
     check_reader(data, size, accepted ? &layout : nullptr, values);
   } catch (const std::exception& e) {

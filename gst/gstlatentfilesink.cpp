@@ -199,7 +199,7 @@ static std::string framerate_string(const gst_latent_caps::Info& c) {
 // file cannot change (see set_caps).
 static bool same_recorded_caps(const gst_latent_caps::Info& a, const gst_latent_caps::Info& b) {
   return a.source_width == b.source_width && a.source_height == b.source_height && a.fps_n == b.fps_n &&
-         a.fps_d == b.fps_d && a.latent_format == b.latent_format;
+         a.fps_d == b.fps_d && a.latent_format == b.latent_format && a.temporal_downscale == b.temporal_downscale;
 }
 
 // One entry of the "ranges" metadata (compact JSON, see docs/latent-files.md).
@@ -217,6 +217,8 @@ static std::string range_json(const Range& r, guint64 frames) {
   }
   j["framerate"] = framerate_string(r.caps);
   j["latent_format"] = r.caps.latent_format;
+  // Video latents only (image ranges' entries stay as they always were).
+  if (r.caps.temporal_downscale > 1) j["temporal_downscale"] = r.caps.temporal_downscale;
   j["after"] = r.after;
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
@@ -238,14 +240,19 @@ static size_t file_metadata(const Streaming& st, const LatentFileWriter& writer,
       {"end_pts_ns", timestamp_string(st.end_pts)},
       {"segment", std::to_string(st.next_index - 1)},
   };
-  bool same_source = true, same_rate = true, same_format = true;
+  bool same_source = true, same_rate = true, same_format = true, same_temporal = true;
   for (const Range& r : st.ranges) {
     same_source = same_source && r.caps.source_width == first.caps.source_width &&
                   r.caps.source_height == first.caps.source_height;
     same_rate = same_rate && r.caps.fps_n == first.caps.fps_n && r.caps.fps_d == first.caps.fps_d;
     same_format = same_format && r.caps.latent_format == first.caps.latent_format;
+    same_temporal = same_temporal && r.caps.temporal_downscale == first.caps.temporal_downscale;
   }
   if (same_rate) meta["framerate"] = framerate_string(first.caps);
+  // Frames per latent of a video VAE (Wan, TAEHV): the latents are one clip
+  // decoded causally, not images. Absent for image latents (1).
+  if (same_temporal && first.caps.temporal_downscale > 1)
+    meta["temporal_downscale"] = std::to_string(first.caps.temporal_downscale);
   if (same_format) meta["latent_format"] = first.caps.latent_format;
   if (same_source && first.caps.source_width > 0) {
     meta["source_width"] = std::to_string(first.caps.source_width);
@@ -504,7 +511,8 @@ static gboolean gst_latent_file_sink_set_caps(GstBaseSink* sink, GstCaps* caps) 
     if (!close_file(self)) return FALSE;
   } else if (st.writer && !same_recorded_caps(info, st.caps)) {
     // Same latent size, but another source size (so another crop), frame
-    // rate or latent format: the metadata must stay true for every frame.
+    // rate, latent format or temporal downscale: the metadata must stay true
+    // for every frame.
     if (st.location.pattern) {
       if (!close_file(self)) return FALSE;
     } else if (!st.new_range) {

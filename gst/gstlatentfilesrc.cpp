@@ -15,6 +15,12 @@
  * file without the `latent_format_version_0` marker is multiplied by
  * 1/0.18215, as ComfyUI's Load Latent node does.
  *
+ * Video latents (Wan, TAEHV, Hunyuan): a file whose metadata says
+ * `temporal_downscale` N > 1 (latentfilesink records it), or a ComfyUI video
+ * LATENT (a 5-D 1 x C x T x h x w `latent_tensor`, taken as 4x), gives caps
+ * with `temporal-downscale=N`, so that vaedecode decodes the latents as one
+ * clip; the `temporal-downscale` property overrides.
+ *
  * ## Example launch line
  * |[
  * gst-launch-1.0 latentfilesrc location=clip.latent framerate=24/1 ! vaedecode model=vae.safetensors \
@@ -47,6 +53,7 @@ enum {
   PROP_LATENT_FORMAT,
   PROP_START_INDEX,
   PROP_NUM_FRAMES,
+  PROP_TEMPORAL_DOWNSCALE,
 };
 
 // ComfyUI's LoadLatent: files saved before the `latent_format_version_0`
@@ -54,6 +61,11 @@ enum {
 constexpr double kLegacyLatentMultiplier = 1.0 / 0.18215;
 // Every released VAE downscales by 8; latentfilesink does not record it.
 constexpr int kDefaultDownscale = 8;
+// ComfyUI's video LATENTs (5-D) come from VAEs that take 4 frames per latent
+// (Wan 2.1/2.2, Hunyuan Video; the first latent covers one frame).
+constexpr int kVideoLatentTemporalDownscale = 4;
+// The largest temporal-downscale accepted (the property's maximum).
+constexpr int kMaxTemporalDownscale = 64;
 
 struct Settings {
   std::string location;
@@ -61,6 +73,7 @@ struct Settings {
   std::string latent_format;  // "": from the file
   guint64 start_index = 0;
   gint64 num_frames = -1;  // -1: to the end of the file
+  gint temporal_downscale = 0;  // 0: from the file; 1: image latents; N >= 2: video latents
 };
 
 // What the stream is, fixed at start(). Read by queries from any thread:
@@ -150,7 +163,7 @@ static bool parse_positive_int(const std::string& text, gint* out) {
 // metadata (top-level keys, or the first entry of `ranges` when the file
 // holds several ranges and leaves the differing keys out).
 struct FileFacts {
-  std::string framerate, latent_format, source_width, source_height;
+  std::string framerate, latent_format, source_width, source_height, temporal_downscale;
   size_t ranges = 0;
 };
 
@@ -164,6 +177,7 @@ static FileFacts file_facts(const std::map<std::string, std::string>& meta) {
   f.latent_format = get("latent_format");
   f.source_width = get("source_width");
   f.source_height = get("source_height");
+  f.temporal_downscale = get("temporal_downscale");
   const std::string ranges = get("ranges");
   if (!ranges.empty()) {
     const nlohmann::json j = nlohmann::json::parse(ranges, nullptr, /*allow_exceptions=*/false);
@@ -180,6 +194,9 @@ static FileFacts file_facts(const std::map<std::string, std::string>& meta) {
       take(&f.latent_format, "latent_format");
       take(&f.source_width, "source_width");
       take(&f.source_height, "source_height");
+      // Video ranges only carry it; an image range's absence means 1, so the
+      // top-level key (absent when ranges differ) is not looked for further.
+      take(&f.temporal_downscale, "temporal_downscale");
     }
   }
   return f;
@@ -281,6 +298,31 @@ static bool open_stream(GstLatentFileSrc* self, const Settings& s) {
     source_h = static_cast<gint>(std::min<gint64>(layout.height * kDefaultDownscale, G_MAXINT));
   }
 
+  // Frames per latent: the property, else the file's temporal_downscale
+  // metadata (latentfilesink), else 4 for a 5-D ComfyUI video latent, else 1
+  // (image latents).
+  gint temporal = 1;
+  const char* temporal_from = "default";
+  gint recorded = 0;
+  if (s.temporal_downscale > 0) {
+    temporal = s.temporal_downscale;
+    temporal_from = "property";
+  } else if (!facts.temporal_downscale.empty()) {
+    if (parse_positive_int(facts.temporal_downscale, &recorded) && recorded <= kMaxTemporalDownscale) {
+      temporal = recorded;
+      temporal_from = "file";
+    } else {
+      GST_ELEMENT_WARNING(self, STREAM, FORMAT,
+                          ("'%s' records an invalid temporal_downscale '%s': reading image latents", path.c_str(),
+                           facts.temporal_downscale.c_str()),
+                          ("set the temporal-downscale property to say how many frames each latent covers "
+                           "(1 .. %d)", kMaxTemporalDownscale));
+    }
+  } else if (layout.stored_dims == 5) {
+    temporal = kVideoLatentTemporalDownscale;
+    temporal_from = "5-d";
+  }
+
   // The caps vaeencode would give frames of the source size (the same helper,
   // so the fields stay those of docs/latent-caps.md).
   GstCaps* video = gst_caps_new_simple("video/x-raw", "width", G_TYPE_INT, source_w, "height", G_TYPE_INT, source_h,
@@ -291,6 +333,10 @@ static bool open_stream(GstLatentFileSrc* self, const Settings& s) {
   model.latent_format = latent_format;
   GstCaps* caps = gst_latent_caps::video_to_latent(video, model);
   gst_caps_unref(video);
+  // The framerate stays the file's (the latents' rate, as vaeencode's caps
+  // carry it): only the field is added, where video_to_latent puts it.
+  if (temporal > 1 && !gst_caps_is_empty(caps))
+    gst_caps_set_simple(caps, "temporal-downscale", G_TYPE_INT, temporal, nullptr);
   gst_latent_caps::Info info;
   if (!gst_latent_caps::parse(caps, &info) || info.width != layout.width || info.height != layout.height ||
       info.channels != layout.channels) {
@@ -303,12 +349,12 @@ static bool open_stream(GstLatentFileSrc* self, const Settings& s) {
   }
 
   GST_INFO_OBJECT(self, "'%s': %" G_GINT64_FORMAT " frames of %" G_GINT64_FORMAT "x%" G_GINT64_FORMAT
-                  "x%" G_GINT64_FORMAT " %s (%s), streaming %" G_GINT64_FORMAT " from frame %" G_GUINT64_FORMAT
-                  " at %d/%d fps (%s); caps %" GST_PTR_FORMAT,
+                  "x%" G_GINT64_FORMAT " %s (%s, %d-D), streaming %" G_GINT64_FORMAT " from frame %" G_GUINT64_FORMAT
+                  " at %d/%d fps (%s), %d frames per latent (%s); caps %" GST_PTR_FORMAT,
                   path.c_str(), static_cast<gint64>(layout.frames), static_cast<gint64>(layout.channels),
                   static_cast<gint64>(layout.height), static_cast<gint64>(layout.width),
-                  gstvae::latent_element_name(layout.element), layout.npy ? "npy" : "safetensors", frames,
-                  s.start_index, fps_n, fps_d, fps_from, caps);
+                  gstvae::latent_element_name(layout.element), layout.npy ? "npy" : "safetensors",
+                  layout.stored_dims, frames, s.start_index, fps_n, fps_d, fps_from, temporal, temporal_from, caps);
 
   GST_OBJECT_LOCK(self);  // get_caps() may run on another thread
   if (st.caps) gst_caps_unref(st.caps);
@@ -330,7 +376,8 @@ static bool open_stream(GstLatentFileSrc* self, const Settings& s) {
       G_TYPE_INT, info.channels, "height", G_TYPE_INT, info.height, "width", G_TYPE_INT, info.width, "framerate",
       GST_TYPE_FRACTION, fps_n, fps_d, "framerate-from", G_TYPE_STRING, fps_from, "latent-format", G_TYPE_STRING,
       latent_format.c_str(), "legacy-scale", G_TYPE_BOOLEAN, legacy, "multiplier", G_TYPE_DOUBLE,
-      legacy ? kLegacyLatentMultiplier : 1.0, nullptr);
+      legacy ? kLegacyLatentMultiplier : 1.0, "stored-dims", G_TYPE_INT, layout.stored_dims, "temporal-downscale",
+      G_TYPE_INT, temporal, "temporal-downscale-from", G_TYPE_STRING, temporal_from, nullptr);
   if (legacy)
     gst_structure_set(msg, "note", G_TYPE_STRING,
                       "no latent_format_version_0 marker: values multiplied by 1/0.18215 (ComfyUI LoadLatent rule)",
@@ -560,6 +607,7 @@ static void gst_latent_file_src_set_property(GObject* object, guint prop_id, con
     case PROP_LATENT_FORMAT: s.latent_format = g_value_get_string(value) ? g_value_get_string(value) : ""; break;
     case PROP_START_INDEX: s.start_index = g_value_get_uint64(value); break;
     case PROP_NUM_FRAMES: s.num_frames = g_value_get_int64(value); break;
+    case PROP_TEMPORAL_DOWNSCALE: s.temporal_downscale = g_value_get_int(value); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
   GST_OBJECT_UNLOCK(self);
@@ -577,6 +625,7 @@ static void gst_latent_file_src_get_property(GObject* object, guint prop_id, GVa
       break;
     case PROP_START_INDEX: g_value_set_uint64(value, s.start_index); break;
     case PROP_NUM_FRAMES: g_value_set_int64(value, s.num_frames); break;
+    case PROP_TEMPORAL_DOWNSCALE: g_value_set_int(value, s.temporal_downscale); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
   }
   GST_OBJECT_UNLOCK(self);
@@ -612,8 +661,9 @@ static void gst_latent_file_src_class_init(GstLatentFileSrcClass* klass) {
       gobject_class, PROP_LOCATION,
       g_param_spec_string("location", "Location",
                           "Latent file to read: ComfyUI .latent, .safetensors (latent_tensor, F32/F16/BF16, "
-                          "N x C x h x w or C x h x w) or NumPy .npy ('<f4'/'<f2'); the content decides, the "
-                          "extension .latent enables ComfyUI's LoadLatent rule",
+                          "N x C x h x w, C x h x w, or a video's 1 x C x T x h x w read as T latents) or NumPy "
+                          ".npy ('<f4'/'<f2', the same shapes); the content decides, the extension .latent "
+                          "enables ComfyUI's LoadLatent rule",
                           nullptr, rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_FRAMERATE,
@@ -637,6 +687,15 @@ static void gst_latent_file_src_class_init(GstLatentFileSrcClass* klass) {
       g_param_spec_int64("num-frames", "Number of frames",
                          "Frames to stream from start-index (-1: to the end of the file)", -1, G_MAXINT64, -1,
                          rw_ready));
+  g_object_class_install_property(
+      gobject_class, PROP_TEMPORAL_DOWNSCALE,
+      g_param_spec_int("temporal-downscale", "Temporal downscale",
+                       "Video frames per latent, for the caps' temporal-downscale: 0 = from the file (its "
+                       "'temporal_downscale' metadata, written by latentfilesink; else 4 for a 5-D ComfyUI video "
+                       "latent 1 x C x T x h x w; else 1), 1 = image latents (decoded one by one), N >= 2 = the "
+                       "latents of a video VAE (Wan, TAEHV: 4), decoded as one clip. The framerate stays the "
+                       "latents'",
+                       0, kMaxTemporalDownscale, 0, rw_ready));
 
   gst_element_class_set_static_metadata(
       element_class, "Latent file source", "Source/File",

@@ -278,19 +278,35 @@ std::string shape_text(const std::vector<int64_t>& dims) {
   return s + "]";
 }
 
-// Checks a 3-D or 4-D shape against the `data_bytes` that hold it and fills
-// the layout's shape. Every product is checked before it is formed.
+// Checks a 3-D, 4-D or 5-D shape against the `data_bytes` that hold it and
+// fills the layout's shape. Every product is checked before it is formed.
+// 5-D is ComfyUI's video LATENT, B x C x T x h x w: one video (B = 1) of T
+// latents, stored channel-major.
 void set_shape(LatentFileLayout* layout, const std::vector<int64_t>& dims, uint64_t data_bytes,
                const std::string& where) {
   using Kind = LatentFileError::Kind;
-  if (dims.size() != 3 && dims.size() != 4)
+  if (dims.size() < 3 || dims.size() > 5)
     throw LatentFileError(where + ": latent shape " + shape_text(dims) +
-                              " is not N x C x h x w (frames, channels, height, width) or C x h x w",
+                              " is not N x C x h x w (frames, channels, height, width), C x h x w, or "
+                              "1 x C x T x h x w (a video: channels, latent frames, height, width)",
                           Kind::BadFormat);
-  const size_t first = dims.size() == 4 ? 1 : 0;
+  if (dims.size() == 5 && dims[0] != 1)
+    throw LatentFileError(where + ": latent shape " + shape_text(dims) + " is a batch of " +
+                              std::to_string(dims[0]) +
+                              " videos (B x C x T x h x w); only one video (B = 1) can be read as a stream of "
+                              "latents: save each video on its own",
+                          Kind::BadFormat);
+  // The dimensions of one frame (C, h, w) and the one that counts frames.
+  std::vector<size_t> per_frame_dims;
+  int frames_dim = -1;
+  switch (dims.size()) {
+    case 3: per_frame_dims = {0, 1, 2}; break;
+    case 4: per_frame_dims = {1, 2, 3}; frames_dim = 0; break;
+    default: per_frame_dims = {1, 3, 4}; frames_dim = 2; break;
+  }
   uint64_t per_frame = latent_element_size(layout->element);
   uint64_t per_frame_f32 = 4;
-  for (size_t i = first; i < dims.size(); ++i) {
+  for (size_t i : per_frame_dims) {
     const int64_t d = dims[i];
     if (d < 1 || d > 0x7fffffff)
       throw LatentFileError(where + ": latent shape " + shape_text(dims) +
@@ -303,7 +319,7 @@ void set_shape(LatentFileLayout* layout, const std::vector<int64_t>& dims, uint6
     per_frame_f32 *= static_cast<uint64_t>(d);
     per_frame *= static_cast<uint64_t>(d);
   }
-  const int64_t frames = dims.size() == 4 ? dims[0] : 1;
+  const int64_t frames = frames_dim >= 0 ? dims[frames_dim] : 1;
   if (frames < 0) throw LatentFileError(where + ": negative frame count", Kind::BadFormat);
   if (static_cast<uint64_t>(frames) > data_bytes / per_frame || static_cast<uint64_t>(frames) * per_frame != data_bytes) {
     const bool short_file = static_cast<uint64_t>(frames) > data_bytes / per_frame;
@@ -316,9 +332,9 @@ void set_shape(LatentFileLayout* layout, const std::vector<int64_t>& dims, uint6
   }
   layout->stored_dims = static_cast<int>(dims.size());
   layout->frames = frames;
-  layout->channels = dims[first];
-  layout->height = dims[first + 1];
-  layout->width = dims[first + 2];
+  layout->channels = dims[per_frame_dims[0]];
+  layout->height = dims[per_frame_dims[1]];
+  layout->width = dims[per_frame_dims[2]];
 }
 
 // The NumPy header dictionary, e.g. {'descr': '<f4', 'fortran_order': False,
@@ -671,20 +687,30 @@ void LatentFileReader::read_frame(int64_t index, float* out) {
     scratch_.resize(bytes);
     dest = scratch_.data();
   }
-  uint64_t offset = layout_.data_offset + static_cast<uint64_t>(index) * bytes;
-  size_t done = 0;
-  while (done < bytes) {
-    const ssize_t n = ::pread(fd_, dest + done, bytes - done, static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0)
-      throw LatentFileError("cannot read frame " + std::to_string(index) + " of " + quoted(path_) + ": " + errno_text(),
-                            Kind::ReadFailed);
-    if (n == 0)
-      throw LatentFileError(quoted(path_) + " is truncated: frame " + std::to_string(index) + " ends at byte " +
-                                std::to_string(offset + bytes) + ", past the end of the file (cut short after "
-                                "it was opened?)",
-                            Kind::ReadFailed);
-    done += static_cast<size_t>(n);
+  // A frame stored whole is one read; a 5-D video frame is one per channel
+  // (its planes lie T planes apart), gathered into C x h x w.
+  const bool whole = !layout_.channel_major();
+  const size_t piece = whole ? bytes : static_cast<size_t>(layout_.stored_plane_bytes());
+  const int64_t pieces = whole ? 1 : layout_.channels;
+  for (int64_t p = 0; p < pieces; ++p) {
+    const uint64_t offset = layout_.stored_plane_offset(index, p);
+    uint8_t* to = dest + static_cast<size_t>(p) * piece;
+    size_t done = 0;
+    while (done < piece) {
+      const ssize_t n = ::pread(fd_, to + done, piece - done, static_cast<off_t>(offset + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0)
+        throw LatentFileError("cannot read frame " + std::to_string(index) + " of " + quoted(path_) + ": " +
+                                  errno_text(),
+                              Kind::ReadFailed);
+      if (n == 0)
+        throw LatentFileError(quoted(path_) + " is truncated: frame " + std::to_string(index) +
+                                  (whole ? "" : " (channel " + std::to_string(p) + ")") + " ends at byte " +
+                                  std::to_string(offset + piece) + ", past the end of the file (cut short after "
+                                  "it was opened?)",
+                              Kind::ReadFailed);
+      done += static_cast<size_t>(n);
+    }
   }
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
   const bool converted_in_place = layout_.element == LatentElement::F32;  // already float32 as stored
@@ -703,6 +729,7 @@ LatentArray read_latent_file(const std::string& path, bool with_values) {
   out.channels = layout.channels;
   out.height = layout.height;
   out.width = layout.width;
+  out.stored_dims = layout.stored_dims;
   out.metadata = layout.metadata;
   out.has_version_marker = layout.has_version_marker;
   if (with_values) {

@@ -99,11 +99,14 @@ size_t latent_element_size(LatentElement element);
 constexpr uint64_t kMaxLatentFrameBytes = 1ull << 30;
 
 // Where a latent file keeps its frames, from its header alone (no values
-// read). A 3-D C x h x w tensor is one frame.
+// read). A 3-D C x h x w tensor is one frame; a 4-D N x C x h x w tensor is N
+// frames, each stored whole; a 5-D 1 x C x T x h x w tensor (ComfyUI's video
+// LATENT: Wan, Hunyuan, ...) is T frames in time order, frame t being
+// tensor[0, :, t], so each of its C planes lies elsewhere (channel-major).
 struct LatentFileLayout {
   LatentFileFormat format = LatentFileFormat::Latent;  // from the extension
   bool npy = false;                                    // from the content
-  int stored_dims = 4;                                 // 3 or 4
+  int stored_dims = 4;                                 // 3, 4 or 5
   int64_t frames = 0, channels = 0, height = 0, width = 0;
   LatentElement element = LatentElement::F32;
   uint64_t data_offset = 0;  // of frame 0, from the start of the file
@@ -112,6 +115,19 @@ struct LatentFileLayout {
 
   uint64_t values_per_frame() const { return static_cast<uint64_t>(channels) * height * width; }
   uint64_t stored_frame_bytes() const { return values_per_frame() * latent_element_size(element); }
+  uint64_t stored_plane_bytes() const {
+    return static_cast<uint64_t>(height) * width * latent_element_size(element);
+  }
+  // A 5-D video tensor: frame t's channel c is plane c * frames + t.
+  bool channel_major() const { return stored_dims == 5; }
+  // Where channel `channel` (h x w values) of frame `frame` is stored, from
+  // the start of the file, for every layout. All frames together fill
+  // frames x stored_frame_bytes() bytes from data_offset.
+  uint64_t stored_plane_offset(int64_t frame, int64_t channel) const {
+    const uint64_t plane = channel_major() ? static_cast<uint64_t>(channel) * frames + frame
+                                           : static_cast<uint64_t>(frame) * channels + channel;
+    return data_offset + plane * stored_plane_bytes();
+  }
 };
 
 // The layout of a whole file image in memory (the fuzz target's entry
@@ -157,13 +173,15 @@ class LatentFileReader {
 // A whole latent file read back (any of the three formats).
 struct LatentArray {
   int64_t frames = 0, channels = 0, height = 0, width = 0;
-  std::vector<float> values;  // frames x channels x height x width
+  int stored_dims = 4;        // 5: a ComfyUI video latent (1 x C x T x h x w), frames = T
+  std::vector<float> values;  // frames x channels x height x width (a 5-D file's transposed to this)
   std::map<std::string, std::string> metadata;
   bool has_version_marker = false;  // .latent/.safetensors: `latent_format_version_0` present
 };
 
-// Reads a latent file (through LatentFileReader: F32, F16, BF16, 3-D or 4-D)
-// and checks that its shape matches its size. Without values (`with_values`
+// Reads a latent file (through LatentFileReader: F32, F16, BF16, 3-D, 4-D or
+// 5-D 1 x C x T x h x w, whose T latents come out in time order as
+// T x C x h x w) and checks that its shape matches its size. Without values (`with_values`
 // false) only the header is read: shape, metadata. Values are as stored (no
 // ComfyUI LoadLatent rescaling).
 LatentArray read_latent_file(const std::string& path, bool with_values = true);

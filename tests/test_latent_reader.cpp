@@ -1,5 +1,6 @@
 // LatentFileReader (src/latent_file.cpp), the reader behind latentfilesrc and
-// read_latent_file: F16/BF16 conversion, 3-D tensors, frame-by-frame reads,
+// read_latent_file: F16/BF16 conversion, 3-D tensors, 5-D ComfyUI video
+// latents (1 x C x T x h x w, gathered plane by plane), frame-by-frame reads,
 // and hostile files refused with the right kind of error before any
 // allocation follows their header.
 #include <gtest/gtest.h>
@@ -145,6 +146,86 @@ TEST(LatentReader, ThreeDimensionalTensorIsOneFrame) {
   }
 }
 
+// ComfyUI's video LATENT (Wan, Hunyuan): latent_tensor of 1 x C x T x h x w,
+// read as T latents of C x h x w in time order (latent t = tensor[0, :, t]).
+TEST(LatentReader, FiveDimensionalVideoLatentIsTFramesInTimeOrder) {
+  TempDir dir;
+  const int C = 3, T = 4, H = 2, W = 5;
+  // Stored C-major: value (c, t, y, x) at ((c * T + t) * H + y) * W + x, each
+  // distinct and exact in halves and bfloat16.
+  std::vector<float> stored(static_cast<size_t>(C) * T * H * W);
+  for (size_t i = 0; i < stored.size(); ++i) stored[i] = static_cast<float>(i) - 40.0f;
+  std::vector<uint16_t> bf16(stored.size());
+  for (size_t i = 0; i < stored.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &stored[i], 4);
+    bf16[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  // What each latent must be: frame t, channel c, row y, column x.
+  std::vector<float> want(stored.size());
+  for (int t = 0; t < T; ++t)
+    for (int c = 0; c < C; ++c)
+      for (int p = 0; p < H * W; ++p)
+        want[(static_cast<size_t>(t) * C + c) * H * W + p] = stored[(static_cast<size_t>(c) * T + t) * H * W + p];
+  write_safetensors(dir.file("video.latent"), {{"latent_format_version_0", DType::F32, {0}, stored.data()},
+                                              {"latent_tensor", DType::F32, {1, C, T, H, W}, stored.data()}});
+  write_safetensors(dir.file("video-bf16.safetensors"), {{"latent_tensor", DType::BF16, {1, C, T, H, W}, bf16.data()}});
+  write_bytes(dir.file("video.npy"), npy("<f4", "1, 3, 4, 2, 5", floats(stored)));
+  write_safetensors(dir.file("empty-video.latent"), {{"latent_tensor", DType::F32, {1, C, 0, H, W}, stored.data()}});
+  for (const char* name : {"video.latent", "video-bf16.safetensors", "video.npy"}) {
+    SCOPED_TRACE(name);
+    LatentFileReader reader(dir.file(name));
+    const LatentFileLayout& l = reader.layout();
+    EXPECT_EQ(l.stored_dims, 5);
+    EXPECT_TRUE(l.channel_major());
+    EXPECT_EQ(l.frames, T);
+    EXPECT_EQ(l.channels, C);
+    EXPECT_EQ(l.height, H);
+    EXPECT_EQ(l.width, W);
+    std::vector<float> frame(static_cast<size_t>(C) * H * W);
+    for (int t = T - 1; t >= 0; --t) {  // any order
+      reader.read_frame(t, frame.data());
+      for (size_t i = 0; i < frame.size(); ++i)
+        ASSERT_EQ(frame[i], want[t * frame.size() + i]) << "latent " << t << " value " << i;
+    }
+    EXPECT_THROW(reader.read_frame(T, frame.data()), LatentFileError);
+    const LatentArray a = read_latent_file(dir.file(name));
+    EXPECT_EQ(a.stored_dims, 5);
+    EXPECT_EQ(a.frames, T);
+    EXPECT_EQ(a.values, want);
+  }
+  EXPECT_TRUE(LatentFileReader(dir.file("video.latent")).layout().has_version_marker);
+  const LatentArray empty = read_latent_file(dir.file("empty-video.latent"));
+  EXPECT_EQ(empty.frames, 0);
+  EXPECT_EQ(empty.channels, C);
+  EXPECT_TRUE(empty.values.empty());
+  // 4-D files are unchanged: frames stored whole.
+  write_safetensors(dir.file("images.latent"), {{"latent_tensor", DType::F32, {T, C, H, W}, stored.data()}});
+  EXPECT_FALSE(LatentFileReader(dir.file("images.latent")).layout().channel_major());
+  EXPECT_EQ(read_latent_file(dir.file("images.latent")).values, stored);
+}
+
+// A 5-D file cut short after it was opened: the first plane past the end is a
+// read error naming the latent and its channel.
+TEST(LatentReader, AFiveDimensionalFileCutShortIsAReadError) {
+  TempDir dir;
+  const std::vector<float> values(2 * 3 * 4 * 4, 1.0f);
+  write_safetensors(dir.file("cut.latent"), {{"latent_tensor", DType::F32, {1, 2, 3, 4, 4}, values.data()}});
+  LatentFileReader reader(dir.file("cut.latent"));
+  struct stat st {};
+  ASSERT_EQ(::stat(dir.file("cut.latent").c_str(), &st), 0);
+  ASSERT_EQ(::truncate(dir.file("cut.latent").c_str(), st.st_size - 4 * 4 * 4), 0);  // the last plane: c 1, t 2
+  std::vector<float> frame(2 * 4 * 4);
+  reader.read_frame(1, frame.data());
+  try {
+    reader.read_frame(2, frame.data());
+    FAIL() << "read past the end";
+  } catch (const LatentFileError& e) {
+    EXPECT_EQ(e.kind(), Kind::ReadFailed);
+    EXPECT_NE(std::string(e.what()).find("frame 2 (channel 1)"), std::string::npos) << e.what();
+  }
+}
+
 Kind kind_of(const std::string& path, std::string* message) {
   try {
     LatentFileReader reader(path);
@@ -171,11 +252,15 @@ TEST(LatentReader, HostileFilesAreRefusedNamingTheFile) {
   write_bytes(dir.file("long.npy"), npy("<f4", "2, 4, 3, 5", data + "xxxx"));
   write_bytes(dir.file("fortran.npy"), npy("<f4", "2, 4, 3, 5", data, 1, true));
   write_bytes(dir.file("f8.npy"), npy("<f8", "2, 4, 3, 5", data + data));
-  write_bytes(dir.file("five-d.npy"), npy("<f4", "1, 2, 4, 3, 5", data));
+  write_bytes(dir.file("six-d.npy"), npy("<f4", "1, 1, 2, 4, 3, 5", data));
+  write_bytes(dir.file("video-batch.npy"), npy("<f4", "2, 1, 4, 3, 5", data));
+  write_bytes(dir.file("video-short.npy"), npy("<f4", "1, 4, 3, 3, 5", data));
   write_bytes(dir.file("garbage-dict.npy"), npy("<f4", "2, 4, __import__('os'), 5", data));
   write_bytes(dir.file("huge-header.npy"), std::string("\x93NUMPY\x02\x00\xf0\xff\xff\xff{", 13));
   write_safetensors(dir.file("i32.latent"), {{"latent_tensor", DType::I32, {2, 4, 3, 5}, values.data()}});
   write_safetensors(dir.file("two-d.latent"), {{"latent_tensor", DType::F32, {8, 15}, values.data()}});
+  write_safetensors(dir.file("video-batch.latent"), {{"latent_tensor", DType::F32, {2, 4, 1, 3, 5}, values.data()}});
+  write_safetensors(dir.file("video-zero-width.latent"), {{"latent_tensor", DType::F32, {1, 4, 2, 3, 0}, values.data()}});
   write_safetensors(dir.file("no-tensor.latent"), {{"samples", DType::F32, {2, 4, 3, 5}, values.data()}});
   write_safetensors(dir.file("zero-width.latent"), {{"latent_tensor", DType::F32, {2, 4, 3, 0}, values.data()}});
   write_safetensors(dir.file("good.latent"), {{"latent_tensor", DType::F32, {2, 4, 3, 5}, values.data()}});
@@ -206,7 +291,11 @@ TEST(LatentReader, HostileFilesAreRefusedNamingTheFile) {
       {"long.npy", Kind::BadFormat, "data bytes"},
       {"fortran.npy", Kind::BadFormat, "Fortran"},
       {"f8.npy", Kind::BadFormat, "<f8"},
-      {"five-d.npy", Kind::BadFormat, "N x C x h x w"},
+      {"six-d.npy", Kind::BadFormat, "N x C x h x w"},
+      {"video-batch.npy", Kind::BadFormat, "[2, 1, 4, 3, 5] is a batch of 2 videos"},
+      {"video-batch.latent", Kind::BadFormat, "[2, 4, 1, 3, 5] is a batch of 2 videos"},
+      {"video-zero-width.latent", Kind::BadFormat, "outside 1"},
+      {"video-short.npy", Kind::BadFormat, "needs more than 480 data bytes"},
       {"garbage-dict.npy", Kind::BadFormat, "malformed NumPy header"},
       {"huge-header.npy", Kind::BadFormat, "exceeds the limit"},
       {"i32.latent", Kind::BadFormat, "I32"},

@@ -18,6 +18,8 @@ GSTVAE_PROGRESS_EXAMPLE (the built examples/c/progress).
      location, location that is a directory, extension case, umask, source
      size changes and flushing seeks (segments or "ranges" metadata),
      leftover temporary files, capture_latents.py --frames 0
+  h. video latents (random Wan 2.1 weights): temporal_downscale recorded at the
+     top level or per range; a temporal-downscale change starts a range/segment
 
 GSTVAE_LFS_CASES=WORD[,WORD...] runs only the cases whose name holds one of
 the words (for quick local runs).
@@ -261,7 +263,10 @@ def case_comfyui(c, model, tmp):
               "first_pts_ns": "0", "end_pts_ns": str(NS30[7]), "latent_format": "raw", "segment": "0",
               "source_width": "64", "source_height": "48", "crop_x_y_w_h": "0,0,64,48", "model": MODEL_NAME}
     for k in ("latent", "safetensors"):
-        check_comfy_file(c, s["paths"][k], 7, expect, raw)
+        _, meta = check_comfy_file(c, s["paths"][k], 7, expect, raw)
+        # Image latents: exactly today's keys (no temporal_downscale), so the files stay byte-identical.
+        c.check(set(meta) == set(expect) | {"created_by"},
+                "%s: metadata keys %s, expected %s" % (k, sorted(meta), sorted(set(expect) | {"created_by"})))
     # A frame size that is no multiple of 8 is centre-cropped as ComfyUI does: x + (70 % 8) // 2.
     d = os.path.join(tmp, "b")
     os.mkdir(d)
@@ -757,6 +762,10 @@ def case_source_size_change(c, model, tmp):
              "first_pts_ns": NS30[2], "end_pts_ns": NS30[4], "after": "caps"}]
     c.check(len(ranges) == 2 and all(all(rg.get(k) == v for k, v in w.items()) for rg, w in zip(ranges, want)),
             "plain: ranges %s, expected %s" % (ranges, want))
+    image_range_keys = {"first_frame", "frames", "first_pts_ns", "end_pts_ns", "source_width", "source_height",
+                        "crop_x_y_w_h", "framerate", "latent_format", "after"}
+    c.check(all(set(rg) == image_range_keys for rg in ranges) and "temporal_downscale" not in meta,
+            "plain: image ranges hold other keys than %s: %s" % (sorted(image_range_keys), ranges))
     # 20 ranges do not fit the 4096-byte header: the first ones that do are kept, the last entry says from
     # which frame on the rest are not recorded, and the element warns.
     d3 = os.path.join(tmp, "g7m")
@@ -884,7 +893,102 @@ def case_python_example_zero(c, model, tmp):
     return text.strip().splitlines()[-1] if text.strip() else "(no output)"
 
 
-CHILDREN = {"playing_limits": child_playing_limits, "flush_seek": child_flush_seek}
+# ------------------------------------------------------------------ h. video latents
+
+WAN = {}
+
+
+def wan_model(c, tmp):
+    """A random Wan 2.1 checkpoint (dim 8, z 16, encoder and decoder), written once."""
+    if "path" not in WAN:
+        path = os.path.join(tmp, "wan21-test.safetensors")
+        p = subprocess.run([PYTHON, os.path.join(HERE, "wan_weights.py"), "--variant", "2.1", "--dim", "8",
+                            "--with-decoder", "--out", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=300)
+        c.need(p.returncode == 0, "wan_weights.py exited %d:\n%s" % (p.returncode, p.stdout.decode()[-2000:]))
+        WAN["path"] = path
+    return WAN["path"]
+
+
+def case_wan_metadata(c, model, tmp):
+    """vaeencode with a Wan model: 9 frames at 24/1 -> 3 latents at 6/1, temporal-downscale=4, recorded."""
+    wan = wan_model(c, tmp)
+    d = os.path.join(tmp, "h1")
+    os.mkdir(d)
+    rawp, lat, st, npy = (os.path.join(d, n) for n in ("w.f32", "w.latent", "w.safetensors", "w.npy"))
+    launch_ok(c, "videotestsrc num-buffers=9 ! %s ! vaeencode model=%s ! tee name=t t. ! queue ! filesink location=%s "
+              "t. ! queue ! latentfilesink location=%s t. ! queue ! latentfilesink location=%s "
+              "t. ! queue ! latentfilesink location=%s" % (src_caps(64, 48, "24/1"), wan, rawp, lat, st, npy))
+    with open(rawp, "rb") as f:
+        raw = f.read()
+    c.need(len(raw) == 3 * 16 * 6 * 8 * 4, "vaeencode gave %d bytes, expected 3 latents of 16x6x8" % len(raw))
+    for path in (lat, st):
+        _, meta = check_comfy_file(c, path, 3, {"frame_count": "3", "channels": "16", "framerate": "6/1",
+                                                "temporal_downscale": "4", "first_pts_ns": "0",
+                                                "end_pts_ns": str(9 * 1000000000 // 24), "source_width": "64",
+                                                "source_height": "48"}, raw)
+        c.check("ranges" not in meta, "%s: ranges %s for one range" % (path, meta.get("ranges")))
+    c.check(np.load(npy).tobytes() == raw, "w.npy differs from the stream")
+    return "3 latents of 16x6x8 at 6/1, temporal_downscale=4 in .latent and .safetensors"
+
+
+def child_latent_caps(location, caps_list, per_caps):
+    """appsrc -> latentfilesink: `per_caps` latents of 4x6x8 under each caps string of `caps_list`."""
+    Gst = gst_init()
+    pipeline = Gst.parse_launch('appsrc name=src format=time ! latentfilesink name=sink location="%s"' % location)
+    src = pipeline.get_by_name("src")
+    pipeline.set_state(Gst.State.PLAYING)
+    i = 0
+    for caps in caps_list:
+        src.set_property("caps", Gst.Caps.from_string(caps))
+        for _ in range(per_caps):
+            buf = Gst.Buffer.new_wrapped(np.full(Z * 6 * 8, i, np.float32).tobytes())
+            buf.pts, buf.duration = i * 250000000, 250000000
+            src.emit("push-buffer", buf)
+            i += 1
+    src.emit("end-of-stream")
+    r = bus_until_end(Gst, pipeline)
+    pipeline.set_state(Gst.State.NULL)
+    return r
+
+
+def case_temporal_ranges(c, model, tmp):
+    """A change of temporal-downscale (same latent size) is a caps change: a new range or a new segment."""
+    base = ("application/x-latent,format=F32,channels=%d,width=8,height=6,source-width=64,source-height=48,"
+            "framerate=4/1,latent-format=raw" % Z)
+    caps = [base, base + ",temporal-downscale=4", base + ",temporal-downscale=4", base]
+    d = os.path.join(tmp, "h2")
+    os.mkdir(d)
+    plain = os.path.join(d, "mixed.latent")
+    r = run_child(c, tmp, "latent_caps", plain, caps, 2)
+    c.need(r["eos"] and not r["error"], "plain: %s" % r)
+    _, meta = check_comfy_file(c, plain, 8, {"frame_count": "8", "framerate": "4/1", "source_width": "64"})
+    c.check("temporal_downscale" not in meta, "plain: top-level temporal_downscale %r holds for some frames only"
+            % meta.get("temporal_downscale"))
+    ranges = json.loads(meta.get("ranges", "[]"))
+    got = [(rg.get("first_frame"), rg.get("frames"), rg.get("temporal_downscale"), rg.get("after")) for rg in ranges]
+    want = [(0, 2, None, "start"), (2, 4, 4, "caps"), (6, 2, None, "caps")]
+    c.check(got == want, "plain: ranges (first_frame, frames, temporal_downscale, after) %s, expected %s"
+            % (got, want))
+    r = run_child(c, tmp, "latent_caps", os.path.join(d, "seg-%d.latent"), caps, 2)
+    c.need(r["eos"] and not r["error"], "pattern: %s" % r)
+    names = sorted(os.listdir(d))
+    c.need(names == ["mixed.latent", "seg-0.latent", "seg-1.latent", "seg-2.latent"], "directory holds %s" % names)
+    metas = [check_comfy_file(c, os.path.join(d, "seg-%d.latent" % i), n, {"frame_count": str(n)})[1]
+             for i, n in ((0, 2), (1, 4), (2, 2))]
+    td = [m.get("temporal_downscale") for m in metas]
+    c.check(td == [None, "4", None], "pattern: temporal_downscale per segment %s, expected [None, '4', None]" % td)
+    # The whole stream video: top level, no ranges.
+    allv = os.path.join(d, "video.latent")
+    r = run_child(c, tmp, "latent_caps", allv, [base + ",temporal-downscale=4"], 3)
+    c.need(r["eos"] and not r["error"], "video: %s" % r)
+    _, meta = check_comfy_file(c, allv, 3, {"temporal_downscale": "4", "framerate": "4/1"})
+    c.check("ranges" not in meta, "video: ranges %s" % meta.get("ranges"))
+    return "plain: ranges %s; pattern: segments %s" % (got, td)
+
+
+CHILDREN = {"playing_limits": child_playing_limits, "flush_seek": child_flush_seek,
+            "latent_caps": child_latent_caps}
 
 
 def run_child(c, tmp, name, *args):
@@ -939,6 +1043,8 @@ def main():
             ("g. source size change with the same latent size: segments or ranges", case_source_size_change),
             ("g. flushing seek: new segment or new range", case_flush_seek),
             ("g. leftover temporary files: warning at start, not deleted", case_leftover_temp),
+            ("h. Wan video latents: temporal_downscale recorded", case_wan_metadata),
+            ("h. a temporal-downscale change: new range or new segment", case_temporal_ranges),
         ]
         if os.environ.get("GSTVAE_PROGRESS_EXAMPLE"):
             cases.append(("f. examples/c/progress", case_c_example))

@@ -17,6 +17,9 @@ failed. Environment: GST_PLUGIN_PATH (the built plugin).
   f. hostile and missing files: an ERROR naming the file, gst-launch exits
      non-zero, no crash, no hang (also a file cut short while playing)
   g. memory: a 512 MB file streams with the peak RSS of a small one
+  h. video latents (random Wan 2.1 weights): vaeencode ! latentfilesink then
+     latentfilesrc ! vaedecode gives the frames of vaeencode ! vaedecode; the
+     temporal-downscale property; 5-D ComfyUI video latents [1, C, T, h, w]
 
 GSTVAE_LFSRC_CASES=WORD[,WORD...] runs only the cases whose name holds one of
 the words.
@@ -478,7 +481,10 @@ def case_hostile(c, model, tmp):
                         None),
         "huge.npy": (npy_bytes("<f4", (1000000000, 4, 10000, 10000), b"\0" * 64), None),
         "lying.npy": (npy_bytes("<f4", (3, 4, 3, 5), x.tobytes()), "truncated"),
-        "five-d.npy": (npy_bytes("<f4", (1, 2, 4, 3, 5), x.tobytes()), "N x C x h x w"),
+        "six-d.npy": (npy_bytes("<f4", (1, 1, 2, 4, 3, 5), x.tobytes()), "N x C x h x w"),
+        # 5-D is one video (1 x C x T x h x w): a batch of videos is refused, naming the shape.
+        "video-batch.latent": (lat((2, 4, 1, 3, 5), x.tobytes()), "[2, 4, 1, 3, 5] is a batch of 2 videos"),
+        "video-batch.npy": (npy_bytes("<f4", (2, 4, 1, 3, 5), x.tobytes()), "[2, 4, 1, 3, 5] is a batch of 2 videos"),
         "two-d.latent": (lat((12, 10), x.tobytes()), "N x C x h x w"),
         "int32.latent": (lat((2, 4, 3, 5), x.tobytes(), "I32"), "I32"),
         "zero-channels.latent": (lat((2, 0, 3, 5), b""), "outside"),
@@ -537,6 +543,143 @@ def case_hostile(c, model, tmp):
     rc, out = launch("latentfilesrc ! fakesink")
     c.check(rc != 0 and "location" in out, "no location: exit %d" % rc)
     return "%d hostile/missing files: ERROR naming the file, non-zero exit; cut while playing: read error" % len(cases)
+
+
+# ------------------------------------------------------------------ h. video latents
+
+WAN = {}
+WAN_CAPS = "video/x-raw,format=RGB,width=64,height=48,framerate=24/1"
+WAN_FRAMES = 9  # -> 3 latents (1 + 4 + 4 frames) -> 9 frames decoded
+
+
+def wan_clip(c, tmp):
+    """A random Wan 2.1 checkpoint (dim 8, encoder + decoder) and 9 frames through it: the latents (raw bytes,
+    caps), the frames `vaeencode ! vaedecode` gives directly, and the latents as w.latent and w.npy."""
+    if not WAN:
+        d = os.path.join(tmp, "h")
+        os.mkdir(d)
+        wan = os.path.join(d, "wan21-test.safetensors")
+        p = subprocess.run([sys.executable, os.path.join(HERE, "wan_weights.py"), "--variant", "2.1", "--dim", "8",
+                            "--with-decoder", "--out", wan], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=300)
+        c.need(p.returncode == 0, "wan_weights.py exited %d:\n%s" % (p.returncode, p.stdout.decode()[-2000:]))
+        src = "videotestsrc num-buffers=%d ! %s ! vaeencode model=%s" % (WAN_FRAMES, WAN_CAPS, wan)
+        lat, npy = os.path.join(d, "w.latent"), os.path.join(d, "w.npy")
+        launch_ok(c, "%s ! tee name=t t. ! queue ! latentfilesink location=%s t. ! queue ! latentfilesink "
+                  "location=%s" % (src, lat, npy))
+        latents = run_appsink(c, "%s ! appsink name=out" % src, timeout_s=300)
+        c.need(latents["eos"] and not latents["error"], "vaeencode alone: %s" % latents["error"])
+        direct = run_appsink(c, "%s ! vaedecode model=%s ! appsink name=out" % (src, wan), timeout_s=300)
+        c.need(direct["eos"] and not direct["error"], "vaeencode ! vaedecode: %s" % direct["error"])
+        WAN.update(dir=d, model=wan, latent=lat, npy=npy, caps=latents["caps"],
+                   raw=b"".join(b[4] for b in latents["buffers"]), direct=direct)
+    return WAN
+
+
+def decoded(c, w, description, label):
+    """`description ! vaedecode ! appsink`: the frames' bytes, their caps and the run."""
+    r = run_appsink(c, "%s ! vaedecode model=%s ! appsink name=out" % (description, w["model"]), timeout_s=300)
+    c.need(r["eos"] and not r["error"], "%s: %s" % (label, r["error"]))
+    return [b[4] for b in r["buffers"]], r["caps"], r
+
+
+def case_wan_round_trip(c, model, tmp):
+    """vaeencode ! latentfilesink, then latentfilesrc ! vaedecode: the frames vaeencode ! vaedecode gives."""
+    w = wan_clip(c, tmp)
+    direct = [b[4] for b in w["direct"]["buffers"]]
+    c.need(len(w["raw"]) == 3 * 16 * 6 * 8 * 4, "vaeencode gave %d bytes, expected 3 latents of 16x6x8" % len(w["raw"]))
+    c.need(len(direct) == 1 + 4 * 2, "vaeencode ! vaedecode gave %d frames, expected 9" % len(direct))
+    c.check("temporal-downscale=(int)4" in w["caps"], "vaeencode's caps %s" % w["caps"])
+    # The file's latents, caps and the opened message.
+    r = run_appsink(c, "latentfilesrc location=%s ! appsink name=out" % w["latent"])
+    c.need(r["eos"] and not r["error"], "w.latent: %s" % r["error"])
+    c.check(b"".join(b[4] for b in r["buffers"]) == w["raw"], "w.latent: the latents differ from vaeencode's")
+    c.check(r["caps"] == w["caps"], "w.latent: caps %s, vaeencode's %s" % (r["caps"], w["caps"]))
+    o = opened(r)
+    c.check(o is not None and o.get_value("temporal-downscale") == 4
+            and o.get_value("temporal-downscale-from") == "file",
+            "w.latent: opened message %s" % (o.to_string() if o else None))
+    discont = [bool(b[2] & int(gst().BufferFlags.DISCONT)) for b in r["buffers"]]
+    c.check(discont == [True, False, False], "w.latent: DISCONT flags %s (one clip)" % discont)
+    # Decoded: the same frames, bytes and caps as directly.
+    frames, caps, _ = decoded(c, w, "latentfilesrc location=%s" % w["latent"], "w.latent")
+    c.check(len(frames) == len(direct) and frames == direct,
+            "latentfilesrc ! vaedecode: %d frames, %s, expected the %d of vaeencode ! vaedecode"
+            % (len(frames), "equal" if frames == direct else "bytes differ", len(direct)))
+    c.check(caps == w["direct"]["caps"], "decoded caps %s, directly %s" % (caps, w["direct"]["caps"]))
+    return "9 frames -> 3 latents -> w.latent -> 9 frames byte-identical to vaeencode ! vaedecode (%s)" % caps
+
+
+def case_temporal_property(c, model, tmp):
+    """A file that does not say (.npy): temporal-downscale=4 makes it a clip; 1 makes a video file images."""
+    w = wan_clip(c, tmp)
+    direct = [b[4] for b in w["direct"]["buffers"]]
+    r = run_appsink(c, "latentfilesrc location=%s ! appsink name=out" % w["npy"])
+    c.check(r["caps"] and "temporal-downscale" not in r["caps"], ".npy without the property: caps %s" % r["caps"])
+    frames, caps, _ = decoded(c, w, "latentfilesrc location=%s framerate=6/1 temporal-downscale=4" % w["npy"],
+                              ".npy temporal-downscale=4")
+    c.check(frames == direct, ".npy temporal-downscale=4: %d frames, %s, expected the %d of vaeencode ! vaedecode"
+            % (len(frames), "equal" if frames == direct else "bytes differ", len(direct)))
+    c.check(caps == w["direct"]["caps"], ".npy temporal-downscale=4: decoded caps %s, directly %s"
+            % (caps, w["direct"]["caps"]))
+    # Image latents: one frame each.
+    r = run_appsink(c, "latentfilesrc location=%s temporal-downscale=1 ! appsink name=out" % w["latent"])
+    c.check(r["caps"] and "temporal-downscale" not in r["caps"] and "framerate=(fraction)6/1" in r["caps"],
+            "w.latent temporal-downscale=1: caps %s" % r["caps"])
+    c.check(opened(r) is not None and opened(r).get_value("temporal-downscale-from") == "property",
+            "temporal-downscale=1: opened message %s" % opened(r))
+    frames, _, _ = decoded(c, w, "latentfilesrc location=%s temporal-downscale=1" % w["latent"], "temporal-downscale=1")
+    c.check(len(frames) == 3, "w.latent temporal-downscale=1: %d frames, expected 3 (one per latent)" % len(frames))
+    r = run_appsink(c, "latentfilesrc location=%s temporal-downscale=2 ! appsink name=out" % w["npy"])
+    c.check(r["caps"] and "temporal-downscale=(int)2" in r["caps"], "temporal-downscale=2: caps %s" % r["caps"])
+    rc, out = launch("latentfilesrc location=%s temporal-downscale=-1 ! fakesink" % w["npy"])
+    c.check(rc != 0 or "temporal-downscale" in out, "temporal-downscale=-1 accepted silently")
+    return ".npy + temporal-downscale=4 decodes as the clip; temporal-downscale=1 gives 3 image frames"
+
+
+def case_five_d(c, model, tmp):
+    """ComfyUI's video LATENT: latent_tensor [1, C, T, h, w] is T latents, temporal-downscale=4 by default."""
+    w = wan_clip(c, tmp)
+    d = os.path.join(tmp, "h5")
+    os.mkdir(d)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 16, 5, 3, 4)).astype(np.float32)  # [1, C, T, h, w]
+    want = [np.ascontiguousarray(x[0, :, t]) for t in range(5)]
+    lat = comfy_latent(os.path.join(d, "video.latent"), x)
+    npy = os.path.join(d, "video.npy")
+    np.save(npy, x)
+    notes = []
+    for path in (lat, npy):
+        name = os.path.basename(path)
+        r = run_appsink(c, "latentfilesrc location=%s ! appsink name=out" % path)
+        c.need(r["eos"] and not r["error"], "%s: %s" % (name, r["error"]))
+        got = [np.frombuffer(b[4], "<f4").reshape(16, 3, 4) for b in r["buffers"]]
+        c.check(len(got) == 5 and all(np.array_equal(g, t) for g, t in zip(got, want)),
+                "%s: %d latents, values %s (expected latent t = tensor[0, :, t])"
+                % (name, len(got), [bool(np.array_equal(g, t)) for g, t in zip(got, want)]))
+        c.check(r["caps"] and "temporal-downscale=(int)4" in r["caps"] and "channels=(int)16" in r["caps"]
+                and "width=(int)4" in r["caps"] and "height=(int)3" in r["caps"]
+                and "framerate=(fraction)1/1" in r["caps"], "%s: caps %s" % (name, r["caps"]))
+        o = opened(r)
+        c.check(o is not None and o.get_value("stored-dims") == 5 and o.get_value("file-frames") == 5
+                and o.get_value("temporal-downscale-from") == "5-d", "%s: opened %s" % (name, o.to_string() if o else None))
+        discont = [bool(b[2] & int(gst().BufferFlags.DISCONT)) for b in r["buffers"]]
+        c.check(discont == [True] + [False] * 4, "%s: DISCONT flags %s" % (name, discont))
+        notes.append(name)
+    # The property overrides: 1 = image latents, 2 = two frames per latent.
+    for td, field in ((1, None), (2, "temporal-downscale=(int)2")):
+        r = run_appsink(c, "latentfilesrc location=%s temporal-downscale=%d ! appsink name=out" % (lat, td))
+        c.check(r["caps"] and (field in r["caps"] if field else "temporal-downscale" not in r["caps"]),
+                "temporal-downscale=%d: caps %s" % (td, r["caps"]))
+    # Wan's latents as ComfyUI saves them (5-D) decode to the clip vaeencode ! vaedecode gives.
+    wl = np.frombuffer(w["raw"], "<f4").reshape(3, 16, 6, 8)
+    comfy = comfy_latent(os.path.join(d, "wan-comfy.latent"), np.ascontiguousarray(wl.transpose(1, 0, 2, 3)[None]))
+    frames, _, _ = decoded(c, w, "latentfilesrc location=%s" % comfy, "wan-comfy.latent")
+    direct = [b[4] for b in w["direct"]["buffers"]]
+    c.check(frames == direct, "wan-comfy.latent [1, 16, 3, 6, 8]: %d frames, %s, expected the %d of vaeencode ! "
+            "vaedecode" % (len(frames), "equal" if frames == direct else "bytes differ", len(direct)))
+    return "%s: 5 latents of 16x3x4 = tensor[0, :, t], temporal-downscale=4; overrides; Wan [1,16,3,6,8] " \
+           "decodes to the 9 frames" % ", ".join(notes)
 
 
 # ------------------------------------------------------------------ g
@@ -601,6 +744,10 @@ def main():
             ("e. seeking in TIME, BUFFERS, DEFAULT", case_seek),
             ("f. hostile, missing and cut files: ERROR naming the file", case_hostile),
             ("g. a 512 MB file streams in the memory of a small one", case_memory),
+            ("h. Wan latents through latentfilesink and latentfilesrc decode as vaeencode ! vaedecode",
+             case_wan_round_trip),
+            ("h. temporal-downscale property: 4 for a file that does not say, 1 for images", case_temporal_property),
+            ("h. 5-D ComfyUI video latents [1, C, T, h, w]", case_five_d),
         ]
         run_selected(cases, (model, tmp), "GSTVAE_LFSRC_CASES")
     finish(t0)

@@ -288,7 +288,7 @@ std::vector<GstBuffer*> Job::outputs(GstMemory* memory, size_t output_bytes, con
     if (span.parts <= 1) {
       GST_BUFFER_PTS(b) = first->pts;
       GST_BUFFER_DTS(b) = first->dts;
-      GST_BUFFER_DURATION(b) = duration;
+      GST_BUFFER_DURATION(b) = duration != GST_CLOCK_TIME_NONE ? duration : frame_duration;
       GST_BUFFER_OFFSET(b) = first->offset;
       GST_BUFFER_OFFSET_END(b) = last->offset_end;
       if (first->discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);

@@ -75,7 +75,7 @@ class Job : public BatchJob {
   bool end_of_clip = false;       // the clip ends after these inputs
   std::shared_ptr<HeldInputs> held;  // the stream's; may be null (nothing held)
   // A video decoder's frame duration from its output caps: the duration of
-  // each part of a latent (Span::parts) whose latent has none.
+  // each of its frames whose latent has none. NONE elsewhere.
   GstClockTime frame_duration = GST_CLOCK_TIME_NONE;
 
  protected:

@@ -228,7 +228,8 @@ class DecodeDirection final : public gstvae_glue::Direction {
   std::unique_ptr<gstvae_glue::Job> take(bool /*end_of_clip: the reset() that follows ends the clip*/) override {
     auto job = std::make_unique<DecodeJob>();
     job->frames_per_latent = frames_per_latent_;
-    job->frame_duration = frame_duration_;
+    // Image latents keep what they carry; a video stream's frames fall back to the output framerate.
+    job->frame_duration = frames_per_latent_ > 1 ? frame_duration_ : GST_CLOCK_TIME_NONE;
     job->element = GST_ELEMENT(element_);
     job->decoder = decoder_;
     job->session = session_;

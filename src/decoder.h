@@ -32,6 +32,10 @@ struct DecoderInfo {
   // a video stream the first latent of a clip gives 1 frame, every later one
   // this many. 1 for image decoders.
   int temporal_upscale = 1;
+  // Whether a clip's first latent covers a whole group of frames of which
+  // the decoder keeps only the last (TAEHV), rather than frame 0 alone (Wan):
+  // then that frame takes the last of the latent's temporal_upscale parts.
+  bool first_latent_keeps_last = false;
   int64_t parameters = 0;
   std::string architecture;  // human-readable summary of what was inferred
 };

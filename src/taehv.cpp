@@ -664,6 +664,7 @@ std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile
   info.native_format = latent_format_by_name(variant.space);  // takes the Wan model's normalised space
   info.output_signed = false;  // [0, 1]
   info.temporal_upscale = static_cast<int>(net.frames_per_latent);
+  info.first_latent_keeps_last = true;  // upstream trims the first 3 frames of a clip
   info.parameters = reader.parameters_loaded();
   std::ostringstream os;
   os << "TAEHV decoder " << variant.name << " for " << variant.model << " latents (from the shapes), C="

@@ -146,8 +146,13 @@ class VideoDecodeSession final : public DecodeSession {
         frames += static_cast<size_t>(expected);
         for (int64_t i = 0; i < count; ++i) {
           const uint64_t index = batch.indices()[static_cast<size_t>(start + i)];
-          const uint32_t parts = started_ ? upscale : 1;
-          for (uint32_t part = 0; part < parts; ++part) result.spans.push_back({index, 1, part, parts});
+          if (started_) {
+            for (uint32_t part = 0; part < upscale; ++part) result.spans.push_back({index, 1, part, upscale});
+          } else if (info.first_latent_keeps_last) {
+            result.spans.push_back({index, 1, upscale - 1, upscale});  // the last frame of its group
+          } else {
+            result.spans.push_back({index, 1});  // frame 0, the latent's only frame
+          }
           started_ = true;
         }
         start += count;

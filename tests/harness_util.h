@@ -1,5 +1,6 @@
 // Helpers shared by the GstHarness tests of vaeencode and vaedecode
-// (test_vaeencode_video.cpp, test_vaedecode.cpp, test_vaedecode_video.cpp):
+// (test_vaeencode.cpp, test_vaeencode_video.cpp, test_vaedecode.cpp,
+// test_vaedecode_video.cpp):
 // gst_init for the whole executable, latent caps and buffers, reading
 // buffers back, bus texts, and a harness owning a configured element.
 // Header-only (inline), so an executable need not link anything more.

@@ -23,20 +23,20 @@
 
 #include "encoder.h"
 #include "fixtures.h"
+#include "harness_util.h"
 
 namespace {
 
 using gstvae::test::TempDir;
 using gstvae::test::VaeSpec;
 
-constexpr const char* kProgress = "vaeencode-progress";
-constexpr GstClockTime kFrameDur = GST_SECOND / 25;  // 40 ms at 25/1
+using gstvae::test::eventually;
+using gstvae::test::floats_of;
+using gstvae::test::Harness;
+using gstvae::test::kFrameDur;
+using gstvae::test::unref_all;
 
-class GstEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override { gst_init(nullptr, nullptr); }
-};
-::testing::Environment* const gst_env = ::testing::AddGlobalTestEnvironment(new GstEnvironment);
+constexpr const char* kProgress = "vaeencode-progress";
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -91,11 +91,6 @@ GstBuffer* frame_buffer(const char* format, int w, int h, const Frame& f, guint6
   return b;
 }
 
-std::vector<float> floats_of(GstBuffer* b) {
-  std::vector<float> v(gst_buffer_get_size(b) / sizeof(float));
-  gst_buffer_extract(b, 0, v.data(), v.size() * sizeof(float));
-  return v;
-}
 
 bool bit_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
@@ -115,99 +110,7 @@ std::string diff_summary(const std::vector<float>& a, const std::vector<float>& 
          std::to_string(worst);
 }
 
-// Owns a harness around a configured vaeencode, and optionally a bus.
-struct Harness {
-  GstHarness* h = nullptr;
-  GstElement* element = nullptr;  // owned by the harness
-  GstBus* bus = nullptr;
 
-  Harness(GstElement* e, bool with_bus = false) {
-    if (with_bus) {
-      bus = gst_bus_new();
-      gst_element_set_bus(e, bus);
-    }
-    h = gst_harness_new_with_element(e, "sink", "src");  // takes its own ref, starts PLAYING
-    element = h->element;
-    gst_object_unref(e);
-    // The batch timer waits on the element's clock: real time for these
-    // tests (the harness's GstTestClock only where a test asks for it).
-    gst_harness_use_systemclock(h);
-  }
-  ~Harness() {
-    gst_harness_teardown(h);
-    if (bus) {
-      gst_bus_set_flushing(bus, TRUE);
-      gst_object_unref(bus);
-    }
-  }
-  Harness(const Harness&) = delete;
-  Harness& operator=(const Harness&) = delete;
-
-  void caps(const std::string& s) { gst_harness_set_src_caps_str(h, s.c_str()); }
-  GstFlowReturn push(GstBuffer* b) { return gst_harness_push(h, b); }
-  guint queued() {
-    settle();
-    return gst_harness_buffers_in_queue(h);
-  }
-
-  // A new TIME segment (as after a flushing seek), running time from `base`.
-  bool segment(GstClockTime base = 0) {
-    GstSegment seg;
-    gst_segment_init(&seg, GST_FORMAT_TIME);
-    seg.base = base;
-    return gst_harness_push_event(h, gst_event_new_segment(&seg));
-  }
-
-  // Waits until the encode thread has pushed the latents of every batch
-  // handed to it (the batch being gathered stays), at most 60 s.
-  void settle() {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (u64("frames-in-flight") != 0) {
-      ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "the encode thread did not finish";
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-  }
-
-  // Every buffer queued at the harness sink.
-  std::vector<GstBuffer*> pull_all() {
-    settle();
-    std::vector<GstBuffer*> out;
-    while (GstBuffer* b = gst_harness_try_pull(h)) out.push_back(b);
-    return out;
-  }
-
-  // Events queued at the harness sink, by type.
-  std::vector<GstEventType> pull_event_types() {
-    std::vector<GstEventType> out;
-    while (GstEvent* e = gst_harness_try_pull_event(h)) {
-      out.push_back(GST_EVENT_TYPE(e));
-      gst_event_unref(e);
-    }
-    return out;
-  }
-
-  // Element messages of the given name waiting on the bus.
-  std::vector<GstStructure*> element_messages(const char* name) {
-    std::vector<GstStructure*> out;
-    while (GstMessage* m = gst_bus_pop_filtered(bus, GST_MESSAGE_ELEMENT)) {
-      const GstStructure* s = gst_message_get_structure(m);
-      if (s && gst_structure_has_name(s, name)) out.push_back(gst_structure_copy(s));
-      gst_message_unref(m);
-    }
-    return out;
-  }
-
-  guint64 u64(const char* prop) {
-    guint64 v = 0;
-    g_object_get(element, prop, &v, nullptr);
-    return v;
-  }
-};
-
-void unref_all(std::vector<GstBuffer*>& bufs) {
-  for (GstBuffer* b : bufs) gst_buffer_unref(b);
-  bufs.clear();
-}
 
 // The latents of frames first, first+1, ...: one each, in order, with the
 // frame's PTS and the engine's exact values.
@@ -362,13 +265,6 @@ class Background {
   std::thread thread_;  // last: starts once the members it uses exist
 };
 
-// Polls `ready` until it holds or 60 s have passed; returns its last value.
-bool eventually(const std::function<bool()>& ready) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (!ready() && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  return ready();
-}
 
 /* ---------------------------------------------------------------- fixture */
 

@@ -77,6 +77,33 @@ def run_selected(cases, args, only_env):
     return len(chosen)
 
 
+def run_in_tempdir(cases, only, prefix, make_ctx, keep=False):
+    """The cross-checks' main loop: runs each (name, fn) of `cases` whose name
+    contains one of the words in `only` (a list of comma-separated words; empty:
+    all) as fn(case, ctx), ctx = make_ctx(tmp) for a temporary folder that is
+    removed afterwards unless `keep`; then finish(). Returns 2 (usage) when no
+    case matches."""
+    import shutil
+    import tempfile
+    words = [w for o in only for w in o.split(",") if w]
+    chosen = [(n, f) for n, f in cases if not words or any(w in n for w in words)]
+    if not chosen:
+        print("no case matches %s" % ", ".join(words), file=sys.stderr)
+        return 2
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    t0 = time.monotonic()
+    try:
+        ctx = make_ctx(tmp)
+        for name, fn in chosen:
+            run_case(name, fn, ctx)
+    finally:
+        if keep:
+            print("kept %s" % tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finish(t0)
+
+
 def finish(t0):
     """Prints the summary line and exits 1 if any case failed."""
     print("%d of %d cases failed%s (%.1f s)" % (len(FAILED), len(RAN), (": " + "; ".join(FAILED)) if FAILED else "",

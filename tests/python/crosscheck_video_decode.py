@@ -30,10 +30,8 @@ Pass: rel = max|a-b| / max|b| <= 1e-4 (crosscheck_wan.rel_err) and the exact fra
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -256,25 +254,10 @@ def main(argv=None):
     if not a.decode_tool and not a.reference_only:
         ap.print_usage(sys.stderr)
         return 2
-    only = [s for o in a.only for s in o.split(",") if s]
-    chosen = [(n, f) for n, f in CASES if not only or any(w in n for w in only)]
-    if not chosen:
-        print("no case matches %s" % ", ".join(only), file=sys.stderr)
-        return 2
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    tmp = tempfile.mkdtemp(prefix="video-decode-crosscheck-")
-    ctx = Ctx(os.path.abspath(a.decode_tool) if a.decode_tool else None, tmp, a.reference_only)
-    t0 = time.monotonic()
-    try:
-        for name, fn in chosen:
-            casekit.run_case(name, fn, ctx)
-    finally:
-        if a.keep:
-            print("kept %s" % tmp)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    casekit.finish(t0)
-
+    tool = os.path.abspath(a.decode_tool) if a.decode_tool else None
+    return casekit.run_in_tempdir(CASES, a.only, "video-decode-crosscheck-",
+                                  lambda tmp: Ctx(tool, tmp, a.reference_only), a.keep)
 
 if __name__ == "__main__":
     sys.exit(main())

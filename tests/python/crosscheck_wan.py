@@ -19,10 +19,8 @@ fields.  Pass: rel = max|a-b| / max|b| <= 1e-4 and the exact latent count and sh
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -188,25 +186,9 @@ def main(argv=None):
     if not os.path.isdir(MEDIA):
         print("FAIL: no %s (set GSTVAE_SHARED_DIR)" % MEDIA)
         return 1
-    only = [s for o in a.only for s in o.split(",") if s]
-    chosen = [(n, f) for n, f in CASES if not only or any(w in n for w in only)]
-    if not chosen:
-        print("no case matches %s" % ", ".join(only), file=sys.stderr)
-        return 2
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    tmp = tempfile.mkdtemp(prefix="wan-crosscheck-")
-    ctx = Ctx(os.path.abspath(a.encode_tool), tmp)
-    t0 = time.monotonic()
-    try:
-        for name, fn in chosen:
-            casekit.run_case(name, fn, ctx)
-    finally:
-        if a.keep:
-            print("kept %s" % tmp)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    casekit.finish(t0)
-
+    return casekit.run_in_tempdir(CASES, a.only, "wan-crosscheck-", lambda tmp: Ctx(os.path.abspath(a.encode_tool), tmp),
+                                  a.keep)
 
 if __name__ == "__main__":
     sys.exit(main())

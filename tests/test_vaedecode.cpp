@@ -30,19 +30,7 @@
 
 namespace {
 
-using gstvae::test::bus_text;
-using gstvae::test::bytes_of;
-using gstvae::test::diff_summary;
-using gstvae::test::eventually;
-using gstvae::test::Harness;
-using gstvae::test::kFrameDur;
-using gstvae::test::Latent;
-using gstvae::test::latent_buffer;
-using gstvae::test::latent_caps;
-using gstvae::test::make_latent;
-using gstvae::test::make_latents;
-using gstvae::test::Pixels;
-using gstvae::test::unref_all;
+using namespace gstvae::test;  // harness_util.h and fixtures.h
 
 constexpr const char* kProgress = "vaedecode-progress";
 constexpr int kChannels = 4;                         // TAESD's latent channels

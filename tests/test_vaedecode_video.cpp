@@ -36,21 +36,7 @@
 
 namespace {
 
-using gstvae::test::bus_text;
-using gstvae::test::bytes_of;
-using gstvae::test::diff_summary;
-using gstvae::test::eventually;
-using gstvae::test::Harness;
-using gstvae::test::kFrameDur;
-using gstvae::test::Latent;
-using gstvae::test::latent_buffer;
-using gstvae::test::latent_caps;
-using gstvae::test::make_latent;
-using gstvae::test::make_latents;
-using gstvae::test::Pixels;
-using gstvae::test::TempDir;
-using gstvae::test::time_string;
-using gstvae::test::unref_all;
+using namespace gstvae::test;  // harness_util.h and fixtures.h
 
 constexpr int kChannels = 16;     // Wan 2.1's latent channels
 constexpr int kLW = 8, kLH = 6;   // latents 8x6: frames 64x48

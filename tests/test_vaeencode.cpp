@@ -30,6 +30,7 @@ namespace {
 using gstvae::test::TempDir;
 using gstvae::test::VaeSpec;
 
+using gstvae::test::bus_text;
 using gstvae::test::eventually;
 using gstvae::test::floats_of;
 using gstvae::test::Harness;
@@ -687,22 +688,6 @@ TEST_F(VaeEncodeTest, AcceptCaps) {
   gst_object_unref(sink);
 }
 
-// The first ERROR or WARNING on `bus`: its message and debug text, or "".
-std::string bus_text(GstBus* bus, GstMessageType type) {
-  GstMessage* m = gst_bus_pop_filtered(bus, type);
-  if (!m) return "";
-  GError* err = nullptr;
-  gchar* debug = nullptr;
-  if (type == GST_MESSAGE_ERROR)
-    gst_message_parse_error(m, &err, &debug);
-  else
-    gst_message_parse_warning(m, &err, &debug);
-  std::string text = std::string(err ? err->message : "") + "\n" + (debug ? debug : "");
-  g_clear_error(&err);
-  g_free(debug);
-  gst_message_unref(m);
-  return text;
-}
 
 // An application that stops the element from a probe on its src pad (on the
 // push thread, as from a sync bus handler on the encode thread): the thread

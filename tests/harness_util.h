@@ -60,10 +60,8 @@ inline std::vector<Latent> make_latents(int w, int h, size_t n, uint64_t seed0 =
   return out;
 }
 
-// A buffer of `latent` with the timestamps of frame number `n` at 25/1.
-inline GstBuffer* latent_buffer(const Latent& latent, guint64 n, bool discont = false) {
-  GstBuffer* b = gst_buffer_new_allocate(nullptr, latent.size() * sizeof(float), nullptr);
-  gst_buffer_fill(b, 0, latent.data(), latent.size() * sizeof(float));
+// Gives `b` the timestamps and offsets of frame number `n` at 25/1; returns it.
+inline GstBuffer* stamp_frame(GstBuffer* b, guint64 n, bool discont = false) {
   GST_BUFFER_PTS(b) = n * kFrameDur;
   GST_BUFFER_DTS(b) = n * kFrameDur;
   GST_BUFFER_DURATION(b) = kFrameDur;
@@ -71,6 +69,13 @@ inline GstBuffer* latent_buffer(const Latent& latent, guint64 n, bool discont = 
   GST_BUFFER_OFFSET_END(b) = n + 1;
   if (discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
   return b;
+}
+
+// A buffer of `latent` with the timestamps of frame number `n` at 25/1.
+inline GstBuffer* latent_buffer(const Latent& latent, guint64 n, bool discont = false) {
+  GstBuffer* b = gst_buffer_new_allocate(nullptr, latent.size() * sizeof(float), nullptr);
+  gst_buffer_fill(b, 0, latent.data(), latent.size() * sizeof(float));
+  return stamp_frame(b, n, discont);
 }
 
 inline std::vector<float> floats_of(GstBuffer* b) {

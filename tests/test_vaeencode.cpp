@@ -83,13 +83,7 @@ GstBuffer* frame_buffer(const char* format, int w, int h, const Frame& f, guint6
   std::memset(map.data, 0x5A, map.size);
   std::memcpy(map.data, f.pixels.data(), std::min(map.size, f.pixels.size()));
   gst_buffer_unmap(b, &map);
-  GST_BUFFER_PTS(b) = n * kFrameDur;
-  GST_BUFFER_DTS(b) = n * kFrameDur;
-  GST_BUFFER_DURATION(b) = kFrameDur;
-  GST_BUFFER_OFFSET(b) = n;
-  GST_BUFFER_OFFSET_END(b) = n + 1;
-  if (discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
-  return b;
+  return gstvae::test::stamp_frame(b, n, discont);
 }
 
 

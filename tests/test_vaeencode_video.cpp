@@ -53,13 +53,7 @@ GstBuffer* frame_buffer(guint64 n, uint64_t seed, bool discont = false, int w = 
   std::vector<uint8_t> pixels = gstvae::test::make_frame(w, h, 3, stride, seed);
   GstBuffer* b = gst_buffer_new_allocate(nullptr, GST_VIDEO_INFO_SIZE(&info), nullptr);
   gst_buffer_fill(b, 0, pixels.data(), std::min<size_t>(pixels.size(), GST_VIDEO_INFO_SIZE(&info)));
-  GST_BUFFER_PTS(b) = n * kFrameDur;
-  GST_BUFFER_DTS(b) = n * kFrameDur;
-  GST_BUFFER_DURATION(b) = kFrameDur;
-  GST_BUFFER_OFFSET(b) = n;
-  GST_BUFFER_OFFSET_END(b) = n + 1;
-  if (discont) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
-  return b;
+  return gstvae::test::stamp_frame(b, n, discont);
 }
 
 // max |a - b| relative to max |b|; infinity when the sizes differ.

@@ -14,7 +14,8 @@
  * Video latents (caps temporal-downscale=4, as vaeencode gives them for a
  * video VAE) are decoded as a stream: the decoder's causal state is carried
  * from latent to latent, so any per-batch gives the frames of the official
- * whole-clip decode. A clip's first latent gives 1 frame, every later one 4,
+ * whole-clip decode (to fp32 rounding: a byte may move by 1/255 with the
+ * batching). A clip's first latent gives 1 frame, every later one 4,
  * each with its share of the latent's time; the output framerate is the
  * latents' times 4. A clip ends (the state resets) at EOS, a new stream, new
  * caps, a flush and a DISCONT latent. Latents without temporal-downscale

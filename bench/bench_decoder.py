@@ -1,9 +1,9 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """KL decode: the engine (gst-vae-decode-file) against PyTorch eager doing what ComfyUI's VAE.decode and
 SaveImage do, on the same random weights of the full released decoder architecture (ch 128, mult 1,2,4,4,
 3 ResnetBlocks per level, z=4, post_quant_conv), fp32 on the CPU. Printed, never asserted.
 
-  /usr/bin/python3 bench/bench_decoder.py            # 256x256 frames (32x32 latents), 2 frames, batch 1
+  scripts/python bench/bench_decoder.py            # 256x256 frames (32x32 latents), 2 frames, batch 1
 
 Both sides: latents (float32, host) -> post_quant_conv + Decoder -> clamp((x+1)/2) -> x255, clip, uint8.
 The engine's time is what gst-vae-decode-file reports for its decode loop (after one untimed warm-up batch,

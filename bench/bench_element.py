@@ -1,8 +1,8 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Benchmarks for vaeencode, printed as ratios against baselines measured in the
 same run (never asserted: speed is not a test).
 
-  /usr/bin/python3 bench/bench_element.py            # needs a build: bash scripts/build.sh
+  scripts/python bench/bench_element.py            # needs a build: bash scripts/build.sh
 
 1. element vs Python: frames/s of `vaeencode` in a pipeline (filesrc ! rawvideoparse
    ! vaeencode ! fakesink, in this process through PyGObject, model load excluded)

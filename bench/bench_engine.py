@@ -1,8 +1,8 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Engine alone against PyTorch eager, on one device, printed as ratios measured
 in the same run (never asserted: speed is not a test).
 
-  /usr/bin/python3 bench/bench_engine.py                       # CPU, 256², batches 1,4
+  scripts/python bench/bench_engine.py                       # CPU, 256², batches 1,4
   python3 bench/bench_engine.py --device cuda --size 512 --batches 1,4,16 --precisions fp32,bf16
 
 Needs gst-vae-engine-bench (bash scripts/build.sh; on a GPU machine without
@@ -53,31 +53,33 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def python_batch(state, frames_u8, device, dtype, comfyui_layout):
+def python_batch(state, frames_u8, device, dtype, comfyui_layout, forward=None):
     """ComfyUI VAE.encode for one sub-batch; returns the mean on the host.
 
     ComfyUI's movedim leaves channels-last strides, which eager keeps through
     the network. By default the input is made NCHW-contiguous instead: faster in
     fp32 on the CPU, and correct in bf16, where the CPU GroupNorm of Debian's
-    torch 1.13 is wrong on channels-last input (see docs/performance.md)."""
+    torch 1.13 was wrong on channels-last input (see docs/performance.md).
+    `forward`: another forward pass of the same state (torch.compile's)."""
     pixels = frames_u8.to(device).float() / 255.0  # N x H x W x 3
     h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
     oy, ox = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
     x = (pixels[:, oy:oy + h, ox:ox + w, :].movedim(-1, 1) * 2.0 - 1.0).to(dtype)
     if not comfyui_layout:
         x = x.contiguous()
-    return V.encoder_forward(state, x)[:, :4].float().cpu()
+    return (forward or (lambda t: V.encoder_forward(state, t)))(x)[:, :4].float().cpu()
 
 
-def python_fps(state, size, batch, device, dtype, iters, comfyui_layout):
+def python_fps(state, size, batch, device, dtype, iters, comfyui_layout, forward=None):
     gen = torch.Generator().manual_seed(batch)
     frames = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
     with torch.inference_mode():
-        python_batch(state, frames, device, dtype, comfyui_layout)  # warm-up (cuDNN autotuning, allocator)
+        # warm-up (cuDNN autotuning, allocator; torch.compile compiles here)
+        python_batch(state, frames, device, dtype, comfyui_layout, forward)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(iters):
-            python_batch(state, frames, device, dtype, comfyui_layout)
+            python_batch(state, frames, device, dtype, comfyui_layout, forward)
         synchronize(device)
     return batch * iters / (time.perf_counter() - start)
 
@@ -107,6 +109,9 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--tool", default=os.path.join(ROOT, "build", "bench", "gst-vae-engine-bench"))
     ap.add_argument("--model", help="a checkpoint to use instead of a random full SD VAE")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile (inductor, static shapes) of the same forward pass; "
+                         "compiling is not timed (the warm-up batch)")
     ap.add_argument("--comfyui-layout", action="store_true",
                     help="keep the channels-last strides ComfyUI's movedim gives (default: NCHW-contiguous input)")
     args = ap.parse_args()
@@ -137,21 +142,33 @@ def main():
 
     engine = engine_fps(args.tool, model, args.size, batches, precisions, args.device, args.iters, args.threads)
     print("%-5s %6s | %12s %12s %12s | %7s %7s" % ("prec", "batch", "python f/s", "engine f/s", "overlapped",
-                                                  "ratio", "ovl."))
+                                                  "ratio", "ovl.") +
+          (" | %12s %7s" % ("compiled f/s", "vs cmp") if args.compile else ""))
     for p in precisions:
         state = {k: v.to(device, DTYPES[p]) for k, v in state32.items()}
+        compiled = torch.compile(lambda t, state=state: V.encoder_forward(state, t), dynamic=False) \
+            if args.compile else None
         for b in batches:
             try:
                 py = python_fps(state, args.size, b, device, DTYPES[p], args.iters, args.comfyui_layout)
             except RuntimeError as e:
                 print("%-5s %6d | python failed: %s" % (p, b, str(e).splitlines()[0]))
                 continue
+            cmp_text = ""
+            if compiled is not None:
+                try:
+                    cmp = python_fps(state, args.size, b, device, DTYPES[p], args.iters, args.comfyui_layout,
+                                     compiled)
+                    cmp_text = " | %12.3f %s" % (cmp, "%6.2fx" % (engine[(p, b)][1] / cmp) if (p, b) in engine
+                                                 else "-")
+                except Exception as e:  # noqa: BLE001 - inductor's failures are many; the row says which
+                    cmp_text = " | compile failed: %s" % str(e).splitlines()[0][:80]
             if (p, b) not in engine:
-                print("%-5s %6d | %12.3f %12s" % (p, b, py, "engine: -"), flush=True)
+                print("%-5s %6d | %12.3f %12s" % (p, b, py, "engine: -") + cmp_text, flush=True)
                 continue
             serial, overlapped = engine[(p, b)]
             print("%-5s %6d | %12.3f %12.3f %12.3f | %6.2fx %6.2fx" % (p, b, py, serial, overlapped, serial / py,
-                                                                      overlapped / py), flush=True)
+                                                                      overlapped / py) + cmp_text, flush=True)
 
 
 if __name__ == "__main__":

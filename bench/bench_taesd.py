@@ -1,10 +1,10 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """The TAESD tiny autoencoders (real weights from ../shared/models): the engine
 against PyTorch eager doing what ComfyUI's TAESD VAE does, encode and decode,
 fp32 on the CPU, printed as ratios measured in the same run (never asserted).
 
-  /usr/bin/python3 bench/bench_taesd.py                  # taesd, 256² and 512², batches 1 and 4
-  /usr/bin/python3 bench/bench_taesd.py --sizes 256 --batches 1 --model taesdxl
+  scripts/python bench/bench_taesd.py                  # taesd, 256² and 512², batches 1 and 4
+  scripts/python bench/bench_taesd.py --sizes 256 --batches 1 --model taesdxl
 
 Engine: gst-vae-engine-bench (encode: 8-bit frames in, latents on the host;
 serial column) and gst-vae-decode-file --warmup (decode: latents in, 8-bit

@@ -1,13 +1,13 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Wan 2.1 video VAE encode: the engine's streaming encode (gst-vae-encode-file) against PyTorch eager doing
 what the official WanVAE.encode does on the whole clip, fp32 on the CPU, on the same random weights of the
 full-size encoder (dim 96, z 16, official layout, F32). Printed as ratios measured in the same run, never
 asserted; also the engine's stream state against the note's figure (shared/notes/video-vae-semantics.md,
 "Cost and streaming state": 5,616 B per input pixel in fp32, 1.37 GiB at 512x512).
 
-  /usr/bin/python3 bench/bench_wan.py            # 256x256 x 9 and 512x512 x 5 frames (27 min at load average 4-7)
-  /usr/bin/python3 bench/bench_wan.py --quick    # 128x128 x 9 and 256x256 x 5 frames (4 min at load average 3)
-  /usr/bin/python3 bench/bench_wan.py --sizes 256:9 --per-batch 8 --repeats 3
+  scripts/python bench/bench_wan.py            # 256x256 x 9 and 512x512 x 5 frames (27 min at load average 4-7)
+  scripts/python bench/bench_wan.py --quick    # 128x128 x 9 and 256x256 x 5 frames (4 min at load average 3)
+  scripts/python bench/bench_wan.py --sizes 256:9 --per-batch 8 --repeats 3
 
 Frames: a pan/zoom over the astronaut photo (../shared/media), the same uint8 frames for both sides.
 Engine: `gst-vae-encode-file --per-batch B` (a session fed B frames at a time, as the element does; frame 0

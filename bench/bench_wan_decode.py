@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Wan 2.1 video VAE decode: the engine's streaming decode (gst-vae-decode-file, a video session fed B latents
 at a time, as vaedecode does) against PyTorch eager doing what the official WanVAE.decode does (one latent per
 call, one feature cache: tests/python/wan_reference.py's decode_chunked) in float32 on the CPU, on the same
@@ -6,8 +6,8 @@ random weights of the full-size decoder (width 384 = dim 96, z 16, official layo
 measured in the same run, never asserted; also the stream state per output pixel, the engine's against the
 eager feature cache's.
 
-  /usr/bin/python3 bench/bench_wan_decode.py                 # 128x128 and 256x256 output, 3 latents (9 frames)
-  /usr/bin/python3 bench/bench_wan_decode.py --sizes 256:5 --per-batch 2 --repeats 3
+  scripts/python bench/bench_wan_decode.py                 # 128x128 and 256x256 output, 3 latents (9 frames)
+  scripts/python bench/bench_wan_decode.py --sizes 256:5 --per-batch 2 --repeats 3
 
 Latents: smooth random latents (seeded), the same for both sides. Engine: its own timing (model load, probe
 and a warm-up batch in a session of its own excluded). Eager: from the latents to the clamped [-1, 1] frames,

@@ -229,6 +229,7 @@ void BatchWorker::work_loop() {
     const auto start = std::chrono::steady_clock::now();
     try {
       out.outputs = item.job->run();
+      out.ready_wait = item.job->take_ready_wait();
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -277,12 +278,37 @@ void BatchWorker::push_loop() {
     pushing_ = true;
     cond_.notify_all();  // room for the next finished job
     lock.unlock();
+    if (item.ready_wait) wait_ready(item);
     push_item(item);
     lock.lock();
     pushing_ = false;
     inputs_in_flight_ -= std::min<guint64>(n, inputs_in_flight_);  // 0 already if stopped meanwhile
     cond_.notify_all();
   }
+}
+
+// The outputs' contents are still being written (a download overlapped with
+// the next job): wait for them. If that fails, the job failed: its outputs are
+// dropped and the failure reported as run() failing would be.
+void BatchWorker::wait_ready(PushItem& item) {
+  std::string error;
+  try {
+    item.ready_wait();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  item.ready_wait = nullptr;
+  if (error.empty()) return;
+  std::unique_lock<std::mutex> lock(mutex_);
+  const bool flushed = flushing_ || item.generation != generation_;
+  if (!flushed && flow_ == GST_FLOW_OK) flow_ = GST_FLOW_ERROR;
+  lock.unlock();
+  for (GstBuffer* b : item.outputs) gst_buffer_unref(b);
+  item.outputs.clear();
+  if (flushed && cb_.failed_flushed)
+    cb_.failed_flushed(error);
+  else if (!flushed && cb_.failed)
+    cb_.failed(error);
 }
 
 // Pushes a job's outputs (or an event) unless a flush came after the job was

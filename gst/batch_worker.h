@@ -41,6 +41,13 @@ class BatchJob {
   // Computes the outputs, in push order, each with its timestamps. Throws
   // std::exception on failure.
   virtual std::vector<GstBuffer*> run() = 0;
+  // After run(), on the work thread: a wait for the outputs' contents, when
+  // run() left them still being written (the latents' copy from the GPU in
+  // flight, GSTVAE_DOWNLOAD_OVERLAP). The push thread calls it, with no lock
+  // held, before it pushes them, while the work thread runs the next job. It
+  // throws std::exception when the contents will never be right (the job
+  // then fails as if run() had thrown). None by default.
+  virtual std::function<void()> take_ready_wait() { return {}; }
 };
 
 // Threads that stopped their owner themselves (an application changing state
@@ -66,11 +73,12 @@ class BatchWorker {
     // Push thread, under the push fence: pushes one output downstream.
     std::function<GstFlowReturn(GstBuffer*)> push;
     std::function<void(GstEvent*)> push_event;
-    // Work thread: a job failed (and was not flushed away meanwhile).
+    // Work thread (push thread for a failed BatchJob::take_ready_wait): a job
+    // failed (and was not flushed away meanwhile).
     std::function<void(const std::string& error)> failed;
     // Work thread: a job gave `outputs` outputs in `elapsed` nanoseconds.
     std::function<void(BatchJob& job, size_t outputs, GstClockTime elapsed)> done;
-    // Work thread: a job of a flushed stream failed (logged, not an error).
+    // Work or push thread: a job of a flushed stream failed (logged, not an error).
     std::function<void(const std::string& error)> failed_flushed;
   };
 
@@ -120,6 +128,7 @@ class BatchWorker {
   };
   struct PushItem {
     std::vector<GstBuffer*> outputs;
+    std::function<void()> ready_wait;  // BatchJob::take_ready_wait(), or none
     GstEvent* event = nullptr;  // owned
     size_t inputs = 0;
     guint64 generation = 0;
@@ -129,6 +138,7 @@ class BatchWorker {
   void work_loop();
   void push_loop();
   void push_item(PushItem& item);
+  void wait_ready(PushItem& item);
   void drop_queues();  // mutex_ held
   bool idle() const { return queue_.empty() && !working_ && out_.empty() && !pushing_; }
   size_t waiting_jobs() const;

@@ -34,11 +34,13 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "encoder.h"
 #include "errors.h"
 #include "latent_caps.h"
+#include "levers.h"
 
 GST_DEBUG_CATEGORY_STATIC(vae_encode_debug);
 #define GST_CAT_DEFAULT vae_encode_debug
@@ -126,10 +128,21 @@ class EncodeJob final : public gstvae_glue::Job {
       throw;
     }
     keep_held(session->held_frames());
+    // The latents may still be on their way from the GPU (download overlap):
+    // the push thread waits for them; the buffers keep the block alive until then.
+    if (raw->has_pending_copy() && !out.empty()) pending_copy_ = raw;
     return out;
   }
 
+  std::function<void()> take_ready_wait() override {
+    LatentBlock* block = std::exchange(pending_copy_, nullptr);
+    if (!block) return {};
+    return [block] { block->wait_ready(); };
+  }
+
  private:
+  LatentBlock* pending_copy_ = nullptr;  // owned by the outputs' memory
+
   // The PTS of the first of `span`'s frames and the end of its last known one.
   void time_range(const gstvae::Span& span, GstClockTime* start, GstClockTime* end) const {
     *start = *end = GST_CLOCK_TIME_NONE;
@@ -357,6 +370,12 @@ static gstvae_glue::Direction* gst_vae_encode_open(GstVaeBatch* batch, const gst
   GST_INFO_OBJECT(self, "loaded '%s': %s (%s layout), %" G_GINT64_FORMAT " parameters, on %s in %s", s.model.c_str(),
                   info.architecture.c_str(), info.layout.c_str(), info.parameters, info.device.c_str(),
                   gstvae::precision_name(info.precision));
+  if (s.device == "auto") {
+    // A CUDA build without a GPU or driver: said once per process, not per element.
+    const std::string note = gstvae::take_no_cuda_device_note();
+    if (!note.empty())
+      GST_ELEMENT_INFO(self, RESOURCE, SETTINGS, ("No CUDA device: running on the CPU"), ("%s", note.c_str()));
+  }
   return new EncodeDirection(self, std::move(encoder));
 }
 

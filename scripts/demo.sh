@@ -5,7 +5,7 @@
 # Optional: FRAMES (default 8), SIZE (default 256x256), PER_BATCH (default 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "Installing what is missing and building (the first run takes a few minutes)..."
+echo "Installing what is missing and building (the first run downloads PyTorch, about 2.7 GB, and takes minutes)..."
 bash scripts/build.sh >/dev/null
 export GST_PLUGIN_PATH="$PWD/build/gst${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"
 
@@ -23,7 +23,7 @@ if [ -z "$model" ]; then
   if [ ! -f "$model" ]; then
     echo "No MODEL given: generating a checkpoint with the full SD VAE encoder architecture"
     echo "(width 128, levels 1,2,4,4, 2 blocks, z=4, quant_conv) and RANDOM weights."
-    /usr/bin/python3 tests/python/vae_reference.py make-checkpoint --out "$model" --layout ldm \
+    scripts/python tests/python/vae_reference.py make-checkpoint --out "$model" --layout ldm \
       --ch 128 --mult 1,2,4,4 --blocks 2 --z 4 --dtype F32 --seed 0 --no-decoder >/dev/null
   fi
   echo "NOTE: $model is UNTRAINED (random weights): the pipeline, shapes and speed are real,"

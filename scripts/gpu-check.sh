@@ -5,7 +5,7 @@
 # 1. unpacks gpu-bundle/*.deb (scripts/gpu-bundle.sh) with `dpkg -x` into
 #    OUTDIR/prefix (never into /), points pkg-config, the loader and GStreamer at it;
 # 2. builds the whole plugin and its tests with meson (build-gpucheck/build) against
-#    the machine's LibTorch: the pip torch's when there is no Debian libtorch-dev.
+#    the machine's LibTorch: the torch of the Python found below (-Dtorch_python).
 #    If the GStreamer part cannot be configured or built, builds -Dgstreamer=disabled
 #    (build-gpucheck/build-nogst) and the summary says so;
 # 3. runs, each under `timeout`: the engine tests, a vaeencode pipeline through
@@ -40,9 +40,11 @@ bundle=${GPU_BUNDLE_DIR:-$root/gpu-bundle}
 prefix=${GPU_CHECK_PREFIX:-$out/prefix}
 t_start=$SECONDS
 
-# The Python that holds torch: the GPU image's python3, else Debian's.
+# The Python that holds torch: the project's virtual environment where
+# scripts/setup.sh made one (here), else the GPU image's python3.
+source "$root/scripts/venv.sh"
 py=""
-for cand in python3 /usr/bin/python3; do
+for cand in "$GSTVAE_PYTHON" python3; do
   if command -v "$cand" >/dev/null && "$cand" -c 'import torch, numpy' 2>/dev/null; then py=$(command -v "$cand"); break; fi
 done
 [ -n "$py" ] || { echo "gpu-check: no python3 with torch and numpy" >&2; exit 2; }
@@ -118,11 +120,7 @@ if step unpack 120 unpack; then
 fi
 
 # --- 2. configure and build --------------------------------------------------
-setup_args=(-Dbuildtype=release)
-if [ ! -f /usr/include/torch/csrc/api/include/torch/torch.h ] || [ "$mode" = gpu ]; then
-  torch_root=$("$py" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
-  setup_args+=("-Dlibtorch_root=$torch_root")
-fi
+setup_args=(-Dbuildtype=release "-Dtorch_python=$py")
 ninja_run() {
   if command -v flock >/dev/null; then flock /tmp/ninja-gpu.lock ninja -C "$1" -j "$jobs"; else ninja -C "$1" -j "$jobs"; fi
 }
@@ -163,7 +161,7 @@ if [ -n "$reuse" ]; then
   export -f reuse_build prefix_build
   # The bundle's build takes the LibTorch the reused build was configured with.
   reuse_torch=$("$py" -c 'import json,sys; print(next((o["value"] for o in json.load(open(sys.argv[1])) if o["name"] == "libtorch_root"), ""))' "$reuse/meson-info/intro-buildoptions.json" 2>/dev/null)
-  setup_args=(-Dbuildtype=release)
+  setup_args=(-Dbuildtype=release "-Dtorch_python=$py")
   [ -n "$reuse_torch" ] && setup_args+=("-Dlibtorch_root=$reuse_torch")
   build=$reuse
   step build-reuse 300 reuse_build || notes+=("The reused build $reuse is not this tree's or does not build (logs/build-reuse.log).")
@@ -278,7 +276,8 @@ fi
 # GPU: the SD VAE encoder, 512², batch 16, bf16 (channels-last only takes effect
 # in bf16/fp16); on the CPU, where no lever takes effect, only the mechanics.
 lever_variants=("" GSTVAE_CUDNN_BENCHMARK=0 GSTVAE_PINNED_STAGING=0 GSTVAE_UPLOAD_OVERLAP=0
-  GSTVAE_CHANNELS_LAST=1 GSTVAE_SDPA=1 "GSTVAE_CHANNELS_LAST=1 GSTVAE_SDPA=1")
+  GSTVAE_CHANNELS_LAST=1 GSTVAE_SDPA=1 "GSTVAE_CHANNELS_LAST=1 GSTVAE_SDPA=1" GSTVAE_CUDA_GRAPHS=1
+  GSTVAE_DOWNLOAD_OVERLAP=1 "GSTVAE_CUDA_GRAPHS=1 GSTVAE_CHANNELS_LAST=1 GSTVAE_SDPA=1")
 # Every variant runs; one without a measurement (the tool prints "skipped" or
 # "failed" rows and exits 0) fails the step at the end.
 lever_sweep() {  # SIZE BATCH PRECISION ITERS THREADS

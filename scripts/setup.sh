@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages gst-vae needs to build, test and run. Idempotent:
+# Installs what gst-vae needs to build, test and run: Debian's packages, then the
+# project's virtual environment (scripts/venv.sh) with PyPI's torch (the LibTorch
+# the plugin links) and numpy, pinned in scripts/requirements.txt. Idempotent:
 # when everything is present it only checks and returns in about a second.
 # Arguments name optional package groups (see below).
 set -euo pipefail
@@ -8,8 +10,8 @@ packages=(
   g++ meson ninja-build pkg-config
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-  libtorch-dev nlohmann-json3-dev libgtest-dev
-  python3 python3-torch python3-numpy python3-gi
+  nlohmann-json3-dev libgtest-dev
+  python3 python3-venv python3-dev python3-gi
   gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
 )
 
@@ -36,13 +38,26 @@ for p in "${packages[@]}"; do
   fi
 done
 
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-echo "setup: installing ${missing[*]}" >&2
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The virtual environment: Debian's python3 (its python3-gi is visible through
+# --system-site-packages), with the pinned requirements installed over it. A
+# stamp holding the requirements file's contents makes the check a file compare.
+source "$(dirname "$0")/venv.sh"
+requirements="$(dirname "$0")/requirements.txt"
+stamp="$GSTVAE_VENV/.gst-vae-requirements"
+if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
+  echo "setup: installing $(grep -v '^#' "$requirements" | xargs) into $GSTVAE_VENV" \
+    "(about 2.7 GB downloaded, 4.6 GB installed)" >&2
+  mkdir -p "$(dirname "$GSTVAE_VENV")"
+  [ -x "$GSTVAE_PYTHON" ] || /usr/bin/python3 -m venv --system-site-packages "$GSTVAE_VENV"
+  "$GSTVAE_PYTHON" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$stamp"
+fi

@@ -26,9 +26,10 @@ cd "$(dirname "$0")/.."
 root=$PWD
 bash scripts/setup.sh
 
+source scripts/venv.sh
 dir=build-asan
 if [ ! -f $dir/build.ninja ]; then
-  meson setup $dir -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug \
+  meson setup $dir -Dtorch_python="$GSTVAE_PYTHON" -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug \
     -Dcpp_args=-fno-sanitize-recover=undefined -Dc_args=-fno-sanitize-recover=undefined "$@"
 elif [ $# -gt 0 ]; then
   meson setup --reconfigure $dir "$@"

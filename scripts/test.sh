@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: install, build, run every test suite. Fails on any failure.
-#   1. the normal build (build/): every suite (unit, element, crosscheck, pipeline);
+#   1. the normal build (build/) against PyPI's torch 2.11.0 (CUDA 13.0 build;
+#      scripts/setup.sh), shown to be the CUDA build (scripts/check-cuda-build.sh),
+#      then every suite (unit, element, crosscheck, pipeline) on the CPU;
 #   2. the GPU check in CPU mode over that build (docs/gpu.md): the bundle made
 #      by scripts/gpu-bundle.sh (apt-get download, no install) and unpacked into a
 #      prefix, a LibTorch-free target built against it, a pipeline through its
@@ -18,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 bash scripts/build.sh "$@"
+bash scripts/check-cuda-build.sh build  # the CUDA build: libtorch_cuda linked, CUDA-only code in
 bash scripts/setup.sh slurm  # tests/python/test_slurm.py runs a real single-node Slurm
 meson test -C build --print-errorlogs --num-processes 1
 t1=$SECONDS

@@ -1,5 +1,7 @@
 #include "frame.h"
 
+#include <c10/core/impl/VirtualGuardImpl.h>
+
 #include <cstring>
 
 #include "errors.h"
@@ -114,7 +116,37 @@ LatentBlock::LatentBlock(size_t floats, bool pinned) : floats_(floats), storage_
                                at::TensorOptions().dtype(at::kFloat).pinned_memory(pinned));
 }
 
-LatentBlock::~LatentBlock() = default;
+LatentBlock::~LatentBlock() {
+  // A copy still in flight writes into values: it must end before they go.
+  try {
+    wait_ready();
+  } catch (...) {
+  }
+}
+
+void LatentBlock::wait_ready() {
+  if (!storage_->ready) return;
+  std::unique_ptr<c10::Event> ready = std::move(storage_->ready);
+  try {
+    ready->synchronize();
+  } catch (const c10::Error& e) {
+    throw VaeError(std::string("waiting for the latents' copy from the device failed: ") +
+                   e.what_without_backtrace());
+  }
+}
+
+bool LatentBlock::has_pending_copy() const { return storage_->ready != nullptr; }
+
+void finish_download(const c10::Device& device, LatentBlock* block) {
+  c10::impl::VirtualGuardImpl impl(device.type());
+  const c10::Stream stream = impl.getStream(device);
+  if (!block) {
+    stream.synchronize();
+    return;
+  }
+  block->storage().ready = std::make_unique<c10::Event>(device.type());
+  block->storage().ready->record(stream);
+}
 
 float* LatentBlock::data() { return storage_->values.data_ptr<float>(); }
 bool LatentBlock::pinned() const { return storage_->values.is_pinned(); }

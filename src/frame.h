@@ -93,12 +93,19 @@ class LatentBlock {
   LatentBlock& operator=(const LatentBlock&) = delete;
 
   float* data();
+  // Waits until the values are in host memory: an encode may leave the copy
+  // from the device in flight (GSTVAE_DOWNLOAD_OVERLAP) for the element to
+  // wait on before it pushes. Returns at once otherwise. Throws VaeError if
+  // the device reports an error. The destructor waits too.
+  void wait_ready();
+  bool has_pending_copy() const;
   size_t floats() const { return floats_; }
   size_t bytes() const { return floats_ * sizeof(float); }
   bool pinned() const;
 
   struct Storage;
   const Storage& storage() const { return *storage_; }
+  Storage& storage() { return *storage_; }
 
  private:
   size_t floats_;

@@ -27,6 +27,14 @@ struct FrameBatch::Storage {
 
 struct LatentBlock::Storage {
   at::Tensor values;  // float32, 1-D, page-locked on GPUs
+  // Set when the copy into `values` may still be in flight on the device
+  // (GSTVAE_DOWNLOAD_OVERLAP): the event recorded after it.
+  std::unique_ptr<c10::Event> ready;
 };
+
+// After an asynchronous device->host copy on `device`'s current stream: waits
+// for it now (block null), or records an event in `block` for
+// LatentBlock::wait_ready.
+void finish_download(const c10::Device& device, LatentBlock* block);
 
 }  // namespace gstvae

@@ -131,7 +131,7 @@ at::Tensor attention_onednn(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // Single head over all h*w positions, scale C^-0.5. `sdpa`: the target's
-// GSTVAE_SDPA lever (levers.h), in effect only on CUDA in a LibTorch >= 2 build.
+// GSTVAE_SDPA lever (levers.h), in effect only on CUDA.
 at::Tensor attention_forward(const Attention& attn, const at::Tensor& x, bool sdpa) {
   const int64_t n = x.size(0), c = x.size(1), hh = x.size(2), ww = x.size(3);
   at::Tensor h = at::group_norm(x, kGroups, attn.norm.weight, attn.norm.bias, kNormEps);
@@ -140,18 +140,15 @@ at::Tensor attention_forward(const Attention& attn, const at::Tensor& x, bool sd
   at::Tensor out;
   if (use_onednn(x)) {
     out = attention_onednn(q, k, v, scale);
-#if TORCH_VERSION_MAJOR >= 2
   } else if (sdpa) {
     // One head of width C over h*w tokens, SDPA's default scale C^-0.5: the
     // fused (flash or memory-efficient) kernel never materialises the hw x hw
-    // matrix. Not compiled against LibTorch 1.x (this project's Debian 1.13).
+    // matrix.
     auto tokens = [&](const at::Tensor& t) { return t.reshape({n, 1, c, hh * ww}).transpose(2, 3); };
     out = at::scaled_dot_product_attention(tokens(q), tokens(k), tokens(v))
               .transpose(2, 3)
               .reshape({n, c, hh, ww});
-#endif
   } else {
-    (void)sdpa;  // only read in LibTorch >= 2 builds
     q = q.reshape({n, c, hh * ww}).transpose(1, 2);
     at::Tensor weights = at::softmax(at::bmm(q, k.reshape({n, c, hh * ww})).mul_(scale), -1);
     out = at::bmm(v.reshape({n, c, hh * ww}), weights.transpose(1, 2)).reshape({n, c, hh, ww});

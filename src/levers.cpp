@@ -1,7 +1,9 @@
 #include "levers.h"
 
+#include <ATen/Context.h>
 #include <torch/version.h>
 
+#include <atomic>
 #include <cstdlib>
 
 #include "errors.h"
@@ -41,18 +43,29 @@ CudaLevers cuda_levers() {
     default: break;
   }
   read_bool("GSTVAE_SDPA", l.sdpa);
+  read_bool("GSTVAE_CUDA_GRAPHS", l.cuda_graphs);
+  read_bool("GSTVAE_DOWNLOAD_OVERLAP", l.download_overlap);
   return l;
 }
 
-bool sdpa_built() {
-#if TORCH_VERSION_MAJOR >= 2
-  return true;
-#else
-  return false;
-#endif
-}
+bool sdpa_built() { return true; }
+
+bool cuda_built() { return GSTVAE_TORCH_HAS_CUDA; }
 
 const char* libtorch_version() { return TORCH_VERSION; }
+
+std::string no_cuda_device_note() {
+  if (!cuda_built() || at::hasCUDA()) return {};
+  return std::string("LibTorch ") + libtorch_version() +
+         " has CUDA (libtorch_cuda is linked) but finds no CUDA device (no GPU, or no NVIDIA driver): "
+         "device=auto runs on the CPU";
+}
+
+std::string take_no_cuda_device_note() {
+  static std::atomic<bool> said{false};
+  if (said.exchange(true)) return {};
+  return no_cuda_device_note();
+}
 
 LeversInEffect levers_in_effect(const CudaLevers& levers, bool cuda, Precision precision) {
   LeversInEffect e;
@@ -63,6 +76,8 @@ LeversInEffect levers_in_effect(const CudaLevers& levers, bool cuda, Precision p
   e.channels_last = levers.channels_last == ChannelsLast::Always ||
                     (levers.channels_last == ChannelsLast::Half && cuda && half);
   e.sdpa = cuda && levers.sdpa && sdpa_built();
+  e.cuda_graphs = cuda && levers.cuda_graphs && cuda_built();
+  e.download_overlap = cuda && levers.download_overlap && cuda_built();
   return e;
 }
 
@@ -74,8 +89,10 @@ std::string describe_levers(const CudaLevers& levers, const std::string& device,
   std::string s = std::string("levers: GSTVAE_CUDNN_BENCHMARK=") + b(levers.cudnn_benchmark) +
                   " GSTVAE_PINNED_STAGING=" + b(levers.pinned_staging) +
                   " GSTVAE_UPLOAD_OVERLAP=" + b(levers.upload_overlap) + " GSTVAE_CHANNELS_LAST=" + cl +
-                  " GSTVAE_SDPA=" + b(levers.sdpa) + " (LibTorch " + libtorch_version() + ", SDPA " +
-                  (sdpa_built() ? "built" : "not built") + "); in effect on " + device + " " +
+                  " GSTVAE_SDPA=" + b(levers.sdpa) + " GSTVAE_CUDA_GRAPHS=" + b(levers.cuda_graphs) +
+                  " GSTVAE_DOWNLOAD_OVERLAP=" + b(levers.download_overlap) + " (LibTorch " + libtorch_version() +
+                  ", SDPA " + (sdpa_built() ? "built" : "not built") + ", CUDA code " +
+                  (cuda_built() ? "built" : "not built") + "); in effect on " + device + " " +
                   precision_name(precision) + ":";
   const LeversInEffect e = levers_in_effect(levers, device.rfind("cuda", 0) == 0, precision);
   std::string on;
@@ -84,6 +101,8 @@ std::string describe_levers(const CudaLevers& levers, const std::string& device,
   if (e.upload_overlap) on += " upload_overlap";
   if (e.channels_last) on += " channels_last";
   if (e.sdpa) on += " sdpa";
+  if (e.cuda_graphs) on += " cuda_graphs";
+  if (e.download_overlap) on += " download_overlap";
   return s + (on.empty() ? " none" : on);
 }
 

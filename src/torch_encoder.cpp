@@ -24,6 +24,16 @@ TorchEncoder::TorchEncoder(EncoderInfo info, ComputeTarget target)
   info_.device = target_.device.str();
   info_.precision = target_.precision;
   configure_cuda(target_);
+  if (target_.levers.cuda_graphs) graphs_ = make_cuda_graphed_forward(target_.device);
+}
+
+TorchEncoder::Moments TorchEncoder::run_forward(const at::Tensor& pixels) {
+  if (!graphs_) return forward(pixels);
+  std::vector<at::Tensor> out = graphs_->run(pixels, [this](const at::Tensor& x) {
+    Moments m = forward(x);
+    return std::vector<at::Tensor>{m.mean, m.logvar};
+  });
+  return {out.at(0), out.at(1)};
 }
 
 void TorchEncoder::probe() {
@@ -127,7 +137,7 @@ at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeP
   };
   report = run_with_memory_fallback(
       pixels.size(0), sub_batch_,
-      [&](int64_t start, int64_t count) { keep(forward(pixels.narrow(0, start, count))); },
+      [&](int64_t start, int64_t count) { keep(run_forward(pixels.narrow(0, start, count))); },
       [&](int64_t index) {
         // Mean and log-variance are blended together, then split again.
         const int64_t z = info_.latent_channels;
@@ -153,7 +163,8 @@ at::Tensor TorchEncoder::encode_on_device(const FrameBatch& batch, const EncodeP
   return raw_to_format(format_to_raw(latents, info_.native_format), params.latent_format);
 }
 
-EncodeReport TorchEncoder::encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host) {
+EncodeReport TorchEncoder::encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host,
+                                       LatentBlock* block) {
   EncodeReport report{sub_batch_.load(), 0, {}};
   if (batch.empty()) return report;
   use_configured_threads();
@@ -161,13 +172,12 @@ EncodeReport TorchEncoder::encode_into(const FrameBatch& batch, const EncodePara
   try {
     at::Tensor latents = encode_on_device(batch, params, report);
     // One device->host copy per batch; asynchronous into page-locked memory,
-    // so wait for it (and everything before it on the stream) here.
+    // so wait for it (and everything before it on the stream) here, or hand
+    // the wait to the block's owner (the download overlapped with the next
+    // batch's encode).
     const bool async = host.is_pinned() && target_.device.is_cuda();
     host.narrow(0, 0, latents.numel()).view(latents.sizes()).copy_(latents, /*non_blocking=*/async);
-    if (async) {
-      c10::impl::VirtualGuardImpl impl(target_.device.type());
-      impl.getStream(target_.device).synchronize();
-    }
+    if (async) finish_download(target_.device, target_.levers.download_overlap ? block : nullptr);
   } catch (const c10::Error& e) {
     throw VaeError(std::string("encoding a batch of ") + std::to_string(batch.size()) + " frames of " +
                       std::to_string(batch.crop().width) + "x" + std::to_string(batch.crop().height) + " on " +
@@ -186,7 +196,7 @@ EncodeReport TorchEncoder::encode(const FrameBatch& batch, const EncodeParams& p
   if (out.floats() < needed)
     throw VaeError("latent block of " + std::to_string(out.floats()) + " floats is too small for " +
                       std::to_string(batch.size()) + " frames (" + std::to_string(needed) + " floats)");
-  return encode_into(batch, params, out.storage().values);
+  return encode_into(batch, params, out.storage().values, &out);
 }
 
 namespace {

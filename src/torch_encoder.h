@@ -13,7 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "cuda_graphs.h"
 #include "encoder.h"
+#include "frame.h"
 #include "torch_model.h"
 
 namespace gstvae {
@@ -45,12 +47,20 @@ class TorchEncoder : public Encoder {
   at::Tensor encode_on_device(const FrameBatch& batch, const EncodeParams& params, EncodeReport& report);
   // Both encode()s: the latents into `host`, a 1-D float32 tensor with room for
   // them (one asynchronous copy when it is page-locked and the device a GPU).
-  EncodeReport encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host);
+  // The copy is waited for here, unless the GSTVAE_DOWNLOAD_OVERLAP lever is
+  // in effect and `block` is given: then the block carries the event that
+  // ends it, and its owner waits (LatentBlock::wait_ready) before reading.
+  EncodeReport encode_into(const FrameBatch& batch, const EncodeParams& params, at::Tensor host,
+                           LatentBlock* block = nullptr);
+  // forward(), through a CUDA graph when the GSTVAE_CUDA_GRAPHS lever is in effect.
+  Moments run_forward(const at::Tensor& pixels);
 
   EncoderInfo info_;
   ComputeTarget target_;
   // Frames per forward pass; lowered for good after an out-of-memory.
   std::atomic<int64_t> sub_batch_{std::numeric_limits<int64_t>::max()};
+  // Set when the GSTVAE_CUDA_GRAPHS lever is in effect (a CUDA device, a build with CUDA).
+  std::unique_ptr<GraphedForward> graphs_;
 };
 
 // Converts a uint8 staging batch to N x 3 x H x W on `target`: upload the

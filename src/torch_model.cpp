@@ -50,9 +50,11 @@ ComputeTarget resolve_target(const ModelOptions& options) {
       index = std::stoi(digits);
     }
     if (!has_cuda)
-      throw VaeError("device '" + req +
-                        "' requested, but this LibTorch has no usable CUDA device (CPU-only build or no GPU); "
-                        "use device=cpu or device=auto");
+      throw VaeError("device '" + req + "' requested, but " +
+                     (cuda_built() ? "this LibTorch (" + std::string(libtorch_version()) +
+                                         ", with CUDA) finds no CUDA device (no GPU, or no NVIDIA driver)"
+                                   : "this LibTorch (" + std::string(libtorch_version()) + ") is a CPU-only build") +
+                     "; use device=cpu or device=auto");
     const int count = at::detail::getCUDAHooks().getNumGPUs();
     if (index >= count)
       throw VaeError("device '" + req + "' requested, but only " + std::to_string(count) +

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -301,6 +302,96 @@ TEST(BatchWorker, JobsOfNoInputsRunInOrder) {
 
 // The timer waits on the clock it is given: a GstTestClock moves it, real
 // time does not.
+// A job whose outputs are still being written when run() returns (the
+// latents' copy from the GPU in flight, GSTVAE_DOWNLOAD_OVERLAP): its ready
+// wait blocks on `copy` and records when it returns.
+class OverlappedJob : public FakeJob {
+ public:
+  OverlappedJob(std::vector<guint64> ids, Gate* copy, std::vector<std::string>* log, std::mutex* log_mutex,
+                bool copy_fails = false)
+      : FakeJob(ids), first_(ids.at(0)), copy_(copy), log_(log), log_mutex_(log_mutex), copy_fails_(copy_fails) {}
+  std::vector<GstBuffer*> run() override {
+    note("run " + std::to_string(first_));
+    return FakeJob::run();
+  }
+  std::function<void()> take_ready_wait() override {
+    return [this, copy = copy_, first = first_, fails = copy_fails_, log = log_, m = log_mutex_] {
+      copy->pass();
+      {
+        std::lock_guard<std::mutex> l(*m);
+        log->push_back("ready " + std::to_string(first));
+      }
+      if (fails) throw std::runtime_error("the device failed the copy");
+    };
+  }
+
+ private:
+  void note(const std::string& what) {
+    std::lock_guard<std::mutex> l(*log_mutex_);
+    log_->push_back(what);
+  }
+  guint64 first_;
+  Gate* copy_;
+  std::vector<std::string>* log_;
+  std::mutex* log_mutex_;
+  bool copy_fails_;
+};
+
+TEST(BatchWorker, OutputsWaitForTheirCopyWhileTheNextJobRuns) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  std::mutex log_mutex;
+  std::vector<std::string> log;
+  Gate copy;
+  copy.close();  // job 0's copy is still in flight
+  ASSERT_EQ(w.submit(std::make_unique<OverlappedJob>(std::vector<guint64>{0, 1}, &copy, &log, &log_mutex)),
+            GST_FLOW_OK);
+  ASSERT_TRUE(copy.wait_for_waiter());
+  // The push thread waits for job 0's copy; the work thread is free: job 2 runs.
+  Gate second_copy;
+  ASSERT_EQ(w.submit(std::make_unique<OverlappedJob>(std::vector<guint64>{2}, &second_copy, &log, &log_mutex)),
+            GST_FLOW_OK);
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> l(log_mutex);
+      if (log.size() >= 2) break;
+    }
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "the next job did not run during the copy";
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_TRUE(down.snapshot().empty()) << "outputs pushed before their copy ended";
+  copy.release();
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_OK);
+  EXPECT_EQ(down.snapshot(), (std::vector<std::string>{"0", "1", "2"}));
+  std::lock_guard<std::mutex> l(log_mutex);
+  EXPECT_EQ(log, (std::vector<std::string>{"run 0", "run 2", "ready 0", "ready 2"}));
+  w.stop();
+}
+
+TEST(BatchWorker, AFailedCopyFailsItsJobAndDropsItsOutputs) {
+  Downstream down;
+  DeferredJoins joins;
+  BatchWorker w(down.callbacks(), joins);
+  w.start();
+  std::mutex log_mutex;
+  std::vector<std::string> log;
+  Gate copy;
+  ASSERT_EQ(w.submit(job({0})), GST_FLOW_OK);
+  ASSERT_EQ(w.submit(std::make_unique<OverlappedJob>(std::vector<guint64>{1, 2}, &copy, &log, &log_mutex,
+                                                     /*copy_fails=*/true)),
+            GST_FLOW_OK);
+  EXPECT_EQ(w.wait_idle(), GST_FLOW_ERROR);
+  EXPECT_EQ(down.snapshot(), (std::vector<std::string>{"0"}));
+  ASSERT_EQ(down.errors.size(), 1u);
+  EXPECT_NE(down.errors[0].find("the device failed the copy"), std::string::npos);
+  EXPECT_EQ(w.submit(job({3})), GST_FLOW_ERROR) << "the failure is sticky";
+  EXPECT_EQ(w.inputs_in_flight(), 0u);
+  w.stop();
+}
+
 TEST(BatchTimer, FiresOnTheTestClockDeadlineOnlyAndNotWhenDisarmed) {
   GstClock* clock = gst_test_clock_new_with_start_time(GST_SECOND);
   GstTestClock* test_clock = GST_TEST_CLOCK(clock);

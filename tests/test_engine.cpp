@@ -1771,7 +1771,8 @@ class ScopedEnv {
 };
 
 const char* const kLeverVariables[] = {"GSTVAE_CUDNN_BENCHMARK", "GSTVAE_PINNED_STAGING", "GSTVAE_UPLOAD_OVERLAP",
-                                       "GSTVAE_CHANNELS_LAST", "GSTVAE_SDPA"};
+                                       "GSTVAE_CHANNELS_LAST",   "GSTVAE_SDPA",           "GSTVAE_CUDA_GRAPHS",
+                                       "GSTVAE_DOWNLOAD_OVERLAP"};
 
 // Every lever variable set to `value` (nullptr: unset) for one scope.
 struct AllLevers {
@@ -1789,9 +1790,12 @@ TEST(Levers, DefaultsAreConservative) {
   EXPECT_TRUE(l.upload_overlap);
   EXPECT_EQ(l.channels_last, ChannelsLast::Off);
   EXPECT_FALSE(l.sdpa);
+  EXPECT_FALSE(l.cuda_graphs) << "off until a GPU run measures it";
+  EXPECT_FALSE(l.download_overlap) << "off until a GPU run measures it";
   AllLevers empty("");
   const CudaLevers e = cuda_levers();
-  EXPECT_TRUE(e.cudnn_benchmark && e.pinned_staging && e.upload_overlap && !e.sdpa);
+  EXPECT_TRUE(e.cudnn_benchmark && e.pinned_staging && e.upload_overlap && !e.sdpa && !e.cuda_graphs &&
+              !e.download_overlap);
   EXPECT_EQ(e.channels_last, ChannelsLast::Off);
 }
 
@@ -1799,13 +1803,15 @@ TEST(Levers, EveryVariableSwitches) {
   {
     AllLevers on("1");
     const CudaLevers l = cuda_levers();
-    EXPECT_TRUE(l.cudnn_benchmark && l.pinned_staging && l.upload_overlap && l.sdpa);
+    EXPECT_TRUE(l.cudnn_benchmark && l.pinned_staging && l.upload_overlap && l.sdpa && l.cuda_graphs &&
+                l.download_overlap);
     EXPECT_EQ(l.channels_last, ChannelsLast::Half);
   }
   {
     AllLevers off("off");
     const CudaLevers l = cuda_levers();
-    EXPECT_FALSE(l.cudnn_benchmark || l.pinned_staging || l.upload_overlap || l.sdpa);
+    EXPECT_FALSE(l.cudnn_benchmark || l.pinned_staging || l.upload_overlap || l.sdpa || l.cuda_graphs ||
+                 l.download_overlap);
     EXPECT_EQ(l.channels_last, ChannelsLast::Off);
   }
   ScopedEnv always("GSTVAE_CHANNELS_LAST", "always");
@@ -1827,6 +1833,7 @@ TEST(Levers, BadValueNamesTheVariableAtLoad) {
 TEST(Levers, InEffectOnlyOnCudaExceptChannelsLastAlways) {
   CudaLevers all;
   all.cudnn_benchmark = all.pinned_staging = all.upload_overlap = all.sdpa = true;
+  all.cuda_graphs = all.download_overlap = true;
   all.channels_last = ChannelsLast::Half;
   for (Precision p : {Precision::F32, Precision::F16, Precision::BF16}) {
     SCOPED_TRACE(precision_name(p));
@@ -1835,12 +1842,15 @@ TEST(Levers, InEffectOnlyOnCudaExceptChannelsLastAlways) {
     EXPECT_TRUE(cuda.cudnn_benchmark && cuda.pinned_staging && cuda.upload_overlap);
     EXPECT_EQ(cuda.channels_last, p != Precision::F32) << "channels-last for bf16/fp16 only";
     EXPECT_EQ(cuda.sdpa, sdpa_built());
-    EXPECT_EQ(levers_in_effect(CudaLevers{}, true, p).channels_last, false);
-    EXPECT_EQ(levers_in_effect(CudaLevers{}, true, p).sdpa, false);
+    EXPECT_EQ(cuda.cuda_graphs, cuda_built());
+    EXPECT_EQ(cuda.download_overlap, cuda_built());
+    const LeversInEffect defaults = levers_in_effect(CudaLevers{}, true, p);
+    EXPECT_FALSE(defaults.channels_last || defaults.sdpa || defaults.cuda_graphs || defaults.download_overlap);
   }
   all.channels_last = ChannelsLast::Always;
   EXPECT_TRUE(levers_in_effect(all, false, Precision::F32).channels_last);
-  EXPECT_EQ(sdpa_built(), std::string(libtorch_version()).rfind("1.", 0) != 0);
+  EXPECT_TRUE(sdpa_built()) << "LibTorch >= 2.0 is required";
+  EXPECT_EQ(cuda_built(), GSTVAE_TORCH_HAS_CUDA == 1);
 }
 
 TEST(Levers, DescriptionNamesEveryVariableAndWhatTookEffect) {
@@ -1855,6 +1865,8 @@ TEST(Levers, DescriptionNamesEveryVariableAndWhatTookEffect) {
   EXPECT_TRUE(contains(cuda, "in effect on cuda:0 bf16: cudnn_benchmark pinned_staging upload_overlap channels_last"))
       << cuda;
   EXPECT_FALSE(contains(cuda, " sdpa")) << cuda;
+  EXPECT_FALSE(contains(cuda, " cuda_graphs")) << cuda;
+  EXPECT_TRUE(contains(cpu, cuda_built() ? "CUDA code built" : "CUDA code not built")) << cpu;
   std::cout << "[ info     ] " << describe_levers(cuda_levers(), "cpu", Precision::F32) << "\n";
 }
 
@@ -1883,6 +1895,8 @@ TEST(Levers, NoLeverChangesACpuResult) {
       AllLevers flipped("0");
       ScopedEnv cl("GSTVAE_CHANNELS_LAST", "1");
       ScopedEnv sdpa("GSTVAE_SDPA", "1");
+      ScopedEnv graphs("GSTVAE_CUDA_GRAPHS", "1");
+      ScopedEnv overlap("GSTVAE_DOWNLOAD_OVERLAP", "1");
       levered = load_encoder(path, o);
       auto batch = levered->new_batch(PixelFormat::RGB, 64, 48, 1);
       EXPECT_FALSE(batch->pinned());
@@ -1893,6 +1907,8 @@ TEST(Levers, NoLeverChangesACpuResult) {
       AllLevers flipped("0");
       ScopedEnv cl("GSTVAE_CHANNELS_LAST", "1");
       ScopedEnv sdpa("GSTVAE_SDPA", "1");
+      ScopedEnv graphs("GSTVAE_CUDA_GRAPHS", "1");
+      ScopedEnv overlap("GSTVAE_DOWNLOAD_OVERLAP", "1");
       const auto b = encode_frames(*levered, PixelFormat::RGB, 64, 48, frames, {0, 1, 2});
       ASSERT_EQ(a.size(), b.size());
       EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "max |diff| " << max_abs_diff(a, b);

@@ -148,7 +148,7 @@ class VideoDecodeTest : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = new TempDir();
     wan_ = dir_->file("wan21_test.safetensors");
-    error_ = run("/usr/bin/python3 '" + script("wan_weights.py") +
+    error_ = run(std::string(GSTVAE_PYTHON) + " '" + script("wan_weights.py") +
                  "' --variant 2.1 --dim 8 --z 16 --layout official --dtype F32 --seed 1 --with-decoder --out '" +
                  wan_ + "'");
     if (!error_.empty()) return;
@@ -800,7 +800,7 @@ TEST_F(VideoDecodeTest, ConcurrentPipelinesShareTheModelNotTheState) {
 // latents vaeencode made; 1 + 4 (L - 1) frames, at input frames' times.
 TEST_F(VideoDecodeTest, TaehvPipelineRoundTrip) {
   const std::string model = dir_->file("taew2_1_test.safetensors");
-  const std::string err = run("/usr/bin/python3 '" + script("taehv_reference.py") +
+  const std::string err = run(std::string(GSTVAE_PYTHON) + " '" + script("taehv_reference.py") +
                               "' make-weights --variant taew2_1 --width 16 --decoder-widths 32,16,8,8 --seed 3"
                               " --out '" + model + "'");
   ASSERT_TRUE(err.empty()) << err;

@@ -153,7 +153,7 @@ class VideoEncodeTest : public ::testing::Test {
       skip_ = "no checkpoint generator at " + script + " (set GSTVAE_WAN_WEIGHTS to it)";
       return;
     }
-    const std::string cmd = "/usr/bin/python3 '" + script +
+    const std::string cmd = std::string(GSTVAE_PYTHON) + " '" + script +
                             "' --variant 2.1 --dim 8 --z 16 --layout official --dtype F32 --seed 1 --out '" +
                             model_ + "' > /dev/null";
     if (std::system(cmd.c_str()) != 0) {

@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check a C++ encoder command-line tool against the float64 Python reference.
 
-usage: /usr/bin/python3 crosscheck.py TOOL [--only NAME[,NAME...]] [--keep] [--list]
+usage: scripts/python tests/python/crosscheck.py TOOL [--only NAME[,NAME...]] [--keep] [--list]
                                            [--tool-arg ARG]... [--timeout S] [--strict-per-batch]
 
 TOOL is called as

@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check the C++ KL decoder (gst-vae-decode-file) against the float64 Python reference decoder.
 
-usage: /usr/bin/python3 crosscheck_decoder.py TOOL [--only NAME[,NAME...]] [--keep] [--list] [--timeout S]
+usage: scripts/python tests/python/crosscheck_decoder.py TOOL [--only NAME[,NAME...]] [--keep] [--list] [--timeout S]
 
 TOOL is called as
   TOOL --model M --latents IN.npy --out OUT [--float] [--precision fp32] [--latent-format F] [--per-batch B]

@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check the engine's TAEHV family (sessions) against the float64 reference (taehv_reference.py).
 
-usage: /usr/bin/python3 crosscheck_taehv.py PROBE_TOOL [--quick] [--keep]
+usage: scripts/python tests/python/crosscheck_taehv.py PROBE_TOOL [--quick] [--keep]
 
 PROBE_TOOL is taehv-probe (tests/taehv_probe.cpp), which runs engine sessions in fp32 on the CPU.
 For generated taew2_1 and taew2_2 weights (no real TAEHV weights exist here) stored in F32, F16 and BF16,

@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check the engine's TAESD family against the float64 Python reference (taesd_reference.py).
 
-usage: /usr/bin/python3 crosscheck_taesd.py ENCODE_TOOL DECODE_TOOL [--only NAME[,NAME...]] [--keep] [--list]
+usage: scripts/python tests/python/crosscheck_taesd.py ENCODE_TOOL DECODE_TOOL [--only NAME[,NAME...]] [--keep] [--list]
 
 ENCODE_TOOL is gst-vae-encode-file, DECODE_TOOL gst-vae-decode-file, both run in fp32 on the CPU.
 Encoders: the raw latents (the model's output / scale + shift, as ComfyUI's TAESD VAE gives them) must agree

@@ -1,9 +1,9 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check the engine's video VAE decoders (Wan 2.1, Wan 2.2, TAEHV taew2_1 / taew2_2) against the float64
 references (wan_reference.py, taehv_reference.py).
 
-usage: /usr/bin/python3 crosscheck_video_decode.py DECODE_TOOL [--only NAME[,NAME...]] [--keep] [--list]
-       /usr/bin/python3 crosscheck_video_decode.py --reference-only    (the references and the plumbing alone)
+usage: scripts/python tests/python/crosscheck_video_decode.py DECODE_TOOL [--only NAME[,NAME...]] [--keep] [--list]
+       scripts/python tests/python/crosscheck_video_decode.py --reference-only    (the references and the plumbing alone)
 
 DECODE_TOOL is gst-vae-decode-file, run in fp32 on the CPU:
   DECODE_TOOL --model M --latents IN.npy --out OUT.f32 --float --precision fp32 --device cpu --threads 2

@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Cross-check the engine's Wan 2.1 / Wan 2.2 video VAE encoders against the float64 reference (wan_reference.py).
 
-usage: /usr/bin/python3 crosscheck_wan.py ENCODE_TOOL [--only NAME[,NAME...]] [--keep] [--list]
+usage: scripts/python tests/python/crosscheck_wan.py ENCODE_TOOL [--only NAME[,NAME...]] [--keep] [--list]
 
 ENCODE_TOOL is gst-vae-encode-file, run in fp32 on the CPU:
   ENCODE_TOOL --model M --frames F --n N --width W --height H --format RGB --per-batch B --out OUT.f32

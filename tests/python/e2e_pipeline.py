@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """End to end: videotestsrc -> vaeencode -> filesink through gst-launch-1.0.
 
 The file must hold exactly frames x C x h x w float32 values, equal to what the

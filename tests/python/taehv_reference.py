@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Float64 reference of the TAEHV video encoders and decoders (taew2_1, taew2_2) and a test-weight generator.
 
 Encoder: written from the architecture description in docs/video-vaes-taehv.md.  Decoder: written from a
@@ -35,7 +35,7 @@ CLI:
           [--width 16] [--dtype F32|F16|BF16] [--decoder-widths 32,16,8,8 (a whole file with a decoder)]
   python3 tests/python/taehv_reference.py selftest
 
-No real TAEHV weights are used anywhere: every test runs on generated ones.  Run with /usr/bin/python3.
+No real TAEHV weights are used anywhere: every test runs on generated ones.  Run with scripts/python.
 """
 
 import argparse

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Float64 reference of the TAESD tiny autoencoders (encoder and decoder) and test-weight generator.
 
 Written from the architecture description in shared/models/README.md ("Reference architecture"), not from
@@ -11,7 +11,7 @@ the C++ engine: torch.nn.functional in float64.  Keys are nn.Sequential indices 
   to_raw / from_raw                  ComfyUI's TAESD VAE: raw = out / scale + shift; in = (raw - shift) * scale
   comfy_u8                           ComfyUI's decode output to 8 bits, with the distance to a rounding boundary
 
-Run with /usr/bin/python3.
+Run with scripts/python.
 """
 
 import math

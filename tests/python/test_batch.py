@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """gst-vae-batch tests: the contract of tools/batch.cpp (docs/scale-out.md), on real WebM clips.
 
 Every case prints one PASS or FAIL line; the script exits non-zero if any

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """latentfilesink pipeline tests (gst-launch-1.0 and PyGObject).
 
 Every case prints one PASS or FAIL line; the script exits non-zero if any

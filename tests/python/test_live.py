@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """vaeencode in live pipelines and under Ctrl-C: the cases a GstHarness cannot
 show, because they need a real clock, a real sink and a real state change.
 
@@ -22,7 +22,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PYTHON = "/usr/bin/python3"
+PYTHON = sys.executable
 FAILED = []
 
 

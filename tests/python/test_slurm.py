@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """gst-vae-batch under a real (single-node) Slurm: a job array of 3 shards over a manifest.
 
 Starts Slurm with scripts/slurm-local.sh (its own folder and ports; stopped at the end, whatever

@@ -6,7 +6,7 @@ frames against the float64 reference decoder, timestamps and flags carried
 from the latents, scaled latent formats, output formats, batching invariance,
 flushes and errors.
 
-Run with GST_PLUGIN_PATH pointing at the build's gst folder and /usr/bin/python3
+Run with GST_PLUGIN_PATH pointing at the build's gst folder and scripts/python
 (numpy, torch, gi). GSTVAE_DECODE_CASES=word,... runs the cases whose names
 contain one of the words."""
 import math

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Reference implementation and test-data generator for the vaeencode element.
 
 Importable module and command-line tool.  Written from the architecture description in
@@ -18,7 +18,7 @@ apply_latent_format                    raw / sd15 / sdxl / sd3 / flux / custom s
 
 CLI:  make-checkpoint | make-frames | encode | inspect | selftest   (see --help of each)
 
-Run with /usr/bin/python3 (needs torch and numpy).
+Run with scripts/python (needs torch and numpy).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Float64 reference of the Wan 2.1 and Wan 2.2 causal video VAE encoders and decoders.
 
 Encoder: written from the architecture description in shared/notes/video-vae-semantics.md.  Decoder: written
@@ -40,7 +40,7 @@ Decoder (raw latents in, as ComfyUI's LATENT; the official decode un-normalises 
                                        F = 1 + 4 (T - 1); images=True: each latent its own clip (F = T).
   CLI: --model M --latents IN.npy [--latent-format raw|wan21|wan22] [--images] --out OUT.f32
 
-Run ``/usr/bin/python3 tests/python/wan_reference.py --self-test``.
+Run ``scripts/python tests/python/wan_reference.py --self-test``.
 """
 
 import argparse

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Random Wan 2.1 / Wan 2.2 causal-video-VAE checkpoints (encoder, optionally the decoder) in every real
 key layout.
 
@@ -106,7 +106,7 @@ encoder, 160, hence the separate --decoder-dim); temporal upsampling after level
 
 Weight scales keep activations O(1): conv weights N(0, 1/fan_in), biases N(0, 0.1^2), gammas 1 + 0.1 N(0,1).
 
-Run with /usr/bin/python3.
+Run with scripts/python.
 """
 
 import argparse

@@ -129,8 +129,9 @@ class EncodeJob final : public gstvae_glue::Job {
     }
     keep_held(session->held_frames());
     // The latents may still be on their way from the GPU (download overlap):
-    // the push thread waits for them; the buffers keep the block alive until then.
-    if (raw->has_pending_copy() && !out.empty()) pending_copy_ = raw;
+    // the push thread waits for them; the buffers keep the block alive until
+    // then. Without buffers the block is gone already (its destructor waited).
+    if (!out.empty() && raw->has_pending_copy()) pending_copy_ = raw;
     return out;
   }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what gst-vae needs to build, test and run: Debian's packages, then the
 # project's virtual environment (scripts/venv.sh) with PyPI's torch (the LibTorch
-# the plugin links) and numpy, pinned in scripts/requirements.txt. Idempotent:
+# the plugin links), pinned in scripts/requirements.txt. Idempotent:
 # when everything is present it only checks and returns in about a second.
 # Arguments name optional package groups (see below).
 set -euo pipefail
@@ -11,7 +11,7 @@ packages=(
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   nlohmann-json3-dev libgtest-dev
-  python3 python3-venv python3-dev python3-gi
+  python3 python3-venv python3-dev python3-numpy python3-gi
   gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
 )
 
@@ -47,8 +47,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The virtual environment: Debian's python3 (its python3-gi is visible through
-# --system-site-packages), with the pinned requirements installed over it. A
+# The virtual environment: Debian's python3 (its python3-gi and python3-numpy
+# are visible through --system-site-packages), with the pinned requirements
+# installed over it. A
 # stamp holding the requirements file's contents makes the check a file compare.
 source "$(dirname "$0")/venv.sh"
 requirements="$(dirname "$0")/requirements.txt"

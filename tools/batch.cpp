@@ -308,6 +308,11 @@ std::string output_problem(const std::string& output, const std::string& format)
 }
 
 std::vector<Item> read_manifest(const Options& o) {
+  // A folder opens as a stream that reads nothing: without this check it
+  // would be an empty manifest, and the shard would "succeed" with 0 items.
+  struct stat mst {};
+  if (::stat(o.manifest.c_str(), &mst) == 0 && S_ISDIR(mst.st_mode))
+    throw UsageError("the manifest '" + o.manifest + "' is a folder, not a file");
   std::ifstream f(o.manifest);
   if (!f) throw UsageError("cannot read the manifest '" + o.manifest + "': " + std::strerror(errno));
   const std::string base = dir_of(absolute(o.manifest, "."));
@@ -385,6 +390,7 @@ std::vector<Item> read_manifest(const Options& o) {
     }
     items.push_back(it);
   }
+  if (f.bad()) throw UsageError("cannot read the manifest '" + o.manifest + "': " + std::strerror(errno));
   return items;
 }
 

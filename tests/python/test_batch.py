@@ -29,10 +29,18 @@ GSTVAE_BATCH_TOOL (the built gst-vae-batch).
      succeeded, and nothing failed
   g. BENCH: the tool (one process, one model load) vs one gst-launch-1.0 per
      item; asserts "model loads: 1" (also with --jobs 2)
+  i. issue 22: one runner per shard (a second run refuses on the shard's
+     lock); --summary fails on results lines that do not parse; a folder as
+     --manifest; a full disk or read-only output folder stops the run and
+     leaves the items pending (tmpfs mounts, root only); video VAEs count
+     input frames, latents and dropped frames and name the cause when no
+     latent comes out; --device foo; dot-file outputs, NUL bytes and unknown
+     JSON keys; gst-vae-latent-info --help
 
 GSTVAE_BATCH_CASES=WORD[,WORD...] runs only the cases whose name holds one of
 the words (for quick local runs); GSTVAE_BATCH_BENCH_ITEMS sets g's N (6).
 """
+import errno
 import json
 import os
 import re
@@ -985,6 +993,21 @@ def case_bench(c, model, tmp):
     return "tool %.1f s, per-item gst-launch %.1f s" % (tool_total, launch_total)
 
 
+# ------------------------------------------------------------------ i
+
+def case_manifest_folder(c, model, tmp):
+    """--manifest naming a folder is a usage error, like a missing manifest."""
+    d = os.path.join(tmp, "i3")
+    os.makedirs(os.path.join(d, "manifests"), exist_ok=True)
+    out = os.path.join(d, "out")
+    for args in (encode_args(os.path.join(d, "manifests"), model, out),
+                 encode_args(os.path.join(d, "manifests"), model, out, "--dry-run")):
+        r = batch(args)
+        c.check(r.rc == 2 and "manifest" in r.err and "folder" in r.err,
+                "%s: exit %s, expected 2 naming the manifest as a folder\n%s" % (args[-1], r.rc, r.text(800)))
+    c.check(not os.path.exists(out), "a manifest folder created %s" % out)
+
+
 # ------------------------------------------------------------------ main
 
 def main():
@@ -1012,6 +1035,7 @@ def main():
             ("e. --retry-failed", case_retry),
             ("f. --summary", case_summary),
             ("h. hostile names, outputs and a run that cannot start", case_hostile),
+            ("i3. --manifest naming a folder: usage error", case_manifest_folder),
             ("g. benchmark vs gst-launch-1.0 per item; model loads: 1", case_bench),
         ]
         run_selected(cases, (model, tmp), "GSTVAE_BATCH_CASES")

@@ -272,6 +272,9 @@ std::string stem_of(const std::string& input) {
   if (slash != std::string::npos) s = s.substr(slash + 1);
   const size_t dot = s.rfind('.');
   if (dot != std::string::npos && dot > 0) s = s.substr(0, dot);
+  // ".clip.mp4" would give a hidden output, which the tool refuses when given
+  // and which `ls` and many data loaders skip: drop the leading dots.
+  s.erase(0, std::min(s.size(), s.find_first_not_of('.')));
   if (s.empty()) s = "item";
   // The hash keeps names unique; the staging and temporary names add ~60 bytes to a 255-byte limit.
   if (s.size() > 100) s.resize(100);
@@ -324,6 +327,9 @@ std::vector<Item> read_manifest(const Options& o) {
     ++line;
     if (line == 1 && text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);  // a UTF-8 byte order mark
     if (!text.empty() && text.back() == '\r') text.pop_back();
+    // A path cannot hold a NUL byte: the C string would silently end there and name another file.
+    if (text.find('\0') != std::string::npos)
+      throw UsageError("manifest line " + std::to_string(line) + ": holds a NUL byte");
     const size_t first = text.find_first_not_of(" \t");
     if (first == std::string::npos || text[first] == '#') continue;
     Item it;
@@ -338,7 +344,14 @@ std::vector<Item> read_manifest(const Options& o) {
       }
       if (!j.is_object() || !j.contains("input") || !j["input"].is_string() || j["input"].get<std::string>().empty())
         throw UsageError("manifest line " + std::to_string(line) + ": a JSON line needs a string \"input\"");
+      // A misspelt key ("ouptut") would otherwise be ignored, and the item written somewhere else.
+      for (const auto& field : j.items())
+        if (!one_of(field.key(), {"input", "output", "start", "end"}))
+          throw UsageError("manifest line " + std::to_string(line) + ": unknown key \"" + field.key() +
+                           "\" (the keys are input, output, start and end)");
       it.input = j["input"].get<std::string>();
+      if (it.input.find('\0') != std::string::npos)
+        throw UsageError("manifest line " + std::to_string(line) + ": \"input\" holds a NUL byte");
       auto number = [&](const char* name) -> double {
         if (!j.contains(name)) return -1;
         if (!j[name].is_number() || !(j[name].get<double>() >= 0) || j[name].get<double>() > 1e9)
@@ -353,6 +366,8 @@ std::vector<Item> read_manifest(const Options& o) {
       if (j.contains("output")) {
         if (!j["output"].is_string()) throw UsageError("manifest line " + std::to_string(line) + ": \"output\" must be a string");
         output = j["output"].get<std::string>();
+        if (output.find('\0') != std::string::npos)
+          throw UsageError("manifest line " + std::to_string(line) + ": \"output\" holds a NUL byte");
         const std::string problem = output_problem(output, o.format);
         if (!problem.empty())
           throw UsageError("manifest line " + std::to_string(line) + ": \"output\" '" + output + "' " + problem);

@@ -1008,6 +1008,40 @@ def case_manifest_folder(c, model, tmp):
     c.check(not os.path.exists(out), "a manifest folder created %s" % out)
 
 
+def case_small_manifest_rules(c, model, tmp):
+    """Dot-file inputs get visible outputs; a NUL byte or an unknown JSON key
+    is a usage error naming the line; gst-vae-latent-info --help."""
+    d = os.path.join(tmp, "i6")
+    make_clip(os.path.join(d, ".dot.webm"), 4, 64, 48)
+    make_clip(os.path.join(d, "good.webm"), 4, 64, 48, pattern=1)
+    out = os.path.join(d, "out")
+    manifest = write_manifest(os.path.join(d, "m.txt"), [".dot.webm", "good.webm"])
+    batch_ok(c, encode_args(manifest, model, out))
+    x = by_line(results(out))
+    name = os.path.basename(x[1]["output"])
+    c.check(x[1]["status"] == "ok" and not name.startswith(".") and name.startswith("dot-"),
+            "a dot-file's output: %s" % x[1])
+    c.check(not hidden_files(out), "hidden files in the out-dir: %s" % hidden_files(out))
+    batch_ok(c, encode_args(manifest, model, out))
+    c.check(by_line(results(out))[1]["status"] == "skipped", "a dot-file's output is not skipped on a rerun")
+    bad = os.path.join(d, "bad.txt")
+    for content, needle in ((b"good.webm\n.dot.webm\x00junk\n", "NUL"),
+                            (b'good.webm\n{"input": "good.webm", "ouptut": "y.latent"}\n', "ouptut")):
+        with open(bad, "wb") as f:
+            f.write(content)
+        for extra in ([], ["--dry-run"]):
+            r = batch(encode_args(bad, model, os.path.join(d, "out-bad"), *extra))
+            c.check(r.rc == 2 and re.search(r"\bline 2\b", r.err) and needle in r.err,
+                    "%r %s: exit %s, expected 2 naming line 2 and %r\n%s" % (content, extra, r.rc, needle,
+                                                                             r.text(800)))
+    c.check(not os.path.exists(os.path.join(d, "out-bad")), "a refused manifest created the out-dir")
+    info = os.path.join(os.path.dirname(tool_path()), "gst-vae-latent-info")
+    for flag in ("--help", "-h"):
+        p = subprocess.run([info, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        c.check(p.returncode == 0 and b"usage" in p.stdout and b"cannot" not in p.stderr,
+                "gst-vae-latent-info %s: exit %d\n%s%s" % (flag, p.returncode, p.stdout[-300:], p.stderr[-300:]))
+
+
 # ------------------------------------------------------------------ main
 
 def main():
@@ -1036,6 +1070,8 @@ def main():
             ("f. --summary", case_summary),
             ("h. hostile names, outputs and a run that cannot start", case_hostile),
             ("i3. --manifest naming a folder: usage error", case_manifest_folder),
+            ("i6. dot-file outputs visible; NUL bytes and unknown keys refused; latent-info --help",
+             case_small_manifest_rules),
             ("g. benchmark vs gst-launch-1.0 per item; model loads: 1", case_bench),
         ]
         run_selected(cases, (model, tmp), "GSTVAE_BATCH_CASES")

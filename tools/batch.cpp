@@ -843,6 +843,14 @@ int summarize(const std::string& dir) {
   long long items = 0, ok = 0, skipped = 0, failed = 0, frames = 0;
   bool mixed = false;
   std::vector<json> failures;
+  // Lines of results files that are not rows this tool writes (garbage, a
+  // file cut short, rows of two runs spliced): the data set cannot be called
+  // complete from them, so each is named and the summary fails.
+  std::vector<json> unreadable;
+  auto unreadable_line = [&](const std::string& path, long long line, const std::string& why) {
+    std::cerr << "gst-vae-batch: " << path << " line " << line << ": " << why << "\n";
+    unreadable.push_back({{"file", path}, {"line", line}, {"error", why}});
+  };
   while (const gchar* name = g_dir_read_name(d)) {
     long long i = 0, n = 0;
     char tail[32] = {0};
@@ -850,20 +858,39 @@ int summarize(const std::string& dir) {
     // Exactly the names this tool writes: "shard-00-of-1.jsonl" (a copy) is not shard 0 again.
     const std::string canonical = "shard-" + std::to_string(i) + "-of-" + std::to_string(n) + "." + tail;
     if (canonical != name) continue;
+    if (std::string(tail) != "_SUCCESS" && std::string(tail) != "jsonl") continue;
     if (shards >= 0 && n != shards) mixed = true;
     shards = n;
     if (std::string(tail) == "_SUCCESS") {
       succeeded.insert(i);
       continue;
     }
-    if (std::string(tail) != "jsonl") continue;
     present.insert(i);
-    std::ifstream f(results + "/" + name);
+    const std::string path = results + "/" + name;
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+      unreadable_line(path, 0, std::string("cannot read it: ") + std::strerror(errno));
+      continue;
+    }
     std::string line;
+    long long number = 0;
     while (std::getline(f, line)) {
+      ++number;
+      // The tool ends every row with a newline: a last line without one was cut off.
+      if (f.eof()) {
+        unreadable_line(path, number, "cut short (no newline at its end)");
+        break;
+      }
       if (line.empty()) continue;
       json j = json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) continue;
+      if (j.is_discarded()) {
+        unreadable_line(path, number, "not valid JSON (a corrupt or spliced results file)");
+        continue;
+      }
+      if (!j.is_object() || !one_of(str(j, "status"), {"ok", "skipped", "failed"})) {
+        unreadable_line(path, number, "not a results row (no \"status\" ok, skipped or failed)");
+        continue;
+      }
       ++items;
       const std::string st = str(j, "status");
       if (st == "ok") ++ok;
@@ -884,10 +911,12 @@ int summarize(const std::string& dir) {
   json s = {{"shards", shards < 0 ? 0 : shards}, {"items", items},     {"ok", ok},
             {"skipped", skipped},                {"failed", failed},   {"frames", frames},
             {"missing_shards", missing},         {"shards_without_success", unsuccessful},
-            {"failures", failures},              {"mixed_shard_counts", mixed}};
+            {"failures", failures},              {"mixed_shard_counts", mixed},
+            {"unreadable_results", unreadable}};
   std::cout << dump(s) << std::endl;
   write_file_atomically(results + "/summary.json", dump(s, 2) + "\n");
-  return (shards > 0 && missing.empty() && unsuccessful.empty() && failed == 0 && !mixed) ? 0 : 1;
+  return (shards > 0 && missing.empty() && unsuccessful.empty() && failed == 0 && !mixed && unreadable.empty()) ? 0
+                                                                                                             : 1;
 }
 
 /* ------------------------------------------------------------------ main */

@@ -995,6 +995,40 @@ def case_bench(c, model, tmp):
 
 # ------------------------------------------------------------------ i
 
+def case_summary_corrupt(c, model, tmp):
+    """A results file that does not parse (garbage, cut short, two rows spliced
+    on one line) fails the summary, naming the file and the line."""
+    d = os.path.join(tmp, "i2")
+    make_clip(os.path.join(d, "a.webm"), 5, 64, 48)
+    make_clip(os.path.join(d, "b.webm"), 5, 64, 48, pattern=1)
+    manifest = write_manifest(os.path.join(d, "m.txt"), ["a.webm", "b.webm"])
+    good = os.path.join(d, "good")
+    batch_ok(c, encode_args(manifest, model, good))
+    summary(c, good, 0)
+    with open(os.path.join(good, "_results", "shard-0-of-1.jsonl"), "rb") as f:
+        blob = f.read()
+    rows = blob.splitlines(keepends=True)
+    c.need(len(rows) == 2, "two rows expected: %r" % blob)
+    variants = {
+        "garbage": (blob + b"#!garbage\x00\xff\n", 3),
+        "cut": (blob[:100], 1),
+        "spliced": (rows[0].rstrip(b"\n") + rows[1], 1),
+    }
+    notes = []
+    for name, (content, line) in variants.items():
+        out = os.path.join(d, name)
+        shutil.copytree(good, out)
+        path = os.path.join(out, "_results", "shard-0-of-1.jsonl")
+        with open(path, "wb") as f:
+            f.write(content)
+        r = batch(["--summary", out])
+        c.check(r.rc == 1, "%s results file: --summary exit %s, expected 1\n%s" % (name, r.rc, r.text()))
+        c.check(path in r.err and re.search(r"\bline %d\b" % line, r.err),
+                "%s: the message does not name %s line %d:\n%s" % (name, path, line, r.err[-800:]))
+        notes.append(name)
+    return ", ".join(notes) + ": exit 1 naming file and line"
+
+
 def case_manifest_folder(c, model, tmp):
     """--manifest naming a folder is a usage error, like a missing manifest."""
     d = os.path.join(tmp, "i3")
@@ -1069,6 +1103,8 @@ def main():
             ("e. --retry-failed", case_retry),
             ("f. --summary", case_summary),
             ("h. hostile names, outputs and a run that cannot start", case_hostile),
+            ("i2. --summary of a results file that does not parse fails naming file and line",
+             case_summary_corrupt),
             ("i3. --manifest naming a folder: usage error", case_manifest_folder),
             ("i6. dot-file outputs visible; NUL bytes and unknown keys refused; latent-info --help",
              case_small_manifest_rules),

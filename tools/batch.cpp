@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 #include <signal.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -24,6 +25,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -54,6 +56,15 @@ struct UsageError : std::runtime_error {
 struct RunError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// Another process holds this shard's lock (a resubmitted task while the first
+// still runs): this run does nothing, with its own exit status, so that
+// neither the scheduler nor the user takes it for a failure of the items or
+// of the machine.
+struct ShardBusy : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+constexpr int kExitShardBusy = 3;
 
 // The string field `key` of a results row, or "" (absent, or not a string).
 std::string str(const nlohmann::json& j, const char* key) {
@@ -938,6 +949,49 @@ long long plugin_model_loads() {
 
 void on_signal(int sig) { g_interrupted = sig; }
 
+// One runner per shard: an exclusive flock on DIR/_results/shard-I-of-N.lock,
+// held for the life of the process. The kernel releases it when the process
+// ends, however it ends (SIGKILL, a lost node's NFS lease), so a stale lock
+// never blocks a rerun. The file holds the holder's pid, host and start time
+// for the message of a run that finds it taken. Returns the descriptor (kept
+// open on purpose), or -1 where the file system cannot lock.
+int lock_shard(const std::string& path, const std::string& tag) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd < 0) throw RunError("cannot open the lock file '" + path + "': " + std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int why = errno;
+    if (why == EWOULDBLOCK) {
+      char buf[512] = {0};
+      const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+      std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "";
+      while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+      ::close(fd);
+      throw ShardBusy(tag + " is already being run by another process (" +
+                      (holder.empty() ? std::string("it has not said which yet") : holder) +
+                      "), which holds the lock '" + path +
+                      "'; this run did nothing. Wait for that run to end (or stop it) and run again.");
+    }
+    // Some shared file systems cannot lock (Lustre without -o flock, NFS without a lock manager):
+    // run unguarded rather than not at all, and say so.
+    ::close(fd);
+    std::cerr << "gst-vae-batch: warning: cannot lock '" << path << "' (" << std::strerror(why)
+              << "): nothing keeps a second run of " << tag << " from running at the same time\n";
+    return -1;
+  }
+  char since[64] = {0};
+  const std::time_t now = std::time(nullptr);
+  std::tm utc {};
+  gmtime_r(&now, &utc);
+  std::strftime(since, sizeof since, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  char host[256] = {0};
+  if (gethostname(host, sizeof host - 1) != 0) std::strcpy(host, "?");
+  const std::string holder = "pid " + std::to_string(getpid()) + " on host " + host + ", since " + since + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, holder.data(), holder.size(), 0) < 0) {
+    // Only the message of a second run loses its detail: the lock itself holds.
+  }
+  return fd;
+}
+
 int run(Options& o) {
   std::string shard_source;
   resolve_shard(o, &shard_source);
@@ -1001,6 +1055,13 @@ int run(Options& o) {
     return 0;
   }
 
+  // Before anything is loaded or written: a second run of a shard that is
+  // running would redo its work and splice its rows into the same results.
+  if (g_mkdir_with_parents(results_dir.c_str(), 0777) != 0)
+    throw RunError("cannot create '" + results_dir + "': " + std::strerror(errno));
+  const int shard_lock = lock_shard(results_dir + "/" + tag + ".lock", tag);
+  (void)shard_lock;  // open until the process ends: that is the lock
+
   // Load the model once: this idle element holds it in the plugin's cache for every item.
   GstElement* anchor = gst_element_factory_make("vaeencode", nullptr);
   if (!anchor) throw UsageError("the vaeencode element is missing: set GST_PLUGIN_PATH to the plugin's folder");
@@ -1019,8 +1080,6 @@ int run(Options& o) {
   }
   // The last results are replaced only once this run can work: a run that
   // fails before (no GPU, a bad model) leaves them as they were.
-  if (g_mkdir_with_parents(results_dir.c_str(), 0777) != 0)
-    throw RunError("cannot create '" + results_dir + "': " + std::strerror(errno));
   ::unlink(success_path.c_str());
   std::ofstream results(results_path, std::ios::trunc);
   if (!results) throw RunError("cannot write '" + results_path + "': " + std::strerror(errno));
@@ -1138,6 +1197,9 @@ int main(int argc, char** argv) {
   } catch (const RunError& e) {
     std::cerr << "gst-vae-batch: " << e.what() << "\n";
     return 1;
+  } catch (const ShardBusy& e) {
+    std::cerr << "gst-vae-batch: " << e.what() << "\n";
+    return kExitShardBusy;
   } catch (const std::exception& e) {
     std::cerr << "gst-vae-batch: " << e.what() << "\n";
     return 1;

@@ -995,6 +995,52 @@ def case_bench(c, model, tmp):
 
 # ------------------------------------------------------------------ i
 
+def case_one_runner(c, model, tmp):
+    """Two runs of one shard at once (a resubmitted Slurm task while the first
+    still runs): the second refuses, naming the lock and the other run; the
+    first finishes alone, with a results file that parses."""
+    d = os.path.join(tmp, "i1")
+    make_clip(os.path.join(d, "long.webm"), 300, 128, 96, fps=30, pattern=18)
+    make_clip(os.path.join(d, "short.webm"), 5, 64, 48)
+    manifest = write_manifest(os.path.join(d, "m.txt"), ["long.webm", "short.webm"])
+    out = os.path.join(d, "out")
+    args = encode_args(manifest, model, out, "--per-batch", 4)
+    with open(os.path.join(d, "first.log"), "wb") as log:
+        first, _ = start_and_wait_staging(c, args, out, log)
+        second = batch(args, timeout=60)
+        try:
+            rc = first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            rc = "hung"
+    c.check(second.rc not in (0, 2) and isinstance(second.rc, int),
+            "a second run of a running shard: exit %s, expected a refusal (non-zero, not a usage error)\n%s"
+            % (second.rc, second.text(1500)))
+    lock = os.path.join(out, "_results", "shard-0-of-1.lock")
+    c.check(lock in second.err and "pid %d" % first.pid in second.err,
+            "the refusal does not name the lock %s and the other run (pid %d):\n%s" % (lock, first.pid, second.err))
+    c.check(rc == 0, "the first run: exit %s" % rc)
+    with open(os.path.join(out, "_results", "shard-0-of-1.jsonl"), encoding="utf-8") as f:
+        text = f.read()
+    rows = []
+    for l in text.splitlines():
+        try:
+            rows.append(json.loads(l))
+        except ValueError:
+            c.check(False, "a results line does not parse: %r" % l)
+    c.check(sorted(x["line"] for x in rows) == [1, 2] and all(x["status"] == "ok" for x in rows),
+            "results of the first run: %s" % rows)
+    # The lock dies with its holder: a SIGKILLed run does not block the next one.
+    shutil.rmtree(out)
+    with open(os.path.join(d, "killed.log"), "wb") as log:
+        p, _ = start_and_wait_staging(c, args, out, log)
+        p.kill()
+        p.wait()
+    batch_ok(c, args, timeout=120)
+    summary(c, out, 0)
+    return "second run: exit %d, %s" % (second.rc, second.err.strip().splitlines()[0][:160])
+
+
 def case_summary_corrupt(c, model, tmp):
     """A results file that does not parse (garbage, cut short, two rows spliced
     on one line) fails the summary, naming the file and the line."""
@@ -1103,6 +1149,7 @@ def main():
             ("e. --retry-failed", case_retry),
             ("f. --summary", case_summary),
             ("h. hostile names, outputs and a run that cannot start", case_hostile),
+            ("i1. one runner per shard: a second run of a running shard refuses (lock)", case_one_runner),
             ("i2. --summary of a results file that does not parse fails naming file and line",
              case_summary_corrupt),
             ("i3. --manifest naming a folder: usage error", case_manifest_folder),

@@ -57,6 +57,21 @@ struct RunError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Errors of the output side that are no fault of the item -- a full disk or
+// quota, a read-only mount, permissions -- and go away once the environment is
+// fixed. An item that meets one is not marked failed (that would be sticky:
+// "failed before"); the run stops and the item stays pending for a rerun.
+bool is_environment_errno(int e) { return e == ENOSPC || e == EDQUOT || e == EROFS || e == EACCES || e == EPERM; }
+
+// The environment errno whose strerror() text `text` holds, or 0: the
+// plugin's elements report errors as text, with the system's message in it
+// (same process, same locale, so the text is exact).
+int environment_errno_in(const std::string& text) {
+  for (int e : {ENOSPC, EDQUOT, EROFS, EACCES, EPERM})
+    if (text.find(std::strerror(e)) != std::string::npos) return e;
+  return 0;
+}
+
 // Another process holds this shard's lock (a resubmitted task while the first
 // still runs): this run does nothing, with its own exit status, so that
 // neither the scheduler nor the user takes it for a failure of the items or
@@ -454,6 +469,7 @@ struct Row {
   std::vector<long long> shape;
   double seconds = 0;
   std::string error;
+  bool environment = false;  // the error is the output side's (is_environment_errno), not the item's
 };
 
 json row_json(const Item& it, const Row& r) {
@@ -466,17 +482,75 @@ json row_json(const Item& it, const Row& r) {
   return j;
 }
 
+// Writes all of `text` to `fd`; false with errno set on an error.
+bool write_all(int fd, const std::string& text) {
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      return false;
+    }
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// Replaces `path` with `content` through a hidden temporary file; false with
+// errno set (and no temporary file left) on an error.
 bool write_file_atomically(const std::string& path, const std::string& content) {
   const std::string tmp = dir_of(path) + "/." + path.substr(path.rfind('/') + 1) + ".tmp-" + std::to_string(getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) return false;
-    f << content;
-    f.flush();
-    if (!f) return false;
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) return false;
+  bool ok = write_all(fd, content);
+  int saved = errno;
+  if (::close(fd) != 0 && ok) {
+    ok = false;
+    saved = errno;
   }
-  return std::rename(tmp.c_str(), path.c_str()) == 0;
+  if (ok && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    ok = false;
+    saved = errno;
+  }
+  if (!ok) {
+    ::unlink(tmp.c_str());
+    errno = saved;
+  }
+  return ok;
 }
+
+// A shard's results file, written one whole row at a time: a row that cannot
+// be written whole (a full disk) is cut off again, so the file never holds
+// half a row.
+class ResultsFile {
+ public:
+  explicit ResultsFile(const std::string& path) : path_(path) {
+    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    if (fd_ < 0) throw RunError("cannot write '" + path + "': " + std::strerror(errno));
+  }
+  ~ResultsFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  ResultsFile(const ResultsFile&) = delete;
+  ResultsFile& operator=(const ResultsFile&) = delete;
+
+  // Appends `line` and a newline; "" or why not.
+  std::string append(const std::string& line) {
+    if (write_all(fd_, line + "\n")) {
+      size_ += line.size() + 1;
+      return "";
+    }
+    const std::string why = "cannot write the results file '" + path_ + "': " + std::strerror(errno);
+    if (::ftruncate(fd_, static_cast<off_t>(size_)) == 0) ::lseek(fd_, static_cast<off_t>(size_), SEEK_SET);
+    return why;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  size_t size_ = 0;
+};
 
 // Whether `it`'s output is there, whole, and made with these settings; fills frames and shape.
 bool output_is_current(const Options& o, const Item& it, const std::string& fp, Row* row) {
@@ -669,6 +743,7 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   const std::string out_dir = dir_of(it.output);
   if (g_mkdir_with_parents(out_dir.c_str(), 0777) != 0) {
     row.status = "failed";
+    row.environment = is_environment_errno(errno);
     row.error = "cannot create '" + out_dir + "': " + std::strerror(errno);
     return row;
   }
@@ -760,6 +835,7 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   const auto t0 = std::chrono::steady_clock::now();
   GstBus* bus = gst_element_get_bus(pipeline);
   std::string error;
+  bool environment = false;  // the error is the output side's, not the item's
   bool eos = false;
   if (gst_element_set_state(pipeline, GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) error = "could not start";
   while (!eos) {
@@ -790,6 +866,8 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
     }
     if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) {
       error = error_text(m);
+      // Only latentfilesink writes: a source's "Permission denied" is the input's.
+      environment = GST_MESSAGE_SRC(m) == GST_OBJECT(sink) && environment_errno_in(error) != 0;
       if (!run.video_linked && error.find("not-linked") != std::string::npos)
         error = "no video stream in '" + it.input + "'";
       gst_message_unref(m);
@@ -824,17 +902,22 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   // .npy: the old sidecar goes first, the new one comes after the rename, so
   // that a crash in between leaves an output a rerun encodes again.
   if (error.empty() && o.format == "npy") ::unlink((it.output + ".json").c_str());
-  if (error.empty() && std::rename(staging.c_str(), it.output.c_str()) != 0)
+  if (error.empty() && std::rename(staging.c_str(), it.output.c_str()) != 0) {
+    environment = is_environment_errno(errno);
     error = "cannot rename '" + staging + "' to '" + it.output + "': " + std::strerror(errno);
+  }
   if (error.empty() && o.format == "npy") {
     const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", row.frames}};
-    if (!write_file_atomically(it.output + ".json", dump(side) + "\n"))
+    if (!write_file_atomically(it.output + ".json", dump(side) + "\n")) {
+      environment = is_environment_errno(errno);
       error = "cannot write '" + it.output + ".json': " + std::strerror(errno);
+    }
   }
   if (!error.empty()) {
     ::unlink(staging.c_str());
     row.status = "failed";
     row.error = error;
+    row.environment = environment;
     row.frames = 0;
     row.shape.clear();
     return row;
@@ -1081,22 +1164,36 @@ int run(Options& o) {
   // The last results are replaced only once this run can work: a run that
   // fails before (no GPU, a bad model) leaves them as they were.
   ::unlink(success_path.c_str());
-  std::ofstream results(results_path, std::ios::trunc);
-  if (!results) throw RunError("cannot write '" + results_path + "': " + std::strerror(errno));
+  ResultsFile results(results_path);
 
   const bool tty = isatty(STDERR_FILENO);
   std::cerr << "gst-vae-batch: " << tag << " (" << shard_source << "): " << mine.size() << " of " << all.size()
             << " items, " << o.jobs << " at a time\n";
   std::mutex mutex;  // results, counters, progress
   size_t next = 0, done = 0, failures = 0;
+  // Why the run stopped early for a fault of the environment (a full disk, a
+  // read-only out-dir), or "": items not done then stay pending.
+  std::string stopped;
+  std::set<std::string> reported;  // keys with a row from this run
   long long frames_done = 0;
   double encode_seconds = 0;
   const auto t0 = std::chrono::steady_clock::now();
 
   auto report = [&](const Item& it, const Row& r) {
     std::lock_guard<std::mutex> lock(mutex);
-    results << dump(row_json(it, r)) << "\n";
-    results.flush();
+    if (r.environment) {
+      // Not the item's fault: no row (it stays pending), and no point in trying the next items.
+      if (stopped.empty()) stopped = it.input + ": " + r.error;
+      std::fprintf(stderr, "gst-vae-batch: stopping at %s: %s\n", it.input.c_str(), r.error.c_str());
+      return;
+    }
+    const std::string not_written = results.append(dump(row_json(it, r)));
+    if (!not_written.empty()) {
+      if (stopped.empty()) stopped = not_written;
+      std::fprintf(stderr, "gst-vae-batch: stopping: %s\n", not_written.c_str());
+      return;
+    }
+    reported.insert(it.key);
     ++done;
     if (r.status == "failed") ++failures;
     if (r.status == "ok") {
@@ -1122,7 +1219,7 @@ int run(Options& o) {
       size_t i;
       {
         std::lock_guard<std::mutex> lock(mutex);
-        if (next >= mine.size() || g_interrupted) return;
+        if (next >= mine.size() || g_interrupted || !stopped.empty()) return;
         i = next++;
       }
       const Item& it = mine[i];
@@ -1151,12 +1248,13 @@ int run(Options& o) {
   for (unsigned j = 0; j < std::min<size_t>(o.jobs, std::max<size_t>(mine.size(), 1)); ++j) threads.emplace_back(worker);
   for (auto& t : threads) t.join();
   {
-    // Items an interruption kept this run from reaching keep their last rows
-    // (a "failed before" stays known).
-    std::set<std::string> reached;
-    for (size_t i = 0; i < std::min(next, mine.size()); ++i) reached.insert(mine[i].key);
+    // Items an interruption or a stop kept this run from doing keep their
+    // last rows (a "failed before" stays known).
     for (const Item& it : mine)
-      if (!reached.count(it.key) && previous_rows.count(it.key)) results << previous_rows[it.key] << "\n";
+      if (!reported.count(it.key) && previous_rows.count(it.key)) {
+        const std::string not_written = results.append(previous_rows[it.key]);
+        if (!not_written.empty() && stopped.empty()) stopped = not_written;
+      }
   }
 
   const long long loads = plugin_model_loads();
@@ -1164,18 +1262,21 @@ int run(Options& o) {
   gst_element_set_bus(anchor, nullptr);
   gst_object_unref(anchor_bus);
   gst_object_unref(anchor);
-  results.close();
 
   const bool interrupted = g_interrupted != 0;
-  if (!interrupted && failures == 0) {
-    std::ofstream ok(success_path);
-  }
+  if (!interrupted && stopped.empty() && failures == 0 && !write_file_atomically(success_path, ""))
+    stopped = "cannot write '" + success_path + "': " + std::strerror(errno);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "gst-vae-batch: %s: %zu items, %zu failed, %lld frames in %.1f s (%.1f frames/s)%s\n",
                tag.c_str(), done, failures, frames_done, elapsed, elapsed > 0 ? frames_done / elapsed : 0.0,
                interrupted ? ", interrupted" : "");
+  if (!stopped.empty())
+    std::fprintf(stderr,
+                 "gst-vae-batch: %s stopped: %s. That is a fault of the output side, not of the items: "
+                 "those not done stay pending, and a rerun once it is fixed does them\n",
+                 tag.c_str(), stopped.c_str());
   std::fprintf(stderr, "gst-vae-batch: model loads: %lld\n", loads);
-  return (failures || interrupted) ? 1 : 0;
+  return (failures || interrupted || !stopped.empty()) ? 1 : 0;
 }
 
 }  // namespace

@@ -1088,6 +1088,75 @@ def case_manifest_folder(c, model, tmp):
     c.check(not os.path.exists(out), "a manifest folder created %s" % out)
 
 
+class Mount:
+    """A tmpfs of `size` at `path` (root only), unmounted at the end."""
+
+    def __init__(self, path, size):
+        self.path, self.size = path, size
+
+    def __enter__(self):
+        os.makedirs(self.path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % self.size, "tmpfs", self.path], check=True)
+        return self
+
+    def remount(self, opts):
+        subprocess.run(["mount", "-o", "remount," + opts, self.path], check=True)
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", "-l", self.path])
+
+
+def case_environment_failures(c, model, tmp):
+    """A full disk or a read-only output folder is not the item's fault: the
+    run stops (exit 1, naming the cause), writes no failed row, and a plain
+    rerun after the fix encodes the items."""
+    if os.geteuid() != 0:
+        return "not run: mounting a tmpfs needs root"
+    d = os.path.join(tmp, "i4")
+    # 20 latents of 4x16x16 float32: 80 KiB, more than the 64 KiB out-dir holds.
+    make_clip(os.path.join(d, "big.webm"), 20, 128, 128)
+    make_clip(os.path.join(d, "small.webm"), 5, 64, 48)
+    manifest = write_manifest(os.path.join(d, "m.txt"), ["big.webm", "small.webm"])
+    out = os.path.join(d, "full")
+    args = encode_args(manifest, model, out, "--per-batch", 4)
+    notes = []
+    with Mount(out, "64k") as disk:
+        r = batch(args, timeout=120)
+        c.check(r.rc == 1, "a full disk: exit %s, expected 1\n%s" % (r.rc, r.text()))
+        c.check(os.strerror(errno.ENOSPC) in r.err and "stopped" in r.err,
+                "a full disk: the message does not say the run stopped for it:\n%s" % r.err[-1500:])
+        rows = results(out) if os.path.exists(os.path.join(out, "_results", "shard-0-of-1.jsonl")) else []
+        c.check(not [x for x in rows if x["status"] == "failed"], "a full disk made failed rows: %s" % rows)
+        c.check(not os.path.exists(success_marker(out)), "_SUCCESS after a full disk")
+        c.check(not hidden_files(out), "a full disk left hidden files: %s" % hidden_files(out))
+        notes.append(r.err.strip().splitlines()[-2][:200] if r.err.strip() else "")
+        disk.remount("size=8m")
+        r = batch_ok(c, args, timeout=120)
+        x = by_line(results(out))
+        c.check(x.get(1, {}).get("status") == "ok" and x.get(2, {}).get("status") == "ok",
+                "the rerun after freeing space: %s" % x)
+    # A read-only output folder (EROFS) for an item's "output".
+    d2 = os.path.join(d, "ro-case")
+    manifest2 = write_manifest(os.path.join(d, "m2.txt"),
+                               [json.dumps({"input": "small.webm", "output": "ro/small.latent"}), "big.webm"])
+    out2 = os.path.join(d2, "out")
+    os.makedirs(out2)
+    args2 = encode_args(manifest2, model, out2, "--per-batch", 4)
+    with Mount(os.path.join(out2, "ro"), "1m") as ro:
+        ro.remount("ro")
+        r = batch(args2, timeout=120)
+        c.check(r.rc == 1 and os.strerror(errno.EROFS) in r.err,
+                "a read-only output folder: exit %s, expected 1 naming EROFS\n%s" % (r.rc, r.text()))
+        rows = results(out2) if os.path.exists(os.path.join(out2, "_results", "shard-0-of-1.jsonl")) else []
+        c.check(not [x for x in rows if x["status"] == "failed"], "a read-only folder made failed rows: %s" % rows)
+        ro.remount("rw")
+        batch_ok(c, args2, timeout=120)
+        x = by_line(results(out2))
+        c.check(x.get(1, {}).get("status") == "ok", "the rerun after making the folder writable: %s" % x)
+        notes.append("EROFS")
+    return "; ".join(notes)
+
+
 def case_small_manifest_rules(c, model, tmp):
     """Dot-file inputs get visible outputs; a NUL byte or an unknown JSON key
     is a usage error naming the line; gst-vae-latent-info --help."""
@@ -1153,6 +1222,7 @@ def main():
             ("i2. --summary of a results file that does not parse fails naming file and line",
              case_summary_corrupt),
             ("i3. --manifest naming a folder: usage error", case_manifest_folder),
+            ("i4. full disk, read-only out-dir: the run stops, items stay pending", case_environment_failures),
             ("i6. dot-file outputs visible; NUL bytes and unknown keys refused; latent-info --help",
              case_small_manifest_rules),
             ("g. benchmark vs gst-launch-1.0 per item; model loads: 1", case_bench),

@@ -194,6 +194,11 @@ Options parse_args(int argc, char** argv) {
   if (!one_of(o.latent_format, {"raw", "sd15", "sdxl", "sd3", "flux"}))
     throw UsageError("--latent-format: raw, sd15, sdxl, sd3 or flux");
   if (o.max_side && o.size_w) throw UsageError("--max-side and --size exclude each other");
+  // vaeencode's names; anything else would only fail at the model load, as if the machine were at fault.
+  const bool cuda_index = o.device.rfind("cuda:", 0) == 0 && o.device.size() > 5 && o.device.size() <= 8 &&
+                          o.device.find_first_not_of("0123456789", 5) == std::string::npos;
+  if (!one_of(o.device, {"auto", "cpu", "cuda"}) && !cuda_index)
+    throw UsageError("--device: auto, cpu, cuda or cuda:N, not '" + o.device + "'");
   return o;
 }
 
@@ -465,7 +470,13 @@ std::string fingerprint(const Options& o, const std::string& model_id, const Ite
 
 struct Row {
   std::string status;  // ok, skipped, failed
+  // Input frames that reached the encoder (after the range, --fps and
+  // --max-frames), the latents written, and the frames of them that made no
+  // latent: a video VAE (Wan, TAEHV) encodes groups of 4 frames and drops an
+  // incomplete group at the clip's end. -1: not known (written as null).
   long long frames = 0;
+  long long latents = 0;
+  long long dropped = 0;
   std::vector<long long> shape;
   double seconds = 0;
   std::string error;
@@ -474,10 +485,13 @@ struct Row {
 
 json row_json(const Item& it, const Row& r) {
   json j = {{"line", it.line}, {"input", it.input},     {"key", it.key},
-            {"output", it.output}, {"status", r.status}, {"frames", r.frames}};
+            {"output", it.output}, {"status", r.status}};
+  j["frames"] = r.frames >= 0 ? json(r.frames) : json(nullptr);
+  j["latents"] = r.latents;
+  j["dropped_frames"] = r.dropped >= 0 ? json(r.dropped) : json(nullptr);
   j["shape"] = r.shape.empty() ? json(nullptr) : json(r.shape);
   j["seconds"] = std::round(r.seconds * 1000) / 1000;
-  j["fps"] = r.seconds > 0 ? std::round(r.frames / r.seconds * 100) / 100 : 0.0;
+  j["fps"] = r.seconds > 0 && r.frames > 0 ? std::round(r.frames / r.seconds * 100) / 100 : 0.0;
   if (r.status == "failed") j["error"] = r.error;
   return j;
 }
@@ -552,28 +566,53 @@ class ResultsFile {
   size_t size_ = 0;
 };
 
-// Whether `it`'s output is there, whole, and made with these settings; fills frames and shape.
+// Whether `it`'s output is there, whole, and made with these settings; fills
+// the counts and shape. The input frames of a video model's latents are not in
+// a .latent/.safetensors file: frames and dropped stay -1 for the caller to
+// take from the row of the run that wrote it.
 bool output_is_current(const Options& o, const Item& it, const std::string& fp, Row* row) {
   struct stat st {};
   if (::stat(it.output.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
   try {
     gstvae::LatentArray a = gstvae::read_latent_file(it.output, /*with_values=*/false);
-    std::string stored;
+    row->latents = a.frames;
+    row->frames = row->dropped = -1;
     if (o.format == "npy") {
       std::ifstream f(it.output + ".json");
       if (!f) return false;
       json j = json::parse(f);
+      // The sidecar's "frames" is the latents' count (as it always was).
       if (j.value("batch_fingerprint", "") != fp || j.value("frames", -1LL) != a.frames) return false;
+      row->frames = j.value("input_frames", -1LL);
+      row->dropped = j.value("dropped_frames", -1LL);
     } else {
       auto found = a.metadata.find("batch_fingerprint");
       if (found == a.metadata.end() || found->second != fp) return false;
+      if (!a.metadata.count("temporal_downscale")) {  // an image VAE: one latent per frame
+        row->frames = a.frames;
+        row->dropped = 0;
+      }
     }
-    row->frames = a.frames;
     row->shape = {a.channels, a.height, a.width};
     return a.frames > 0;
   } catch (const std::exception&) {
     return false;  // truncated or not a latent file: encode again
   }
+}
+
+// A skipped video item's input frame counts, which its file does not hold,
+// from the last row about it, when that row describes the same output.
+void counts_from_row(const std::string& line, const Item& it, Row* row) {
+  const json j = json::parse(line, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || str(j, "output") != it.output) return;
+  if (!one_of(str(j, "status"), {"ok", "skipped"})) return;
+  auto count = [&](const char* key) {
+    auto found = j.find(key);
+    return found != j.end() && found->is_number_integer() ? found->get<long long>() : -1LL;
+  };
+  if (count("latents") != row->latents) return;
+  row->frames = count("frames");
+  row->dropped = count("dropped_frames");
 }
 
 /* ----------------------------------------------------------------- items */
@@ -582,7 +621,11 @@ struct ItemRun {
   const Options* o = nullptr;
   long long max_frames = 0;
   GstClockTime start = GST_CLOCK_TIME_NONE, end = GST_CLOCK_TIME_NONE;
-  std::atomic<long long> passed{0};
+  std::atomic<long long> passed{0};   // frames into vaeencode (numbered by their buffer offsets)
+  std::atomic<long long> decoded{0};  // frames out of the decoder, before the range and the limit
+  std::atomic<GstClockTime> decoded_end{0};  // end time of the last decoded frame
+  std::atomic<long long> covered{0};  // frames the written latents cover (the largest offset-end)
+  std::atomic<int> temporal_downscale{1};  // frames per latent (4 for Wan and TAEHV)
   std::atomic<bool> ended{false};
   GstElement* capsfilter = nullptr;
   GstElement* convert = nullptr;
@@ -618,8 +661,73 @@ GstPadProbeReturn frame_filter(GstPad* pad, GstPadProbeInfo* info, gpointer data
     if (!run->ended.exchange(true)) gst_pad_send_event(pad, gst_event_new_eos());  // same thread: the stream lock is ours
     return GST_PAD_PROBE_DROP;
   }
+  // Number the frame: vaeencode gives each latent the offsets of the frames
+  // it covers, which tells how many frames made no latent at the clip's end.
+  buf = gst_buffer_make_writable(buf);
+  GST_BUFFER_OFFSET(buf) = static_cast<guint64>(run->passed.load());
+  GST_BUFFER_OFFSET_END(buf) = static_cast<guint64>(run->passed.load()) + 1;
+  GST_PAD_PROBE_INFO_DATA(info) = buf;
   ++run->passed;
   return GST_PAD_PROBE_OK;
+}
+
+// Counts decoded frames and their end time, for a message naming the cause when no latent comes out.
+GstPadProbeReturn count_decoded(GstPad*, GstPadProbeInfo* info, gpointer data) {
+  ItemRun* run = static_cast<ItemRun*>(data);
+  GstBuffer* buf = GST_PAD_PROBE_INFO_BUFFER(info);
+  ++run->decoded;
+  if (GST_BUFFER_PTS_IS_VALID(buf)) {
+    const GstClockTime end = GST_BUFFER_PTS(buf) + (GST_BUFFER_DURATION_IS_VALID(buf) ? GST_BUFFER_DURATION(buf) : 0);
+    if (end > run->decoded_end) run->decoded_end = end;
+  }
+  return GST_PAD_PROBE_OK;
+}
+
+// At latentfilesink: a latent is progress, and its offset-end the frames
+// covered so far; the caps say how many frames make a latent.
+GstPadProbeReturn watch_latents(GstPad*, GstPadProbeInfo* info, gpointer data) {
+  ItemRun* run = static_cast<ItemRun*>(data);
+  if (info->type & GST_PAD_PROBE_TYPE_BUFFER) {
+    run->progressed();
+    GstBuffer* buf = GST_PAD_PROBE_INFO_BUFFER(info);
+    const guint64 end = GST_BUFFER_OFFSET_END(buf);
+    if (end != GST_BUFFER_OFFSET_NONE && static_cast<long long>(end) > run->covered)
+      run->covered = static_cast<long long>(end);
+  } else if (GST_EVENT_TYPE(GST_PAD_PROBE_INFO_EVENT(info)) == GST_EVENT_CAPS) {
+    GstCaps* caps = nullptr;
+    gst_event_parse_caps(GST_PAD_PROBE_INFO_EVENT(info), &caps);
+    int n = 1;
+    if (caps && gst_caps_get_size(caps) > 0 &&
+        gst_structure_get_int(gst_caps_get_structure(caps, 0), "temporal-downscale", &n) && n > 1)
+      run->temporal_downscale = n;
+  }
+  return GST_PAD_PROBE_OK;
+}
+
+std::string frames_text(long long n) { return std::to_string(n) + (n == 1 ? " frame" : " frames"); }
+
+std::string seconds_text(double s) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g s", s);
+  return buf;
+}
+
+// Why an item that ended without an error wrote no latent: the actual cause.
+std::string no_latent_reason(const Item& it, const ItemRun& run) {
+  if (!run.video_linked) return "no video stream in '" + it.input + "'";
+  const long long decoded = run.decoded, passed = run.passed;
+  if (decoded == 0) return "the video stream of '" + it.input + "' has no frames";
+  if (passed == 0 && (it.start >= 0 || it.end >= 0)) {
+    std::string range = it.start >= 0 ? "from start " + seconds_text(it.start) : "from the beginning";
+    range += it.end >= 0 ? " to end " + seconds_text(it.end) : " to the end";
+    return "no frame in the range " + range + ": the video's " + frames_text(decoded) + " end at " +
+           seconds_text(static_cast<double>(run.decoded_end.load()) / GST_SECOND);
+  }
+  if (passed == 0) return frames_text(decoded) + " decoded, none reached the encoder";
+  if (run.temporal_downscale > 1)
+    return frames_text(passed) + " decoded, too few for one latent: this video model encodes groups of " +
+           std::to_string(run.temporal_downscale.load()) + " frames and drops an incomplete group at the clip's end";
+  return frames_text(passed) + " reached the encoder but no latent came out";
 }
 
 // Once the input size is known: keep it (no silent rescaling), or with
@@ -815,19 +923,15 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   g_signal_connect(src, "pad-added", G_CALLBACK(on_pad_added), &run);
   GstPad* convert_sink = gst_element_get_static_pad(run.convert, "sink");
   gst_pad_add_probe(convert_sink, GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM, size_from_caps, &run, nullptr);
+  gst_pad_add_probe(convert_sink, GST_PAD_PROBE_TYPE_BUFFER, count_decoded, &run, nullptr);
   gst_object_unref(convert_sink);
   // The range and the frame limit apply to the frames vaeencode would get (after videorate).
   GstPad* enc_sink = gst_element_get_static_pad(enc, "sink");
   gst_pad_add_probe(enc_sink, GST_PAD_PROBE_TYPE_BUFFER, frame_filter, &run, nullptr);
   gst_object_unref(enc_sink);
   GstPad* sink_pad = gst_element_get_static_pad(sink, "sink");
-  gst_pad_add_probe(
-      sink_pad, GST_PAD_PROBE_TYPE_BUFFER,
-      [](GstPad*, GstPadProbeInfo*, gpointer d) {
-        static_cast<ItemRun*>(d)->progressed();
-        return GST_PAD_PROBE_OK;
-      },
-      &run, nullptr);
+  gst_pad_add_probe(sink_pad, static_cast<GstPadProbeType>(GST_PAD_PROBE_TYPE_BUFFER | GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM),
+                    watch_latents, &run, nullptr);
   gst_object_unref(sink_pad);
   run.pipeline = pipeline;
   run.progressed();
@@ -888,13 +992,16 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
 
   if (error.empty()) {
     struct stat st {};
-    if (::stat(staging.c_str(), &st) != 0) error = "no video frames decoded (no video stream, or an empty one)";
+    if (::stat(staging.c_str(), &st) != 0) error = no_latent_reason(it, run);
   }
   if (error.empty()) {
     try {
       gstvae::LatentArray a = gstvae::read_latent_file(staging, /*with_values=*/false);
-      row.frames = a.frames;
+      row.latents = a.frames;
+      row.frames = run.passed;
+      row.dropped = std::max(0LL, run.passed - std::min(run.covered.load(), run.passed.load()));
       row.shape = {a.channels, a.height, a.width};
+      if (a.frames == 0) error = no_latent_reason(it, run);
     } catch (const std::exception& e) {
       error = std::string("the written file does not read back: ") + e.what();
     }
@@ -907,7 +1014,8 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
     error = "cannot rename '" + staging + "' to '" + it.output + "': " + std::strerror(errno);
   }
   if (error.empty() && o.format == "npy") {
-    const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", row.frames}};
+    const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", row.latents},
+                       {"input_frames", row.frames}, {"dropped_frames", row.dropped}};
     if (!write_file_atomically(it.output + ".json", dump(side) + "\n")) {
       environment = is_environment_errno(errno);
       error = "cannot write '" + it.output + ".json': " + std::strerror(errno);
@@ -918,7 +1026,7 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
     row.status = "failed";
     row.error = error;
     row.environment = environment;
-    row.frames = 0;
+    row.frames = row.latents = row.dropped = 0;
     row.shape.clear();
     return row;
   }
@@ -934,7 +1042,7 @@ int summarize(const std::string& dir) {
   if (!d) throw UsageError("no results folder '" + results + "'");
   long long shards = -1;
   std::set<long long> present, succeeded;
-  long long items = 0, ok = 0, skipped = 0, failed = 0, frames = 0;
+  long long items = 0, ok = 0, skipped = 0, failed = 0, frames = 0, latents = 0;
   bool mixed = false;
   std::vector<json> failures;
   // Lines of results files that are not rows this tool writes (garbage, a
@@ -994,6 +1102,7 @@ int summarize(const std::string& dir) {
         failures.push_back({{"input", str(j, "input")}, {"error", str(j, "error")}});
       }
       if (j.contains("frames") && j["frames"].is_number_integer()) frames += j["frames"].get<long long>();
+      if (j.contains("latents") && j["latents"].is_number_integer()) latents += j["latents"].get<long long>();
     }
   }
   g_dir_close(d);
@@ -1004,6 +1113,7 @@ int summarize(const std::string& dir) {
   }
   json s = {{"shards", shards < 0 ? 0 : shards}, {"items", items},     {"ok", ok},
             {"skipped", skipped},                {"failed", failed},   {"frames", frames},
+            {"latents", latents},
             {"missing_shards", missing},         {"shards_without_success", unsuccessful},
             {"failures", failures},              {"mixed_shard_counts", mixed},
             {"unreadable_results", unreadable}};
@@ -1208,9 +1318,14 @@ int run(Options& o) {
                    static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
       if (done == mine.size()) std::fprintf(stderr, "\n");
     } else {
-      std::fprintf(stderr, "gst-vae-batch: [%zu/%zu] %s %s: %lld frames in %.2f s%s%s\n", done, mine.size(),
-                   r.status.c_str(), it.input.c_str(), r.frames, r.seconds, r.error.empty() ? "" : ": ",
-                   r.error.c_str());
+      // A video model's latents are not its frames: both, and what was dropped.
+      const std::string latents = r.latents == r.frames && r.dropped <= 0
+                                      ? ""
+                                      : " (" + std::to_string(r.latents) + " latents, " +
+                                            (r.dropped >= 0 ? std::to_string(r.dropped) : "?") + " dropped)";
+      std::fprintf(stderr, "gst-vae-batch: [%zu/%zu] %s %s: %lld frames%s in %.2f s%s%s\n", done, mine.size(),
+                   r.status.c_str(), it.input.c_str(), std::max(r.frames, 0LL), latents.c_str(), r.seconds,
+                   r.error.empty() ? "" : ": ", r.error.c_str());
     }
   };
 
@@ -1230,6 +1345,7 @@ int run(Options& o) {
           r.error = it.problem;
         } else if (output_is_current(o, it, fps[i], &r)) {
           r.status = "skipped";
+          if (r.frames < 0 && previous_rows.count(it.key)) counts_from_row(previous_rows[it.key], it, &r);
         } else if (failed_before.count(it.key) && !o.retry_failed) {
           r.status = "failed";
           r.error = "failed before: " + failed_before[it.key] + " (use --retry-failed)";

@@ -62,7 +62,8 @@ MODEL_NAME = "tiny-vae-test.safetensors"
 Z = 4  # latent channels of the test model
 SHARD_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
               "SLURM_ARRAY_JOB_ID", "JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-ROW_FIELDS = {"line", "input", "key", "output", "status", "frames", "shape", "seconds", "fps"}
+ROW_FIELDS = {"line", "input", "key", "output", "status", "frames", "latents", "dropped_frames", "shape", "seconds",
+              "fps"}
 
 from casekit import FAILED, RAN, Case, CheckFailed, finish, run_case, run_selected  # noqa: F401
 
@@ -1157,6 +1158,80 @@ def case_environment_failures(c, model, tmp):
     return "; ".join(notes)
 
 
+def video_model(c, tmp, family):
+    """A small random TAEHV (taew2_1, width 16) or Wan 2.1 (dim 8) checkpoint."""
+    path = os.path.join(tmp, "video-%s.safetensors" % family)
+    if not os.path.exists(path):
+        if family == "taehv":
+            cmd = [sys.executable, os.path.join(HERE, "taehv_reference.py"), "make-weights", "--variant", "taew2_1",
+                   "--width", "16", "--out", path, "--seed", "1"]
+        else:
+            cmd = [sys.executable, os.path.join(HERE, "wan_weights.py"), "--variant", "2.1", "--dim", "8",
+                   "--out", path]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        c.need(p.returncode == 0, "%s exited %d:\n%s" % (cmd, p.returncode, p.stdout.decode()[-2000:]))
+    return path
+
+
+def case_video_counts(c, model, tmp):
+    """Video VAEs: rows count input frames, latents and dropped frames apart;
+    a clip too short for a latent and a range past the clip's end say so."""
+    d = os.path.join(tmp, "i5")
+    make_clip(os.path.join(d, "one.webm"), 1, 64, 64)
+    make_clip(os.path.join(d, "ten.webm"), 10, 64, 64, pattern=1)
+    manifest = write_manifest(os.path.join(d, "m.txt"), [
+        "one.webm",                                                       # 1
+        "ten.webm",                                                       # 2
+        json.dumps({"input": "ten.webm", "start": 5}),                    # 3: the clip is 1 s long
+    ])
+    vague = "no video frames decoded"
+    taehv = video_model(c, tmp, "taehv")
+    out = os.path.join(d, "taehv")
+    batch_ok(c, encode_args(manifest, taehv, out, "--per-batch", 4), rc=1, timeout=300)
+    x = by_line(results(out))
+    e1, e3 = x[1].get("error", ""), x[3].get("error", "")
+    c.check(x[1]["status"] == "failed" and vague not in e1 and "1 frame" in e1 and "4" in e1,
+            "TAEHV, 1 frame: %s; expected an error saying 1 frame is too few for a latent of 4" % x[1])
+    c.check(x[3]["status"] == "failed" and vague not in e3 and "start" in e3,
+            "TAEHV, start past the end: %s; expected an error naming the range" % x[3])
+    # TAEHV: latents of frames 0-3, 4-7; frames 8 and 9 are dropped.
+    want = {"frames": 10, "latents": 2, "dropped_frames": 2}
+    c.check(x[2]["status"] == "ok" and all(x[2].get(k) == v for k, v in want.items()),
+            "TAEHV, 10 frames: %s; expected %s" % (x[2], want))
+    c.check(read_header(x[2]["output"])[1][0] == 2, "TAEHV: the file holds %s" % read_header(x[2]["output"])[1])
+    batch_ok(c, encode_args(manifest, taehv, out, "--per-batch", 4), rc=1, timeout=300)
+    y = by_line(results(out))
+    c.check(y[2]["status"] == "skipped" and all(y[2].get(k) == v for k, v in want.items()),
+            "TAEHV, 10 frames, skipped on a rerun: %s; expected %s" % (y[2], want))
+    out = os.path.join(d, "taehv-max")
+    batch_ok(c, encode_args(manifest, taehv, out, "--per-batch", 4, "--max-frames", 6), rc=1, timeout=300)
+    x = by_line(results(out))
+    want = {"frames": 6, "latents": 1, "dropped_frames": 2}
+    c.check(x[2]["status"] == "ok" and all(x[2].get(k) == v for k, v in want.items()),
+            "TAEHV --max-frames 6: %s; expected %s" % (x[2], want))
+    # Wan: latent 0 is frame 0, then 1-4, 5-8; frame 9 is dropped.
+    wan = video_model(c, tmp, "wan")
+    out = os.path.join(d, "wan")
+    batch_ok(c, encode_args(manifest, wan, out, "--per-batch", 4), rc=1, timeout=300)
+    x = by_line(results(out))
+    for line, want in ((1, {"frames": 1, "latents": 1, "dropped_frames": 0}),
+                       (2, {"frames": 10, "latents": 3, "dropped_frames": 1})):
+        c.check(x[line]["status"] == "ok" and all(x[line].get(k) == v for k, v in want.items()),
+                "Wan, line %d: %s; expected %s" % (line, x[line], want))
+    # An image VAE: one latent per frame.
+    out = os.path.join(d, "image")
+    batch_ok(c, encode_args(manifest, model, out, "--per-batch", 4), rc=1)
+    x = by_line(results(out))
+    want = {"frames": 10, "latents": 10, "dropped_frames": 0}
+    c.check(x[2]["status"] == "ok" and all(x[2].get(k) == v for k, v in want.items()),
+            "image VAE, 10 frames: %s; expected %s" % (x[2], want))
+    s = summary(c, out, 1)
+    c.check(s.get("frames") == 11 and s.get("latents") == 11, "image VAE summary: %s" % s)
+    r = batch(encode_args(manifest, model, os.path.join(d, "foo"), "--device", "foo"))
+    c.check(r.rc == 2 and "--device" in r.err, "--device foo: exit %s, expected 2\n%s" % (r.rc, r.text(800)))
+    return "TAEHV 1 frame: %s; start past the end: %s" % (e1[:100], e3[:100])
+
+
 def case_small_manifest_rules(c, model, tmp):
     """Dot-file inputs get visible outputs; a NUL byte or an unknown JSON key
     is a usage error naming the line; gst-vae-latent-info --help."""
@@ -1223,6 +1298,8 @@ def main():
              case_summary_corrupt),
             ("i3. --manifest naming a folder: usage error", case_manifest_folder),
             ("i4. full disk, read-only out-dir: the run stops, items stay pending", case_environment_failures),
+            ("i5. video VAEs: input frames, latents and dropped frames; causes named; --device",
+             case_video_counts),
             ("i6. dot-file outputs visible; NUL bytes and unknown keys refused; latent-info --help",
              case_small_manifest_rules),
             ("g. benchmark vs gst-launch-1.0 per item; model loads: 1", case_bench),

@@ -1111,9 +1111,13 @@ def case_environment_failures(c, model, tmp):
     """A full disk or a read-only output folder is not the item's fault: the
     run stops (exit 1, naming the cause), writes no failed row, and a plain
     rerun after the fix encodes the items."""
-    if os.geteuid() != 0:
-        return "not run: mounting a tmpfs needs root"
     d = os.path.join(tmp, "i4")
+    probe = os.path.join(d, "mount-probe")
+    os.makedirs(probe)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", probe],
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT).returncode != 0:
+        return "not run: mounting a tmpfs needs root (or CAP_SYS_ADMIN) here"
+    subprocess.run(["umount", probe], check=True)
     # 20 latents of 4x16x16 float32: 80 KiB, more than the 64 KiB out-dir holds.
     make_clip(os.path.join(d, "big.webm"), 20, 128, 128)
     make_clip(os.path.join(d, "small.webm"), 5, 64, 48)

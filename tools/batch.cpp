@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 #include <signal.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -24,6 +25,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -54,6 +56,30 @@ struct UsageError : std::runtime_error {
 struct RunError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// Errors of the output side that are no fault of the item -- a full disk or
+// quota, a read-only mount, permissions -- and go away once the environment is
+// fixed. An item that meets one is not marked failed (that would be sticky:
+// "failed before"); the run stops and the item stays pending for a rerun.
+bool is_environment_errno(int e) { return e == ENOSPC || e == EDQUOT || e == EROFS || e == EACCES || e == EPERM; }
+
+// The environment errno whose strerror() text `text` holds, or 0: the
+// plugin's elements report errors as text, with the system's message in it
+// (same process, same locale, so the text is exact).
+int environment_errno_in(const std::string& text) {
+  for (int e : {ENOSPC, EDQUOT, EROFS, EACCES, EPERM})
+    if (text.find(std::strerror(e)) != std::string::npos) return e;
+  return 0;
+}
+
+// Another process holds this shard's lock (a resubmitted task while the first
+// still runs): this run does nothing, with its own exit status, so that
+// neither the scheduler nor the user takes it for a failure of the items or
+// of the machine.
+struct ShardBusy : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+constexpr int kExitShardBusy = 3;
 
 // The string field `key` of a results row, or "" (absent, or not a string).
 std::string str(const nlohmann::json& j, const char* key) {
@@ -168,6 +194,11 @@ Options parse_args(int argc, char** argv) {
   if (!one_of(o.latent_format, {"raw", "sd15", "sdxl", "sd3", "flux"}))
     throw UsageError("--latent-format: raw, sd15, sdxl, sd3 or flux");
   if (o.max_side && o.size_w) throw UsageError("--max-side and --size exclude each other");
+  // vaeencode's names; anything else would only fail at the model load, as if the machine were at fault.
+  const bool cuda_index = o.device.rfind("cuda:", 0) == 0 && o.device.size() > 5 && o.device.size() <= 8 &&
+                          o.device.find_first_not_of("0123456789", 5) == std::string::npos;
+  if (!one_of(o.device, {"auto", "cpu", "cuda"}) && !cuda_index)
+    throw UsageError("--device: auto, cpu, cuda or cuda:N, not '" + o.device + "'");
   return o;
 }
 
@@ -272,6 +303,9 @@ std::string stem_of(const std::string& input) {
   if (slash != std::string::npos) s = s.substr(slash + 1);
   const size_t dot = s.rfind('.');
   if (dot != std::string::npos && dot > 0) s = s.substr(0, dot);
+  // ".clip.mp4" would give a hidden output, which the tool refuses when given
+  // and which `ls` and many data loaders skip: drop the leading dots.
+  s.erase(0, std::min(s.size(), s.find_first_not_of('.')));
   if (s.empty()) s = "item";
   // The hash keeps names unique; the staging and temporary names add ~60 bytes to a 255-byte limit.
   if (s.size() > 100) s.resize(100);
@@ -308,6 +342,11 @@ std::string output_problem(const std::string& output, const std::string& format)
 }
 
 std::vector<Item> read_manifest(const Options& o) {
+  // A folder opens as a stream that reads nothing: without this check it
+  // would be an empty manifest, and the shard would "succeed" with 0 items.
+  struct stat mst {};
+  if (::stat(o.manifest.c_str(), &mst) == 0 && S_ISDIR(mst.st_mode))
+    throw UsageError("the manifest '" + o.manifest + "' is a folder, not a file");
   std::ifstream f(o.manifest);
   if (!f) throw UsageError("cannot read the manifest '" + o.manifest + "': " + std::strerror(errno));
   const std::string base = dir_of(absolute(o.manifest, "."));
@@ -319,6 +358,9 @@ std::vector<Item> read_manifest(const Options& o) {
     ++line;
     if (line == 1 && text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);  // a UTF-8 byte order mark
     if (!text.empty() && text.back() == '\r') text.pop_back();
+    // A path cannot hold a NUL byte: the C string would silently end there and name another file.
+    if (text.find('\0') != std::string::npos)
+      throw UsageError("manifest line " + std::to_string(line) + ": holds a NUL byte");
     const size_t first = text.find_first_not_of(" \t");
     if (first == std::string::npos || text[first] == '#') continue;
     Item it;
@@ -333,7 +375,14 @@ std::vector<Item> read_manifest(const Options& o) {
       }
       if (!j.is_object() || !j.contains("input") || !j["input"].is_string() || j["input"].get<std::string>().empty())
         throw UsageError("manifest line " + std::to_string(line) + ": a JSON line needs a string \"input\"");
+      // A misspelt key ("ouptut") would otherwise be ignored, and the item written somewhere else.
+      for (const auto& field : j.items())
+        if (!one_of(field.key(), {"input", "output", "start", "end"}))
+          throw UsageError("manifest line " + std::to_string(line) + ": unknown key \"" + field.key() +
+                           "\" (the keys are input, output, start and end)");
       it.input = j["input"].get<std::string>();
+      if (it.input.find('\0') != std::string::npos)
+        throw UsageError("manifest line " + std::to_string(line) + ": \"input\" holds a NUL byte");
       auto number = [&](const char* name) -> double {
         if (!j.contains(name)) return -1;
         if (!j[name].is_number() || !(j[name].get<double>() >= 0) || j[name].get<double>() > 1e9)
@@ -348,6 +397,8 @@ std::vector<Item> read_manifest(const Options& o) {
       if (j.contains("output")) {
         if (!j["output"].is_string()) throw UsageError("manifest line " + std::to_string(line) + ": \"output\" must be a string");
         output = j["output"].get<std::string>();
+        if (output.find('\0') != std::string::npos)
+          throw UsageError("manifest line " + std::to_string(line) + ": \"output\" holds a NUL byte");
         const std::string problem = output_problem(output, o.format);
         if (!problem.empty())
           throw UsageError("manifest line " + std::to_string(line) + ": \"output\" '" + output + "' " + problem);
@@ -385,6 +436,7 @@ std::vector<Item> read_manifest(const Options& o) {
     }
     items.push_back(it);
   }
+  if (f.bad()) throw UsageError("cannot read the manifest '" + o.manifest + "': " + std::strerror(errno));
   return items;
 }
 
@@ -418,56 +470,149 @@ std::string fingerprint(const Options& o, const std::string& model_id, const Ite
 
 struct Row {
   std::string status;  // ok, skipped, failed
+  // Input frames that reached the encoder (after the range, --fps and
+  // --max-frames), the latents written, and the frames of them that made no
+  // latent: a video VAE (Wan, TAEHV) encodes groups of 4 frames and drops an
+  // incomplete group at the clip's end. -1: not known (written as null).
   long long frames = 0;
+  long long latents = 0;
+  long long dropped = 0;
   std::vector<long long> shape;
   double seconds = 0;
   std::string error;
+  bool environment = false;  // the error is the output side's (is_environment_errno), not the item's
 };
 
 json row_json(const Item& it, const Row& r) {
   json j = {{"line", it.line}, {"input", it.input},     {"key", it.key},
-            {"output", it.output}, {"status", r.status}, {"frames", r.frames}};
+            {"output", it.output}, {"status", r.status}};
+  j["frames"] = r.frames >= 0 ? json(r.frames) : json(nullptr);
+  j["latents"] = r.latents;
+  j["dropped_frames"] = r.dropped >= 0 ? json(r.dropped) : json(nullptr);
   j["shape"] = r.shape.empty() ? json(nullptr) : json(r.shape);
   j["seconds"] = std::round(r.seconds * 1000) / 1000;
-  j["fps"] = r.seconds > 0 ? std::round(r.frames / r.seconds * 100) / 100 : 0.0;
+  j["fps"] = r.seconds > 0 && r.frames > 0 ? std::round(r.frames / r.seconds * 100) / 100 : 0.0;
   if (r.status == "failed") j["error"] = r.error;
   return j;
 }
 
-bool write_file_atomically(const std::string& path, const std::string& content) {
-  const std::string tmp = dir_of(path) + "/." + path.substr(path.rfind('/') + 1) + ".tmp-" + std::to_string(getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) return false;
-    f << content;
-    f.flush();
-    if (!f) return false;
+// Writes all of `text` to `fd`; false with errno set on an error.
+bool write_all(int fd, const std::string& text) {
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      return false;
+    }
+    done += static_cast<size_t>(n);
   }
-  return std::rename(tmp.c_str(), path.c_str()) == 0;
+  return true;
 }
 
-// Whether `it`'s output is there, whole, and made with these settings; fills frames and shape.
+// Replaces `path` with `content` through a hidden temporary file; false with
+// errno set (and no temporary file left) on an error.
+bool write_file_atomically(const std::string& path, const std::string& content) {
+  const std::string tmp = dir_of(path) + "/." + path.substr(path.rfind('/') + 1) + ".tmp-" + std::to_string(getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) return false;
+  bool ok = write_all(fd, content);
+  int saved = errno;
+  if (::close(fd) != 0 && ok) {
+    ok = false;
+    saved = errno;
+  }
+  if (ok && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    ok = false;
+    saved = errno;
+  }
+  if (!ok) {
+    ::unlink(tmp.c_str());
+    errno = saved;
+  }
+  return ok;
+}
+
+// A shard's results file, written one whole row at a time: a row that cannot
+// be written whole (a full disk) is cut off again, so the file never holds
+// half a row.
+class ResultsFile {
+ public:
+  explicit ResultsFile(const std::string& path) : path_(path) {
+    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    if (fd_ < 0) throw RunError("cannot write '" + path + "': " + std::strerror(errno));
+  }
+  ~ResultsFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  ResultsFile(const ResultsFile&) = delete;
+  ResultsFile& operator=(const ResultsFile&) = delete;
+
+  // Appends `line` and a newline; "" or why not.
+  std::string append(const std::string& line) {
+    if (write_all(fd_, line + "\n")) {
+      size_ += line.size() + 1;
+      return "";
+    }
+    const std::string why = "cannot write the results file '" + path_ + "': " + std::strerror(errno);
+    if (::ftruncate(fd_, static_cast<off_t>(size_)) == 0) ::lseek(fd_, static_cast<off_t>(size_), SEEK_SET);
+    return why;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  size_t size_ = 0;
+};
+
+// Whether `it`'s output is there, whole, and made with these settings; fills
+// the counts and shape. The input frames of a video model's latents are not in
+// a .latent/.safetensors file: frames and dropped stay -1 for the caller to
+// take from the row of the run that wrote it.
 bool output_is_current(const Options& o, const Item& it, const std::string& fp, Row* row) {
   struct stat st {};
   if (::stat(it.output.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
   try {
     gstvae::LatentArray a = gstvae::read_latent_file(it.output, /*with_values=*/false);
-    std::string stored;
+    row->latents = a.frames;
+    row->frames = row->dropped = -1;
     if (o.format == "npy") {
       std::ifstream f(it.output + ".json");
       if (!f) return false;
       json j = json::parse(f);
+      // The sidecar's "frames" is the latents' count (as it always was).
       if (j.value("batch_fingerprint", "") != fp || j.value("frames", -1LL) != a.frames) return false;
+      row->frames = j.value("input_frames", -1LL);
+      row->dropped = j.value("dropped_frames", -1LL);
     } else {
       auto found = a.metadata.find("batch_fingerprint");
       if (found == a.metadata.end() || found->second != fp) return false;
+      if (!a.metadata.count("temporal_downscale")) {  // an image VAE: one latent per frame
+        row->frames = a.frames;
+        row->dropped = 0;
+      }
     }
-    row->frames = a.frames;
     row->shape = {a.channels, a.height, a.width};
     return a.frames > 0;
   } catch (const std::exception&) {
     return false;  // truncated or not a latent file: encode again
   }
+}
+
+// A skipped video item's input frame counts, which its file does not hold,
+// from the last row about it, when that row describes the same output.
+void counts_from_row(const std::string& line, const Item& it, Row* row) {
+  const json j = json::parse(line, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || str(j, "output") != it.output) return;
+  if (!one_of(str(j, "status"), {"ok", "skipped"})) return;
+  auto count = [&](const char* key) {
+    auto found = j.find(key);
+    return found != j.end() && found->is_number_integer() ? found->get<long long>() : -1LL;
+  };
+  if (count("latents") != row->latents) return;
+  row->frames = count("frames");
+  row->dropped = count("dropped_frames");
 }
 
 /* ----------------------------------------------------------------- items */
@@ -476,7 +621,11 @@ struct ItemRun {
   const Options* o = nullptr;
   long long max_frames = 0;
   GstClockTime start = GST_CLOCK_TIME_NONE, end = GST_CLOCK_TIME_NONE;
-  std::atomic<long long> passed{0};
+  std::atomic<long long> passed{0};   // frames into vaeencode (numbered by their buffer offsets)
+  std::atomic<long long> decoded{0};  // frames out of the decoder, before the range and the limit
+  std::atomic<GstClockTime> decoded_end{0};  // end time of the last decoded frame
+  std::atomic<long long> covered{0};  // frames the written latents cover (the largest offset-end)
+  std::atomic<int> temporal_downscale{1};  // frames per latent (4 for Wan and TAEHV)
   std::atomic<bool> ended{false};
   GstElement* capsfilter = nullptr;
   GstElement* convert = nullptr;
@@ -512,8 +661,73 @@ GstPadProbeReturn frame_filter(GstPad* pad, GstPadProbeInfo* info, gpointer data
     if (!run->ended.exchange(true)) gst_pad_send_event(pad, gst_event_new_eos());  // same thread: the stream lock is ours
     return GST_PAD_PROBE_DROP;
   }
+  // Number the frame: vaeencode gives each latent the offsets of the frames
+  // it covers, which tells how many frames made no latent at the clip's end.
+  buf = gst_buffer_make_writable(buf);
+  GST_BUFFER_OFFSET(buf) = static_cast<guint64>(run->passed.load());
+  GST_BUFFER_OFFSET_END(buf) = static_cast<guint64>(run->passed.load()) + 1;
+  GST_PAD_PROBE_INFO_DATA(info) = buf;
   ++run->passed;
   return GST_PAD_PROBE_OK;
+}
+
+// Counts decoded frames and their end time, for a message naming the cause when no latent comes out.
+GstPadProbeReturn count_decoded(GstPad*, GstPadProbeInfo* info, gpointer data) {
+  ItemRun* run = static_cast<ItemRun*>(data);
+  GstBuffer* buf = GST_PAD_PROBE_INFO_BUFFER(info);
+  ++run->decoded;
+  if (GST_BUFFER_PTS_IS_VALID(buf)) {
+    const GstClockTime end = GST_BUFFER_PTS(buf) + (GST_BUFFER_DURATION_IS_VALID(buf) ? GST_BUFFER_DURATION(buf) : 0);
+    if (end > run->decoded_end) run->decoded_end = end;
+  }
+  return GST_PAD_PROBE_OK;
+}
+
+// At latentfilesink: a latent is progress, and its offset-end the frames
+// covered so far; the caps say how many frames make a latent.
+GstPadProbeReturn watch_latents(GstPad*, GstPadProbeInfo* info, gpointer data) {
+  ItemRun* run = static_cast<ItemRun*>(data);
+  if (info->type & GST_PAD_PROBE_TYPE_BUFFER) {
+    run->progressed();
+    GstBuffer* buf = GST_PAD_PROBE_INFO_BUFFER(info);
+    const guint64 end = GST_BUFFER_OFFSET_END(buf);
+    if (end != GST_BUFFER_OFFSET_NONE && static_cast<long long>(end) > run->covered)
+      run->covered = static_cast<long long>(end);
+  } else if (GST_EVENT_TYPE(GST_PAD_PROBE_INFO_EVENT(info)) == GST_EVENT_CAPS) {
+    GstCaps* caps = nullptr;
+    gst_event_parse_caps(GST_PAD_PROBE_INFO_EVENT(info), &caps);
+    int n = 1;
+    if (caps && gst_caps_get_size(caps) > 0 &&
+        gst_structure_get_int(gst_caps_get_structure(caps, 0), "temporal-downscale", &n) && n > 1)
+      run->temporal_downscale = n;
+  }
+  return GST_PAD_PROBE_OK;
+}
+
+std::string frames_text(long long n) { return std::to_string(n) + (n == 1 ? " frame" : " frames"); }
+
+std::string seconds_text(double s) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g s", s);
+  return buf;
+}
+
+// Why an item that ended without an error wrote no latent: the actual cause.
+std::string no_latent_reason(const Item& it, const ItemRun& run) {
+  if (!run.video_linked) return "no video stream in '" + it.input + "'";
+  const long long decoded = run.decoded, passed = run.passed;
+  if (decoded == 0) return "the video stream of '" + it.input + "' has no frames";
+  if (passed == 0 && (it.start >= 0 || it.end >= 0)) {
+    std::string range = it.start >= 0 ? "from start " + seconds_text(it.start) : "from the beginning";
+    range += it.end >= 0 ? " to end " + seconds_text(it.end) : " to the end";
+    return "no frame in the range " + range + ": the video's " + frames_text(decoded) + " end at " +
+           seconds_text(static_cast<double>(run.decoded_end.load()) / GST_SECOND);
+  }
+  if (passed == 0) return frames_text(decoded) + " decoded, none reached the encoder";
+  if (run.temporal_downscale > 1)
+    return frames_text(passed) + " decoded, too few for one latent: this video model encodes groups of " +
+           std::to_string(run.temporal_downscale.load()) + " frames and drops an incomplete group at the clip's end";
+  return frames_text(passed) + " reached the encoder but no latent came out";
 }
 
 // Once the input size is known: keep it (no silent rescaling), or with
@@ -637,6 +851,7 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   const std::string out_dir = dir_of(it.output);
   if (g_mkdir_with_parents(out_dir.c_str(), 0777) != 0) {
     row.status = "failed";
+    row.environment = is_environment_errno(errno);
     row.error = "cannot create '" + out_dir + "': " + std::strerror(errno);
     return row;
   }
@@ -708,19 +923,15 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   g_signal_connect(src, "pad-added", G_CALLBACK(on_pad_added), &run);
   GstPad* convert_sink = gst_element_get_static_pad(run.convert, "sink");
   gst_pad_add_probe(convert_sink, GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM, size_from_caps, &run, nullptr);
+  gst_pad_add_probe(convert_sink, GST_PAD_PROBE_TYPE_BUFFER, count_decoded, &run, nullptr);
   gst_object_unref(convert_sink);
   // The range and the frame limit apply to the frames vaeencode would get (after videorate).
   GstPad* enc_sink = gst_element_get_static_pad(enc, "sink");
   gst_pad_add_probe(enc_sink, GST_PAD_PROBE_TYPE_BUFFER, frame_filter, &run, nullptr);
   gst_object_unref(enc_sink);
   GstPad* sink_pad = gst_element_get_static_pad(sink, "sink");
-  gst_pad_add_probe(
-      sink_pad, GST_PAD_PROBE_TYPE_BUFFER,
-      [](GstPad*, GstPadProbeInfo*, gpointer d) {
-        static_cast<ItemRun*>(d)->progressed();
-        return GST_PAD_PROBE_OK;
-      },
-      &run, nullptr);
+  gst_pad_add_probe(sink_pad, static_cast<GstPadProbeType>(GST_PAD_PROBE_TYPE_BUFFER | GST_PAD_PROBE_TYPE_EVENT_DOWNSTREAM),
+                    watch_latents, &run, nullptr);
   gst_object_unref(sink_pad);
   run.pipeline = pipeline;
   run.progressed();
@@ -728,6 +939,7 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   const auto t0 = std::chrono::steady_clock::now();
   GstBus* bus = gst_element_get_bus(pipeline);
   std::string error;
+  bool environment = false;  // the error is the output side's, not the item's
   bool eos = false;
   if (gst_element_set_state(pipeline, GST_STATE_PLAYING) == GST_STATE_CHANGE_FAILURE) error = "could not start";
   while (!eos) {
@@ -758,6 +970,8 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
     }
     if (GST_MESSAGE_TYPE(m) == GST_MESSAGE_ERROR) {
       error = error_text(m);
+      // Only latentfilesink writes: a source's "Permission denied" is the input's.
+      environment = GST_MESSAGE_SRC(m) == GST_OBJECT(sink) && environment_errno_in(error) != 0;
       if (!run.video_linked && error.find("not-linked") != std::string::npos)
         error = "no video stream in '" + it.input + "'";
       gst_message_unref(m);
@@ -778,13 +992,16 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
 
   if (error.empty()) {
     struct stat st {};
-    if (::stat(staging.c_str(), &st) != 0) error = "no video frames decoded (no video stream, or an empty one)";
+    if (::stat(staging.c_str(), &st) != 0) error = no_latent_reason(it, run);
   }
   if (error.empty()) {
     try {
       gstvae::LatentArray a = gstvae::read_latent_file(staging, /*with_values=*/false);
-      row.frames = a.frames;
+      row.latents = a.frames;
+      row.frames = run.passed;
+      row.dropped = std::max(0LL, run.passed - std::min(run.covered.load(), run.passed.load()));
       row.shape = {a.channels, a.height, a.width};
+      if (a.frames == 0) error = no_latent_reason(it, run);
     } catch (const std::exception& e) {
       error = std::string("the written file does not read back: ") + e.what();
     }
@@ -792,18 +1009,24 @@ Row encode_item(const Options& o, const Item& it, const std::string& fp) {
   // .npy: the old sidecar goes first, the new one comes after the rename, so
   // that a crash in between leaves an output a rerun encodes again.
   if (error.empty() && o.format == "npy") ::unlink((it.output + ".json").c_str());
-  if (error.empty() && std::rename(staging.c_str(), it.output.c_str()) != 0)
+  if (error.empty() && std::rename(staging.c_str(), it.output.c_str()) != 0) {
+    environment = is_environment_errno(errno);
     error = "cannot rename '" + staging + "' to '" + it.output + "': " + std::strerror(errno);
+  }
   if (error.empty() && o.format == "npy") {
-    const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", row.frames}};
-    if (!write_file_atomically(it.output + ".json", dump(side) + "\n"))
+    const json side = {{"batch_key", it.key}, {"batch_fingerprint", fp}, {"frames", row.latents},
+                       {"input_frames", row.frames}, {"dropped_frames", row.dropped}};
+    if (!write_file_atomically(it.output + ".json", dump(side) + "\n")) {
+      environment = is_environment_errno(errno);
       error = "cannot write '" + it.output + ".json': " + std::strerror(errno);
+    }
   }
   if (!error.empty()) {
     ::unlink(staging.c_str());
     row.status = "failed";
     row.error = error;
-    row.frames = 0;
+    row.environment = environment;
+    row.frames = row.latents = row.dropped = 0;
     row.shape.clear();
     return row;
   }
@@ -819,9 +1042,17 @@ int summarize(const std::string& dir) {
   if (!d) throw UsageError("no results folder '" + results + "'");
   long long shards = -1;
   std::set<long long> present, succeeded;
-  long long items = 0, ok = 0, skipped = 0, failed = 0, frames = 0;
+  long long items = 0, ok = 0, skipped = 0, failed = 0, frames = 0, latents = 0;
   bool mixed = false;
   std::vector<json> failures;
+  // Lines of results files that are not rows this tool writes (garbage, a
+  // file cut short, rows of two runs spliced): the data set cannot be called
+  // complete from them, so each is named and the summary fails.
+  std::vector<json> unreadable;
+  auto unreadable_line = [&](const std::string& path, long long line, const std::string& why) {
+    std::cerr << "gst-vae-batch: " << path << " line " << line << ": " << why << "\n";
+    unreadable.push_back({{"file", path}, {"line", line}, {"error", why}});
+  };
   while (const gchar* name = g_dir_read_name(d)) {
     long long i = 0, n = 0;
     char tail[32] = {0};
@@ -829,20 +1060,39 @@ int summarize(const std::string& dir) {
     // Exactly the names this tool writes: "shard-00-of-1.jsonl" (a copy) is not shard 0 again.
     const std::string canonical = "shard-" + std::to_string(i) + "-of-" + std::to_string(n) + "." + tail;
     if (canonical != name) continue;
+    if (std::string(tail) != "_SUCCESS" && std::string(tail) != "jsonl") continue;
     if (shards >= 0 && n != shards) mixed = true;
     shards = n;
     if (std::string(tail) == "_SUCCESS") {
       succeeded.insert(i);
       continue;
     }
-    if (std::string(tail) != "jsonl") continue;
     present.insert(i);
-    std::ifstream f(results + "/" + name);
+    const std::string path = results + "/" + name;
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+      unreadable_line(path, 0, std::string("cannot read it: ") + std::strerror(errno));
+      continue;
+    }
     std::string line;
+    long long number = 0;
     while (std::getline(f, line)) {
+      ++number;
+      // The tool ends every row with a newline: a last line without one was cut off.
+      if (f.eof()) {
+        unreadable_line(path, number, "cut short (no newline at its end)");
+        break;
+      }
       if (line.empty()) continue;
       json j = json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) continue;
+      if (j.is_discarded()) {
+        unreadable_line(path, number, "not valid JSON (a corrupt or spliced results file)");
+        continue;
+      }
+      if (!j.is_object() || !one_of(str(j, "status"), {"ok", "skipped", "failed"})) {
+        unreadable_line(path, number, "not a results row (no \"status\" ok, skipped or failed)");
+        continue;
+      }
       ++items;
       const std::string st = str(j, "status");
       if (st == "ok") ++ok;
@@ -852,6 +1102,7 @@ int summarize(const std::string& dir) {
         failures.push_back({{"input", str(j, "input")}, {"error", str(j, "error")}});
       }
       if (j.contains("frames") && j["frames"].is_number_integer()) frames += j["frames"].get<long long>();
+      if (j.contains("latents") && j["latents"].is_number_integer()) latents += j["latents"].get<long long>();
     }
   }
   g_dir_close(d);
@@ -862,11 +1113,14 @@ int summarize(const std::string& dir) {
   }
   json s = {{"shards", shards < 0 ? 0 : shards}, {"items", items},     {"ok", ok},
             {"skipped", skipped},                {"failed", failed},   {"frames", frames},
+            {"latents", latents},
             {"missing_shards", missing},         {"shards_without_success", unsuccessful},
-            {"failures", failures},              {"mixed_shard_counts", mixed}};
+            {"failures", failures},              {"mixed_shard_counts", mixed},
+            {"unreadable_results", unreadable}};
   std::cout << dump(s) << std::endl;
   write_file_atomically(results + "/summary.json", dump(s, 2) + "\n");
-  return (shards > 0 && missing.empty() && unsuccessful.empty() && failed == 0 && !mixed) ? 0 : 1;
+  return (shards > 0 && missing.empty() && unsuccessful.empty() && failed == 0 && !mixed && unreadable.empty()) ? 0
+                                                                                                             : 1;
 }
 
 /* ------------------------------------------------------------------ main */
@@ -887,6 +1141,49 @@ long long plugin_model_loads() {
 }
 
 void on_signal(int sig) { g_interrupted = sig; }
+
+// One runner per shard: an exclusive flock on DIR/_results/shard-I-of-N.lock,
+// held for the life of the process. The kernel releases it when the process
+// ends, however it ends (SIGKILL, a lost node's NFS lease), so a stale lock
+// never blocks a rerun. The file holds the holder's pid, host and start time
+// for the message of a run that finds it taken. Returns the descriptor (kept
+// open on purpose), or -1 where the file system cannot lock.
+int lock_shard(const std::string& path, const std::string& tag) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd < 0) throw RunError("cannot open the lock file '" + path + "': " + std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int why = errno;
+    if (why == EWOULDBLOCK) {
+      char buf[512] = {0};
+      const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+      std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "";
+      while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+      ::close(fd);
+      throw ShardBusy(tag + " is already being run by another process (" +
+                      (holder.empty() ? std::string("it has not said which yet") : holder) +
+                      "), which holds the lock '" + path +
+                      "'; this run did nothing. Wait for that run to end (or stop it) and run again.");
+    }
+    // Some shared file systems cannot lock (Lustre without -o flock, NFS without a lock manager):
+    // run unguarded rather than not at all, and say so.
+    ::close(fd);
+    std::cerr << "gst-vae-batch: warning: cannot lock '" << path << "' (" << std::strerror(why)
+              << "): nothing keeps a second run of " << tag << " from running at the same time\n";
+    return -1;
+  }
+  char since[64] = {0};
+  const std::time_t now = std::time(nullptr);
+  std::tm utc {};
+  gmtime_r(&now, &utc);
+  std::strftime(since, sizeof since, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  char host[256] = {0};
+  if (gethostname(host, sizeof host - 1) != 0) std::strcpy(host, "?");
+  const std::string holder = "pid " + std::to_string(getpid()) + " on host " + host + ", since " + since + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, holder.data(), holder.size(), 0) < 0) {
+    // Only the message of a second run loses its detail: the lock itself holds.
+  }
+  return fd;
+}
 
 int run(Options& o) {
   std::string shard_source;
@@ -951,6 +1248,13 @@ int run(Options& o) {
     return 0;
   }
 
+  // Before anything is loaded or written: a second run of a shard that is
+  // running would redo its work and splice its rows into the same results.
+  if (g_mkdir_with_parents(results_dir.c_str(), 0777) != 0)
+    throw RunError("cannot create '" + results_dir + "': " + std::strerror(errno));
+  const int shard_lock = lock_shard(results_dir + "/" + tag + ".lock", tag);
+  (void)shard_lock;  // open until the process ends: that is the lock
+
   // Load the model once: this idle element holds it in the plugin's cache for every item.
   GstElement* anchor = gst_element_factory_make("vaeencode", nullptr);
   if (!anchor) throw UsageError("the vaeencode element is missing: set GST_PLUGIN_PATH to the plugin's folder");
@@ -969,25 +1273,37 @@ int run(Options& o) {
   }
   // The last results are replaced only once this run can work: a run that
   // fails before (no GPU, a bad model) leaves them as they were.
-  if (g_mkdir_with_parents(results_dir.c_str(), 0777) != 0)
-    throw RunError("cannot create '" + results_dir + "': " + std::strerror(errno));
   ::unlink(success_path.c_str());
-  std::ofstream results(results_path, std::ios::trunc);
-  if (!results) throw RunError("cannot write '" + results_path + "': " + std::strerror(errno));
+  ResultsFile results(results_path);
 
   const bool tty = isatty(STDERR_FILENO);
   std::cerr << "gst-vae-batch: " << tag << " (" << shard_source << "): " << mine.size() << " of " << all.size()
             << " items, " << o.jobs << " at a time\n";
   std::mutex mutex;  // results, counters, progress
   size_t next = 0, done = 0, failures = 0;
+  // Why the run stopped early for a fault of the environment (a full disk, a
+  // read-only out-dir), or "": items not done then stay pending.
+  std::string stopped;
+  std::set<std::string> reported;  // keys with a row from this run
   long long frames_done = 0;
   double encode_seconds = 0;
   const auto t0 = std::chrono::steady_clock::now();
 
   auto report = [&](const Item& it, const Row& r) {
     std::lock_guard<std::mutex> lock(mutex);
-    results << dump(row_json(it, r)) << "\n";
-    results.flush();
+    if (r.environment) {
+      // Not the item's fault: no row (it stays pending), and no point in trying the next items.
+      if (stopped.empty()) stopped = it.input + ": " + r.error;
+      std::fprintf(stderr, "gst-vae-batch: stopping at %s: %s\n", it.input.c_str(), r.error.c_str());
+      return;
+    }
+    const std::string not_written = results.append(dump(row_json(it, r)));
+    if (!not_written.empty()) {
+      if (stopped.empty()) stopped = not_written;
+      std::fprintf(stderr, "gst-vae-batch: stopping: %s\n", not_written.c_str());
+      return;
+    }
+    reported.insert(it.key);
     ++done;
     if (r.status == "failed") ++failures;
     if (r.status == "ok") {
@@ -1002,9 +1318,14 @@ int run(Options& o) {
                    static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
       if (done == mine.size()) std::fprintf(stderr, "\n");
     } else {
-      std::fprintf(stderr, "gst-vae-batch: [%zu/%zu] %s %s: %lld frames in %.2f s%s%s\n", done, mine.size(),
-                   r.status.c_str(), it.input.c_str(), r.frames, r.seconds, r.error.empty() ? "" : ": ",
-                   r.error.c_str());
+      // A video model's latents are not its frames: both, and what was dropped.
+      const std::string latents = r.latents == r.frames && r.dropped <= 0
+                                      ? ""
+                                      : " (" + std::to_string(r.latents) + " latents, " +
+                                            (r.dropped >= 0 ? std::to_string(r.dropped) : "?") + " dropped)";
+      std::fprintf(stderr, "gst-vae-batch: [%zu/%zu] %s %s: %lld frames%s in %.2f s%s%s\n", done, mine.size(),
+                   r.status.c_str(), it.input.c_str(), std::max(r.frames, 0LL), latents.c_str(), r.seconds,
+                   r.error.empty() ? "" : ": ", r.error.c_str());
     }
   };
 
@@ -1013,7 +1334,7 @@ int run(Options& o) {
       size_t i;
       {
         std::lock_guard<std::mutex> lock(mutex);
-        if (next >= mine.size() || g_interrupted) return;
+        if (next >= mine.size() || g_interrupted || !stopped.empty()) return;
         i = next++;
       }
       const Item& it = mine[i];
@@ -1024,6 +1345,7 @@ int run(Options& o) {
           r.error = it.problem;
         } else if (output_is_current(o, it, fps[i], &r)) {
           r.status = "skipped";
+          if (r.frames < 0 && previous_rows.count(it.key)) counts_from_row(previous_rows[it.key], it, &r);
         } else if (failed_before.count(it.key) && !o.retry_failed) {
           r.status = "failed";
           r.error = "failed before: " + failed_before[it.key] + " (use --retry-failed)";
@@ -1042,12 +1364,13 @@ int run(Options& o) {
   for (unsigned j = 0; j < std::min<size_t>(o.jobs, std::max<size_t>(mine.size(), 1)); ++j) threads.emplace_back(worker);
   for (auto& t : threads) t.join();
   {
-    // Items an interruption kept this run from reaching keep their last rows
-    // (a "failed before" stays known).
-    std::set<std::string> reached;
-    for (size_t i = 0; i < std::min(next, mine.size()); ++i) reached.insert(mine[i].key);
+    // Items an interruption or a stop kept this run from doing keep their
+    // last rows (a "failed before" stays known).
     for (const Item& it : mine)
-      if (!reached.count(it.key) && previous_rows.count(it.key)) results << previous_rows[it.key] << "\n";
+      if (!reported.count(it.key) && previous_rows.count(it.key)) {
+        const std::string not_written = results.append(previous_rows[it.key]);
+        if (!not_written.empty() && stopped.empty()) stopped = not_written;
+      }
   }
 
   const long long loads = plugin_model_loads();
@@ -1055,18 +1378,21 @@ int run(Options& o) {
   gst_element_set_bus(anchor, nullptr);
   gst_object_unref(anchor_bus);
   gst_object_unref(anchor);
-  results.close();
 
   const bool interrupted = g_interrupted != 0;
-  if (!interrupted && failures == 0) {
-    std::ofstream ok(success_path);
-  }
+  if (!interrupted && stopped.empty() && failures == 0 && !write_file_atomically(success_path, ""))
+    stopped = "cannot write '" + success_path + "': " + std::strerror(errno);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::fprintf(stderr, "gst-vae-batch: %s: %zu items, %zu failed, %lld frames in %.1f s (%.1f frames/s)%s\n",
                tag.c_str(), done, failures, frames_done, elapsed, elapsed > 0 ? frames_done / elapsed : 0.0,
                interrupted ? ", interrupted" : "");
+  if (!stopped.empty())
+    std::fprintf(stderr,
+                 "gst-vae-batch: %s stopped: %s. That is a fault of the output side, not of the items: "
+                 "those not done stay pending, and a rerun once it is fixed does them\n",
+                 tag.c_str(), stopped.c_str());
   std::fprintf(stderr, "gst-vae-batch: model loads: %lld\n", loads);
-  return (failures || interrupted) ? 1 : 0;
+  return (failures || interrupted || !stopped.empty()) ? 1 : 0;
 }
 
 }  // namespace
@@ -1088,6 +1414,9 @@ int main(int argc, char** argv) {
   } catch (const RunError& e) {
     std::cerr << "gst-vae-batch: " << e.what() << "\n";
     return 1;
+  } catch (const ShardBusy& e) {
+    std::cerr << "gst-vae-batch: " << e.what() << "\n";
+    return kExitShardBusy;
   } catch (const std::exception& e) {
     std::cerr << "gst-vae-batch: " << e.what() << "\n";
     return 1;

@@ -7,9 +7,16 @@
 
 #include "latent_file.h"
 
+static const char* const kUsage = "usage: gst-vae-latent-info FILE [--raw OUT.f32]\n";
+
 int main(int argc, char** argv) {
+  // Asked for: usage on stdout, success (a file named "--help" is ./--help).
+  if (argc == 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+    std::cout << kUsage;
+    return 0;
+  }
   if (argc != 2 && !(argc == 4 && std::string(argv[2]) == "--raw")) {
-    std::cerr << "usage: gst-vae-latent-info FILE [--raw OUT.f32]\n";
+    std::cerr << kUsage;
     return 2;
   }
   try {

@@ -29,10 +29,18 @@ GSTVAE_BATCH_TOOL (the built gst-vae-batch).
      succeeded, and nothing failed
   g. BENCH: the tool (one process, one model load) vs one gst-launch-1.0 per
      item; asserts "model loads: 1" (also with --jobs 2)
+  i. issue 22: one runner per shard (a second run refuses on the shard's
+     lock); --summary fails on results lines that do not parse; a folder as
+     --manifest; a full disk or read-only output folder stops the run and
+     leaves the items pending (tmpfs mounts, root only); video VAEs count
+     input frames, latents and dropped frames and name the cause when no
+     latent comes out; --device foo; dot-file outputs, NUL bytes and unknown
+     JSON keys; gst-vae-latent-info --help
 
 GSTVAE_BATCH_CASES=WORD[,WORD...] runs only the cases whose name holds one of
 the words (for quick local runs); GSTVAE_BATCH_BENCH_ITEMS sets g's N (6).
 """
+import errno
 import json
 import os
 import re
@@ -54,7 +62,8 @@ MODEL_NAME = "tiny-vae-test.safetensors"
 Z = 4  # latent channels of the test model
 SHARD_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
               "SLURM_ARRAY_JOB_ID", "JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-ROW_FIELDS = {"line", "input", "key", "output", "status", "frames", "shape", "seconds", "fps"}
+ROW_FIELDS = {"line", "input", "key", "output", "status", "frames", "latents", "dropped_frames", "shape", "seconds",
+              "fps"}
 
 from casekit import FAILED, RAN, Case, CheckFailed, finish, run_case, run_selected  # noqa: F401
 
@@ -985,6 +994,282 @@ def case_bench(c, model, tmp):
     return "tool %.1f s, per-item gst-launch %.1f s" % (tool_total, launch_total)
 
 
+# ------------------------------------------------------------------ i
+
+def case_one_runner(c, model, tmp):
+    """Two runs of one shard at once (a resubmitted Slurm task while the first
+    still runs): the second refuses, naming the lock and the other run; the
+    first finishes alone, with a results file that parses."""
+    d = os.path.join(tmp, "i1")
+    make_clip(os.path.join(d, "long.webm"), 300, 128, 96, fps=30, pattern=18)
+    make_clip(os.path.join(d, "short.webm"), 5, 64, 48)
+    manifest = write_manifest(os.path.join(d, "m.txt"), ["long.webm", "short.webm"])
+    out = os.path.join(d, "out")
+    args = encode_args(manifest, model, out, "--per-batch", 4)
+    with open(os.path.join(d, "first.log"), "wb") as log:
+        first, _ = start_and_wait_staging(c, args, out, log)
+        second = batch(args, timeout=60)
+        try:
+            rc = first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            rc = "hung"
+    c.check(second.rc not in (0, 2) and isinstance(second.rc, int),
+            "a second run of a running shard: exit %s, expected a refusal (non-zero, not a usage error)\n%s"
+            % (second.rc, second.text(1500)))
+    lock = os.path.join(out, "_results", "shard-0-of-1.lock")
+    c.check(lock in second.err and "pid %d" % first.pid in second.err,
+            "the refusal does not name the lock %s and the other run (pid %d):\n%s" % (lock, first.pid, second.err))
+    c.check(rc == 0, "the first run: exit %s" % rc)
+    with open(os.path.join(out, "_results", "shard-0-of-1.jsonl"), encoding="utf-8") as f:
+        text = f.read()
+    rows = []
+    for l in text.splitlines():
+        try:
+            rows.append(json.loads(l))
+        except ValueError:
+            c.check(False, "a results line does not parse: %r" % l)
+    c.check(sorted(x["line"] for x in rows) == [1, 2] and all(x["status"] == "ok" for x in rows),
+            "results of the first run: %s" % rows)
+    # The lock dies with its holder: a SIGKILLed run does not block the next one.
+    shutil.rmtree(out)
+    with open(os.path.join(d, "killed.log"), "wb") as log:
+        p, _ = start_and_wait_staging(c, args, out, log)
+        p.kill()
+        p.wait()
+    batch_ok(c, args, timeout=120)
+    summary(c, out, 0)
+    return "second run: exit %d, %s" % (second.rc, second.err.strip().splitlines()[0][:160])
+
+
+def case_summary_corrupt(c, model, tmp):
+    """A results file that does not parse (garbage, cut short, two rows spliced
+    on one line) fails the summary, naming the file and the line."""
+    d = os.path.join(tmp, "i2")
+    make_clip(os.path.join(d, "a.webm"), 5, 64, 48)
+    make_clip(os.path.join(d, "b.webm"), 5, 64, 48, pattern=1)
+    manifest = write_manifest(os.path.join(d, "m.txt"), ["a.webm", "b.webm"])
+    good = os.path.join(d, "good")
+    batch_ok(c, encode_args(manifest, model, good))
+    summary(c, good, 0)
+    with open(os.path.join(good, "_results", "shard-0-of-1.jsonl"), "rb") as f:
+        blob = f.read()
+    rows = blob.splitlines(keepends=True)
+    c.need(len(rows) == 2, "two rows expected: %r" % blob)
+    variants = {
+        "garbage": (blob + b"#!garbage\x00\xff\n", 3),
+        "cut": (blob[:100], 1),
+        "spliced": (rows[0].rstrip(b"\n") + rows[1], 1),
+    }
+    notes = []
+    for name, (content, line) in variants.items():
+        out = os.path.join(d, name)
+        shutil.copytree(good, out)
+        path = os.path.join(out, "_results", "shard-0-of-1.jsonl")
+        with open(path, "wb") as f:
+            f.write(content)
+        r = batch(["--summary", out])
+        c.check(r.rc == 1, "%s results file: --summary exit %s, expected 1\n%s" % (name, r.rc, r.text()))
+        c.check(path in r.err and re.search(r"\bline %d\b" % line, r.err),
+                "%s: the message does not name %s line %d:\n%s" % (name, path, line, r.err[-800:]))
+        notes.append(name)
+    return ", ".join(notes) + ": exit 1 naming file and line"
+
+
+def case_manifest_folder(c, model, tmp):
+    """--manifest naming a folder is a usage error, like a missing manifest."""
+    d = os.path.join(tmp, "i3")
+    os.makedirs(os.path.join(d, "manifests"), exist_ok=True)
+    out = os.path.join(d, "out")
+    for args in (encode_args(os.path.join(d, "manifests"), model, out),
+                 encode_args(os.path.join(d, "manifests"), model, out, "--dry-run")):
+        r = batch(args)
+        c.check(r.rc == 2 and "manifest" in r.err and "folder" in r.err,
+                "%s: exit %s, expected 2 naming the manifest as a folder\n%s" % (args[-1], r.rc, r.text(800)))
+    c.check(not os.path.exists(out), "a manifest folder created %s" % out)
+
+
+class Mount:
+    """A tmpfs of `size` at `path` (root only), unmounted at the end."""
+
+    def __init__(self, path, size):
+        self.path, self.size = path, size
+
+    def __enter__(self):
+        os.makedirs(self.path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % self.size, "tmpfs", self.path], check=True)
+        return self
+
+    def remount(self, opts):
+        subprocess.run(["mount", "-o", "remount," + opts, self.path], check=True)
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", "-l", self.path])
+
+
+def case_environment_failures(c, model, tmp):
+    """A full disk or a read-only output folder is not the item's fault: the
+    run stops (exit 1, naming the cause), writes no failed row, and a plain
+    rerun after the fix encodes the items."""
+    d = os.path.join(tmp, "i4")
+    probe = os.path.join(d, "mount-probe")
+    os.makedirs(probe)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", probe],
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT).returncode != 0:
+        return "not run: mounting a tmpfs needs root (or CAP_SYS_ADMIN) here"
+    subprocess.run(["umount", probe], check=True)
+    # 20 latents of 4x16x16 float32: 80 KiB, more than the 64 KiB out-dir holds.
+    make_clip(os.path.join(d, "big.webm"), 20, 128, 128)
+    make_clip(os.path.join(d, "small.webm"), 5, 64, 48)
+    manifest = write_manifest(os.path.join(d, "m.txt"), ["big.webm", "small.webm"])
+    out = os.path.join(d, "full")
+    args = encode_args(manifest, model, out, "--per-batch", 4)
+    notes = []
+    with Mount(out, "64k") as disk:
+        r = batch(args, timeout=120)
+        c.check(r.rc == 1, "a full disk: exit %s, expected 1\n%s" % (r.rc, r.text()))
+        c.check(os.strerror(errno.ENOSPC) in r.err and "stopped" in r.err,
+                "a full disk: the message does not say the run stopped for it:\n%s" % r.err[-1500:])
+        rows = results(out) if os.path.exists(os.path.join(out, "_results", "shard-0-of-1.jsonl")) else []
+        c.check(not [x for x in rows if x["status"] == "failed"], "a full disk made failed rows: %s" % rows)
+        c.check(not os.path.exists(success_marker(out)), "_SUCCESS after a full disk")
+        c.check(not hidden_files(out), "a full disk left hidden files: %s" % hidden_files(out))
+        notes.append(r.err.strip().splitlines()[-2][:200] if r.err.strip() else "")
+        disk.remount("size=8m")
+        r = batch_ok(c, args, timeout=120)
+        x = by_line(results(out))
+        c.check(x.get(1, {}).get("status") == "ok" and x.get(2, {}).get("status") == "ok",
+                "the rerun after freeing space: %s" % x)
+    # A read-only output folder (EROFS) for an item's "output".
+    d2 = os.path.join(d, "ro-case")
+    manifest2 = write_manifest(os.path.join(d, "m2.txt"),
+                               [json.dumps({"input": "small.webm", "output": "ro/small.latent"}), "big.webm"])
+    out2 = os.path.join(d2, "out")
+    os.makedirs(out2)
+    args2 = encode_args(manifest2, model, out2, "--per-batch", 4)
+    with Mount(os.path.join(out2, "ro"), "1m") as ro:
+        ro.remount("ro")
+        r = batch(args2, timeout=120)
+        c.check(r.rc == 1 and os.strerror(errno.EROFS) in r.err,
+                "a read-only output folder: exit %s, expected 1 naming EROFS\n%s" % (r.rc, r.text()))
+        rows = results(out2) if os.path.exists(os.path.join(out2, "_results", "shard-0-of-1.jsonl")) else []
+        c.check(not [x for x in rows if x["status"] == "failed"], "a read-only folder made failed rows: %s" % rows)
+        ro.remount("rw")
+        batch_ok(c, args2, timeout=120)
+        x = by_line(results(out2))
+        c.check(x.get(1, {}).get("status") == "ok", "the rerun after making the folder writable: %s" % x)
+        notes.append("EROFS")
+    return "; ".join(notes)
+
+
+def video_model(c, tmp, family):
+    """A small random TAEHV (taew2_1, width 16) or Wan 2.1 (dim 8) checkpoint."""
+    path = os.path.join(tmp, "video-%s.safetensors" % family)
+    if not os.path.exists(path):
+        if family == "taehv":
+            cmd = [sys.executable, os.path.join(HERE, "taehv_reference.py"), "make-weights", "--variant", "taew2_1",
+                   "--width", "16", "--out", path, "--seed", "1"]
+        else:
+            cmd = [sys.executable, os.path.join(HERE, "wan_weights.py"), "--variant", "2.1", "--dim", "8",
+                   "--out", path]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        c.need(p.returncode == 0, "%s exited %d:\n%s" % (cmd, p.returncode, p.stdout.decode()[-2000:]))
+    return path
+
+
+def case_video_counts(c, model, tmp):
+    """Video VAEs: rows count input frames, latents and dropped frames apart;
+    a clip too short for a latent and a range past the clip's end say so."""
+    d = os.path.join(tmp, "i5")
+    make_clip(os.path.join(d, "one.webm"), 1, 64, 64)
+    make_clip(os.path.join(d, "ten.webm"), 10, 64, 64, pattern=1)
+    manifest = write_manifest(os.path.join(d, "m.txt"), [
+        "one.webm",                                                       # 1
+        "ten.webm",                                                       # 2
+        json.dumps({"input": "ten.webm", "start": 5}),                    # 3: the clip is 1 s long
+    ])
+    vague = "no video frames decoded"
+    taehv = video_model(c, tmp, "taehv")
+    out = os.path.join(d, "taehv")
+    batch_ok(c, encode_args(manifest, taehv, out, "--per-batch", 4), rc=1, timeout=300)
+    x = by_line(results(out))
+    e1, e3 = x[1].get("error", ""), x[3].get("error", "")
+    c.check(x[1]["status"] == "failed" and vague not in e1 and "1 frame" in e1 and "4" in e1,
+            "TAEHV, 1 frame: %s; expected an error saying 1 frame is too few for a latent of 4" % x[1])
+    c.check(x[3]["status"] == "failed" and vague not in e3 and "start" in e3,
+            "TAEHV, start past the end: %s; expected an error naming the range" % x[3])
+    # TAEHV: latents of frames 0-3, 4-7; frames 8 and 9 are dropped.
+    want = {"frames": 10, "latents": 2, "dropped_frames": 2}
+    c.check(x[2]["status"] == "ok" and all(x[2].get(k) == v for k, v in want.items()),
+            "TAEHV, 10 frames: %s; expected %s" % (x[2], want))
+    c.check(read_header(x[2]["output"])[1][0] == 2, "TAEHV: the file holds %s" % read_header(x[2]["output"])[1])
+    batch_ok(c, encode_args(manifest, taehv, out, "--per-batch", 4), rc=1, timeout=300)
+    y = by_line(results(out))
+    c.check(y[2]["status"] == "skipped" and all(y[2].get(k) == v for k, v in want.items()),
+            "TAEHV, 10 frames, skipped on a rerun: %s; expected %s" % (y[2], want))
+    out = os.path.join(d, "taehv-max")
+    batch_ok(c, encode_args(manifest, taehv, out, "--per-batch", 4, "--max-frames", 6), rc=1, timeout=300)
+    x = by_line(results(out))
+    want = {"frames": 6, "latents": 1, "dropped_frames": 2}
+    c.check(x[2]["status"] == "ok" and all(x[2].get(k) == v for k, v in want.items()),
+            "TAEHV --max-frames 6: %s; expected %s" % (x[2], want))
+    # Wan: latent 0 is frame 0, then 1-4, 5-8; frame 9 is dropped.
+    wan = video_model(c, tmp, "wan")
+    out = os.path.join(d, "wan")
+    batch_ok(c, encode_args(manifest, wan, out, "--per-batch", 4), rc=1, timeout=300)
+    x = by_line(results(out))
+    for line, want in ((1, {"frames": 1, "latents": 1, "dropped_frames": 0}),
+                       (2, {"frames": 10, "latents": 3, "dropped_frames": 1})):
+        c.check(x[line]["status"] == "ok" and all(x[line].get(k) == v for k, v in want.items()),
+                "Wan, line %d: %s; expected %s" % (line, x[line], want))
+    # An image VAE: one latent per frame.
+    out = os.path.join(d, "image")
+    batch_ok(c, encode_args(manifest, model, out, "--per-batch", 4), rc=1)
+    x = by_line(results(out))
+    want = {"frames": 10, "latents": 10, "dropped_frames": 0}
+    c.check(x[2]["status"] == "ok" and all(x[2].get(k) == v for k, v in want.items()),
+            "image VAE, 10 frames: %s; expected %s" % (x[2], want))
+    s = summary(c, out, 1)
+    c.check(s.get("frames") == 11 and s.get("latents") == 11, "image VAE summary: %s" % s)
+    r = batch(encode_args(manifest, model, os.path.join(d, "foo"), "--device", "foo"))
+    c.check(r.rc == 2 and "--device" in r.err, "--device foo: exit %s, expected 2\n%s" % (r.rc, r.text(800)))
+    return "TAEHV 1 frame: %s; start past the end: %s" % (e1[:100], e3[:100])
+
+
+def case_small_manifest_rules(c, model, tmp):
+    """Dot-file inputs get visible outputs; a NUL byte or an unknown JSON key
+    is a usage error naming the line; gst-vae-latent-info --help."""
+    d = os.path.join(tmp, "i6")
+    make_clip(os.path.join(d, ".dot.webm"), 4, 64, 48)
+    make_clip(os.path.join(d, "good.webm"), 4, 64, 48, pattern=1)
+    out = os.path.join(d, "out")
+    manifest = write_manifest(os.path.join(d, "m.txt"), [".dot.webm", "good.webm"])
+    batch_ok(c, encode_args(manifest, model, out))
+    x = by_line(results(out))
+    name = os.path.basename(x[1]["output"])
+    c.check(x[1]["status"] == "ok" and not name.startswith(".") and name.startswith("dot-"),
+            "a dot-file's output: %s" % x[1])
+    c.check(not hidden_files(out), "hidden files in the out-dir: %s" % hidden_files(out))
+    batch_ok(c, encode_args(manifest, model, out))
+    c.check(by_line(results(out))[1]["status"] == "skipped", "a dot-file's output is not skipped on a rerun")
+    bad = os.path.join(d, "bad.txt")
+    for content, needle in ((b"good.webm\n.dot.webm\x00junk\n", "NUL"),
+                            (b'good.webm\n{"input": "good.webm", "ouptut": "y.latent"}\n', "ouptut")):
+        with open(bad, "wb") as f:
+            f.write(content)
+        for extra in ([], ["--dry-run"]):
+            r = batch(encode_args(bad, model, os.path.join(d, "out-bad"), *extra))
+            c.check(r.rc == 2 and re.search(r"\bline 2\b", r.err) and needle in r.err,
+                    "%r %s: exit %s, expected 2 naming line 2 and %r\n%s" % (content, extra, r.rc, needle,
+                                                                             r.text(800)))
+    c.check(not os.path.exists(os.path.join(d, "out-bad")), "a refused manifest created the out-dir")
+    info = os.path.join(os.path.dirname(tool_path()), "gst-vae-latent-info")
+    for flag in ("--help", "-h"):
+        p = subprocess.run([info, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        c.check(p.returncode == 0 and b"usage" in p.stdout and b"cannot" not in p.stderr,
+                "gst-vae-latent-info %s: exit %d\n%s%s" % (flag, p.returncode, p.stdout[-300:], p.stderr[-300:]))
+
+
 # ------------------------------------------------------------------ main
 
 def main():
@@ -1012,6 +1297,15 @@ def main():
             ("e. --retry-failed", case_retry),
             ("f. --summary", case_summary),
             ("h. hostile names, outputs and a run that cannot start", case_hostile),
+            ("i1. one runner per shard: a second run of a running shard refuses (lock)", case_one_runner),
+            ("i2. --summary of a results file that does not parse fails naming file and line",
+             case_summary_corrupt),
+            ("i3. --manifest naming a folder: usage error", case_manifest_folder),
+            ("i4. full disk, read-only out-dir: the run stops, items stay pending", case_environment_failures),
+            ("i5. video VAEs: input frames, latents and dropped frames; causes named; --device",
+             case_video_counts),
+            ("i6. dot-file outputs visible; NUL bytes and unknown keys refused; latent-info --help",
+             case_small_manifest_rules),
             ("g. benchmark vs gst-launch-1.0 per item; model loads: 1", case_bench),
         ]
         run_selected(cases, (model, tmp), "GSTVAE_BATCH_CASES")

@@ -111,8 +111,10 @@ class DecodeDirection final : public gstvae_glue::Direction {
   int channels() const override { return decoder_->info().latent_channels; }
   bool have_caps() const override { return have_caps_; }
 
-  bool set_caps(GstCaps* incaps, GstCaps* outcaps) override {
-    gst_latent_caps::Info in;
+  // Latents this decoder can take (posts the element error naming the cause
+  // when not): their caps, channels, temporal-downscale and latent format.
+  bool fits(GstCaps* incaps, gst_latent_caps::Info* parsed) {
+    gst_latent_caps::Info& in = *parsed;
     if (!gst_latent_caps::parse(incaps, &in)) {
       GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Invalid latent caps"), ("%" GST_PTR_FORMAT, incaps));
       return false;
@@ -141,11 +143,24 @@ class DecodeDirection final : public gstvae_glue::Direction {
       return false;
     }
     try {
-      latent_format_ = gstvae::latent_format_by_name(in.latent_format);
+      gstvae::latent_format_by_name(in.latent_format);
     } catch (const std::exception& e) {
       GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Unknown latent format"), ("%s", e.what()));
       return false;
     }
+    return true;
+  }
+
+  bool accepts(GstCaps* incaps) override {
+    gst_latent_caps::Info in;
+    return fits(incaps, &in);
+  }
+
+  bool set_caps(GstCaps* incaps, GstCaps* outcaps) override {
+    gst_latent_caps::Info in;
+    if (!fits(incaps, &in)) return false;
+    const int video_frames = decoder_->info().temporal_upscale;
+    latent_format_ = gstvae::latent_format_by_name(in.latent_format);  // known: fits() checked
     GstVideoInfo out;
     if (!gst_video_info_from_caps(&out, outcaps) ||
         !gstvae::parse_pixel_format(gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&out)), &format_)) {
@@ -292,6 +307,19 @@ static GstCaps* gst_vae_decode_transform_caps(GstBaseTransform* trans, GstPadDir
   model.temporal_downscale = self->settings->video_frames.load();
   GstCaps* result = direction == GST_PAD_SINK ? gst_latent_caps::latent_to_decoded(caps, model)
                                               : gst_latent_caps::decoded_to_latent(caps, model);
+  if (direction == GST_PAD_SRC) {
+    // Last, latents this decoder cannot take: any channel count, any
+    // temporal-downscale (and so any framerate). A source of another model's
+    // latents (a file) negotiates them and is refused by Direction::accepts
+    // naming the cause, instead of a bare not-negotiated.
+    const guint fitting = gst_caps_get_size(result);
+    for (guint i = 0; i < fitting; ++i) {
+      GstStructure* s = gst_structure_copy(gst_caps_get_structure(result, i));
+      gst_structure_set(s, "channels", GST_TYPE_INT_RANGE, 1, G_MAXINT, nullptr);
+      gst_structure_remove_fields(s, "framerate", "temporal-downscale", nullptr);
+      result = gst_caps_merge_structure(result, s);
+    }
+  }
   if (filter) {
     GstCaps* tmp = gst_caps_intersect_full(filter, result, GST_CAPS_INTERSECT_FIRST);
     gst_caps_unref(result);

@@ -780,6 +780,29 @@ TEST_F(VaeDecodeTest, WrongChannelCountErrorNamesBothCounts) {
   EXPECT_EQ(t.queued(), 0u);
 }
 
+// A refused stream posts one error however often upstream offers the caps
+// again (a source renegotiating) and pushes on.
+TEST_F(VaeDecodeTest, RefusalPostedOnceWhileUpstreamRetries) {
+  Harness t(make_element(1), true);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    t.caps(latent_caps(kW, kH, "sd3", 16));
+    EXPECT_EQ(t.push(latent_buffer(make_latent(kW, kH, attempt, 16), attempt)), GST_FLOW_NOT_NEGOTIATED);
+  }
+  int errors = 0;
+  std::string first;
+  while (GstMessage* m = gst_bus_pop_filtered(t.bus, GST_MESSAGE_ERROR)) {
+    GError* err = nullptr;
+    gchar* debug = nullptr;
+    gst_message_parse_error(m, &err, &debug);
+    if (errors++ == 0) first = std::string(err->message) + "\n" + (debug ? debug : "");
+    g_clear_error(&err);
+    g_free(debug);
+    gst_message_unref(m);
+  }
+  EXPECT_EQ(errors, 1) << first;
+  EXPECT_NE(first.find("16 channels"), std::string::npos) << first;
+}
+
 // Video latents (Wan, TAEHV: one latent per 4 frames) need a temporal
 // decoder, which vaedecode does not have yet: refused at caps, saying why.
 TEST_F(VaeDecodeTest, VideoLatentsRefusedClearly) {

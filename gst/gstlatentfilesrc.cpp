@@ -448,7 +448,7 @@ static gboolean gst_latent_file_src_is_seekable(GstBaseSrc*) { return TRUE; }
 static gboolean gst_latent_file_src_do_seek(GstBaseSrc* src, GstSegment* segment) {
   GstLatentFileSrc* self = GST_LATENT_FILE_SRC(src);
   if (segment->format != GST_FORMAT_TIME) return FALSE;
-  if (segment->rate < 0) {
+  if (segment->rate < 0) {  // refused before the flush by gst_latent_file_src_event(); kept for safety
     GST_WARNING_OBJECT(self, "reverse playback is not supported");
     return FALSE;
   }
@@ -461,6 +461,23 @@ static gboolean gst_latent_file_src_do_seek(GstBaseSrc* src, GstSegment* segment
   self->state->discont = true;
   segment->time = segment->start;
   return TRUE;
+}
+
+// A seek this element cannot perform is refused here, before GstBaseSrc
+// flushes downstream: basesrc only asks do_seek() after its flush, and a
+// refusal there leaves the restarted stream with no segment event
+// ("Got data flow before segment event"). Reverse playback is the one such
+// seek (every format is converted to TIME before do_seek()).
+static gboolean gst_latent_file_src_event(GstBaseSrc* src, GstEvent* event) {
+  if (GST_EVENT_TYPE(event) == GST_EVENT_SEEK) {
+    gdouble rate = 1.0;
+    gst_event_parse_seek(event, &rate, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    if (rate < 0) {
+      GST_WARNING_OBJECT(src, "reverse playback (rate %g) is not supported: seek refused", rate);
+      return FALSE;
+    }
+  }
+  return GST_BASE_SRC_CLASS(gst_latent_file_src_parent_class)->event(src, event);
 }
 
 static GstFlowReturn gst_latent_file_src_create(GstBaseSrc* src, guint64, guint, GstBuffer** out) {
@@ -707,6 +724,7 @@ static void gst_latent_file_src_class_init(GstLatentFileSrcClass* klass) {
   src_class->get_caps = GST_DEBUG_FUNCPTR(gst_latent_file_src_get_caps);
   src_class->is_seekable = GST_DEBUG_FUNCPTR(gst_latent_file_src_is_seekable);
   src_class->do_seek = GST_DEBUG_FUNCPTR(gst_latent_file_src_do_seek);
+  src_class->event = GST_DEBUG_FUNCPTR(gst_latent_file_src_event);
   src_class->create = GST_DEBUG_FUNCPTR(gst_latent_file_src_create);
   src_class->query = GST_DEBUG_FUNCPTR(gst_latent_file_src_query);
 

@@ -444,7 +444,47 @@ def case_seek(c, model, tmp):
         seen.append(sample.get_buffer().offset)
     pipeline.set_state(Gst.State.NULL)
     c.check(ok and seen == [3, 4, 5], "BUFFERS seek 3..6: frames %s (seek %s)" % (seen, ok))
-    return "seek to frame %d in %s; BUFFERS 3..6 gives 3,4,5" % (k, ", ".join(notes))
+    reverse = reverse_seek_refused(c, path)
+    return "seek to frame %d in %s; BUFFERS 3..6 gives 3,4,5; %s" % (k, ", ".join(notes), reverse)
+
+
+def reverse_seek_refused(c, path):
+    """A reverse seek is refused before anything is flushed: the stream goes on from where it was, every
+    sample still in the TIME segment (a refusal after the flush left the data with no segment)."""
+    Gst = gst()
+    pipeline = Gst.parse_launch("latentfilesrc location=%s framerate=30/1 ! appsink name=out sync=false" % path)
+    sink = pipeline.get_by_name("out")
+    flushes = []
+
+    def count_flushes(pad, info):
+        if info.get_event().type in (Gst.EventType.FLUSH_START, Gst.EventType.FLUSH_STOP):
+            flushes.append(info.get_event().type.value_nick)
+        return Gst.PadProbeReturn.OK
+
+    sink.get_static_pad("sink").add_probe(Gst.PadProbeType.EVENT_BOTH | Gst.PadProbeType.EVENT_FLUSH, count_flushes)
+    pipeline.set_state(Gst.State.PAUSED)
+    pipeline.get_state(30 * Gst.SECOND)
+    ok = pipeline.seek(-1.0, Gst.Format.TIME, Gst.SeekFlags.FLUSH, Gst.SeekType.SET, 0, Gst.SeekType.SET,
+                       pts(6, 30, 1))
+    pipeline.set_state(Gst.State.PLAYING)
+    seen, formats = [], set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        sample = sink.emit("try-pull-sample", 100 * Gst.MSECOND)
+        if sample is None:
+            if sink.get_property("eos"):
+                break
+            continue
+        seen.append(sample.get_buffer().offset)
+        formats.add(sample.get_segment().format.value_nick)
+    msg = pipeline.get_bus().pop_filtered(Gst.MessageType.ERROR)
+    pipeline.set_state(Gst.State.NULL)
+    c.check(not ok, "a reverse seek was accepted")
+    c.check(flushes == [], "the refused reverse seek flushed downstream: %s" % flushes)
+    c.check(seen == list(range(12)) and formats == {"time"},
+            "after the refused reverse seek: frames %s, segment formats %s" % (seen, formats))
+    c.check(msg is None, "after the refused reverse seek: %s" % (msg.parse_error() if msg else None))
+    return "a reverse seek refused with no flush, all 12 frames in the TIME segment"
 
 
 # ------------------------------------------------------------------ f

@@ -81,17 +81,35 @@ struct Settings {
 struct Timing {
   bool open = false;
   gint64 frames = 0;  // in the stream (after start-index/num-frames)
-  gint fps_n = 1, fps_d = 1;
+  gint fps_n = 1, fps_d = 1;  // the latents' rate (a video VAE's: the video's / temporal)
+  // Video frames per latent (the caps' temporal-downscale). Above 1, the
+  // latents are a causal video VAE's clip: latent 0 covers one video frame,
+  // every later one `temporal` (as vaeencode makes them), and each gets the
+  // time, duration and offsets of the video frames it covers.
+  gint temporal = 1;
 
-  GstClockTime pts(gint64 frame) const {
-    return gst_util_uint64_scale(static_cast<guint64>(frame), static_cast<guint64>(fps_d) * GST_SECOND,
-                                 static_cast<guint64>(fps_n));
+  // The first video frame latent `frame` covers (image latents: the latent
+  // itself).
+  guint64 first_video_frame(gint64 frame) const {
+    if (temporal <= 1 || frame <= 0) return static_cast<guint64>(frame);
+    return 1 + static_cast<guint64>(frame - 1) * static_cast<guint64>(temporal);
   }
+  // PTS of video frame `f`, at the video's rate (the latents' times temporal).
+  GstClockTime video_pts(guint64 f) const {
+    return gst_util_uint64_scale(f, static_cast<guint64>(fps_d) * GST_SECOND,
+                                 static_cast<guint64>(fps_n) * static_cast<guint64>(std::max(1, temporal)));
+  }
+  GstClockTime pts(gint64 frame) const { return video_pts(first_video_frame(frame)); }
   // The frame shown at `t`: the last one whose PTS is <= t (PTS rounds down,
   // so the plain quotient can fall one short of a frame's own PTS).
   gint64 frame_at(GstClockTime t) const {
-    gint64 frame = static_cast<gint64>(
-        gst_util_uint64_scale(t, static_cast<guint64>(fps_n), static_cast<guint64>(fps_d) * GST_SECOND));
+    const guint64 video = gst_util_uint64_scale(
+        t, static_cast<guint64>(fps_n) * static_cast<guint64>(std::max(1, temporal)),
+        static_cast<guint64>(fps_d) * GST_SECOND);
+    gint64 frame = temporal <= 1 ? static_cast<gint64>(video)
+                   : video == 0  ? 0
+                                 : 1 + static_cast<gint64>((video - 1) / static_cast<guint64>(temporal));
+    while (frame > 0 && pts(frame) > t) --frame;
     while (pts(frame + 1) <= t) ++frame;
     return frame;
   }
@@ -393,6 +411,7 @@ static bool open_stream(GstLatentFileSrc* self, const Settings& s) {
   self->timing->frames = frames;
   self->timing->fps_n = fps_n;
   self->timing->fps_d = fps_d;
+  self->timing->temporal = temporal;
   GstBaseSrc* base = GST_BASE_SRC(self);
   base->segment.duration = static_cast<gint64>(self->timing->pts(frames));
   GST_OBJECT_UNLOCK(self);
@@ -535,8 +554,9 @@ static GstFlowReturn gst_latent_file_src_create(GstBaseSrc* src, guint64, guint,
 
   GST_BUFFER_PTS(buffer) = pts;
   GST_BUFFER_DURATION(buffer) = t.pts(st.next + 1) - pts;
-  GST_BUFFER_OFFSET(buffer) = static_cast<guint64>(st.next);
-  GST_BUFFER_OFFSET_END(buffer) = static_cast<guint64>(st.next + 1);
+  // Video latents: the video frames covered, as vaeencode gives them.
+  GST_BUFFER_OFFSET(buffer) = t.first_video_frame(st.next);
+  GST_BUFFER_OFFSET_END(buffer) = t.first_video_frame(st.next + 1);
   if (st.discont) {
     GST_BUFFER_FLAG_SET(buffer, GST_BUFFER_FLAG_DISCONT);
     st.discont = false;

@@ -647,6 +647,17 @@ def case_wan_round_trip(c, model, tmp):
             "latentfilesrc ! vaedecode: %d frames, %s, expected the %d of vaeencode ! vaedecode"
             % (len(frames), "equal" if frames == direct else "bytes differ", len(direct)))
     c.check(caps == w["direct"]["caps"], "decoded caps %s, directly %s" % (caps, w["direct"]["caps"]))
+    # The frames' times, durations and offsets are the live round trip's: latent 0 covers one video frame,
+    # every later latent 4 (not latent k at k / framerate).
+    _, _, run = decoded(c, w, "latentfilesrc location=%s" % w["latent"], "w.latent")
+    got = [(b[0], b[1], b[3]) for b in run["buffers"]]
+    want = [(b[0], b[1], b[3]) for b in w["direct"]["buffers"]]
+    c.check(got == want, "latentfilesrc ! vaedecode (pts, duration, offset):\n  %s\nvaeencode ! vaedecode:\n  %s"
+            % (got, want))
+    latent_times = [(b[0], b[1], b[3]) for b in r["buffers"]]
+    frame = 1000000000 // 24
+    c.check([t[2] for t in latent_times] == [0, 1, 5] and latent_times[0][1] in (frame, frame + 1),
+            "w.latent's latents (pts, duration, offset) %s: latent 0 should cover one frame" % latent_times)
     return "9 frames -> 3 latents -> w.latent -> 9 frames byte-identical to vaeencode ! vaedecode (%s)" % caps
 
 

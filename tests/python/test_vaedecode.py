@@ -363,6 +363,41 @@ def case_kl_layouts(c, tmp):
                     "%s (%s), %s latents: the element's frames differ from the engine's" % (layout, dtype, fmt))
 
 
+def case_scaled_files(c, tmp):
+    """Scaled latents in files are never read as raw: latentfilesink stores a .npy's values raw (it has no
+    metadata to say otherwise), and gst-vae-decode-file honours a .safetensors' latent_format metadata as
+    latentfilesrc does."""
+    tool = os.environ.get("GSTVAE_DECODE_TOOL")
+    c.need(tool and os.path.exists(tool), "GSTVAE_DECODE_TOOL is not set to gst-vae-decode-file")
+    paths = {}
+    for fmt in ("raw", "sd15"):
+        for ext in ("npy", "safetensors"):
+            paths[fmt, ext] = os.path.join(tmp, "%s.%s" % (fmt, ext))
+        r = launch(["videotestsrc", "num-buffers=2", "!", "video/x-raw,format=RGB,width=64,height=48", "!",
+                    "vaeencode", "model=%s" % model("taesd", "encoder"), "latent-format=%s" % fmt, "!", "tee",
+                    "name=t", "t.", "!", "queue", "!", "latentfilesink", "location=%s" % paths[fmt, "npy"], "t.",
+                    "!", "queue", "!", "latentfilesink", "location=%s" % paths[fmt, "safetensors"]], timeout=120)
+        c.need(r.returncode == 0, "encoding %s latents failed: %s" % (fmt, r.stderr[-1000:]))
+    raw, scaled = np.load(paths["raw", "npy"]), np.load(paths["sd15", "npy"])
+    c.check(raw.shape == scaled.shape and np.allclose(scaled, raw, rtol=1e-5, atol=1e-6),
+            "latent-format=sd15 into a .npy: not the raw values (max |diff| %g, ratio %g)"
+            % (np.abs(scaled - raw).max(), np.abs(scaled).mean() / np.abs(raw).mean()))
+
+    def tool_frames(path):
+        out = os.path.join(tmp, "tool.rgb")
+        r = subprocess.run([tool, "--model", model("taesd", "decoder"), "--latents", path, "--out", out,
+                            "--device", "cpu", "--precision", "fp32"], capture_output=True, text=True)
+        c.need(r.returncode == 0, "gst-vae-decode-file %s failed: %s" % (path, r.stderr[-800:]))
+        return np.fromfile(out, dtype=np.uint8).astype(np.int16)
+
+    want = tool_frames(paths["raw", "safetensors"])
+    got = tool_frames(paths["sd15", "safetensors"])
+    c.check(got.shape == want.shape and np.abs(got - want).max() <= 1,
+            "gst-vae-decode-file on sd15.safetensors (latent_format sd15 recorded): max |diff| %d from the raw "
+            "file's frames" % np.abs(got - want).max())
+    return ".npy holds raw values whatever the caps' format; gst-vae-decode-file honours latent_format"
+
+
 CASES = [
     ("a. real TAESD weights: gst-launch round trips within 0.2 dB of the README", case_psnr),
     ("b. 8-bit frames equal the float64 reference decoder's", case_reference),
@@ -376,6 +411,8 @@ CASES = [
     ("j. KL decoder: every layout, raw and scaled latents, equal the engine's frames", case_kl_layouts),
     ("k. refused caps: the element's own error, naming the cause, once", case_refused_caps),
     ("l. a refusal during the state change to PAUSED: gst-launch always exits", case_refusal_never_hangs),
+    ("m. scaled latents in files: .npy holds raw values, gst-vae-decode-file honours latent_format",
+     case_scaled_files),
 ]
 
 

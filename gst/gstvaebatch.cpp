@@ -339,7 +339,11 @@ std::vector<GstBuffer*> Job::outputs(GstMemory* memory, size_t output_bytes, con
       GST_BUFFER_OFFSET(b) = first->offset == GST_BUFFER_OFFSET_NONE ? GST_BUFFER_OFFSET_NONE : first->offset + span.part;
       GST_BUFFER_OFFSET_END(b) =
           first->offset == GST_BUFFER_OFFSET_NONE ? GST_BUFFER_OFFSET_NONE : first->offset + span.part + 1;
-      if (first->discont && span.part == 0) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+      // DISCONT on the first frame made of the input, which need not be
+      // part 0: TAEHV gives a clip's first latent only its last quarter.
+      // (All of a latent's frames come from one job.)
+      const bool first_of_input = span.part == 0 || i == 0 || spans[i - 1].first != span.first;
+      if (first->discont && first_of_input) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
     }
     out.push_back(b);
   }

@@ -39,6 +39,8 @@
 #include <gst/video/video.h>
 
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -218,6 +220,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
                              std::to_string(in_.channels) + "x" + std::to_string(in_.height) + "x" +
                              std::to_string(in_.width) + " float32 latent (" + std::to_string(want) + " bytes)");
     }
+    if (!warned_non_finite_) warn_if_non_finite(map.data, map.size, index);
     try {
       if (!batch_ || (batch_->empty() && batch_->capacity() != per_batch))
         batch_ = decoder_->new_batch(in_.height, in_.width, per_batch);
@@ -258,6 +261,25 @@ class DecodeDirection final : public gstvae_glue::Direction {
   }
 
  private:
+  // NaN or infinite latents decode to black (or garbage) frames without
+  // any failure: say so once per stream (the element's start to stop),
+  // naming the first such latent. Streaming thread.
+  void warn_if_non_finite(const guint8* data, size_t bytes, guint64 index) {
+    size_t bad = 0;
+    for (size_t off = 0; off + sizeof(float) <= bytes; off += sizeof(float)) {
+      float v;
+      std::memcpy(&v, data + off, sizeof v);  // a buffer's data need not be float-aligned
+      if (!std::isfinite(v)) ++bad;
+    }
+    if (!bad) return;
+    warned_non_finite_ = true;
+    GST_ELEMENT_WARNING(element_, STREAM, DECODE, ("Latents hold NaN or infinite values: their frames will be wrong"),
+                        ("latent %" G_GUINT64_FORMAT " holds %zu NaN or infinite values of %zu (an overflow upstream, "
+                         "e.g. a model run in fp16); they decode to black or garbage frames. Said once per stream",
+                         index, bad, bytes / sizeof(float)));
+  }
+
+  bool warned_non_finite_ = false;
   GstVaeDecode* element_;
   std::shared_ptr<Decoder> decoder_;
   std::shared_ptr<DecodeSession> session_;  // opened for the caps' kind of latents

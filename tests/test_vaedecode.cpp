@@ -780,6 +780,23 @@ TEST_F(VaeDecodeTest, WrongChannelCountErrorNamesBothCounts) {
   EXPECT_EQ(t.queued(), 0u);
 }
 
+// NaN latents decode (to black) but say so: one warning per stream, naming
+// the first such latent.
+TEST_F(VaeDecodeTest, NonFiniteLatentsWarnOnce) {
+  Harness t(make_element(1), true);
+  t.caps(latent_caps(kW, kH));
+  Latent bad = make_latent(kW, kH, 1);
+  bad[5] = std::nanf("");
+  ASSERT_EQ(t.push(latent_buffer(make_latent(kW, kH, 0), 0)), GST_FLOW_OK);
+  ASSERT_EQ(t.push(latent_buffer(bad, 1)), GST_FLOW_OK);
+  ASSERT_EQ(t.push(latent_buffer(bad, 2)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 3u);
+  const std::string warning = bus_text(t.bus, GST_MESSAGE_WARNING);
+  EXPECT_NE(warning.find("NaN"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("latent 1 "), std::string::npos) << warning;
+  EXPECT_EQ(bus_text(t.bus, GST_MESSAGE_WARNING), "") << "warned more than once";
+}
+
 // A refused stream posts one error however often upstream offers the caps
 // again (a source renegotiating) and pushes on.
 TEST_F(VaeDecodeTest, RefusalPostedOnceWhileUpstreamRetries) {

@@ -220,21 +220,34 @@ static FileFacts file_facts(const std::map<std::string, std::string>& meta) {
   return f;
 }
 
+static void post_error_text(GstLatentFileSrc* self, const std::string& path, gstvae::LatentFileError::Kind kind,
+                            const char* reason);
+
 static void post_error(GstLatentFileSrc* self, const std::string& path, const gstvae::LatentFileError& e) {
+  // The reason may quote the file's bytes (metadata that is not UTF-8):
+  // GStreamer drops an error's debug text that is not valid UTF-8, and with
+  // it the reason, so invalid sequences become U+FFFD.
+  gchar* reason = g_utf8_make_valid(e.what(), -1);
+  post_error_text(self, path, e.kind(), reason);
+  g_free(reason);
+}
+
+static void post_error_text(GstLatentFileSrc* self, const std::string& path, gstvae::LatentFileError::Kind kind,
+                            const char* reason) {
   using Kind = gstvae::LatentFileError::Kind;
-  switch (e.kind()) {
+  switch (kind) {
     case Kind::NotFound:
-      GST_ELEMENT_ERROR(self, RESOURCE, NOT_FOUND, ("Latent file '%s' not found", path.c_str()), ("%s", e.what()));
+      GST_ELEMENT_ERROR(self, RESOURCE, NOT_FOUND, ("Latent file '%s' not found", path.c_str()), ("%s", reason));
       break;
     case Kind::CannotOpen:
       GST_ELEMENT_ERROR(self, RESOURCE, OPEN_READ, ("Could not open latent file '%s' for reading", path.c_str()),
-                        ("%s", e.what()));
+                        ("%s", reason));
       break;
     case Kind::ReadFailed:
-      GST_ELEMENT_ERROR(self, RESOURCE, READ, ("Could not read latent file '%s'", path.c_str()), ("%s", e.what()));
+      GST_ELEMENT_ERROR(self, RESOURCE, READ, ("Could not read latent file '%s'", path.c_str()), ("%s", reason));
       break;
     default:
-      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("'%s' is not a usable latent file", path.c_str()), ("%s", e.what()));
+      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("'%s' is not a usable latent file", path.c_str()), ("%s", reason));
       break;
   }
 }

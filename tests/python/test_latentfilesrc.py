@@ -498,6 +498,14 @@ def npy_bytes(descr, shape, data, version=1):
     return b"\x93NUMPY\x02\x00" + struct.pack("<I", len(text)) + text.encode() + data
 
 
+def non_utf8_metadata_latent(values):
+    """A .latent whose metadata holds the Latin-1 byte 0xE9 (json.dumps would escape it)."""
+    blob = safetensors_bytes([("latent_tensor", "F32", values.shape, values.tobytes())], {"model": "cafX"})
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    header = blob[8:8 + n].replace(b"cafX", b"caf\xe9")
+    return blob[:8] + header + blob[8 + n:]
+
+
 def case_hostile(c, model, tmp):
     d = os.path.join(tmp, "f")
     os.mkdir(d)
@@ -534,6 +542,9 @@ def case_hostile(c, model, tmp):
         "big-endian.npy": (npy_bytes(">f4", (2, 4, 3, 5), x.tobytes()), ">f4"),
         "npy-v2-huge-header.npy": (b"\x93NUMPY\x02\x00" + struct.pack("<I", 0xFFFFFFF0) + b"{", "limit"),
         "not-json.latent": (struct.pack("<Q", 10) + b"{not json}", "JSON"),
+        # Metadata that is not UTF-8 (a Latin-1 'cafe'): the reason must survive (GStreamer drops an
+        # error's debug text that is not valid UTF-8).
+        "non-utf8-metadata.latent": (non_utf8_metadata_latent(x), "UTF-8 byte"),
     }
     failures = []
     for name, (content, word) in cases.items():

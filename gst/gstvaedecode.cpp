@@ -84,6 +84,7 @@ class DecodeJob final : public gstvae_glue::Job {
   DecodeParams params;
   gstvae::PixelFormat format;
   int frames_per_latent = 1;  // the session's: a video decoder's temporal upscale on video latents
+  GstVideoInfo out_info{};    // the output caps'
 
   std::vector<GstBuffer*> run() override {
     // The session is touched only here, on the work thread, in job order.
@@ -99,7 +100,20 @@ class DecodeJob final : public gstvae_glue::Job {
     GstMemory* memory = gst_memory_new_wrapped(static_cast<GstMemoryFlags>(0), raw->data(), raw->bytes(), 0,
                                                result.spans.size() * frame_bytes, raw,
                                                [](gpointer p) { delete static_cast<PixelBlock*>(p); });
-    return outputs(memory, frame_bytes, result.spans);
+    std::vector<GstBuffer*> frames = outputs(memory, frame_bytes, result.spans);
+    // The rows are packed (width x bytes per pixel), not padded to
+    // GStreamer's default 4-byte strides: say so, or an RGB/BGR frame whose
+    // row is not a multiple of 4 bytes is refused downstream (videoconvert:
+    // buffer too small for its caps).
+    const guint width = GST_VIDEO_INFO_WIDTH(&out_info), height = GST_VIDEO_INFO_HEIGHT(&out_info);
+    if (width > 0 && height > 0 && frame_bytes % (static_cast<size_t>(width) * height) == 0) {
+      gsize offsets[GST_VIDEO_MAX_PLANES] = {0};
+      gint strides[GST_VIDEO_MAX_PLANES] = {static_cast<gint>(frame_bytes / height)};
+      for (GstBuffer* frame : frames)
+        gst_buffer_add_video_meta_full(frame, GST_VIDEO_FRAME_FLAG_NONE, GST_VIDEO_INFO_FORMAT(&out_info), width,
+                                       height, 1, offsets, strides);
+    }
+    return frames;
   }
 };
 
@@ -199,6 +213,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
                           ? gst_util_uint64_scale_int(GST_SECOND, GST_VIDEO_INFO_FPS_D(&out), GST_VIDEO_INFO_FPS_N(&out))
                           : GST_CLOCK_TIME_NONE;
     in_ = in;
+    out_info_ = out;
     have_caps_ = true;
     if (!same_latents) {
       batch_.reset();
@@ -256,6 +271,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
     reset_pending_ = false;
     job->params.latent_format = latent_format_;
     job->format = format_;
+    job->out_info = out_info_;
     job->batch = std::move(batch_);
     return job;
   }
@@ -287,6 +303,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
   GstClockTime frame_duration_ = GST_CLOCK_TIME_NONE;  // from the output caps' framerate
   bool reset_pending_ = false;
   gst_latent_caps::Info in_;
+  GstVideoInfo out_info_{};  // the output caps'
   gstvae::LatentFormat latent_format_;
   gstvae::PixelFormat format_ = gstvae::PixelFormat::RGB;
   bool have_caps_ = false;

@@ -780,6 +780,30 @@ TEST_F(VaeDecodeTest, WrongChannelCountErrorNamesBothCounts) {
   EXPECT_EQ(t.queued(), 0u);
 }
 
+// Frames are packed rows (width x bytes per pixel), which need not be
+// GStreamer's default stride (rows padded to 4 bytes): each carries a
+// GstVideoMeta saying so, so that downstream maps it right.
+TEST_F(VaeDecodeTest, FramesCarryTheirPackedStride) {
+  for (auto [format, bpp] : {std::pair<const char*, int>{"RGB", 3}, {"BGRx", 4}}) {
+    SCOPED_TRACE(format);
+    Harness t(make_element(1));
+    t.downstream(std::string("video/x-raw, format=(string)") + format);
+    t.caps(latent_caps(kW, kH));
+    ASSERT_EQ(t.push(latent_buffer(make_latent(kW, kH, 1), 0)), GST_FLOW_OK);
+    auto out = t.pull_all();
+    ASSERT_EQ(out.size(), 1u);
+    GstVideoMeta* meta = gst_buffer_get_video_meta(out[0]);
+    ASSERT_NE(meta, nullptr);
+    EXPECT_EQ(meta->width, static_cast<guint>(kW * kUpscale));
+    EXPECT_EQ(meta->height, static_cast<guint>(kH * kUpscale));
+    EXPECT_EQ(meta->n_planes, 1u);
+    EXPECT_EQ(meta->offset[0], 0u);
+    EXPECT_EQ(meta->stride[0], kW * kUpscale * bpp);
+    EXPECT_EQ(gst_buffer_get_size(out[0]), static_cast<size_t>(meta->stride[0]) * kH * kUpscale);
+    unref_all(out);
+  }
+}
+
 // NaN latents decode (to black) but say so: one warning per stream, naming
 // the first such latent.
 TEST_F(VaeDecodeTest, NonFiniteLatentsWarnOnce) {

@@ -536,12 +536,16 @@ static void timer_expired(GstVaeBatch* self) {
 // Set while the streaming thread decides whether this stream's caps can be
 // taken (caps event, set_caps, a buffer without caps): an error posted then
 // is a refusal of the stream (see post_message below).
+namespace {
+
 thread_local bool checking_stream = false;
 
 struct CheckingStream {
   CheckingStream() { checking_stream = true; }
   ~CheckingStream() { checking_stream = false; }
 };
+
+}  // namespace
 
 // How long a refusal waits after the pipeline's state change returned, so
 // that the application is listening (see wait_for_listener()).

@@ -478,17 +478,22 @@ static gboolean gst_latent_file_sink_set_caps(GstBaseSink* sink, GstCaps* caps) 
     return FALSE;
   }
   st.to_raw = gstvae::LatentFormat();
-  if (st.format == LatentFileFormat::Latent && info.latent_format != "raw") {
+  if ((st.format == LatentFileFormat::Latent || st.format == LatentFileFormat::Npy) && info.latent_format != "raw") {
     // ComfyUI's LoadLatent takes a .latent with the version marker as raw and
-    // scales it itself: scaled values there would be scaled twice.
+    // scales it itself: scaled values there would be scaled twice. A .npy
+    // has no metadata to say they are scaled, and every reader (latentfilesrc,
+    // gst-vae-decode-file, numpy users) takes its values as raw: it gets raw
+    // values too. Only a .safetensors keeps scaled values, recording
+    // latent_format.
+    const char* container = st.format == LatentFileFormat::Npy ? ".npy" : ".latent";
     try {
       st.to_raw = gstvae::latent_format_by_name(info.latent_format);
     } catch (const std::exception& e) {
-      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Cannot store latent-format '%s' in a .latent file",
-                                                info.latent_format.c_str()),
-                        ("a .latent file holds raw latents and this format cannot be turned back (%s); write "
-                         ".safetensors or .npy, which keep the values as they come",
-                         e.what()));
+      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Cannot store latent-format '%s' in a %s file",
+                                                info.latent_format.c_str(), container),
+                        ("a %s file holds raw latents and this format cannot be turned back (%s); write "
+                         ".safetensors, which keeps the values as they come and records latent_format",
+                         container, e.what()));
       return FALSE;
     }
     if (!st.to_raw.fits(static_cast<size_t>(info.channels))) {

@@ -81,17 +81,35 @@ struct Settings {
 struct Timing {
   bool open = false;
   gint64 frames = 0;  // in the stream (after start-index/num-frames)
-  gint fps_n = 1, fps_d = 1;
+  gint fps_n = 1, fps_d = 1;  // the latents' rate (a video VAE's: the video's / temporal)
+  // Video frames per latent (the caps' temporal-downscale). Above 1, the
+  // latents are a causal video VAE's clip: latent 0 covers one video frame,
+  // every later one `temporal` (as vaeencode makes them), and each gets the
+  // time, duration and offsets of the video frames it covers.
+  gint temporal = 1;
 
-  GstClockTime pts(gint64 frame) const {
-    return gst_util_uint64_scale(static_cast<guint64>(frame), static_cast<guint64>(fps_d) * GST_SECOND,
-                                 static_cast<guint64>(fps_n));
+  // The first video frame latent `frame` covers (image latents: the latent
+  // itself).
+  guint64 first_video_frame(gint64 frame) const {
+    if (temporal <= 1 || frame <= 0) return static_cast<guint64>(frame);
+    return 1 + static_cast<guint64>(frame - 1) * static_cast<guint64>(temporal);
   }
+  // PTS of video frame `f`, at the video's rate (the latents' times temporal).
+  GstClockTime video_pts(guint64 f) const {
+    return gst_util_uint64_scale(f, static_cast<guint64>(fps_d) * GST_SECOND,
+                                 static_cast<guint64>(fps_n) * static_cast<guint64>(std::max(1, temporal)));
+  }
+  GstClockTime pts(gint64 frame) const { return video_pts(first_video_frame(frame)); }
   // The frame shown at `t`: the last one whose PTS is <= t (PTS rounds down,
   // so the plain quotient can fall one short of a frame's own PTS).
   gint64 frame_at(GstClockTime t) const {
-    gint64 frame = static_cast<gint64>(
-        gst_util_uint64_scale(t, static_cast<guint64>(fps_n), static_cast<guint64>(fps_d) * GST_SECOND));
+    const guint64 video = gst_util_uint64_scale(
+        t, static_cast<guint64>(fps_n) * static_cast<guint64>(std::max(1, temporal)),
+        static_cast<guint64>(fps_d) * GST_SECOND);
+    gint64 frame = temporal <= 1 ? static_cast<gint64>(video)
+                   : video == 0  ? 0
+                                 : 1 + static_cast<gint64>((video - 1) / static_cast<guint64>(temporal));
+    while (frame > 0 && pts(frame) > t) --frame;
     while (pts(frame + 1) <= t) ++frame;
     return frame;
   }
@@ -202,21 +220,34 @@ static FileFacts file_facts(const std::map<std::string, std::string>& meta) {
   return f;
 }
 
+static void post_error_text(GstLatentFileSrc* self, const std::string& path, gstvae::LatentFileError::Kind kind,
+                            const char* reason);
+
 static void post_error(GstLatentFileSrc* self, const std::string& path, const gstvae::LatentFileError& e) {
+  // The reason may quote the file's bytes (metadata that is not UTF-8):
+  // GStreamer drops an error's debug text that is not valid UTF-8, and with
+  // it the reason, so invalid sequences become U+FFFD.
+  gchar* reason = g_utf8_make_valid(e.what(), -1);
+  post_error_text(self, path, e.kind(), reason);
+  g_free(reason);
+}
+
+static void post_error_text(GstLatentFileSrc* self, const std::string& path, gstvae::LatentFileError::Kind kind,
+                            const char* reason) {
   using Kind = gstvae::LatentFileError::Kind;
-  switch (e.kind()) {
+  switch (kind) {
     case Kind::NotFound:
-      GST_ELEMENT_ERROR(self, RESOURCE, NOT_FOUND, ("Latent file '%s' not found", path.c_str()), ("%s", e.what()));
+      GST_ELEMENT_ERROR(self, RESOURCE, NOT_FOUND, ("Latent file '%s' not found", path.c_str()), ("%s", reason));
       break;
     case Kind::CannotOpen:
       GST_ELEMENT_ERROR(self, RESOURCE, OPEN_READ, ("Could not open latent file '%s' for reading", path.c_str()),
-                        ("%s", e.what()));
+                        ("%s", reason));
       break;
     case Kind::ReadFailed:
-      GST_ELEMENT_ERROR(self, RESOURCE, READ, ("Could not read latent file '%s'", path.c_str()), ("%s", e.what()));
+      GST_ELEMENT_ERROR(self, RESOURCE, READ, ("Could not read latent file '%s'", path.c_str()), ("%s", reason));
       break;
     default:
-      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("'%s' is not a usable latent file", path.c_str()), ("%s", e.what()));
+      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("'%s' is not a usable latent file", path.c_str()), ("%s", reason));
       break;
   }
 }
@@ -393,6 +424,7 @@ static bool open_stream(GstLatentFileSrc* self, const Settings& s) {
   self->timing->frames = frames;
   self->timing->fps_n = fps_n;
   self->timing->fps_d = fps_d;
+  self->timing->temporal = temporal;
   GstBaseSrc* base = GST_BASE_SRC(self);
   base->segment.duration = static_cast<gint64>(self->timing->pts(frames));
   GST_OBJECT_UNLOCK(self);
@@ -448,7 +480,7 @@ static gboolean gst_latent_file_src_is_seekable(GstBaseSrc*) { return TRUE; }
 static gboolean gst_latent_file_src_do_seek(GstBaseSrc* src, GstSegment* segment) {
   GstLatentFileSrc* self = GST_LATENT_FILE_SRC(src);
   if (segment->format != GST_FORMAT_TIME) return FALSE;
-  if (segment->rate < 0) {
+  if (segment->rate < 0) {  // refused before the flush by gst_latent_file_src_event(); kept for safety
     GST_WARNING_OBJECT(self, "reverse playback is not supported");
     return FALSE;
   }
@@ -461,6 +493,23 @@ static gboolean gst_latent_file_src_do_seek(GstBaseSrc* src, GstSegment* segment
   self->state->discont = true;
   segment->time = segment->start;
   return TRUE;
+}
+
+// A seek this element cannot perform is refused here, before GstBaseSrc
+// flushes downstream: basesrc only asks do_seek() after its flush, and a
+// refusal there leaves the restarted stream with no segment event
+// ("Got data flow before segment event"). Reverse playback is the one such
+// seek (every format is converted to TIME before do_seek()).
+static gboolean gst_latent_file_src_event(GstBaseSrc* src, GstEvent* event) {
+  if (GST_EVENT_TYPE(event) == GST_EVENT_SEEK) {
+    gdouble rate = 1.0;
+    gst_event_parse_seek(event, &rate, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    if (rate < 0) {
+      GST_WARNING_OBJECT(src, "reverse playback (rate %g) is not supported: seek refused", rate);
+      return FALSE;
+    }
+  }
+  return GST_BASE_SRC_CLASS(gst_latent_file_src_parent_class)->event(src, event);
 }
 
 static GstFlowReturn gst_latent_file_src_create(GstBaseSrc* src, guint64, guint, GstBuffer** out) {
@@ -518,8 +567,9 @@ static GstFlowReturn gst_latent_file_src_create(GstBaseSrc* src, guint64, guint,
 
   GST_BUFFER_PTS(buffer) = pts;
   GST_BUFFER_DURATION(buffer) = t.pts(st.next + 1) - pts;
-  GST_BUFFER_OFFSET(buffer) = static_cast<guint64>(st.next);
-  GST_BUFFER_OFFSET_END(buffer) = static_cast<guint64>(st.next + 1);
+  // Video latents: the video frames covered, as vaeencode gives them.
+  GST_BUFFER_OFFSET(buffer) = t.first_video_frame(st.next);
+  GST_BUFFER_OFFSET_END(buffer) = t.first_video_frame(st.next + 1);
   if (st.discont) {
     GST_BUFFER_FLAG_SET(buffer, GST_BUFFER_FLAG_DISCONT);
     st.discont = false;
@@ -707,6 +757,7 @@ static void gst_latent_file_src_class_init(GstLatentFileSrcClass* klass) {
   src_class->get_caps = GST_DEBUG_FUNCPTR(gst_latent_file_src_get_caps);
   src_class->is_seekable = GST_DEBUG_FUNCPTR(gst_latent_file_src_is_seekable);
   src_class->do_seek = GST_DEBUG_FUNCPTR(gst_latent_file_src_do_seek);
+  src_class->event = GST_DEBUG_FUNCPTR(gst_latent_file_src_event);
   src_class->create = GST_DEBUG_FUNCPTR(gst_latent_file_src_create);
   src_class->query = GST_DEBUG_FUNCPTR(gst_latent_file_src_query);
 

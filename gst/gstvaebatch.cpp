@@ -48,6 +48,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "errors.h"
@@ -137,10 +138,33 @@ struct Streaming {
     arrival_clock = clock;
     oldest_arrival = t;
   }
-  ~Streaming() { set_arrival(nullptr, 0); }
+  ~Streaming() {
+    set_arrival(nullptr, 0);
+    gst_caps_replace(&refused_caps, nullptr);
+  }
   guint64 input_index = 0;
   GstFlowReturn timer_flow = GST_FLOW_OK;  // a failed hand-over by the timer thread
   bool tags_sent = false;
+  // Input caps this stream refused, its error posted. Upstream offers them
+  // again and again (a source renegotiates after not-negotiated; the pad
+  // re-sends a refused sticky caps event with every buffer), from its
+  // streaming thread, maybe while the pipeline is still going to PAUSED:
+  // each gets the same refusal and no further error, so the application
+  // sees one. Forgotten when the stream restarts (start, stop, flush).
+  GstCaps* refused_caps = nullptr;  // owned
+  // A negotiation error was posted for this stream: buffers without caps
+  // are refused with not-negotiated, silently.
+  bool negotiation_error_posted = false;
+
+  bool refused(GstCaps* caps) const { return refused_caps && gst_caps_is_equal(refused_caps, caps); }
+  void refuse(GstCaps* caps) {
+    gst_caps_replace(&refused_caps, caps);
+    negotiation_error_posted = true;
+  }
+  void forget_refusals() {
+    gst_caps_replace(&refused_caps, nullptr);
+    negotiation_error_posted = false;
+  }
 
   void drop_pending() {
     if (direction) direction->drop_staged();
@@ -315,7 +339,11 @@ std::vector<GstBuffer*> Job::outputs(GstMemory* memory, size_t output_bytes, con
       GST_BUFFER_OFFSET(b) = first->offset == GST_BUFFER_OFFSET_NONE ? GST_BUFFER_OFFSET_NONE : first->offset + span.part;
       GST_BUFFER_OFFSET_END(b) =
           first->offset == GST_BUFFER_OFFSET_NONE ? GST_BUFFER_OFFSET_NONE : first->offset + span.part + 1;
-      if (first->discont && span.part == 0) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
+      // DISCONT on the first frame made of the input, which need not be
+      // part 0: TAEHV gives a clip's first latent only its last quarter.
+      // (All of a latent's frames come from one job.)
+      const bool first_of_input = span.part == 0 || i == 0 || spans[i - 1].first != span.first;
+      if (first->discont && first_of_input) GST_BUFFER_FLAG_SET(b, GST_BUFFER_FLAG_DISCONT);
     }
     out.push_back(b);
   }
@@ -503,6 +531,72 @@ static void timer_expired(GstVaeBatch* self) {
   GST_PAD_STREAM_UNLOCK(GST_BASE_TRANSFORM_SINK_PAD(self));
 }
 
+/* ------------------------------------------------------- refusal errors */
+
+// Set while the streaming thread decides whether this stream's caps can be
+// taken (caps event, set_caps, a buffer without caps): an error posted then
+// is a refusal of the stream (see post_message below).
+namespace {
+
+thread_local bool checking_stream = false;
+
+struct CheckingStream {
+  CheckingStream() { checking_stream = true; }
+  ~CheckingStream() { checking_stream = false; }
+};
+
+}  // namespace
+
+// How long a refusal waits after the pipeline's state change returned, so
+// that the application is listening (see wait_for_listener()).
+constexpr auto kRefusalGrace = std::chrono::milliseconds(100);
+// The longest a refusal waits for the pipeline's set_state() to return.
+constexpr auto kRefusalMaxWait = std::chrono::seconds(5);
+
+// A stream is refused on its first caps, on the streaming thread, usually
+// while the application's gst_element_set_state() that started streaming is
+// still running or has only just returned (the pipeline prerolling). An
+// application that quits its main loop from a bus handler then misses an
+// error posted before its loop runs (gst-launch-1.0's sync handler quits a
+// loop not yet running, and waits forever). So a refusal waits until the
+// top-level element's state lock is free (its set_state() returned) and,
+// while a state change is still pending, a little longer, before its error
+// is posted; meanwhile the refused data waits too, so the source's own
+// not-negotiated error comes after it. Never waits once the pad flushes
+// (the pipeline stopping), nor for a set_state() this thread is inside.
+static void wait_for_listener(GstVaeBatch* self) {
+  GstElement* top = GST_ELEMENT(gst_object_ref(self));
+  while (GstObject* parent = gst_object_get_parent(GST_OBJECT(top))) {
+    gst_object_unref(top);
+    top = GST_ELEMENT(parent);
+  }
+  GstPad* sink = GST_BASE_TRANSFORM_SINK_PAD(self);
+  const auto start = std::chrono::steady_clock::now();
+  bool waited = false;
+  while (!GST_PAD_IS_FLUSHING(sink) && std::chrono::steady_clock::now() - start < kRefusalMaxWait) {
+    if (g_rec_mutex_trylock(GST_STATE_GET_LOCK(top))) {
+      g_rec_mutex_unlock(GST_STATE_GET_LOCK(top));
+      break;
+    }
+    waited = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  GST_OBJECT_LOCK(top);
+  const bool pending = GST_STATE_PENDING(top) != GST_STATE_VOID_PENDING;
+  GST_OBJECT_UNLOCK(top);
+  if (waited || pending) {
+    const auto until = std::chrono::steady_clock::now() + kRefusalGrace;
+    while (!GST_PAD_IS_FLUSHING(sink) && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  gst_object_unref(top);
+}
+
+static gboolean gst_vae_batch_post_message(GstElement* element, GstMessage* message) {
+  if (GST_MESSAGE_TYPE(message) == GST_MESSAGE_ERROR && checking_stream) wait_for_listener(GST_VAE_BATCH(element));
+  return GST_ELEMENT_CLASS(gst_vae_batch_parent_class)->post_message(element, message);
+}
+
 /* ------------------------------------------------------------- lifecycle */
 
 static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
@@ -532,6 +626,7 @@ static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
   p.state.first_pending_index = 0;
   p.state.timer_flow = GST_FLOW_OK;
   p.state.tags_sent = false;
+  p.state.forget_refusals();
   GST_OBJECT_LOCK(self);
   p.stats = Stats();
   p.facts = Facts();
@@ -564,6 +659,7 @@ static gboolean gst_vae_batch_stop(GstBaseTransform* trans) {
   p.worker->stop();
   p.state.drop_pending();
   p.state.direction.reset();
+  p.state.forget_refusals();
   GST_OBJECT_LOCK(self);
   p.facts = Facts();
   GST_OBJECT_UNLOCK(self);
@@ -584,13 +680,18 @@ static gboolean gst_vae_batch_set_caps(GstBaseTransform* trans, GstCaps* incaps,
   GstVaeBatch* self = GST_VAE_BATCH(trans);
   Streaming& st = priv(self).state;
   if (!st.direction) return FALSE;
+  if (st.refused(incaps)) return FALSE;  // its error is on the bus already
+  CheckingStream checking;
   // A renegotiation asked by downstream (RECONFIGURE) comes here from
   // submit_input_buffer, not after a drain: outputs already handed to the
   // worker were made for the current output caps and go out before the base
   // class sets the new ones on the src pad. (After a caps event's drain there
   // is nothing to wait for.)
   priv(self).worker->wait_idle();
-  if (!st.direction->set_caps(incaps, outcaps)) return FALSE;
+  if (!st.direction->set_caps(incaps, outcaps)) {
+    st.refuse(incaps);
+    return FALSE;
+  }
   GstStructure* s = gst_caps_get_structure(incaps, 0);
   gint fps_n = 0, fps_d = 1;
   if (!gst_structure_get_fraction(s, "framerate", &fps_n, &fps_d)) fps_n = 0, fps_d = 1;
@@ -600,6 +701,21 @@ static gboolean gst_vae_batch_set_caps(GstBaseTransform* trans, GstCaps* incaps,
   GST_OBJECT_UNLOCK(self);
   GST_INFO_OBJECT(self, "input %" GST_PTR_FORMAT ", output %" GST_PTR_FORMAT, incaps, outcaps);
   return TRUE;
+}
+
+// The sink pad accepts any caps its template allows: whether this stream can
+// take them (its model's channels, a large enough frame...) is decided when
+// they arrive (Direction::accepts), where a refusal can say why. The default
+// check, against a caps query through the transform, refuses them at the
+// pad before the element sees them, leaving only not-negotiated on the bus.
+static gboolean gst_vae_batch_accept_caps(GstBaseTransform* trans, GstPadDirection direction, GstCaps* caps) {
+  if (direction != GST_PAD_SINK)
+    return GST_BASE_TRANSFORM_CLASS(gst_vae_batch_parent_class)->accept_caps(trans, direction, caps);
+  GstCaps* allowed = gst_pad_get_pad_template_caps(GST_BASE_TRANSFORM_SINK_PAD(trans));
+  const gboolean ok = gst_caps_is_subset(caps, allowed);
+  gst_caps_unref(allowed);
+  GST_DEBUG_OBJECT(trans, "accept caps %" GST_PTR_FORMAT ": %d", caps, ok);
+  return ok;
 }
 
 /* --------------------------------------------------------------- buffers */
@@ -623,7 +739,13 @@ static GstFlowReturn gst_vae_batch_submit_input_buffer(GstBaseTransform* trans, 
   }
   if (!st.direction || !st.direction->have_caps()) {
     gst_buffer_unref(input);
-    GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Received a buffer before caps"), (nullptr));
+    CheckingStream checking;
+    // After a refusal (its error posted) upstream may push on: one error
+    // per stream.
+    if (!st.negotiation_error_posted) {
+      st.negotiation_error_posted = true;
+      GST_ELEMENT_ERROR(self, CORE, NEGOTIATION, ("Received a buffer before caps"), (nullptr));
+    }
     return GST_FLOW_NOT_NEGOTIATED;
   }
   // Overriding submit_input_buffer means renegotiating here (downstream may ask).
@@ -709,6 +831,20 @@ static gboolean gst_vae_batch_sink_event(GstBaseTransform* trans, GstEvent* even
       const bool same = current && gst_caps_is_equal(current, caps);
       if (current) gst_caps_unref(current);
       if (same) break;
+      // Refused here, naming the cause, rather than in the negotiation that
+      // follows (which says only not-negotiated); refused once (see
+      // Streaming::refused_caps).
+      if (st.refused(caps)) {
+        GST_DEBUG_OBJECT(self, "caps refused already: %" GST_PTR_FORMAT, caps);
+        gst_event_unref(event);
+        return FALSE;
+      }
+      CheckingStream checking;
+      if (st.direction && !st.direction->accepts(caps)) {
+        st.refuse(caps);
+        gst_event_unref(event);
+        return FALSE;
+      }
     }
       /* fall through */
     case GST_EVENT_EOS:
@@ -750,6 +886,7 @@ static gboolean gst_vae_batch_sink_event(GstBaseTransform* trans, GstEvent* even
       if (st.direction) st.direction->reset();
       st.clip_open = false;
       st.timer_flow = GST_FLOW_OK;
+      st.forget_refusals();
       p.worker->flush_stop();
       break;
     default:
@@ -966,9 +1103,11 @@ static void gst_vae_batch_class_init(GstVaeBatchClass* klass) {
                           0, G_MAXUINT64, 0, ro));
 
   element_class->change_state = GST_DEBUG_FUNCPTR(gst_vae_batch_change_state);
+  element_class->post_message = GST_DEBUG_FUNCPTR(gst_vae_batch_post_message);
   trans_class->start = GST_DEBUG_FUNCPTR(gst_vae_batch_start);
   trans_class->stop = GST_DEBUG_FUNCPTR(gst_vae_batch_stop);
   trans_class->set_caps = GST_DEBUG_FUNCPTR(gst_vae_batch_set_caps);
+  trans_class->accept_caps = GST_DEBUG_FUNCPTR(gst_vae_batch_accept_caps);
   trans_class->submit_input_buffer = GST_DEBUG_FUNCPTR(gst_vae_batch_submit_input_buffer);
   trans_class->generate_output = GST_DEBUG_FUNCPTR(gst_vae_batch_generate_output);
   trans_class->sink_event = GST_DEBUG_FUNCPTR(gst_vae_batch_sink_event);

@@ -120,6 +120,13 @@ class Direction {
   // video model, either direction): then clip ends (EOS, a new stream, new
   // caps, a DISCONT input) reach it as jobs with end_of_clip.
   virtual bool has_clips() const { return temporal_downscale() > 1; }
+  // Whether the stream can take these input caps, asked when a caps event
+  // arrives, before the base class negotiates the output: a refusal during
+  // negotiation would only say not-negotiated, so the cause (too few
+  // pixels, another model's latents...) is named here. Posts its own element
+  // error and returns false when it cannot take them. The sink pad accepts
+  // any caps of its template, so this is where a stream is refused.
+  virtual bool accepts(GstCaps* incaps) = 0;
   // New input caps (the worker is drained). Posts its own element error and
   // returns false when it cannot take them.
   virtual bool set_caps(GstCaps* incaps, GstCaps* outcaps) = 0;

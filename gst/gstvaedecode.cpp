@@ -39,6 +39,8 @@
 #include <gst/video/video.h>
 
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -83,6 +85,7 @@ class DecodeJob final : public gstvae_glue::Job {
   DecodeParams params;
   gstvae::PixelFormat format;
   int frames_per_latent = 1;  // the session's: a video decoder's temporal upscale on video latents
+  GstVideoInfo out_info{};    // the output caps'
 
   std::vector<GstBuffer*> run() override {
     // The session is touched only here, on the work thread, in job order.
@@ -98,7 +101,20 @@ class DecodeJob final : public gstvae_glue::Job {
     GstMemory* memory = gst_memory_new_wrapped(static_cast<GstMemoryFlags>(0), raw->data(), raw->bytes(), 0,
                                                result.spans.size() * frame_bytes, raw,
                                                [](gpointer p) { delete static_cast<PixelBlock*>(p); });
-    return outputs(memory, frame_bytes, result.spans);
+    std::vector<GstBuffer*> frames = outputs(memory, frame_bytes, result.spans);
+    // The rows are packed (width x bytes per pixel), not padded to
+    // GStreamer's default 4-byte strides: say so, or an RGB/BGR frame whose
+    // row is not a multiple of 4 bytes is refused downstream (videoconvert:
+    // buffer too small for its caps).
+    const guint width = GST_VIDEO_INFO_WIDTH(&out_info), height = GST_VIDEO_INFO_HEIGHT(&out_info);
+    if (width > 0 && height > 0 && frame_bytes % (static_cast<size_t>(width) * height) == 0) {
+      gsize offsets[GST_VIDEO_MAX_PLANES] = {0};
+      gint strides[GST_VIDEO_MAX_PLANES] = {static_cast<gint>(frame_bytes / height)};
+      for (GstBuffer* frame : frames)
+        gst_buffer_add_video_meta_full(frame, GST_VIDEO_FRAME_FLAG_NONE, GST_VIDEO_INFO_FORMAT(&out_info), width,
+                                       height, 1, offsets, strides);
+    }
+    return frames;
   }
 };
 
@@ -112,8 +128,10 @@ class DecodeDirection final : public gstvae_glue::Direction {
   int channels() const override { return decoder_->info().latent_channels; }
   bool have_caps() const override { return have_caps_; }
 
-  bool set_caps(GstCaps* incaps, GstCaps* outcaps) override {
-    gst_latent_caps::Info in;
+  // Latents this decoder can take (posts the element error naming the cause
+  // when not): their caps, channels, temporal-downscale and latent format.
+  bool fits(GstCaps* incaps, gst_latent_caps::Info* parsed) {
+    gst_latent_caps::Info& in = *parsed;
     if (!gst_latent_caps::parse(incaps, &in)) {
       GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Invalid latent caps"), ("%" GST_PTR_FORMAT, incaps));
       return false;
@@ -142,11 +160,24 @@ class DecodeDirection final : public gstvae_glue::Direction {
       return false;
     }
     try {
-      latent_format_ = gstvae::latent_format_by_name(in.latent_format);
+      gstvae::latent_format_by_name(in.latent_format);
     } catch (const std::exception& e) {
       GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Unknown latent format"), ("%s", e.what()));
       return false;
     }
+    return true;
+  }
+
+  bool accepts(GstCaps* incaps) override {
+    gst_latent_caps::Info in;
+    return fits(incaps, &in);
+  }
+
+  bool set_caps(GstCaps* incaps, GstCaps* outcaps) override {
+    gst_latent_caps::Info in;
+    if (!fits(incaps, &in)) return false;
+    const int video_frames = decoder_->info().temporal_upscale;
+    latent_format_ = gstvae::latent_format_by_name(in.latent_format);  // known: fits() checked
     GstVideoInfo out;
     if (!gst_video_info_from_caps(&out, outcaps) ||
         !gstvae::parse_pixel_format(gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&out)), &format_)) {
@@ -183,6 +214,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
                           ? gst_util_uint64_scale_int(GST_SECOND, GST_VIDEO_INFO_FPS_D(&out), GST_VIDEO_INFO_FPS_N(&out))
                           : GST_CLOCK_TIME_NONE;
     in_ = in;
+    out_info_ = out;
     have_caps_ = true;
     if (!same_latents) {
       batch_.reset();
@@ -204,6 +236,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
                              std::to_string(in_.channels) + "x" + std::to_string(in_.height) + "x" +
                              std::to_string(in_.width) + " float32 latent (" + std::to_string(want) + " bytes)");
     }
+    if (!warned_non_finite_) warn_if_non_finite(map.data, map.size, index);
     try {
       if (!batch_ || (batch_->empty() && batch_->capacity() != per_batch))
         batch_ = decoder_->new_batch(in_.height, in_.width, per_batch);
@@ -239,11 +272,31 @@ class DecodeDirection final : public gstvae_glue::Direction {
     reset_pending_ = false;
     job->params.latent_format = latent_format_;
     job->format = format_;
+    job->out_info = out_info_;
     job->batch = std::move(batch_);
     return job;
   }
 
  private:
+  // NaN or infinite latents decode to black (or garbage) frames without
+  // any failure: say so once per stream (the element's start to stop),
+  // naming the first such latent. Streaming thread.
+  void warn_if_non_finite(const guint8* data, size_t bytes, guint64 index) {
+    size_t bad = 0;
+    for (size_t off = 0; off + sizeof(float) <= bytes; off += sizeof(float)) {
+      float v;
+      std::memcpy(&v, data + off, sizeof v);  // a buffer's data need not be float-aligned
+      if (!std::isfinite(v)) ++bad;
+    }
+    if (!bad) return;
+    warned_non_finite_ = true;
+    GST_ELEMENT_WARNING(element_, STREAM, DECODE, ("Latents hold NaN or infinite values: their frames will be wrong"),
+                        ("latent %" G_GUINT64_FORMAT " holds %zu NaN or infinite values of %zu (an overflow upstream, "
+                         "e.g. a model run in fp16); they decode to black or garbage frames. Said once per stream",
+                         index, bad, bytes / sizeof(float)));
+  }
+
+  bool warned_non_finite_ = false;
   GstVaeDecode* element_;
   std::shared_ptr<Decoder> decoder_;
   std::shared_ptr<DecodeSession> session_;  // opened for the caps' kind of latents
@@ -251,6 +304,7 @@ class DecodeDirection final : public gstvae_glue::Direction {
   GstClockTime frame_duration_ = GST_CLOCK_TIME_NONE;  // from the output caps' framerate
   bool reset_pending_ = false;
   gst_latent_caps::Info in_;
+  GstVideoInfo out_info_{};  // the output caps'
   gstvae::LatentFormat latent_format_;
   gstvae::PixelFormat format_ = gstvae::PixelFormat::RGB;
   bool have_caps_ = false;
@@ -299,6 +353,19 @@ static GstCaps* gst_vae_decode_transform_caps(GstBaseTransform* trans, GstPadDir
   model.temporal_downscale = self->settings->video_frames.load();
   GstCaps* result = direction == GST_PAD_SINK ? gst_latent_caps::latent_to_decoded(caps, model)
                                               : gst_latent_caps::decoded_to_latent(caps, model);
+  if (direction == GST_PAD_SRC) {
+    // Last, latents this decoder cannot take: any channel count, any
+    // temporal-downscale (and so any framerate). A source of another model's
+    // latents (a file) negotiates them and is refused by Direction::accepts
+    // naming the cause, instead of a bare not-negotiated.
+    const guint fitting = gst_caps_get_size(result);
+    for (guint i = 0; i < fitting; ++i) {
+      GstStructure* s = gst_structure_copy(gst_caps_get_structure(result, i));
+      gst_structure_set(s, "channels", GST_TYPE_INT_RANGE, 1, G_MAXINT, nullptr);
+      gst_structure_remove_fields(s, "framerate", "temporal-downscale", nullptr);
+      result = gst_caps_merge_structure(result, s);
+    }
+  }
   if (filter) {
     GstCaps* tmp = gst_caps_intersect_full(filter, result, GST_CAPS_INTERSECT_FIRST);
     gst_caps_unref(result);

@@ -31,6 +31,7 @@
 
 #include <gst/video/video.h>
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -199,32 +200,16 @@ class EncodeDirection final : public gstvae_glue::Direction {
   int temporal_downscale() const override { return encoder_->info().temporal_downscale; }
   bool have_caps() const override { return have_info_; }
 
+  bool accepts(GstCaps* incaps) override {
+    GstVideoInfo info;
+    gstvae::PixelFormat format;
+    return fits(incaps, &info, &format);
+  }
+
   bool set_caps(GstCaps* incaps, GstCaps* /*outcaps*/) override {
     GstVideoInfo info;
-    if (!gst_video_info_from_caps(&info, incaps)) {
-      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Invalid video caps"), ("%" GST_PTR_FORMAT, incaps));
-      return false;
-    }
-    const char* name = gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&info));
-    if (!gstvae::parse_pixel_format(name, &format_)) {
-      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Unsupported video format %s", name), (nullptr));
-      return false;
-    }
-    const int d = scale();
-    if (GST_VIDEO_INFO_WIDTH(&info) < d || GST_VIDEO_INFO_HEIGHT(&info) < d) {
-      GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Frames are too small for the model"),
-                        ("frame of %dx%d is smaller than the model's %dx%d pixel minimum",
-                         GST_VIDEO_INFO_WIDTH(&info), GST_VIDEO_INFO_HEIGHT(&info), d, d));
-      return false;
-    }
-    if (GST_VIDEO_INFO_IS_INTERLACED(&info)) {
-      // The encoder would see both fields woven into one frame: combing in the latents.
-      GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Interlaced video cannot be encoded"),
-                        ("interlace-mode %s: put a deinterlacer before vaeencode, e.g. '... ! deinterlace ! "
-                         "videoconvert ! vaeencode ...'",
-                         gst_video_interlace_mode_to_string(GST_VIDEO_INFO_INTERLACE_MODE(&info))));
-      return false;
-    }
+    gstvae::PixelFormat format;
+    if (!fits(incaps, &info, &format)) return false;
     if (GST_VIDEO_INFO_PAR_N(&info) != GST_VIDEO_INFO_PAR_D(&info) && GST_VIDEO_INFO_PAR_N(&info) > 0) {
       // Latents cover the stored pixels; a diffusion model assumes square ones.
       GST_ELEMENT_WARNING(element_, STREAM, FORMAT, ("Non-square pixels: the latents will look stretched"),
@@ -240,6 +225,7 @@ class EncodeDirection final : public gstvae_glue::Direction {
     // A different geometry or format needs a new staging batch (drained already).
     batch_.reset();
     info_ = info;
+    format_ = format;
     have_info_ = true;
     reset_pending_ = true;
     return true;
@@ -297,6 +283,38 @@ class EncodeDirection final : public gstvae_glue::Direction {
 
  private:
   EncodeSettings settings() const;
+
+  // Frames this encoder can take (posts the element error naming the cause
+  // when not): video caps in a packed RGB format, at least one latent cell,
+  // progressive.
+  bool fits(GstCaps* incaps, GstVideoInfo* parsed, gstvae::PixelFormat* format) {
+    GstVideoInfo& info = *parsed;
+    if (!gst_video_info_from_caps(&info, incaps)) {
+      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Invalid video caps"), ("%" GST_PTR_FORMAT, incaps));
+      return false;
+    }
+    const char* name = gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&info));
+    if (!gstvae::parse_pixel_format(name, format)) {
+      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Unsupported video format %s", name), (nullptr));
+      return false;
+    }
+    const int d = scale();
+    if (GST_VIDEO_INFO_WIDTH(&info) < d || GST_VIDEO_INFO_HEIGHT(&info) < d) {
+      GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Frames are too small for the model"),
+                        ("frame of %dx%d is smaller than the model's %dx%d pixel minimum",
+                         GST_VIDEO_INFO_WIDTH(&info), GST_VIDEO_INFO_HEIGHT(&info), d, d));
+      return false;
+    }
+    if (GST_VIDEO_INFO_IS_INTERLACED(&info)) {
+      // The encoder would see both fields woven into one frame: combing in the latents.
+      GST_ELEMENT_ERROR(element_, STREAM, FORMAT, ("Interlaced video cannot be encoded"),
+                        ("interlace-mode %s: put a deinterlacer before vaeencode, e.g. '... ! deinterlace ! "
+                         "videoconvert ! vaeencode ...'",
+                         gst_video_interlace_mode_to_string(GST_VIDEO_INFO_INTERLACE_MODE(&info))));
+      return false;
+    }
+    return true;
+  }
 
   // A staging batch for the current caps and per-batch, reusing one the work
   // thread is done with.
@@ -392,8 +410,43 @@ static GstCaps* gst_vae_encode_transform_caps(GstBaseTransform* trans, GstPadDir
   GST_OBJECT_LOCK(self);
   model.latent_format = gst_vae_latent_format_nick(self->settings->latent_format);
   GST_OBJECT_UNLOCK(self);
-  GstCaps* result = direction == GST_PAD_SINK ? gst_latent_caps::video_to_latent(caps, model)
+  // Frames smaller than one latent cell (a fixed width or height below the
+  // downscale) are mapped as if they filled one cell, so that their caps
+  // reach the element, which refuses them saying why (Direction::accepts);
+  // without this no latent caps fit them and linking or negotiation fails
+  // with nothing but not-negotiated. Larger frames map as they are.
+  GstCaps* lifted = nullptr;
+  if (direction == GST_PAD_SINK) {
+    lifted = gst_caps_copy(caps);
+    for (guint i = 0; i < gst_caps_get_size(lifted); ++i) {
+      GstStructure* s = gst_caps_get_structure(lifted, i);
+      for (const char* field : {"width", "height"}) {
+        gint v;
+        if (gst_structure_get_int(s, field, &v) && v < model.downscale)
+          gst_structure_set(s, field, G_TYPE_INT, model.downscale, nullptr);
+      }
+    }
+  }
+  GstCaps* result = direction == GST_PAD_SINK ? gst_latent_caps::video_to_latent(lifted, model)
                                               : gst_latent_caps::latent_to_video(caps, model);
+  if (lifted) gst_caps_unref(lifted);
+  if (direction == GST_PAD_SRC) {
+    // Last, frames too small for one latent cell: a source that can only
+    // give those negotiates them and is refused by Direction::accepts with
+    // the reason, instead of a bare not-negotiated. They come after every
+    // size that fits, so an upstream videoscale still picks one of those.
+    const int cell = std::max(1, model.downscale);
+    const guint fitting = gst_caps_get_size(result);
+    for (guint i = 0; i < fitting && cell > 1; ++i) {
+      for (const char* small : {"width", "height"}) {
+        GstStructure* s = gst_structure_copy(gst_caps_get_structure(result, i));
+        gst_structure_set(s, "width", GST_TYPE_INT_RANGE, 1, G_MAXINT, "height", GST_TYPE_INT_RANGE, 1, G_MAXINT,
+                          nullptr);
+        gst_structure_set(s, small, GST_TYPE_INT_RANGE, 1, cell - 1, nullptr);
+        result = gst_caps_merge_structure(result, s);
+      }
+    }
+  }
   if (filter) {
     GstCaps* tmp = gst_caps_intersect_full(filter, result, GST_CAPS_INTERSECT_FIRST);
     gst_caps_unref(result);
@@ -510,8 +563,10 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       g_param_spec_uint64("latents-out", "Latents out", "Latents produced since the element started", 0,
                           G_MAXUINT64, 0, ro));
 
+  // Any size: frames smaller than the model's latent cell are refused when
+  // their caps arrive, saying so (Direction::accepts), not at the pad.
   const std::string sink_caps = "video/x-raw, format = (string) " + gst_latent_caps::video_format_list() +
-                                ", width = (int) [ 8, MAX ], height = (int) [ 8, MAX ], "
+                                ", width = (int) [ 1, MAX ], height = (int) [ 1, MAX ], "
                                 "framerate = (fraction) [ 0/1, MAX ]";
   const std::string src_caps = std::string(GST_LATENT_CAPS_MEDIA_TYPE) +
                                ", format = (string) F32, channels = (int) [ 1, MAX ], width = (int) [ 1, MAX ], "

@@ -780,6 +780,70 @@ TEST_F(VaeDecodeTest, WrongChannelCountErrorNamesBothCounts) {
   EXPECT_EQ(t.queued(), 0u);
 }
 
+// Frames are packed rows (width x bytes per pixel), which need not be
+// GStreamer's default stride (rows padded to 4 bytes): each carries a
+// GstVideoMeta saying so, so that downstream maps it right.
+TEST_F(VaeDecodeTest, FramesCarryTheirPackedStride) {
+  for (auto [format, bpp] : {std::pair<const char*, int>{"RGB", 3}, {"BGRx", 4}}) {
+    SCOPED_TRACE(format);
+    Harness t(make_element(1));
+    t.downstream(std::string("video/x-raw, format=(string)") + format);
+    t.caps(latent_caps(kW, kH));
+    ASSERT_EQ(t.push(latent_buffer(make_latent(kW, kH, 1), 0)), GST_FLOW_OK);
+    auto out = t.pull_all();
+    ASSERT_EQ(out.size(), 1u);
+    GstVideoMeta* meta = gst_buffer_get_video_meta(out[0]);
+    ASSERT_NE(meta, nullptr);
+    EXPECT_EQ(meta->width, static_cast<guint>(kW * kUpscale));
+    EXPECT_EQ(meta->height, static_cast<guint>(kH * kUpscale));
+    EXPECT_EQ(meta->n_planes, 1u);
+    EXPECT_EQ(meta->offset[0], 0u);
+    EXPECT_EQ(meta->stride[0], kW * kUpscale * bpp);
+    EXPECT_EQ(gst_buffer_get_size(out[0]), static_cast<size_t>(meta->stride[0]) * kH * kUpscale);
+    unref_all(out);
+  }
+}
+
+// NaN latents decode (to black) but say so: one warning per stream, naming
+// the first such latent.
+TEST_F(VaeDecodeTest, NonFiniteLatentsWarnOnce) {
+  Harness t(make_element(1), true);
+  t.caps(latent_caps(kW, kH));
+  Latent bad = make_latent(kW, kH, 1);
+  bad[5] = std::nanf("");
+  ASSERT_EQ(t.push(latent_buffer(make_latent(kW, kH, 0), 0)), GST_FLOW_OK);
+  ASSERT_EQ(t.push(latent_buffer(bad, 1)), GST_FLOW_OK);
+  ASSERT_EQ(t.push(latent_buffer(bad, 2)), GST_FLOW_OK);
+  EXPECT_EQ(t.queued(), 3u);
+  const std::string warning = bus_text(t.bus, GST_MESSAGE_WARNING);
+  EXPECT_NE(warning.find("NaN"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("latent 1 "), std::string::npos) << warning;
+  EXPECT_EQ(bus_text(t.bus, GST_MESSAGE_WARNING), "") << "warned more than once";
+}
+
+// A refused stream posts one error however often upstream offers the caps
+// again (a source renegotiating) and pushes on.
+TEST_F(VaeDecodeTest, RefusalPostedOnceWhileUpstreamRetries) {
+  Harness t(make_element(1), true);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    t.caps(latent_caps(kW, kH, "sd3", 16));
+    EXPECT_EQ(t.push(latent_buffer(make_latent(kW, kH, attempt, 16), attempt)), GST_FLOW_NOT_NEGOTIATED);
+  }
+  int errors = 0;
+  std::string first;
+  while (GstMessage* m = gst_bus_pop_filtered(t.bus, GST_MESSAGE_ERROR)) {
+    GError* err = nullptr;
+    gchar* debug = nullptr;
+    gst_message_parse_error(m, &err, &debug);
+    if (errors++ == 0) first = std::string(err->message) + "\n" + (debug ? debug : "");
+    g_clear_error(&err);
+    g_free(debug);
+    gst_message_unref(m);
+  }
+  EXPECT_EQ(errors, 1) << first;
+  EXPECT_NE(first.find("16 channels"), std::string::npos) << first;
+}
+
 // Video latents (Wan, TAEHV: one latent per 4 frames) need a temporal
 // decoder, which vaedecode does not have yet: refused at caps, saying why.
 TEST_F(VaeDecodeTest, VideoLatentsRefusedClearly) {

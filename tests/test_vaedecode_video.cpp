@@ -819,6 +819,9 @@ TEST_F(VideoDecodeTest, TaehvPipelineRoundTrip) {
   ASSERT_GE(r.latents.size(), 2u);
   const size_t expect = 1 + 4 * (r.latents.size() - 1);
   ASSERT_EQ(r.frames.size(), expect) << r.latents.size() << " latents";
+  // The stream starts DISCONT, on its first frame (the last quarter of the
+  // first latent), and only there.
+  for (size_t i = 0; i < r.frames.size(); ++i) EXPECT_EQ(r.frames[i].discont, i == 0) << "frame " << i;
   // Frame i reconstructs input frame 3 + i: a clip's first latent covers
   // frames 0-3 and upstream keeps only the last of its 4 frames.
   for (size_t i = 0; i < r.frames.size() && 3 + i < r.input_pts.size(); ++i)

@@ -676,10 +676,45 @@ TEST_F(VaeEncodeTest, AcceptCaps) {
   EXPECT_TRUE(accepts(video_caps("RGB", 64, 48)));
   EXPECT_TRUE(accepts(video_caps("BGRA", 8, 8)));
   EXPECT_FALSE(accepts(video_caps("I420", 64, 48)));
-  EXPECT_FALSE(accepts(video_caps("RGB", 4, 4)));
   EXPECT_FALSE(accepts("video/x-raw, width=(int)7"));
-  EXPECT_FALSE(accepts("video/x-raw, format=(string)RGB, width=(int)7, height=(int)48, framerate=(fraction)25/1"));
+  // Frames smaller than a latent cell pass the pad: they are refused when
+  // they arrive, saying why (TooSmallFramesRefusedOnce).
+  EXPECT_TRUE(accepts(video_caps("RGB", 4, 4)));
   gst_object_unref(sink);
+}
+
+// Counts the ERROR messages on `bus` (popping everything).
+static int count_errors(GstBus* bus) {
+  int n = 0;
+  while (GstMessage* m = gst_bus_pop_filtered(bus, GST_MESSAGE_ERROR)) {
+    ++n;
+    gst_message_unref(m);
+  }
+  return n;
+}
+
+// Frames smaller than one latent cell: the element's own error naming the
+// size, posted once however often upstream offers the caps again and
+// pushes on; refused again after a flush, with a new error.
+TEST_F(VaeEncodeTest, TooSmallFramesRefusedOnce) {
+  Harness t(make_element(1), true);
+  t.caps(video_caps("RGB", 4, 4));
+  auto fr = frames("RGB", 4, 4, 3);
+  for (guint64 n = 0; n < 3; ++n) {
+    EXPECT_EQ(t.push(frame_buffer("RGB", 4, 4, fr[n], n)), GST_FLOW_NOT_NEGOTIATED);
+    t.caps(video_caps("RGB", 4, 4));  // a source renegotiating the same caps
+  }
+  const std::string error = bus_text(t.bus, GST_MESSAGE_ERROR);
+  EXPECT_NE(error.find("Frames are too small"), std::string::npos) << error;
+  EXPECT_NE(error.find("4x4"), std::string::npos) << error;
+  EXPECT_EQ(count_errors(t.bus), 0) << "the refusal was posted more than once";
+  EXPECT_EQ(t.queued(), 0u);
+  // A flush starts the stream again: the same caps are refused again, once.
+  gst_harness_push_event(t.h, gst_event_new_flush_start());
+  gst_harness_push_event(t.h, gst_event_new_flush_stop(TRUE));
+  t.caps(video_caps("RGB", 4, 4));
+  EXPECT_EQ(t.push(frame_buffer("RGB", 4, 4, fr[0], 0)), GST_FLOW_NOT_NEGOTIATED);
+  EXPECT_EQ(count_errors(t.bus), 1);
 }
 
 

@@ -64,6 +64,17 @@ int main(int argc, char** argv) {
     if (args.count("latent-format")) params.latent_format = latent_format_by_name(args["latent-format"]);
 
     const LatentArray latents = read_latent_file(args["latents"]);
+    if (!args.count("latent-format")) {
+      // What latentfilesrc announces: a .safetensors file's latent_format
+      // metadata says what its values are; a .latent (ComfyUI's rule) and a
+      // .npy (latentfilesink stores raw values there) hold raw latents.
+      const LatentFileLayout layout = LatentFileReader(args["latents"]).layout();
+      const auto recorded = latents.metadata.find("latent_format");
+      if (layout.format == LatentFileFormat::Safetensors && !layout.npy && recorded != latents.metadata.end()) {
+        params.latent_format = latent_format_by_name(recorded->second);
+        std::cerr << "latent format " << recorded->second << " (the file's latent_format metadata)\n";
+      }
+    }
     auto decoder = load_decoder(args["model"], options);
     const DecoderInfo& info = decoder->info();
     std::cerr << info.architecture << " (" << info.layout << ") on " << info.device << " in "

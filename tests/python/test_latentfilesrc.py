@@ -444,7 +444,47 @@ def case_seek(c, model, tmp):
         seen.append(sample.get_buffer().offset)
     pipeline.set_state(Gst.State.NULL)
     c.check(ok and seen == [3, 4, 5], "BUFFERS seek 3..6: frames %s (seek %s)" % (seen, ok))
-    return "seek to frame %d in %s; BUFFERS 3..6 gives 3,4,5" % (k, ", ".join(notes))
+    reverse = reverse_seek_refused(c, path)
+    return "seek to frame %d in %s; BUFFERS 3..6 gives 3,4,5; %s" % (k, ", ".join(notes), reverse)
+
+
+def reverse_seek_refused(c, path):
+    """A reverse seek is refused before anything is flushed: the stream goes on from where it was, every
+    sample still in the TIME segment (a refusal after the flush left the data with no segment)."""
+    Gst = gst()
+    pipeline = Gst.parse_launch("latentfilesrc location=%s framerate=30/1 ! appsink name=out sync=false" % path)
+    sink = pipeline.get_by_name("out")
+    flushes = []
+
+    def count_flushes(pad, info):
+        if info.get_event().type in (Gst.EventType.FLUSH_START, Gst.EventType.FLUSH_STOP):
+            flushes.append(info.get_event().type.value_nick)
+        return Gst.PadProbeReturn.OK
+
+    sink.get_static_pad("sink").add_probe(Gst.PadProbeType.EVENT_BOTH | Gst.PadProbeType.EVENT_FLUSH, count_flushes)
+    pipeline.set_state(Gst.State.PAUSED)
+    pipeline.get_state(30 * Gst.SECOND)
+    ok = pipeline.seek(-1.0, Gst.Format.TIME, Gst.SeekFlags.FLUSH, Gst.SeekType.SET, 0, Gst.SeekType.SET,
+                       pts(6, 30, 1))
+    pipeline.set_state(Gst.State.PLAYING)
+    seen, formats = [], set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        sample = sink.emit("try-pull-sample", 100 * Gst.MSECOND)
+        if sample is None:
+            if sink.get_property("eos"):
+                break
+            continue
+        seen.append(sample.get_buffer().offset)
+        formats.add(sample.get_segment().format.value_nick)
+    msg = pipeline.get_bus().pop_filtered(Gst.MessageType.ERROR)
+    pipeline.set_state(Gst.State.NULL)
+    c.check(not ok, "a reverse seek was accepted")
+    c.check(flushes == [], "the refused reverse seek flushed downstream: %s" % flushes)
+    c.check(seen == list(range(12)) and formats == {"time"},
+            "after the refused reverse seek: frames %s, segment formats %s" % (seen, formats))
+    c.check(msg is None, "after the refused reverse seek: %s" % (msg.parse_error() if msg else None))
+    return "a reverse seek refused with no flush, all 12 frames in the TIME segment"
 
 
 # ------------------------------------------------------------------ f
@@ -456,6 +496,14 @@ def npy_bytes(descr, shape, data, version=1):
     if version == 1:
         return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode() + data
     return b"\x93NUMPY\x02\x00" + struct.pack("<I", len(text)) + text.encode() + data
+
+
+def non_utf8_metadata_latent(values):
+    """A .latent whose metadata holds the Latin-1 byte 0xE9 (json.dumps would escape it)."""
+    blob = safetensors_bytes([("latent_tensor", "F32", values.shape, values.tobytes())], {"model": "cafX"})
+    (n,) = struct.unpack_from("<Q", blob, 0)
+    header = blob[8:8 + n].replace(b"cafX", b"caf\xe9")
+    return blob[:8] + header + blob[8 + n:]
 
 
 def case_hostile(c, model, tmp):
@@ -494,6 +542,9 @@ def case_hostile(c, model, tmp):
         "big-endian.npy": (npy_bytes(">f4", (2, 4, 3, 5), x.tobytes()), ">f4"),
         "npy-v2-huge-header.npy": (b"\x93NUMPY\x02\x00" + struct.pack("<I", 0xFFFFFFF0) + b"{", "limit"),
         "not-json.latent": (struct.pack("<Q", 10) + b"{not json}", "JSON"),
+        # Metadata that is not UTF-8 (a Latin-1 'cafe'): the reason must survive (GStreamer drops an
+        # error's debug text that is not valid UTF-8).
+        "non-utf8-metadata.latent": (non_utf8_metadata_latent(x), "UTF-8 byte"),
     }
     failures = []
     for name, (content, word) in cases.items():
@@ -607,6 +658,17 @@ def case_wan_round_trip(c, model, tmp):
             "latentfilesrc ! vaedecode: %d frames, %s, expected the %d of vaeencode ! vaedecode"
             % (len(frames), "equal" if frames == direct else "bytes differ", len(direct)))
     c.check(caps == w["direct"]["caps"], "decoded caps %s, directly %s" % (caps, w["direct"]["caps"]))
+    # The frames' times, durations and offsets are the live round trip's: latent 0 covers one video frame,
+    # every later latent 4 (not latent k at k / framerate).
+    _, _, run = decoded(c, w, "latentfilesrc location=%s" % w["latent"], "w.latent")
+    got = [(b[0], b[1], b[3]) for b in run["buffers"]]
+    want = [(b[0], b[1], b[3]) for b in w["direct"]["buffers"]]
+    c.check(got == want, "latentfilesrc ! vaedecode (pts, duration, offset):\n  %s\nvaeencode ! vaedecode:\n  %s"
+            % (got, want))
+    latent_times = [(b[0], b[1], b[3]) for b in r["buffers"]]
+    frame = 1000000000 // 24
+    c.check([t[2] for t in latent_times] == [0, 1, 5] and latent_times[0][1] in (frame, frame + 1),
+            "w.latent's latents (pts, duration, offset) %s: latent 0 should cover one frame" % latent_times)
     return "9 frames -> 3 latents -> w.latent -> 9 frames byte-identical to vaeencode ! vaedecode (%s)" % caps
 
 

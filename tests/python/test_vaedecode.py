@@ -4,7 +4,8 @@ round-tripping the photos in ../shared/media through gst-launch-1.0 (PSNR
 within 0.2 dB of the figures in ../shared/models/README.md), the element's
 frames against the float64 reference decoder, timestamps and flags carried
 from the latents, scaled latent formats, output formats, batching invariance,
-flushes and errors.
+flushes and errors; streams refused at their caps (the element's own error,
+once, and gst-launch-1.0 exiting every time).
 
 Run with GST_PLUGIN_PATH pointing at the build's gst folder and scripts/python
 (numpy, torch, gi). GSTVAE_DECODE_CASES=word,... runs the cases whose names
@@ -250,6 +251,81 @@ def case_errors(c, tmp):
             % (r.returncode, r.stderr[-500:]))
 
 
+# A stream refused at its caps, through gst-launch-1.0: (label, pipeline, element, words of its error).
+# Each gst-launch must exit with an error within REFUSAL_TIMEOUT_S, the element's error naming the cause,
+# posted once (no repeat while the source retries its caps).
+REFUSAL_TIMEOUT_S = 10
+
+
+def refused_streams(tmp):
+    l4 = os.path.join(tmp, "l4.latent")
+    if not os.path.exists(l4):
+        r = launch(["videotestsrc", "num-buffers=2", "!", "video/x-raw,format=RGB,width=64,height=48", "!",
+                    "vaeencode", "model=%s" % model("taesd", "encoder"), "!", "latentfilesink", "location=%s" % l4],
+                   timeout=120)
+        assert r.returncode == 0, r.stderr[-1000:]
+    video = "video/x-raw,format=RGB,width=64,height=48,interlace-mode=%s"
+    return [
+        ("interlace-mode=mixed into vaeencode",
+         ["videotestsrc", "num-buffers=4", "!", video % "mixed", "!", "vaeencode",
+          "model=%s" % model("taesd", "encoder"), "!", "fakesink"], "vaeencode0", ["Interlaced", "mixed"]),
+        ("interlace-mode=interleaved into vaeencode",
+         ["videotestsrc", "num-buffers=4", "!", video % "interleaved", "!", "vaeencode",
+          "model=%s" % model("taesd", "encoder"), "!", "fakesink"], "vaeencode0", ["Interlaced", "interleaved"]),
+        ("4-channel latents from a file into a 16-channel decoder",
+         ["latentfilesrc", "location=%s" % l4, "!", "vaedecode", "model=%s" % model("taesd3", "decoder"), "!",
+          "fakesink"], "vaedecode0", ["4 channels", "takes 16"]),
+        ("video latents (temporal-downscale=4) into an image decoder",
+         ["latentfilesrc", "location=%s" % l4, "temporal-downscale=4", "!", "vaedecode",
+          "model=%s" % model("taesd", "decoder"), "!", "fakesink"], "vaedecode0",
+         ["Video latents need a video decoder", "temporal-downscale=4"]),
+        ("a temporal-downscale no decoder has (2)",
+         ["latentfilesrc", "location=%s" % l4, "temporal-downscale=2", "!", "vaedecode",
+          "model=%s" % model("taesd", "decoder"), "!", "fakesink"], "vaedecode0", ["temporal-downscale=2"]),
+        ("4x4 frames into vaeencode",
+         ["videotestsrc", "num-buffers=2", "!", "video/x-raw,format=RGB,width=4,height=4", "!", "vaeencode",
+          "model=%s" % model("taesd", "encoder"), "!", "fakesink"], "vaeencode0",
+         ["Frames are too small", "4x4"]),
+    ]
+
+
+def run_refused(args):
+    """gst-launch-1.0 ARGS: (exit status or None on a hang, output)."""
+    try:
+        r = subprocess.run(["gst-launch-1.0"] + args, capture_output=True, text=True, timeout=REFUSAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode("utf-8", "replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return None, out
+    return r.returncode, r.stdout + r.stderr
+
+
+def case_refused_caps(c, tmp):
+    """Caps the element cannot take: its own error, naming the cause, posted once; gst-launch exits."""
+    for label, args, element, words in refused_streams(tmp):
+        rc, out = run_refused(args)
+        c.check(rc is not None and rc != 0, "%s: gst-launch %s" % (label, "hung" if rc is None else "exited %d" % rc))
+        mine = [block for block in out.split("ERROR: from element ")[1:] if block.split(": ", 1)[0].endswith(":" + element)]
+        c.check(len(mine) == 1, "%s: %d errors from %s, expected 1:\n%s" % (label, len(mine), element, out[-3000:]))
+        c.check(mine and all(w in mine[0] for w in words), "%s: the error does not say %s:\n%s"
+                % (label, words, out[-3000:]))
+    return "%d refused streams: one error each, naming the cause" % len(refused_streams(tmp))
+
+
+def case_refusal_never_hangs(c, tmp):
+    """The refusals posted while gst-launch-1.0 is still setting the pipeline to PAUSED: it must see one and
+    exit, every time (it hung in about 1 run in 10). GSTVAE_REFUSAL_RUNS runs of each (default 10)."""
+    runs = int(os.environ.get("GSTVAE_REFUSAL_RUNS", "10"))
+    streams = [s for s in refused_streams(tmp) if s[0].startswith(("interlace", "4-channel", "video latents"))]
+    for label, args, element, _ in streams:
+        hangs = 0
+        for _ in range(runs):
+            rc, out = run_refused(args)
+            hangs += rc is None
+        c.check(hangs == 0, "%s: gst-launch hung in %d of %d runs (%d s each)" % (label, hangs, runs,
+                                                                                   REFUSAL_TIMEOUT_S))
+    return "%d pipelines x %d runs: gst-launch always exited" % (len(streams), runs)
+
+
 def case_preview_pipeline(c, tmp):
     """The README's preview pipeline shape: frames in, frames out, one per frame."""
     out = os.path.join(tmp, "preview.rgb")
@@ -287,6 +363,41 @@ def case_kl_layouts(c, tmp):
                     "%s (%s), %s latents: the element's frames differ from the engine's" % (layout, dtype, fmt))
 
 
+def case_scaled_files(c, tmp):
+    """Scaled latents in files are never read as raw: latentfilesink stores a .npy's values raw (it has no
+    metadata to say otherwise), and gst-vae-decode-file honours a .safetensors' latent_format metadata as
+    latentfilesrc does."""
+    tool = os.environ.get("GSTVAE_DECODE_TOOL")
+    c.need(tool and os.path.exists(tool), "GSTVAE_DECODE_TOOL is not set to gst-vae-decode-file")
+    paths = {}
+    for fmt in ("raw", "sd15"):
+        for ext in ("npy", "safetensors"):
+            paths[fmt, ext] = os.path.join(tmp, "%s.%s" % (fmt, ext))
+        r = launch(["videotestsrc", "num-buffers=2", "!", "video/x-raw,format=RGB,width=64,height=48", "!",
+                    "vaeencode", "model=%s" % model("taesd", "encoder"), "latent-format=%s" % fmt, "!", "tee",
+                    "name=t", "t.", "!", "queue", "!", "latentfilesink", "location=%s" % paths[fmt, "npy"], "t.",
+                    "!", "queue", "!", "latentfilesink", "location=%s" % paths[fmt, "safetensors"]], timeout=120)
+        c.need(r.returncode == 0, "encoding %s latents failed: %s" % (fmt, r.stderr[-1000:]))
+    raw, scaled = np.load(paths["raw", "npy"]), np.load(paths["sd15", "npy"])
+    c.check(raw.shape == scaled.shape and np.allclose(scaled, raw, rtol=1e-5, atol=1e-6),
+            "latent-format=sd15 into a .npy: not the raw values (max |diff| %g, ratio %g)"
+            % (np.abs(scaled - raw).max(), np.abs(scaled).mean() / np.abs(raw).mean()))
+
+    def tool_frames(path):
+        out = os.path.join(tmp, "tool.rgb")
+        r = subprocess.run([tool, "--model", model("taesd", "decoder"), "--latents", path, "--out", out,
+                            "--device", "cpu", "--precision", "fp32"], capture_output=True, text=True)
+        c.need(r.returncode == 0, "gst-vae-decode-file %s failed: %s" % (path, r.stderr[-800:]))
+        return np.fromfile(out, dtype=np.uint8).astype(np.int16)
+
+    want = tool_frames(paths["raw", "safetensors"])
+    got = tool_frames(paths["sd15", "safetensors"])
+    c.check(got.shape == want.shape and np.abs(got - want).max() <= 1,
+            "gst-vae-decode-file on sd15.safetensors (latent_format sd15 recorded): max |diff| %d from the raw "
+            "file's frames" % np.abs(got - want).max())
+    return ".npy holds raw values whatever the caps' format; gst-vae-decode-file honours latent_format"
+
+
 CASES = [
     ("a. real TAESD weights: gst-launch round trips within 0.2 dB of the README", case_psnr),
     ("b. 8-bit frames equal the float64 reference decoder's", case_reference),
@@ -298,6 +409,10 @@ CASES = [
     ("h. errors: wrong channels, an encoder file, a missing model", case_errors),
     ("i. vaeencode ! vaedecode preview, one frame per frame", case_preview_pipeline),
     ("j. KL decoder: every layout, raw and scaled latents, equal the engine's frames", case_kl_layouts),
+    ("k. refused caps: the element's own error, naming the cause, once", case_refused_caps),
+    ("l. a refusal during the state change to PAUSED: gst-launch always exits", case_refusal_never_hangs),
+    ("m. scaled latents in files: .npy holds raw values, gst-vae-decode-file honours latent_format",
+     case_scaled_files),
 ]
 
 

@@ -326,7 +326,8 @@ fi
   echo
   echo "| variable | this run | default |"
   echo "| --- | --- | --- |"
-  for kv in GSTVAE_CUDNN_BENCHMARK=1 GSTVAE_PINNED_STAGING=1 GSTVAE_UPLOAD_OVERLAP=1 GSTVAE_CHANNELS_LAST=0 GSTVAE_SDPA=0; do
+  for kv in GSTVAE_CUDNN_BENCHMARK=1 GSTVAE_PINNED_STAGING=1 GSTVAE_UPLOAD_OVERLAP=1 GSTVAE_CHANNELS_LAST=0 GSTVAE_SDPA=0 \
+            GSTVAE_CUDA_GRAPHS=0 GSTVAE_DOWNLOAD_OVERLAP=0; do
     name=${kv%%=*}
     echo "| $name | ${!name:-${kv#*=} (default)} | ${kv#*=} |"
   done

@@ -3,5 +3,7 @@
 # runs on one machine share the 4.6 GB install (scripts/setup.sh makes it).
 # GSTVAE_VENV overrides it.
 GSTVAE_TORCH_PIN=$(sed -n 's/^torch==//p' "$(dirname "${BASH_SOURCE[0]}")/requirements.txt")
-GSTVAE_VENV=${GSTVAE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/gst-vae/venv-torch-$GSTVAE_TORCH_PIN}
+# HOME may be unset (a bare CI environment): the user's home from passwd then.
+gstvae_home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+GSTVAE_VENV=${GSTVAE_VENV:-${XDG_CACHE_HOME:-$gstvae_home/.cache}/gst-vae/venv-torch-$GSTVAE_TORCH_PIN}
 GSTVAE_PYTHON=$GSTVAE_VENV/bin/python3

@@ -53,6 +53,7 @@
 
 #include "errors.h"
 #include "latent_caps.h"
+#include "levers.h"
 #include "model.h"
 
 GST_DEBUG_CATEGORY_STATIC(vae_batch_debug);
@@ -617,6 +618,13 @@ static gboolean gst_vae_batch_start(GstBaseTransform* trans) {
     GST_ELEMENT_ERROR(self, RESOURCE, OPEN_READ, ("Could not load VAE model '%s'", s.model.c_str()),
                       ("%s", e.what()));
     return FALSE;
+  }
+  if (s.device == "auto") {
+    // A CUDA build without a GPU or driver: said once per process, by the
+    // first element that loads a model, not once per element.
+    const std::string note = gstvae::take_no_cuda_device_note();
+    if (!note.empty())
+      GST_ELEMENT_INFO(self, RESOURCE, SETTINGS, ("No CUDA device: running on the CPU"), ("%s", note.c_str()));
   }
   p.state.pending.clear();
   p.state.clips = p.state.direction->has_clips();

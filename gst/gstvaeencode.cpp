@@ -41,7 +41,6 @@
 #include "encoder.h"
 #include "errors.h"
 #include "latent_caps.h"
-#include "levers.h"
 
 GST_DEBUG_CATEGORY_STATIC(vae_encode_debug);
 #define GST_CAT_DEFAULT vae_encode_debug
@@ -389,12 +388,6 @@ static gstvae_glue::Direction* gst_vae_encode_open(GstVaeBatch* batch, const gst
   GST_INFO_OBJECT(self, "loaded '%s': %s (%s layout), %" G_GINT64_FORMAT " parameters, on %s in %s", s.model.c_str(),
                   info.architecture.c_str(), info.layout.c_str(), info.parameters, info.device.c_str(),
                   gstvae::precision_name(info.precision));
-  if (s.device == "auto") {
-    // A CUDA build without a GPU or driver: said once per process, not per element.
-    const std::string note = gstvae::take_no_cuda_device_note();
-    if (!note.empty())
-      GST_ELEMENT_INFO(self, RESOURCE, SETTINGS, ("No CUDA device: running on the CPU"), ("%s", note.c_str()));
-  }
   return new EncodeDirection(self, std::move(encoder));
 }
 

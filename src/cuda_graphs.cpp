@@ -46,11 +46,6 @@ class CudaGraphedForward final : public GraphedForward {
     return replay(kept, input);
   }
 
-  GraphBook book() const override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return book_;
-  }
-
  private:
   struct Captured {
     at::cuda::CUDAGraph graph;
@@ -101,7 +96,7 @@ class CudaGraphedForward final : public GraphedForward {
   }
 
   const c10::Device device_;
-  mutable std::mutex mutex_;  // everything below
+  std::mutex mutex_;  // everything below
   GraphBook book_;
   std::map<GraphKey, std::unique_ptr<Captured>> graphs_;
 };

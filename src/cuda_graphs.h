@@ -25,8 +25,6 @@ class GraphedForward {
   // tensors returned are the caller's (copies of the graph's outputs).
   // Thread-safe: one run at a time.
   virtual std::vector<at::Tensor> run(const at::Tensor& input, const Forward& forward) = 0;
-  // The bookkeeping so far (copied under the runner's lock).
-  virtual GraphBook book() const = 0;
 };
 
 // A runner for `device` (a CUDA device), or nullptr when this build has no

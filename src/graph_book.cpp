@@ -54,8 +54,6 @@ void GraphBook::capture_failed(const GraphKey& key) {
   e.captured = false;
 }
 
-void GraphBook::clear() { entries_.clear(); }
-
 size_t GraphBook::graphs() const {
   size_t n = 0;
   for (const auto& [key, e] : entries_) n += e.captured;

@@ -44,8 +44,6 @@ class GraphBook {
   // The capture of `key` failed (an operation that cannot be captured): it
   // runs eagerly from now on.
   void capture_failed(const GraphKey& key);
-  // Forgets everything (the runner dropped its graphs).
-  void clear();
 
   size_t graphs() const;
   size_t captures() const { return captures_; }

@@ -1,6 +1,7 @@
 // The engine through its public, LibTorch-free interface: key normalisation,
 // the centre crop, pixel formats, frame batches, latent formats, and loading
 // and running KL encoders from generated random-weight checkpoints.
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
@@ -1949,6 +1950,61 @@ TEST(Levers, ChannelsLastAlwaysAgreesWithNchwInFp32) {
   EXPECT_LT(max_abs_diff(pa, pb), 1e-4);
   std::cout << "[ info     ] channels-last vs NCHW, fp32 CPU: latents max |diff| " << max_abs_diff(a, b)
             << ", frames " << max_abs_diff(pa, pb) << "\n";
+}
+
+// On a CUDA device (the GPU check runs engine-tests there; here they skip):
+// a forward pass replayed from a CUDA graph gives the eager latents, through
+// warm-up, capture, replays and a shape change; a download left in flight
+// (GSTVAE_DOWNLOAD_OVERLAP) gives the synchronised latents once waited for.
+std::shared_ptr<Encoder> cuda_fp32_encoder(const char* lever) {
+  if (!at::hasCUDA()) return nullptr;
+  ModelOptions o;
+  o.device = "cuda";
+  o.precision = Precision::F32;
+  ScopedEnv on(lever, "1");
+  return load_encoder(Models::get().path("ldm", small_spec()), o);
+}
+
+TEST(CudaPaths, GraphReplaysGiveTheEagerLatents) {
+  std::shared_ptr<Encoder> graphed = cuda_fp32_encoder("GSTVAE_CUDA_GRAPHS");
+  if (!graphed) GTEST_SKIP() << "no CUDA device: capture and replay run in the GPU check";
+  ModelOptions o;
+  o.device = "cuda";
+  o.precision = Precision::F32;
+  std::shared_ptr<Encoder> eager;
+  {
+    ScopedEnv off("GSTVAE_CUDA_GRAPHS", "0");
+    eager = load_encoder(Models::get().path("ldm", small_spec()), o);
+  }
+  ASSERT_NE(graphed.get(), eager.get());
+  for (auto [w, h] : {std::pair{64, 48}, std::pair{32, 24}}) {
+    const auto frames = rgb_frames(w, h, 2, 77);
+    const auto want = encode_frames(*eager, PixelFormat::RGB, w, h, frames, {0, 1});
+    // 2 eager warm-ups, the capture (replayed once), then replays.
+    for (int run = 0; run < 6; ++run) {
+      SCOPED_TRACE(std::to_string(w) + "x" + std::to_string(h) + " run " + std::to_string(run));
+      const auto got = encode_frames(*graphed, PixelFormat::RGB, w, h, frames, {0, 1});
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_LT(max_abs_diff(got, want), 1e-5 * std::max(1.0, max_abs(want)));
+    }
+  }
+}
+
+TEST(CudaPaths, AnOverlappedDownloadGivesTheSynchronisedLatents) {
+  std::shared_ptr<Encoder> overlapped = cuda_fp32_encoder("GSTVAE_DOWNLOAD_OVERLAP");
+  if (!overlapped) GTEST_SKIP() << "no CUDA device: the overlapped download runs in the GPU check";
+  const auto frames = rgb_frames(64, 48, 3, 5);
+  const auto want = encode_frames(*overlapped, PixelFormat::RGB, 64, 48, frames, {0, 1, 2});  // synchronised
+  auto batch = overlapped->new_batch(PixelFormat::RGB, 64, 48, frames.size());
+  for (size_t i = 0; i < frames.size(); ++i) batch->add(frames[i].pixels.data(), frames[i].stride, i);
+  auto block = overlapped->new_latents(*batch);
+  auto session = overlapped->open_session();
+  session->encode(*batch, EncodeParams{}, *block);
+  EXPECT_TRUE(block->has_pending_copy() || !block->pinned()) << "a pinned block's copy is left in flight";
+  block->wait_ready();
+  EXPECT_FALSE(block->has_pending_copy());
+  const std::vector<float> got(block->data(), block->data() + want.size());
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)), 0) << max_abs_diff(got, want);
 }
 
 }  // namespace

@@ -433,19 +433,25 @@ def case_seek(c, model, tmp):
     pipeline.get_state(30 * Gst.SECOND)
     ok = pipeline.seek(1.0, Gst.Format.BUFFERS, flush, Gst.SeekType.SET, 3, Gst.SeekType.SET, 6)
     pipeline.set_state(Gst.State.PLAYING)
-    seen = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        sample = sink.emit("try-pull-sample", 100 * Gst.MSECOND)
-        if sample is None:
-            if sink.get_property("eos"):
-                break
-            continue
-        seen.append(sample.get_buffer().offset)
+    seen = [sample.get_buffer().offset for sample in pull_until_eos(sink)]
     pipeline.set_state(Gst.State.NULL)
     c.check(ok and seen == [3, 4, 5], "BUFFERS seek 3..6: frames %s (seek %s)" % (seen, ok))
     reverse = reverse_seek_refused(c, path)
     return "seek to frame %d in %s; BUFFERS 3..6 gives 3,4,5; %s" % (k, ", ".join(notes), reverse)
+
+
+def pull_until_eos(sink, timeout_s=30):
+    """The samples an appsink gets until EOS (or `timeout_s`)."""
+    Gst = gst()
+    samples = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sample = sink.emit("try-pull-sample", 100 * Gst.MSECOND)
+        if sample is not None:
+            samples.append(sample)
+        elif sink.get_property("eos"):
+            break
+    return samples
 
 
 def reverse_seek_refused(c, path):
@@ -467,16 +473,9 @@ def reverse_seek_refused(c, path):
     ok = pipeline.seek(-1.0, Gst.Format.TIME, Gst.SeekFlags.FLUSH, Gst.SeekType.SET, 0, Gst.SeekType.SET,
                        pts(6, 30, 1))
     pipeline.set_state(Gst.State.PLAYING)
-    seen, formats = [], set()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        sample = sink.emit("try-pull-sample", 100 * Gst.MSECOND)
-        if sample is None:
-            if sink.get_property("eos"):
-                break
-            continue
-        seen.append(sample.get_buffer().offset)
-        formats.add(sample.get_segment().format.value_nick)
+    samples = pull_until_eos(sink)
+    seen = [sample.get_buffer().offset for sample in samples]
+    formats = {sample.get_segment().format.value_nick for sample in samples}
     msg = pipeline.get_bus().pop_filtered(Gst.MessageType.ERROR)
     pipeline.set_state(Gst.State.NULL)
     c.check(not ok, "a reverse seek was accepted")

@@ -123,6 +123,11 @@ class Cluster:
             # A token of this run, not ~/.ray/auth_token: the drivers must present it.
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray 2.60 kills a dead worker's process group (and so its gst-vae-batch) itself; older Rays
+            # and clusters with these settings off do not. Off here, so that the kill case shows the
+            # driver's own guarantee (PR_SET_PDEATHSIG), which holds either way.
+            "RAY_process_group_cleanup_enabled": "0",
+            "RAY_kill_child_processes_on_worker_exit": "0",
         })
         self.env.pop("RAY_ADDRESS", None)
         self.proc = None

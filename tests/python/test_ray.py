@@ -22,10 +22,11 @@ and hide the address path.) The cases, with the tool's contract as in test_slurm
      clip is encoded, everything else skipped
   d. the manifest without the corrupt line: the data set is complete, the driver exits 0
 
-The test bounds each driver run (DRIVER_TIMEOUT) and, whatever happens (a failed case, an
-exception, SIGTERM from meson's timeout), stops the cluster: SIGTERM to `ray start`, then SIGKILL
-to every process still carrying this run's marker variable in its environment (the raylet, GCS,
-agents, workers, a gst-vae-batch), and fails if any is left. If Ray is not installed, it FAILS.
+The test bounds each driver run (DRIVER_TIMEOUT) and itself (BUDGET, inside meson's timeout) and,
+whatever happens (a failed case, an exception, SIGTERM), stops the cluster: SIGTERM to `ray start`,
+then SIGKILL to every process still carrying this run's marker variable in its environment (the
+raylet, GCS, agents, workers, a gst-vae-batch), and fails if any is left. Should the test itself be
+SIGKILLed, a guard process in a session of its own (`--guard`) sees its pipe close and does the same. If Ray is not installed, it FAILS.
 
 Environment: GSTVAE_BATCH_TOOL, GST_PLUGIN_PATH, GST_REGISTRY (as test_slurm.py); Ray: `bash
 scripts/setup.sh ray` installs it into the project's venv. GSTVAE_RAY_KEEP=1 keeps the temporary
@@ -52,7 +53,9 @@ import test_slurm as S  # noqa: E402 -- the data set, results and summary checks
 from casekit import FAILED, RAN, run_case  # noqa: E402
 
 SHARDS = S.SHARDS
-DRIVER_TIMEOUT = 300  # seconds per driver run (the whole test stays well inside meson's 900)
+DRIVER_TIMEOUT = 300  # seconds per driver run at most
+BUDGET = 660  # seconds for the whole test: every driver run ends by then, inside meson's 900 with the clean-up
+T_END = time.monotonic() + BUDGET
 LONG = (160, 120, 48, 24)  # the clip the kill lands in: width, height, frames, fps (a few seconds to encode)
 MARK = "GSTVAE_RAY_TEST_RUN"
 
@@ -131,6 +134,7 @@ class Cluster:
         })
         self.env.pop("RAY_ADDRESS", None)
         self.proc = None
+        self.guard = None
         self.log = os.path.join(tmp, "ray-head.log")
 
     def start(self, c):
@@ -143,6 +147,10 @@ class Cluster:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.guard = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--guard", self.token,
+                                       str(self.proc.pid), self.dir], stdin=subprocess.PIPE,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)  # holds none of meson's pipes
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             c.need(self.proc.poll() is None, "ray start exited %s:\n%s" % (self.proc.returncode, self.head_log()))
@@ -165,7 +173,6 @@ class Cluster:
 
     def stop(self):
         """Stops everything; returns the processes that had to be SIGKILLed and those that survived."""
-        killed = []
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # `ray start --block` stops what it started on SIGTERM
             try:
@@ -173,22 +180,50 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        # Left after that: processes Ray's raylet started (agents, workers) that outlive it, and any child.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            pids = [p for p in marked_pids(self.token) if alive(p)]
-            if not pids:
-                break
-            for p in pids:
-                killed.append("%d %s" % (p, cmdline(p)[:120]))
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.5)
-        left = ["%d %s" % (p, cmdline(p)[:120]) for p in marked_pids(self.token) if alive(p)]
+        killed, left = kill_marked(self.token)
+        if self.guard is not None:
+            self.guard.stdin.close()  # the guard finds nothing left and exits
+            try:
+                self.guard.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.guard.kill()
+                self.guard.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
         return killed, left
+
+
+def kill_marked(token):
+    """SIGKILLs what is left of the cluster: processes Ray's raylet started (agents, workers) outlive it,
+    and so may their children. Returns (the processes killed, those still there after 10 s)."""
+    killed = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = [p for p in marked_pids(token) if alive(p) and p != os.getpid()]
+        if not pids:
+            break
+        for p in pids:
+            killed.append("%d %s" % (p, cmdline(p)[:120]))
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.5)
+    left = ["%d %s" % (p, cmdline(p)[:120]) for p in marked_pids(token) if alive(p) and p != os.getpid()]
+    return killed, left
+
+
+def guard(token, head_pid, temp_dir):
+    """`test_ray.py --guard TOKEN PID DIR`, in a session of its own: waits for the end of its stdin (the
+    test closes it, or dies, even of SIGKILL: meson sends SIGKILL to the test's process group 0.5 s after
+    SIGTERM), then stops the cluster as Cluster.stop does."""
+    sys.stdin.buffer.read()
+    if alive(head_pid) and head_pid in marked_pids(token):
+        os.kill(head_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        while alive(head_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    kill_marked(token)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ the data set
@@ -244,6 +279,10 @@ def start_driver(cluster, ds, out_dir, manifest, log_path):
     return proc
 
 
+def driver_deadline():
+    return min(time.monotonic() + DRIVER_TIMEOUT, T_END)
+
+
 def finish_driver(c, proc, log_path, deadline):
     """Waits for the driver until `deadline`; kills it after that. Returns (exit status, stdout, stderr)."""
     try:
@@ -251,7 +290,8 @@ def finish_driver(c, proc, log_path, deadline):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        c.need(False, "the driver did not finish within %d s:\n%s" % (DRIVER_TIMEOUT, S.tail(read(log_path + ".err"))))
+        c.need(False, "the driver did not finish in time (%d s per run, %d s for the test); killed:\n%s"
+               % (DRIVER_TIMEOUT, BUDGET, S.tail(read(log_path + ".err"))))
     return proc.returncode, read(log_path + ".out"), read(log_path + ".err")
 
 
@@ -337,7 +377,7 @@ def run_and_kill(c, cluster, ds, long_it, out_dir, log, target):
     results = os.path.join(out_dir, "_results", "shard-%d-of-%d.jsonl" % (kill_shard, SHARDS))
     long_out = os.path.basename(S.expected_output(out_dir, long_it))
     tool = os.environ["GSTVAE_BATCH_TOOL"]
-    deadline = time.monotonic() + DRIVER_TIMEOUT
+    deadline = driver_deadline()
     proc = start_driver(cluster, ds, out_dir, ds["manifest"], log)
     killed = None
     try:
@@ -432,7 +472,7 @@ def case_second_run(c, cluster, ds, tmp, out_dir, state):
     log = os.path.join(tmp, "run2")
     proc = start_driver(cluster, ds, out_dir, ds["manifest"], log)
     try:
-        rc, out, err = finish_driver(c, proc, log, time.monotonic() + DRIVER_TIMEOUT)
+        rc, out, err = finish_driver(c, proc, log, driver_deadline())
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -491,7 +531,7 @@ def case_complete(c, cluster, ds, tmp, out_dir, state):
     log = os.path.join(tmp, "run3")
     proc = start_driver(cluster, ds, out_dir, manifest, log)
     try:
-        rc, out, err = finish_driver(c, proc, log, time.monotonic() + DRIVER_TIMEOUT)
+        rc, out, err = finish_driver(c, proc, log, driver_deadline())
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -582,4 +622,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--guard"]:
+        guard(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        main()

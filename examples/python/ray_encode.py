@@ -35,7 +35,9 @@ are passed to the tasks.
 import argparse
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -75,7 +77,6 @@ os.execv(sys.argv[2], sys.argv[2:])
 @ray.remote
 def run_shard(tool, shard, shards, args, lock_wait):
     """gst-vae-batch --shard shard/shards ARGS; returns (shard, exit status, seconds, host)."""
-    import socket
     host = socket.gethostname()
     t0 = time.monotonic()
     cmd = [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), tool,
@@ -111,6 +112,8 @@ def parse_args(argv):
     p.add_argument("--max-retries", type=int, default=3, help="Ray retries of a shard whose worker was lost (3)")
     p.add_argument("--lock-wait", type=float, default=120,
                    help="seconds a task waits for a shard locked by another run (120)")
+    p.add_argument("--connect-timeout", type=float, default=60,
+                   help="seconds to wait for the cluster at --address to answer (60)")
     p.add_argument("--object-store-memory", type=int, default=100 * 1024 * 1024,
                    help="object store bytes of a local Ray (100 MiB: the tasks pass only small results)")
     if "--" not in argv:
@@ -142,11 +145,34 @@ def parse_args(argv):
     return args
 
 
+def wait_for_gcs(address, timeout):
+    """Whether HOST:PORT accepts a connection within `timeout` s. ray.init() retries an address where
+    nothing listens for minutes, logging warnings: a typo would look like a hang. Other forms ("auto",
+    "ray://...") are Ray's to resolve: True."""
+    m = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d+)", address)
+    if not m:
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((m.group(1), int(m.group(2))), timeout=5).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(1)
+
+
 def main(argv):
     args = parse_args(argv)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
-    if args.address or os.environ.get("RAY_ADDRESS"):
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if not wait_for_gcs(address, args.connect_timeout):
+            print("ray_encode: no Ray cluster answers at %s (waited %.0f s)" % (address, args.connect_timeout),
+                  file=sys.stderr)
+            return 1
         ray.init(address=args.address, runtime_env=runtime_env)
     else:
         ray.init(object_store_memory=args.object_store_memory, include_dashboard=False, runtime_env=runtime_env)
@@ -175,7 +201,8 @@ def main(argv):
                     ray.cancel(r, force=True)
         except (ray.exceptions.RayError, ShardKilled) as e:
             # Retries used up (or cancelled): the summary reports the shard as missing.
-            print("ray_encode: shard %d/%d did not finish: %s" % (i, args.shards, str(e).splitlines()[0]),
+            why = str(e).strip().splitlines()
+            print("ray_encode: shard %d/%d did not finish: %s" % (i, args.shards, why[0] if why else type(e).__name__),
                   file=sys.stderr, flush=True)
     ray.shutdown()
 

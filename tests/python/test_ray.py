@@ -21,6 +21,8 @@ and hide the address path.) The cases, with the tool's contract as in test_slurm
      worker alive, as when the OOM killer picks the tool): the task raises and Ray retries it; the long
      clip is encoded, everything else skipped
   d. the manifest without the corrupt line: the data set is complete, the driver exits 0
+  e. bad input: the driver's usage errors exit 2, an address where nothing listens exits 1 (both
+     promptly), gst-vae-batch's usage error on the cluster exits 2
 
 The test bounds each driver run (DRIVER_TIMEOUT) and itself (BUDGET, inside meson's timeout) and,
 whatever happens (a failed case, an exception, SIGTERM), stops the cluster: SIGTERM to `ray start`,
@@ -549,6 +551,56 @@ def case_complete(c, cluster, ds, tmp, out_dir, state):
     return "%d skipped, exit 0" % s.get("skipped", 0)
 
 
+def case_bad_input(c, cluster, ds, tmp, out_dir, state):
+    """Usage errors end in exit 2 with a message, a cluster that does not answer in exit 1, both
+    promptly; a usage error of gst-vae-batch on the cluster ends the run with exit 2."""
+    tool = os.environ["GSTVAE_BATCH_TOOL"]
+    other = os.path.join(tmp, "latents-bad")
+    base = [sys.executable, DRIVER, "--tool", tool]
+    tool_args = ["--manifest", ds["manifest"], "--model", ds["model"]]
+    usage = [
+        (["--shards", "3", "--"] + tool_args, "--out-dir"),                          # no --out-dir
+        (["--shards", "3"] + tool_args + ["--out-dir", other], "`--`"),               # no `--`
+        (["--shards", "3", "--"] + tool_args + ["--out-dir", other, "--shard", "0/3"], "--shard"),
+        (["--shards", "0", "--"] + tool_args + ["--out-dir", other], "--shards"),
+        (["--shards", "3", "--gpus-per-task", "x", "--"] + tool_args + ["--out-dir", other], "--gpus-per-task"),
+    ]
+    for args, word in usage:
+        t0 = time.monotonic()
+        p = subprocess.run(base + args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=60)
+        err = p.stderr.decode("utf-8", "replace")
+        c.check(p.returncode == 2 and word in err, "%s: exit %d (expected 2, naming %s):\n%s"
+                % (" ".join(args[:4]), p.returncode, word, S.tail(err, 800)))
+        c.check(time.monotonic() - t0 < 30, "%s: took %.0f s" % (" ".join(args[:4]), time.monotonic() - t0))
+    t0 = time.monotonic()
+    p = subprocess.run(base + ["--shards", "3", "--address", "127.0.0.1:%d" % free_port(), "--connect-timeout",
+                               "3", "--"] + tool_args + ["--out-dir", other], env=cluster.env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    err = p.stderr.decode("utf-8", "replace")
+    c.check(p.returncode == 1 and "no Ray cluster answers" in err, "an address where nothing listens: exit %d:\n%s"
+            % (p.returncode, S.tail(err, 800)))
+    c.check(time.monotonic() - t0 < 30, "an address where nothing listens: took %.0f s" % (time.monotonic() - t0))
+    # gst-vae-batch's own usage error (an unknown option), found by the tasks on the cluster.
+    log = os.path.join(tmp, "run-usage")
+    cmd = base + ["--shards", "3", "--address", cluster.address, "--"] + tool_args + ["--out-dir", other,
+                                                                                      "--no-such-option"]
+    out_f, err_f = open(log + ".out", "wb"), open(log + ".err", "wb")
+    proc = subprocess.Popen(cmd, env=cluster.env, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
+                            start_new_session=True)
+    out_f.close()
+    err_f.close()
+    try:
+        rc, out, err = finish_driver(c, proc, log, driver_deadline())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    c.check(rc == 2, "gst-vae-batch --no-such-option: driver exit %d, expected 2:\n%s" % (rc, S.tail(err)))
+    c.check(re.search(r"^ray_encode: shard \d/3 exited 2", err, re.M), "no shard reported exit 2:\n%s" % S.tail(err))
+    return "5 usage errors (exit 2), a closed port (exit 1), the tool's usage error on the cluster (exit 2)"
+
+
 # ------------------------------------------------------------------ main
 
 def on_sigterm(signum, frame):
@@ -595,6 +647,8 @@ def main():
             run_case("c. gst-vae-batch SIGKILLed mid-item, its worker alive: the task retried, exit 1",
                      case_tool_killed, cluster, ds, long_it, tmp, out_dir, state)
             run_case("d. without the corrupt line: complete, exit 0", case_complete, cluster, ds, tmp, out_dir, state)
+            run_case("e. bad input: usage errors exit 2, no cluster exit 1, the tool's usage error exit 2",
+                     case_bad_input, cluster, ds, tmp, out_dir, state)
         else:
             print("NOTE a.-c. not run: the setup failed")
     except KeyboardInterrupt as e:

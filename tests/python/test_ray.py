@@ -650,7 +650,7 @@ def main():
             run_case("e. bad input: usage errors exit 2, no cluster exit 1, the tool's usage error exit 2",
                      case_bad_input, cluster, ds, tmp, out_dir, state)
         else:
-            print("NOTE a.-c. not run: the setup failed")
+            print("NOTE a.-e. not run: the setup failed")
     except KeyboardInterrupt as e:
         FAILED.append("interrupted (%s)" % e)
         RAN.append("interrupted")

@@ -25,7 +25,9 @@ Exit status: that of `gst-vae-batch --summary` (0 only when the data set is comp
 every shard done, nothing failed), or 2 for a usage error (here or in gst-vae-batch),
 1 when the summary could not be run. Running the driver again resumes.
 
-Without --address (and without RAY_ADDRESS) it starts a local Ray on this machine,
+With --address HOST:PORT (or RAY_ADDRESS) it joins that cluster, after waiting up to
+--connect-timeout seconds for it to answer (exit 1 if it does not; ray.init() alone
+would retry for minutes). Without either it starts a local Ray on this machine,
 with an object store of --object-store-memory bytes (the shards pass nothing through
 it). The tool (--tool, default: gst-vae-batch on PATH), the manifest, the model and
 --out-dir must be at the same paths on every node, and the workers need the `vae`

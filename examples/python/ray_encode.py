@@ -118,10 +118,10 @@ def parse_args(argv):
                    help="seconds to wait for the cluster at --address to answer (60)")
     p.add_argument("--object-store-memory", type=int, default=100 * 1024 * 1024,
                    help="object store bytes of a local Ray (100 MiB: the tasks pass only small results)")
-    if "--" not in argv:
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])  # --help ends here
+    if cut == len(argv):
         p.error("give gst-vae-batch's arguments after `--`")
-    cut = argv.index("--")
-    args = p.parse_args(argv[:cut])
     args.tool_args = argv[cut + 1:]
     if args.shards < 1:
         p.error("--shards must be 1 or more")

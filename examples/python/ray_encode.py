@@ -119,9 +119,12 @@ def parse_args(argv):
     p.add_argument("--object-store-memory", type=int, default=100 * 1024 * 1024,
                    help="object store bytes of a local Ray (100 MiB: the tasks pass only small results)")
     cut = argv.index("--") if "--" in argv else len(argv)
-    args = p.parse_args(argv[:cut])  # --help ends here
+    args, unknown = p.parse_known_args(argv[:cut])  # --help ends here
     if cut == len(argv):
-        p.error("give gst-vae-batch's arguments after `--`")
+        p.error("give gst-vae-batch's arguments after `--`%s" % (" (%s is not the driver's)" % unknown[0]
+                                                                  if unknown else ""))
+    if unknown:
+        p.error("unrecognized arguments: %s (gst-vae-batch's go after `--`)" % " ".join(unknown))
     args.tool_args = argv[cut + 1:]
     if args.shards < 1:
         p.error("--shards must be 1 or more")

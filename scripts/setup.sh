@@ -19,15 +19,19 @@ packages=(
 #   fuzz:     Debian's clang with libFuzzer and its ASan/UBSan runtimes (scripts/fuzz.sh);
 #   coverage: llvm-profdata/llvm-cov (FUZZ_COVERAGE=1 bash scripts/fuzz.sh);
 #   slurm:    a single-node Slurm (slurmctld, slurmd, munge) for scripts/slurm-local.sh
-#             and tests/python/test_slurm.py.
+#             and tests/python/test_slurm.py;
+#   ray:      not a Debian package: Ray, pinned in scripts/requirements-ray.txt, into the
+#             project's venv, for examples/python/ray_encode.py and tests/python/test_ray.py.
 # The sanitizer test build (scripts/test-sanitizers.sh) uses g++, whose ASan/UBSan
 # runtimes (libasan8, libubsan1) come with it.
+with_ray=0
 for group in "$@"; do
   case "$group" in
     fuzz) packages+=(clang-14 libclang-rt-14-dev) ;;
     coverage) packages+=(llvm-14) ;;
     slurm) packages+=(slurm-wlm munge) ;;
-    *) echo "setup: unknown package group '$group' (known: fuzz, coverage, slurm)" >&2; exit 2 ;;
+    ray) with_ray=1 ;;
+    *) echo "setup: unknown package group '$group' (known: fuzz, coverage, slurm, ray)" >&2; exit 2 ;;
   esac
 done
 
@@ -61,4 +65,17 @@ if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
   [ -x "$GSTVAE_PYTHON" ] || /usr/bin/python3 -m venv --system-site-packages "$GSTVAE_VENV"
   "$GSTVAE_PYTHON" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   cp "$requirements" "$stamp"
+fi
+
+# Ray: a second requirements file with its own stamp, so that it neither changes
+# the torch pin (nor the venv's name, which comes from it) nor reinstalls torch.
+if [ "$with_ray" = 1 ]; then
+  ray_requirements="$(dirname "$0")/requirements-ray.txt"
+  ray_stamp="$GSTVAE_VENV/.gst-vae-requirements-ray"
+  if ! cmp -s "$ray_requirements" "$ray_stamp" 2>/dev/null; then
+    echo "setup: installing $(grep -v '^#' "$ray_requirements" | xargs) into $GSTVAE_VENV" \
+      "(about 80 MB downloaded, 270 MB installed)" >&2
+    "$GSTVAE_PYTHON" -m pip install --quiet --disable-pip-version-check -r "$ray_requirements"
+    cp "$ray_requirements" "$ray_stamp"
+  fi
 fi

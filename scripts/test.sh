@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 t0=$SECONDS
 bash scripts/build.sh "$@"
 bash scripts/check-cuda-build.sh build  # the CUDA build: libtorch_cuda linked, CUDA-only code in
-bash scripts/setup.sh slurm  # tests/python/test_slurm.py runs a real single-node Slurm
+bash scripts/setup.sh slurm ray  # tests/python/test_slurm.py and test_ray.py: real Slurm and Ray
 meson test -C build --print-errorlogs --num-processes 1
 t1=$SECONDS
 if [ "${GSTVAE_TEST_GPU_CHECK:-1}" != 0 ]; then

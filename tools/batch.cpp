@@ -28,6 +28,7 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <set>
@@ -808,6 +809,22 @@ std::string host_name() {
   return h;
 }
 
+// Whether a process of this host can still write: it exists and is not a
+// zombie. A run killed with its parent (a Ray worker, a container's shell)
+// stays a zombie until whatever adopts it reaps it, which can take seconds
+// (or forever under a PID 1 that never reaps); kill(pid, 0) succeeds on a
+// zombie, so a retry started meanwhile would keep the dead run's files.
+bool process_alive(pid_t pid) {
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  // "PID (COMM) STATE ...": COMM may hold spaces and parentheses, the state follows the last ')'.
+  const size_t close = text.rfind(')');
+  if (close == std::string::npos || close + 2 >= text.size()) return true;  // no /proc: assume it runs
+  const char state = text[close + 2];
+  return state != 'Z' && state != 'X';
+}
+
 // Staging files (and latentfilesink's temporary files beside them) of runs of
 // this item on this host whose process is gone: a worker killed mid-item.
 void remove_dead_leftovers(const std::string& dir, const std::string& prefix) {
@@ -821,7 +838,7 @@ void remove_dead_leftovers(const std::string& dir, const std::string& prefix) {
     if (at == std::string::npos || at > 1) continue;
     const long long pid = std::atoll(n.c_str() + at + prefix.size());
     if (pid <= 0 || pid == getpid()) continue;
-    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    if (process_alive(static_cast<pid_t>(pid))) continue;
     dead.push_back(dir + "/" + n);
   }
   g_dir_close(d);

@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -598,6 +599,45 @@ def case_kill(c, model, tmp):
     after = hidden_files(out)
     c.check(not after, "hidden files after the rerun: %s (the killed run left %s)" % (after, left))
     return "staged %s; after SIGKILL the out-dir kept %s; the rerun removed them" % (staged, left)
+
+
+def case_zombie_leftovers(c, model, tmp):
+    """A run killed with its parent (a SIGKILLed Ray worker) is a zombie until something reaps it;
+    a rerun in that window must count it as dead and remove its staging files, and keep those of a
+    live run."""
+    d = os.path.join(tmp, "z")
+    make_clip(os.path.join(d, "a.webm"), 3, 64, 48)
+    manifest = write_manifest(os.path.join(d, "m.txt"), ["a.webm"])
+    out = os.path.join(d, "out")
+    os.makedirs(out)
+    name = os.path.basename(dry_run(c, manifest, model, out)[0]["output"])
+    host = socket.gethostname().replace("/", "_").replace("-", "_")
+    zombie = subprocess.Popen(["true"])  # not waited for: a zombie until the end of this case
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open("/proc/%d/stat" % zombie.pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.02)
+        else:
+            c.need(False, "pid %d did not become a zombie" % zombie.pid)
+        files = {}
+        for who, pid in (("zombie", zombie.pid), ("live", live.pid)):
+            staging = ".%s.inprogress-%s-%d.latent" % (name, host, pid)
+            files[who] = [staging, "." + staging + ".partial-Ab12Cd"]
+            for f in files[who]:
+                open(os.path.join(out, f), "wb").close()
+        batch_ok(c, encode_args(manifest, model, out))
+        left = hidden_files(out)
+        c.check(not set(files["zombie"]) & set(left), "a zombie's (pid %d) files were kept: %s" % (zombie.pid, left))
+        c.check(set(files["live"]) <= set(left), "a live run's (pid %d) files were removed: %s" % (live.pid, left))
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
+    return "the zombie's 2 files removed, the live run's 2 kept"
 
 
 def case_term(c, model, tmp):
@@ -1291,6 +1331,7 @@ def main():
             ("c. rerun skips untouched; latent-format, truncated, deleted, sidecar re-encode", case_rerun),
             ("d. SIGKILL mid-item: nothing under the final name; rerun completes", case_kill),
             ("d. SIGTERM mid-item: exit 1 promptly, interrupted row, no _SUCCESS; rerun completes", case_term),
+            ("d. a zombie's staging files are removed, a live run's kept", case_zombie_leftovers),
             ("e. bad items are failed rows, good items (odd names, ranges) succeed", case_bad_items),
             ("e. --max-frames, --max-side, --size, --fps", case_options),
             ("e. malformed manifest lines and options: exit 2 naming the line", case_usage_errors),

@@ -196,12 +196,14 @@ TEST(TaehvDetection, TaesdUnderEncoderPrefixStaysTaesd) {
 
 TEST(TaehvDetection, RefusesOtherLatentSpaces) {
   TempDir dir;
-  // taehv1_5's shapes (2x2 patches, 32 channels): not supported.
+  // 32 channels in 2x2 patches: taehv1_5 (ReLU, [0, 1]) and lighttaehy1_5
+  // (LeakyReLU, [-1, 1]) alike; a name that says neither is refused.
   std::string e = error_of<CheckpointError>(
       [&] { load_encoder(TinyTaehv(2, 32).write(dir.file("m32.safetensors")), cpu()); });
   EXPECT_TRUE(contains(e, "32 latent channels")) << e;
-  EXPECT_TRUE(contains(e, "taew2_1")) << e;
-  // taeltx-like: the third TPool merges 2 frames (8 per latent).
+  EXPECT_TRUE(contains(e, "taehv1_5, lighttaehy1_5")) << e;
+  EXPECT_TRUE(contains(e, "latent-space")) << e;
+  // 8 frames per latent without taeltx's 4x4 patches and 128 channels.
   e = error_of<CheckpointError>(
       [&] { load_encoder(TinyTaehv(1, 16, 8, 2).write(dir.file("m8.safetensors")), cpu()); });
   EXPECT_TRUE(contains(e, "8 frames per latent")) << e;
@@ -214,6 +216,67 @@ TEST(TaehvDetection, RefusesOtherLatentSpaces) {
   e = error_of<CheckpointError>(
       [&] { load_encoder(TinyTaehv().write(dir.file("m16.safetensors")), cpu("taew2_2")); });
   EXPECT_TRUE(contains(e, "taew2_2")) << e;
+  // A name that contradicts the shapes.
+  e = error_of<CheckpointError>(
+      [&] { load_encoder(TinyTaehv().write(dir.file("taehv1_5.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "named like a taehv1_5 file")) << e;
+  EXPECT_TRUE(contains(e, "16 latent channels")) << e;
+  // Upstream's other spaces stay refused, however close their shapes.
+  for (const char* name : {"taecvx.safetensors", "taeos1_3.safetensors", "taeh3.safetensors"}) {
+    e = error_of<CheckpointError>([&] { load_encoder(TinyTaehv().write(dir.file(name)), cpu()); });
+    EXPECT_TRUE(contains(e, "is named like upstream's")) << e;
+  }
+}
+
+TEST(TaehvDetection, HunyuanVideo15ByName) {
+  TempDir dir;
+  TinyTaehv weights(2, 32);
+  // Upstream's file: ReLU, RGB in [0, 1], the model's space (raw x 1.03682).
+  auto tae = load_encoder(weights.write(dir.file("taehv1_5.safetensors")), cpu());
+  EXPECT_EQ(tae->info().latent_channels, 32);
+  EXPECT_EQ(tae->info().downscale, 16);
+  EXPECT_EQ(tae->info().temporal_downscale, 4);
+  EXPECT_FALSE(tae->info().input_signed);
+  EXPECT_EQ(tae->info().native_format.name, "hunyuanvideo15");
+  EXPECT_DOUBLE_EQ(tae->info().native_format.scale, 1.03682);
+  EXPECT_TRUE(contains(tae->info().architecture, "ReLU")) << tae->info().architecture;
+  // lightx2v's, under each of its names: LeakyReLU(0.2), RGB in [-1, 1], raw latents.
+  for (const char* name : {"lighttaehy1_5.safetensors", "lighttae_hv15.safetensors", "LightTAE_HY1_5.safetensors"}) {
+    auto light = load_encoder(weights.write(dir.file(name)), cpu());
+    EXPECT_TRUE(light->info().input_signed) << name;
+    EXPECT_TRUE(light->info().native_format.is_raw()) << name;
+    EXPECT_TRUE(contains(light->info().architecture, "LeakyReLU(0.2)")) << light->info().architecture;
+  }
+  // The option says which when the name does not, and must fit the shapes.
+  const std::string plain = weights.write(dir.file("hv15_tiny.safetensors"));
+  EXPECT_TRUE(load_encoder(plain, cpu("lighttaehy1_5"))->info().input_signed);
+  EXPECT_FALSE(load_encoder(plain, cpu("taehv1_5"))->info().input_signed);
+  const std::string e = error_of<CheckpointError>([&] { load_encoder(plain, cpu("taeltx_2")); });
+  EXPECT_TRUE(contains(e, "taeltx_2")) << e;
+  EXPECT_TRUE(contains(e, "taehv1_5, lighttaehy1_5")) << e;
+}
+
+TEST(TaehvDetection, LtxByName) {
+  TempDir dir;
+  TinyTaehv weights(4, 128, 8, 2);
+  for (const char* name : {"taeltx_2.safetensors", "taeltx2_3.safetensors"}) {
+    auto enc = load_encoder(weights.write(dir.file(name)), cpu());
+    const EncoderInfo& i = enc->info();
+    EXPECT_EQ(i.latent_channels, 128);
+    EXPECT_EQ(i.downscale, 32);
+    EXPECT_EQ(i.temporal_downscale, 8);
+    EXPECT_FALSE(i.input_signed);
+    EXPECT_TRUE(i.native_format.is_raw());  // LTX's normalised latents are its family's LATENT
+    EXPECT_TRUE(contains(i.architecture, "groups 8k..8k+7")) << i.architecture;
+  }
+  // LTX-2 and LTX-2.3 have different latent spaces and the same shapes.
+  const std::string e = error_of<CheckpointError>(
+      [&] { load_encoder(weights.write(dir.file("tiny_ltx.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "taeltx_2, taeltx2_3")) << e;
+  // taeltx's 4x4 patches with only 4 frames per latent: no such file.
+  const std::string e4 = error_of<CheckpointError>(
+      [&] { load_encoder(TinyTaehv(4, 128).write(dir.file("taeltx_2.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e4, "4 frames per latent")) << e4;
 }
 
 TEST(TaehvDetection, RefusesWrongShapes) {
@@ -365,6 +428,50 @@ TEST(TaehvSession, RawLatentsThenTheLatentFormat) {
   const LatentFormat f = latent_format_by_name("sd3");
   for (size_t i = 0; i < raw.latents.size(); ++i)
     EXPECT_NEAR(scaled.latents[i], (raw.latents[i] - f.shift) * f.scale, 1e-5);
+}
+
+TEST(TaehvSession, LtxGroupsOfEight) {
+  TempDir dir;
+  auto enc = load_encoder(TinyTaehv(4, 128, 8, 2).write(dir.file("taeltx2_3.safetensors")), cpu());
+  const int w = 64, h = 32;
+  auto clip = frames(17, w, h);
+  auto session = enc->open_session();
+  ClipRun whole = encode_clip(*enc, *session, clip, w, h, {17}, true, false);
+  ASSERT_EQ(whole.spans.size(), 2u);
+  EXPECT_EQ(whole.spans[1].first, 8u);
+  EXPECT_EQ(whole.spans[1].count, 8u);
+  EXPECT_EQ(whole.dropped.first, 16u);
+  EXPECT_EQ(whole.dropped.count, 1u);
+  EXPECT_EQ(whole.latents.size(), 2u * 128 * 1 * 2);
+  // Any batching, the MemBlocks carrying the state: the same latents.
+  for (std::vector<size_t> plan : {std::vector<size_t>{1}, {3}, {8}, {5, 7}}) {
+    ClipRun r = encode_clip(*enc, *session, clip, w, h, plan, true, false);
+    ASSERT_EQ(r.spans.size(), 2u);
+    EXPECT_LE(max_rel_diff(r.latents, whole.latents), 1e-6) << "plan " << plan[0];
+  }
+  // Padded: frame 16 and 7 copies of it make a third latent.
+  ClipRun padded = encode_clip(*enc, *session, clip, w, h, {4}, true, true);
+  ASSERT_EQ(padded.spans.size(), 3u);
+  EXPECT_EQ(padded.spans[2].first, 16u);
+  EXPECT_EQ(padded.padded, 7u);
+  std::vector<float> first_two(padded.latents.begin(), padded.latents.begin() + whole.latents.size());
+  EXPECT_LE(max_rel_diff(first_two, whole.latents), 1e-6);
+}
+
+TEST(TaehvSession, HunyuanVideo15TwinsDiffer) {
+  // One set of weights read as taehv1_5 and as lighttaehy1_5: the activation,
+  // the input range and the latent space all differ, so must the latents.
+  TempDir dir;
+  TinyTaehv weights(2, 32);
+  auto tae = load_encoder(weights.write(dir.file("taehv1_5.safetensors")), cpu());
+  auto light = load_encoder(weights.write(dir.file("lighttaehy1_5.safetensors")), cpu());
+  auto clip = frames(4, 32, 32);
+  auto s1 = tae->open_session();
+  auto s2 = light->open_session();
+  ClipRun a = encode_clip(*tae, *s1, clip, 32, 32, {4}, true, false);
+  ClipRun b = encode_clip(*light, *s2, clip, 32, 32, {4}, true, false);
+  ASSERT_EQ(a.latents.size(), b.latents.size());
+  EXPECT_GT(max_rel_diff(a.latents, b.latents), 1e-2);
 }
 
 TEST(TaehvSession, SizeChangeWhileHoldingIsAnError) {

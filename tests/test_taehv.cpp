@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "decoder.h"
 #include "encoder.h"
 #include "errors.h"
 #include "fixtures.h"
@@ -52,6 +53,27 @@ class TinyTaehv {
   TinyTaehv& with_decoder() {
     conv("decoder.1", 16, 16, 3, true, 1.0);
     conv("decoder.3.conv.0", 16, 32, 3, true, 1.0);
+    return *this;
+  }
+
+  // A whole super decoder (taew2_2_super / taehv1_5_super layout) of widths
+  // n, n, n, n: 1x1 in, per stage three SuperMemBlocks, a 3x3 conv to 4n
+  // (PixelShuffle), a TGrow of `grows[s]` frames; 22 to 3 p^2.
+  TinyTaehv& with_super_decoder(int64_t z, int64_t patch, int64_t n = 8, int64_t depthwise_in = 1) {
+    conv("decoder.0", n, z, 1, false, 1.0);
+    const int firsts[3] = {1, 8, 15};
+    const int64_t grows[3] = {1, 2, 2};
+    for (int s = 0; s < 3; ++s) {
+      for (int b = 0; b < 3; ++b) {
+        const std::string p = "decoder." + std::to_string(firsts[s] + b) + ".conv.";
+        add(p + "0.weight", {2 * n, s == 1 && b == 0 ? depthwise_in : 1, 7, 7}, 0.1);
+        conv(p + "1", 4 * n, 2 * n, 1, true, 2.0);
+        conv(p + "3", n, 4 * n, 1, false, 0.3);
+      }
+      conv("decoder." + std::to_string(firsts[s] + 3), 4 * n, n, 3, true, 2.0);
+      conv("decoder." + std::to_string(firsts[s] + 6) + ".conv", n * grows[s], n, 1, false, 1.0);
+    }
+    conv("decoder.22", 3 * patch * patch, n, 3, true, 1.0);
     return *this;
   }
 
@@ -277,6 +299,40 @@ TEST(TaehvDetection, LtxByName) {
   const std::string e4 = error_of<CheckpointError>(
       [&] { load_encoder(TinyTaehv(4, 128).write(dir.file("taeltx_2.safetensors")), cpu()); });
   EXPECT_TRUE(contains(e4, "4 frames per latent")) << e4;
+}
+
+TEST(TaehvDetection, SuperDecoderFromTheShapesVariantFromTheName) {
+  TempDir dir;
+  TinyTaehv hv(2, 32);
+  hv.with_super_decoder(32, 2);
+  auto dec = load_decoder(hv.write(dir.file("taehv1_5_super.safetensors")), cpu());
+  const DecoderInfo& i = dec->info();
+  EXPECT_EQ(i.family, "taehv");
+  EXPECT_EQ(i.layout, "taehv-super");
+  EXPECT_EQ(i.latent_channels, 32);
+  EXPECT_EQ(i.upscale, 16);
+  EXPECT_EQ(i.temporal_upscale, 4);
+  EXPECT_TRUE(i.first_latent_keeps_last);
+  EXPECT_FALSE(i.output_signed);
+  EXPECT_EQ(i.native_format.name, "hunyuanvideo15");  // taehv1_5's space, as its base decoder
+  EXPECT_TRUE(contains(i.architecture, "super decoder taehv1_5")) << i.architecture;
+  // The encoder of a super file is the base one.
+  EXPECT_EQ(load_encoder(dir.file("taehv1_5_super.safetensors"), cpu())->info().latent_channels, 32);
+  // Its name says taew2_2_super, its shapes 48 channels: Wan 2.2's space.
+  TinyTaehv wan(2, 48);
+  wan.with_super_decoder(48, 2);
+  EXPECT_EQ(load_decoder(wan.write(dir.file("taew2_2_super.safetensors")), cpu())->info().native_format.name, "wan22");
+  // No LeakyReLU super decoder exists: lighttaehy1_5's name on one is refused.
+  std::string e = error_of<CheckpointError>(
+      [&] { load_decoder(hv.write(dir.file("lighttaehy1_5_super.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "super decoder")) << e;
+  // A SuperMemBlock whose depthwise conv is not depthwise (detection still
+  // sees decoder.1 as one): the tensor is named.
+  TinyTaehv bad(2, 32);
+  bad.with_super_decoder(32, 2, 8, 16);
+  e = error_of<CheckpointError>([&] { load_decoder(bad.write(dir.file("taehv1_5_super_bad.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "decoder.8.conv.0.weight")) << e;
+  EXPECT_TRUE(contains(e, "[16, 16, 7, 7]")) << e;
 }
 
 TEST(TaehvDetection, RefusesWrongShapes) {

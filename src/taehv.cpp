@@ -212,8 +212,9 @@ struct ClipState {
   }
 };
 
-// pixels: T x 3 x H x W in [0, 1], T a multiple of frames_per_latent; returns
-// T / frames_per_latent normalised latents (compute dtype) and updates state.
+// pixels: T x 3 x H x W in the variant's range ([0, 1], or [-1, 1]), T a
+// multiple of frames_per_latent; returns T / frames_per_latent latents in the
+// variant's space (compute dtype) and updates state.
 at::Tensor network_forward(const Network& net, at::Tensor x, ClipState& state) {
   if (net.patch > 1) x = at::pixel_unshuffle(x, net.patch);
   // fp32 on the CPU runs channels-last, as the TAESD family does (oneDNN's
@@ -375,7 +376,7 @@ class TaehvEncoder final : public TorchEncoder {
   // A session's work, under its own state.
   const Network& network() const { return net_; }
   at::Tensor pixels(const FrameBatch& batch) const { return batch_pixels(batch); }
-  // Normalised latents (compute dtype) -> raw Wan latents (x * std + mean), float32.
+  // The variant's latents (compute dtype) -> its family's (e.g. raw Wan: x * std + mean), float32.
   at::Tensor to_raw(const at::Tensor& x) const { return format_to_raw(x.to(at::kFloat), info_.native_format); }
 
  protected:

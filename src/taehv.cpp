@@ -571,8 +571,8 @@ const NameRule* name_rule_of(const std::string& path) {
 
 // Shapes give the patch, channels and frames per latent; where two files
 // share them (taehv1_5 and lighttaehy1_5 differ in activation and input
-// range; taeltx_2 and taeltx2_3 in latent space) the latent-space option or
-// the file name must say which, never a guess. The option and the name may
+// range; taeltx_2 and taeltx2_3 in latent space) the latent-space option,
+// the file name or the metadata must say which, never a guess. The option and the name may
 // never contradict the shapes. taew2_1 and taew2_2 are alone with their
 // shapes among the supported files and load under any name but those of
 // upstream's other latent spaces.
@@ -602,23 +602,34 @@ const Variant& resolve_variant(const SafetensorsFile& file, const ModelOptions& 
                             variant_names() + ")");
     return *asked;
   }
-  if (const NameRule* rule = name_rule_of(file.path())) {
+  // The file name, else the metadata (a converted file's own words or the
+  // name it was converted from), as for TAESD files.
+  const NameRule* rule = name_rule_of(file.path());
+  std::string told = "is named like";
+  for (const char* key : {"latent_space", "modelspec.architecture", "model", "source_path"}) {
+    if (rule) break;
+    auto it = file.metadata().find(key);
+    if (it != file.metadata().end() && (rule = name_rule_of(it->second)))
+      told = std::string("has the metadata '") + key + "' naming";
+  }
+  if (rule) {
     const Variant* named = rule->variant ? variant_by_name(rule->variant) : nullptr;
     if (!named)
-      throw CheckpointError("'" + file.path() + "' is named like upstream's '" + rule->prefix +
+      throw CheckpointError("'" + file.path() + "' " + told + " upstream's '" + rule->prefix +
                             "' TAEHV file, whose latent space is not supported (only " + variant_names() +
                             "; some share their shapes); set the latent-space option to " + fitting_names +
                             " if the file really is one");
     if (!fits(named))
-      throw CheckpointError("'" + file.path() + "' is named like a " + named->name +
+      throw CheckpointError("'" + file.path() + "' " + told + " a " + named->name +
                             " file, but its shapes say " + shapes.str() + " (" + fitting_names + ")");
     return *named;
   }
   if (fitting.size() > 1)
     throw CheckpointError("'" + file.path() + "' is a TAEHV model with " + shapes.str() + ", which " +
                           fitting_names +
-                          " files all have (they differ in activation, input range or latent space); its name does "
-                          "not say which: set the latent-space option to one of them, or keep upstream's file name");
+                          " files all have (they differ in activation, input range or latent space); neither its "
+                          "name nor its metadata says which: set the latent-space option to one of them, or keep "
+                          "upstream's file name");
   return *fitting.front();
 }
 

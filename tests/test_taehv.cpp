@@ -77,10 +77,10 @@ class TinyTaehv {
     return *this;
   }
 
-  std::string write(const std::string& path) const {
+  std::string write(const std::string& path, const std::map<std::string, std::string>& metadata = {}) const {
     std::vector<TensorToWrite> tensors;
     for (const auto& t : tensors_) tensors.push_back({t.name, DType::F32, t.shape, t.values.data()});
-    write_safetensors(path, tensors);
+    write_safetensors(path, tensors, metadata);
     return path;
   }
 
@@ -273,9 +273,19 @@ TEST(TaehvDetection, HunyuanVideo15ByName) {
   const std::string plain = weights.write(dir.file("hv15_tiny.safetensors"));
   EXPECT_TRUE(load_encoder(plain, cpu("lighttaehy1_5"))->info().input_signed);
   EXPECT_FALSE(load_encoder(plain, cpu("taehv1_5"))->info().input_signed);
-  const std::string e = error_of<CheckpointError>([&] { load_encoder(plain, cpu("taeltx_2")); });
+  std::string e = error_of<CheckpointError>([&] { load_encoder(plain, cpu("taeltx_2")); });
   EXPECT_TRUE(contains(e, "taeltx_2")) << e;
   EXPECT_TRUE(contains(e, "taehv1_5, lighttaehy1_5")) << e;
+  // Or the metadata, when the name says nothing.
+  EXPECT_TRUE(load_encoder(weights.write(dir.file("a.safetensors"), {{"model", "lighttaehy1_5"}}), cpu())
+                  ->info()
+                  .input_signed);
+  EXPECT_FALSE(load_encoder(weights.write(dir.file("b.safetensors"), {{"source_path", "/models/taehv1_5.pth"}}), cpu())
+                   ->info()
+                   .input_signed);
+  e = error_of<CheckpointError>(
+      [&] { load_encoder(weights.write(dir.file("c.safetensors"), {{"latent_space", "taeh3"}}), cpu()); });
+  EXPECT_TRUE(contains(e, "has the metadata 'latent_space' naming upstream's 'taeh3'")) << e;
 }
 
 TEST(TaehvDetection, LtxByName) {

@@ -646,6 +646,8 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
   WeightReader reader(file, names_under(*file, kPrefix), target);
   SequentialLoader loader(reader, "encoder");
   Network net = load_encoder_network(loader);
+  // The whole file is the TAEHV module: its decoder is left alone on purpose.
+  reader.require_all_used({"TAEHV encoder (taehv layout)", "", {"decoder.*"}});
   const Variant& variant = resolve_variant(*file, options, net.patch, loader.channels(), net.frames_per_latent);
 
   EncoderInfo info;
@@ -879,6 +881,8 @@ std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile
   SequentialLoader loader(reader, "decoder");
   const bool super = !detect_base_decoder(*file) && detect_super_decoder(*file);
   DecoderNetwork net = load_decoder_network(loader, super);
+  reader.require_all_used({super ? "TAEHV super decoder (taehv layout)" : "TAEHV decoder (taehv layout)", "",
+                           {"encoder.*"}});
   const Variant& variant = resolve_variant(*file, options, net.patch, net.latent_channels, net.frames_per_latent);
   if (super && variant.slope != 0.0)
     throw CheckpointError("'" + file->path() + "' has a super decoder, but was taken for " + variant.name +

@@ -553,5 +553,41 @@ TEST(TaehvSession, SizeChangeWhileHoldingIsAnError) {
   EXPECT_EQ(r.spans.size(), 1u);
 }
 
+// No silent misloads (tensor_usage.h): no other family loads a TAEHV encoder
+// file even when forced; a stray tensor beside it fails the load.
+TEST(TaehvDetection, OnlyTaehvLoadsItAndAStrayIsNamed) {
+  TempDir dir;
+  const std::string clean = TinyTaehv().with_decoder().write(dir.file("taew2_1.safetensors"));
+  std::vector<std::string> faults;
+  EXPECT_EQ(test::families_that_load(clean, false, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_TRUE(faults.empty()) << faults.front();
+  const std::string stray = dir.file("taew2_1_stray.safetensors");
+  test::copy_with_extra_tensor(clean, stray, "encoder.18.weight");
+  const std::string err = error_of<CheckpointError>([&] { load_encoder(stray, cpu()); });
+  EXPECT_TRUE(contains(err, "'encoder.18.weight'") && contains(err, "TAEHV encoder")) << err;
+}
+
+// The newer files too: an LTX file and a super file (both halves) load in the
+// taehv family only, and a stray tensor in a super decoder is named.
+TEST(TaehvDetection, NewerFilesOnlyTaehvLoadsThemAndAStrayIsNamed) {
+  TempDir dir;
+  std::vector<std::string> faults;
+  const std::string ltx = TinyTaehv(4, 128, 8, 2).write(dir.file("taeltx_2.safetensors"));
+  EXPECT_EQ(test::families_that_load(ltx, false, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_TRUE(faults.empty()) << faults.front();
+  TinyTaehv hv(2, 32);
+  hv.with_super_decoder(32, 2);
+  const std::string super = hv.write(dir.file("taehv1_5_super.safetensors"));
+  EXPECT_EQ(test::families_that_load(super, false, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_EQ(test::families_that_load(super, true, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_TRUE(faults.empty()) << faults.front();
+  const std::string stray = dir.file("taehv1_5_super_stray.safetensors");
+  test::copy_with_extra_tensor(super, stray, "decoder.23.weight");
+  const std::string err = error_of<CheckpointError>([&] { load_decoder(stray, cpu()); });
+  EXPECT_TRUE(contains(err, "'decoder.23.weight'") && contains(err, "TAEHV super decoder")) << err;
+  // The encoder takes the decoder's tensors for what they are.
+  EXPECT_EQ(load_encoder(stray, cpu())->info().latent_channels, 32);
+}
+
 }  // namespace
 }  // namespace gstvae

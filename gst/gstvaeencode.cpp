@@ -165,10 +165,12 @@ class EncodeJob final : public gstvae_glue::Job {
                          "): too few for a latent",
                          dropped.count, GST_TIME_ARGS(start), GST_TIME_ARGS(end)),
                         ("frames %" G_GUINT64_FORMAT "..%" G_GUINT64_FORMAT " of the stream: the model (%s) "
-                         "turns each complete group of %d frames into one latent and, as its official encode "
-                         "does, drops a clip's frames past the last complete group. Set pad-clip-end=true to "
-                         "encode them anyway by repeating the last frame (which no reference does)",
-                         dropped.first, dropped.first + dropped.count - 1, encoder->info().family.c_str(), group));
+                         "turns each complete group of %d frames into one latent and drops a clip's frames past "
+                         "the last complete group (%s). Set pad-clip-end=true to encode them anyway by repeating "
+                         "the last frame",
+                         dropped.first, dropped.first + dropped.count - 1, encoder->info().family.c_str(), group,
+                         pads_upstream() ? "upstream TAEHV pads them instead, as pad-clip-end=true does"
+                                         : "as its official encode does; no reference pads"));
   }
 
   void report_padded(const gstvae::Span& last, uint32_t padded) const {
@@ -182,10 +184,15 @@ class EncodeJob final : public gstvae_glue::Job {
                       ") repeats the last frame %u times",
                       GST_TIME_ARGS(start), GST_TIME_ARGS(end), padded),
                      ("pad-clip-end=true: a group of %d frames was completed by repeating its last frame (frame "
-                      "%" G_GUINT64_FORMAT "); no reference encode does that, so this latent has no reference "
-                      "counterpart",
-                      encoder->info().temporal_downscale, last.first + real - 1));
+                      "%" G_GUINT64_FORMAT "); %s",
+                      encoder->info().temporal_downscale, last.first + real - 1,
+                      pads_upstream() ? "upstream TAEHV's encode_video pads the same way"
+                                      : "no reference encode does that, so this latent has no reference counterpart"));
   }
+
+  // TAEHV's upstream encode pads a clip's end with copies of its last frame;
+  // the Wan references drop the frames.
+  bool pads_upstream() const { return encoder->info().family == "taehv"; }
 };
 
 class EncodeDirection final : public gstvae_glue::Direction {

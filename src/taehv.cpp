@@ -1,21 +1,28 @@
-// The TAEHV tiny video autoencoders of madebyollin/taehv, both halves:
-// taew2_1 (Wan 2.1 latents, 16 channels) and taew2_2 (Wan 2.2, 48 channels,
-// 2x2 space-to-depth input). An nn.Sequential named by index (`encoder.0.weight`,
-// `encoder.2.conv.weight`, `encoder.4.conv.0.weight`): 3x3 convs, TPools that
-// stack frames along channels, and MemBlocks that see the previous frame's
-// input. Four frames 4k..4k+3 make latent k; see docs/video-vaes.md.
+// The TAEHV tiny video autoencoders of madebyollin/taehv (and lightx2v's
+// LeakyReLU copy for HunyuanVideo 1.5), both halves: taew2_1 (Wan 2.1
+// latents, 16 channels), taew2_2 (Wan 2.2, 48 channels, 2x2 space-to-depth
+// input), taehv1_5 and lighttaehy1_5 (HunyuanVideo 1.5, 32 channels, 2x2),
+// taeltx_2 and taeltx2_3 (LTX-2 / LTX-2.3, 128 channels, 4x4, 8 frames per
+// latent), and the "super" decoders of taew2_2_super / taehv1_5_super. An
+// nn.Sequential named by index (`encoder.0.weight`, `encoder.2.conv.weight`,
+// `encoder.4.conv.0.weight`): 3x3 convs, TPools that stack frames along
+// channels, and MemBlocks that see the previous frame's input. The frames
+// g*k .. g*k+g-1 make latent k (g = 4, or 8 for taeltx); see docs/video-vaes.md.
 //
-// The encoder outputs the Wan model's normalised space; the latents leave as
-// raw Wan latents (x * std + mean, the Wan VAE family's output), then in the
-// latent format asked for. Only sessions encode: the MemBlocks carry state.
-// The decoder mirrors it (TGrows make 4 frames of a latent) and takes that
-// normalised space; a video session carries its MemBlocks' state, and each
-// latent decoded alone (an image stream) keeps its last frame, as a clip's
-// first latent does.
+// The encoder outputs the latent space its file was trained on (table
+// below); the latents leave in the big VAE family's own space (raw Wan
+// latents x * std + mean; raw HunyuanVideo 1.5 latents x / 1.03682 for
+// taehv1_5; LTX's normalised latents as they are), then in the latent format
+// asked for. Only sessions encode: the MemBlocks carry state.
+// The decoder mirrors it (TGrows make the frames of a latent) and takes that
+// space; a video session carries its MemBlocks' state, and each latent
+// decoded alone (an image stream) keeps its last frame, as a clip's first
+// latent does.
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include <algorithm>
 #include <cctype>
 #include <deque>
 #include <map>
@@ -34,21 +41,82 @@ namespace {
 
 /* ------------------------------------------------------------ latent spaces */
 
+// HunyuanVideo 1.5's scaling_factor: its diffusion model takes raw x 1.03682
+// (Tencent-Hunyuan/HunyuanVideo-1.5 config; ComfyUI latent_formats.HunyuanVideo15).
+constexpr double kHunyuan15Scale = 1.03682;
+
+// What the network's latents are, as a LatentFormat of the family's raw ones.
+enum class Space {
+  Wan21,        // the Wan 2.1 model's normalised space ((raw - mean_c) / std_c)
+  Wan22,        // the same with Wan 2.2's 48 channels
+  Hunyuan15,    // HunyuanVideo 1.5's model space, raw x 1.03682
+  AsRaw,        // the family's raw latents themselves
+};
+
 struct Variant {
   const char* name;   // upstream's file name
   const char* model;  // whose latent space
-  const char* space;  // that normalised space, a per-channel LatentFormat (latent_format.cpp)
+  Space space;
+  const char* space_text;  // for messages and the architecture string
   int64_t patch;      // space-to-depth of the input
   int64_t channels;
+  int64_t frames;     // frames per latent (TPools 2,2,1: 4; 2,2,2: 8)
+  // lightx2v's HunyuanVideo 1.5 file: LeakyReLU(0.2) everywhere ReLU stands
+  // upstream, and RGB in [-1, 1] in and out (its decode_video clamps to
+  // [-1, 1]); upstream's files take and give [0, 1].
+  double slope;
+  bool signed_rgb;
 };
 
 const Variant kVariants[] = {
-    {"taew2_1", "Wan 2.1", "wan21", 1, 16},
-    {"taew2_2", "Wan 2.2", "wan22", 2, 48},
+    {"taew2_1", "Wan 2.1", Space::Wan21, "the Wan 2.1 model's normalised space, raw = x * std + mean", 1, 16, 4, 0.0,
+     false},
+    {"taew2_2", "Wan 2.2", Space::Wan22, "the Wan 2.2 model's normalised space, raw = x * std + mean", 2, 48, 4, 0.0,
+     false},
+    // TAE's README: its latents are "exactly what the diffusion model uses",
+    // i.e. HunyuanVideo 1.5's raw latents times its scaling factor.
+    {"taehv1_5", "HunyuanVideo 1.5", Space::Hunyuan15, "HunyuanVideo 1.5's model space, raw = x / 1.03682", 2, 32, 4,
+     0.0, false},
+    // lightx2v's LightTaeHy15.decode divides the model's latents by 1.03682
+    // before its decoder: this file works on raw latents.
+    {"lighttaehy1_5", "HunyuanVideo 1.5", Space::AsRaw, "raw HunyuanVideo 1.5 latents", 2, 32, 4, 0.2, true},
+    // TAE's LTX-2 notebook compares against the LTX VAE's mean minus
+    // latents_mean over latents_std: the normalised space, which is also
+    // what ComfyUI's LTX LATENT and LTX's own VideoEncoder hold.
+    {"taeltx_2", "LTX-2", Space::AsRaw, "LTX-2's normalised latents (ComfyUI's LTX LATENT)", 4, 128, 8, 0.0, false},
+    {"taeltx2_3", "LTX-2.3", Space::AsRaw, "LTX-2.3's normalised latents (ComfyUI's LTX LATENT)", 4, 128, 8, 0.0,
+     false},
 };
 
-// Files of upstream's other latent spaces, some with taew2_1's very shapes.
-const char* const kOtherSpaces[] = {"taehv1_5", "taehv", "taecvx", "taeltx"};
+// File-name prefixes, the longest match deciding: a variant's, or a file of
+// a latent space not supported (nullptr), some with a supported file's very
+// shapes (taehv and taecvx have taew2_1's, HunyuanVideo 1 and CogVideoX).
+struct NameRule {
+  const char* prefix;
+  const char* variant;  // nullptr: refused
+};
+const NameRule kNameRules[] = {
+    {"taew2_1", "taew2_1"},           {"taew2_2", "taew2_2"},           {"taehv1_5", "taehv1_5"},
+    {"lighttaehy1_5", "lighttaehy1_5"}, {"lighttae_hy1_5", "lighttaehy1_5"}, {"lighttae_hy15", "lighttaehy1_5"},
+    {"lighttae_hv15", "lighttaehy1_5"}, {"lighttaehv1_5", "lighttaehy1_5"}, {"taeltx_2", "taeltx_2"},
+    {"taeltx2_3", "taeltx2_3"},       {"taehv", nullptr},               {"taecvx", nullptr},
+    {"taeos", nullptr},               {"taeh3", nullptr},               {"taeltx", nullptr},
+};
+
+LatentFormat native_format_of(const Variant& v) {
+  switch (v.space) {
+    case Space::Wan21: return latent_format_by_name("wan21");
+    case Space::Wan22: return latent_format_by_name("wan22");
+    case Space::Hunyuan15: {
+      LatentFormat f;
+      f.name = "hunyuanvideo15";
+      f.scale = kHunyuan15Scale;
+      return f;
+    }
+    case Space::AsRaw: break;
+  }
+  return LatentFormat();
+}
 
 /* ------------------------------------------------------------------ layers */
 
@@ -68,6 +136,14 @@ struct MemBlock {
   at::Tensor skip;  // 1x1, no bias; undefined (the identity) when widths agree, as in every released file
 };
 
+// The "super" decoders' block (taew2_2_super, taehv1_5_super): ConvNeXt-like,
+// x + project(ReLU(expand(depthwise7x7([x, past])))), no outer activation.
+struct SuperMemBlock {
+  at::Tensor depthwise;  // [2n, 1, 7, 7], groups 2n, no bias
+  Conv expand;           // 1x1 2n -> 4n, bias
+  Conv project;          // 1x1 4n -> n, no bias
+};
+
 struct Stage {
   Conv pool;              // TPool's 1x1 conv over `pool_frames` frames stacked along channels
   int64_t pool_frames = 1;
@@ -78,7 +154,8 @@ struct Stage {
 struct Network {
   int64_t patch = 1;
   int64_t width = 0;
-  Conv first;  // followed by a ReLU
+  double slope = 0.0;  // the activation: ReLU (0) or LeakyReLU(slope)
+  Conv first;  // followed by the activation
   Stage stages[3];
   Conv last;
   int64_t frames_per_latent = 1;
@@ -86,18 +163,44 @@ struct Network {
 
 at::Tensor run_conv(const Conv& c, const at::Tensor& x) { return conv2d(x, c.weight, c.bias, c.stride, c.padding); }
 
+// In place: ReLU, or lightx2v's LeakyReLU(0.2).
+at::Tensor& activate(at::Tensor& x, double slope) { return slope == 0.0 ? x.relu_() : at::leaky_relu_(x, slope); }
+at::Tensor activate(at::Tensor&& x, double slope) { return activate(x, slope); }
+
 // x: T x C x h x w, frames of one clip in order; past: the block's input at
 // the frame before x[0] (undefined: the clip's start, zeros). Every frame's
 // past is an input, so the T frames go through together.
-at::Tensor memblock_forward(const MemBlock& b, const at::Tensor& x, const at::Tensor& past) {
+// Each frame's past side by side with it: [x, past] along channels.
+at::Tensor with_pasts(const at::Tensor& x, const at::Tensor& past) {
   const int64_t t = x.size(0);
   at::Tensor before = past.defined() ? past : at::zeros_like(x.narrow(0, 0, 1));
   at::Tensor pasts = t > 1 ? at::cat({before, x.narrow(0, 0, t - 1)}, 0) : before;
-  at::Tensor h = run_conv(b.conv0, at::cat({x, pasts}, 1)).relu_();
-  h = run_conv(b.conv2, h).relu_();
+  return at::cat({x, pasts}, 1);
+}
+
+// conv2d() has no groups; the same kernel choice (oneDNN for fp32 on the
+// CPU) so that a stream's numbers do not depend on its batching.
+at::Tensor depthwise_conv(const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t pad = weight.size(2) / 2;
+  if (use_onednn(x))
+    return at::mkldnn_convolution(x.contiguous(x.suggest_memory_format()), weight, at::Tensor(), {pad, pad}, {1, 1},
+                                  {1, 1}, weight.size(0));
+  return at::conv2d(x, weight, at::Tensor(), {1, 1}, {pad, pad}, {1, 1}, weight.size(0));
+}
+
+at::Tensor super_memblock_forward(const SuperMemBlock& b, const at::Tensor& x, const at::Tensor& past) {
+  at::Tensor h = depthwise_conv(with_pasts(x, past), b.depthwise);
+  h = run_conv(b.expand, h).relu_();
+  h = run_conv(b.project, h);
+  return h.add_(x);
+}
+
+at::Tensor memblock_forward(const MemBlock& b, const at::Tensor& x, const at::Tensor& past, double slope) {
+  at::Tensor h = activate(run_conv(b.conv0, with_pasts(x, past)), slope);
+  h = activate(run_conv(b.conv2, h), slope);
   h = run_conv(b.conv4, h);
   h.add_(b.skip.defined() ? conv2d(x, b.skip, at::Tensor()) : x);
-  return at::relu_(h);
+  return activate(h, slope);
 }
 
 // The state a clip carries: the last input of each MemBlock.
@@ -109,15 +212,16 @@ struct ClipState {
   }
 };
 
-// pixels: T x 3 x H x W in [0, 1], T a multiple of frames_per_latent; returns
-// T / frames_per_latent normalised latents (compute dtype) and updates state.
+// pixels: T x 3 x H x W in the variant's range ([0, 1], or [-1, 1]), T a
+// multiple of frames_per_latent; returns T / frames_per_latent latents in the
+// variant's space (compute dtype) and updates state.
 at::Tensor network_forward(const Network& net, at::Tensor x, ClipState& state) {
   if (net.patch > 1) x = at::pixel_unshuffle(x, net.patch);
   // fp32 on the CPU runs channels-last, as the TAESD family does (oneDNN's
   // NHWC convolutions skip the reorders around every conv).
   const bool nhwc = use_onednn(x);
   if (nhwc) x = x.contiguous(at::MemoryFormat::ChannelsLast);
-  x = run_conv(net.first, x).relu_();
+  x = activate(run_conv(net.first, x), net.slope);
   for (int s = 0; s < 3; ++s) {
     const Stage& stage = net.stages[s];
     const int64_t k = stage.pool_frames;
@@ -132,7 +236,7 @@ at::Tensor network_forward(const Network& net, at::Tensor x, ClipState& state) {
     x = run_conv(stage.down, x);
     for (int b = 0; b < 3; ++b) {
       at::Tensor next_past = x.narrow(0, x.size(0) - 1, 1).clone();
-      x = memblock_forward(stage.blocks[b], x, state.memory[s][b]);
+      x = memblock_forward(stage.blocks[b], x, state.memory[s][b], net.slope);
       state.memory[s][b] = next_past;
     }
   }
@@ -197,6 +301,22 @@ class SequentialLoader {
     return b;
   }
 
+  SuperMemBlock super_memblock(const std::string& p) {
+    const int64_t n = channels_;
+    SuperMemBlock b;
+    b.depthwise = w_.get(p + ".conv.0.weight", {2 * n, 1, 7, 7});
+    if (w_.has(p + ".conv.0.bias"))
+      throw CheckpointError("'" + w_.path() + "': tensor '" + half_ + "." + p +
+                            ".conv.0.bias' is not part of a TAEHV super decoder");
+    channels_ = 2 * n;
+    b.expand = conv(p + ".conv.1", 1, 1, 0, true);
+    b.project = conv(p + ".conv.3", 1, 1, 0, false);
+    if (channels_ != n)
+      fail(p + ".conv.3.weight", w_.shape(p + ".conv.3.weight"), "[" + std::to_string(n) + ", 4*" +
+                                                                      std::to_string(n) + ", 1, 1] (back to the width)");
+    return b;
+  }
+
   const std::string& path() const { return w_.path(); }
 
  private:
@@ -256,7 +376,7 @@ class TaehvEncoder final : public TorchEncoder {
   // A session's work, under its own state.
   const Network& network() const { return net_; }
   at::Tensor pixels(const FrameBatch& batch) const { return batch_pixels(batch); }
-  // Normalised latents (compute dtype) -> raw Wan latents (x * std + mean), float32.
+  // The variant's latents (compute dtype) -> its family's (e.g. raw Wan: x * std + mean), float32.
   at::Tensor to_raw(const at::Tensor& x) const { return format_to_raw(x.to(at::kFloat), info_.native_format); }
 
  protected:
@@ -439,35 +559,78 @@ std::string variant_names() {
   return names;
 }
 
-// From the shapes; the option and the file name may only confirm it.
+// The longest kNameRules prefix of the file's name, or nullptr.
+const NameRule* name_rule_of(const std::string& path) {
+  const std::string base = lowercase(basename_of(path));
+  const NameRule* best = nullptr;
+  for (const NameRule& r : kNameRules)
+    if (base.rfind(r.prefix, 0) == 0 && (!best || std::string(r.prefix).size() > std::string(best->prefix).size()))
+      best = &r;
+  return best;
+}
+
+// Shapes give the patch, channels and frames per latent; where two files
+// share them (taehv1_5 and lighttaehy1_5 differ in activation and input
+// range; taeltx_2 and taeltx2_3 in latent space) the latent-space option,
+// the file name or the metadata must say which, never a guess. The option and the name may
+// never contradict the shapes. taew2_1 and taew2_2 are alone with their
+// shapes among the supported files and load under any name but those of
+// upstream's other latent spaces.
 const Variant& resolve_variant(const SafetensorsFile& file, const ModelOptions& options, int64_t patch,
                                int64_t channels, int64_t frames) {
-  const Variant* by_shape = nullptr;
+  std::vector<const Variant*> fitting;
   for (const Variant& v : kVariants)
-    if (v.patch == patch && v.channels == channels && frames == 4) by_shape = &v;
+    if (v.patch == patch && v.channels == channels && v.frames == frames) fitting.push_back(&v);
   std::ostringstream shapes;
   shapes << channels << " latent channels, " << patch << "x" << patch << " input patches, " << frames
          << " frames per latent";
-  if (!by_shape)
-    throw CheckpointError("'" + file.path() + "' is a TAEHV model with " + shapes.str() +
-                          ": only " + variant_names() +
-                          " (Wan 2.1: 16 channels, no patches; Wan 2.2: 48 channels, 2x2 patches; both 4 frames "
-                          "per latent) are supported");
+  if (fitting.empty())
+    throw CheckpointError("'" + file.path() + "' is a TAEHV model with " + shapes.str() + ": only " +
+                          variant_names() +
+                          " are supported (Wan 2.1: 16 channels, no patches; Wan 2.2: 48 channels, 2x2 patches; "
+                          "HunyuanVideo 1.5: 32 channels, 2x2 patches; all 4 frames per latent; LTX-2/2.3: 128 "
+                          "channels, 4x4 patches, 8 frames per latent)");
+  auto fits = [&](const Variant* v) { return std::find(fitting.begin(), fitting.end(), v) != fitting.end(); };
+  std::string fitting_names;
+  for (const Variant* v : fitting) fitting_names += (fitting_names.empty() ? "" : ", ") + std::string(v->name);
+
   if (!options.latent_space.empty()) {
     const Variant* asked = variant_by_name(lowercase(options.latent_space));
-    if (asked != by_shape)
-      throw CheckpointError("'" + file.path() + "' is a TAEHV model whose shapes say " + by_shape->name +
-                            " (" + shapes.str() + "), but the latent space '" + options.latent_space +
-                            "' was asked for (TAEHV files: " + variant_names() + ")");
+    if (!asked || !fits(asked))
+      throw CheckpointError("'" + file.path() + "' is a TAEHV model with " + shapes.str() + " (" + fitting_names +
+                            "), but the latent space '" + options.latent_space + "' was asked for (TAEHV files: " +
+                            variant_names() + ")");
+    return *asked;
   }
-  const std::string base = lowercase(basename_of(file.path()));
-  for (const char* other : kOtherSpaces)
-    if (base.rfind(other, 0) == 0 && !variant_by_name(lowercase(options.latent_space)))
-      throw CheckpointError("'" + file.path() + "' is named like upstream's '" + other +
+  // The file name, else the metadata (a converted file's own words or the
+  // name it was converted from), as for TAESD files.
+  const NameRule* rule = name_rule_of(file.path());
+  std::string told = "is named like";
+  for (const char* key : {"latent_space", "modelspec.architecture", "model", "source_path"}) {
+    if (rule) break;
+    auto it = file.metadata().find(key);
+    if (it != file.metadata().end() && (rule = name_rule_of(it->second)))
+      told = std::string("has the metadata '") + key + "' naming";
+  }
+  if (rule) {
+    const Variant* named = rule->variant ? variant_by_name(rule->variant) : nullptr;
+    if (!named)
+      throw CheckpointError("'" + file.path() + "' " + told + " upstream's '" + rule->prefix +
                             "' TAEHV file, whose latent space is not supported (only " + variant_names() +
-                            "; some share their shapes); set the latent-space option to " + by_shape->name +
+                            "; some share their shapes); set the latent-space option to " + fitting_names +
                             " if the file really is one");
-  return *by_shape;
+    if (!fits(named))
+      throw CheckpointError("'" + file.path() + "' " + told + " a " + named->name +
+                            " file, but its shapes say " + shapes.str() + " (" + fitting_names + ")");
+    return *named;
+  }
+  if (fitting.size() > 1)
+    throw CheckpointError("'" + file.path() + "' is a TAEHV model with " + shapes.str() + ", which " +
+                          fitting_names +
+                          " files all have (they differ in activation, input range or latent space); neither its "
+                          "name nor its metadata says which: set the latent-space option to one of them, or keep "
+                          "upstream's file name");
+  return *fitting.front();
 }
 
 std::map<std::string, std::string> names_under(const SafetensorsFile& file, const std::string& prefix) {
@@ -483,6 +646,8 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
   WeightReader reader(file, names_under(*file, kPrefix), target);
   SequentialLoader loader(reader, "encoder");
   Network net = load_encoder_network(loader);
+  // The whole file is the TAEHV module: its decoder is left alone on purpose.
+  reader.require_all_used({"TAEHV encoder (taehv layout)", "", {"decoder.*"}});
   const Variant& variant = resolve_variant(*file, options, net.patch, loader.channels(), net.frames_per_latent);
 
   EncoderInfo info;
@@ -492,16 +657,18 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
   info.downscale = static_cast<int>(8 * net.patch);
   info.latent_channels = static_cast<int>(loader.channels());
   info.temporal_downscale = static_cast<int>(net.frames_per_latent);
-  info.input_signed = false;  // RGB in [0, 1]
-  // The network's output is the Wan model's normalised space; this family
-  // turns it into raw latents itself (per channel), so the generic path has
-  // nothing left to undo.
-  info.native_format = latent_format_by_name(variant.space);
+  info.input_signed = variant.signed_rgb;  // upstream's RGB in [0, 1]; lightx2v's in [-1, 1]
+  net.slope = variant.slope;
+  // The network's output is the variant's space; this family turns it into
+  // the big VAE's latents itself, so the generic path has nothing left to undo.
+  info.native_format = native_format_of(variant);
   info.parameters = reader.parameters_loaded();
+  const int64_t g = net.frames_per_latent;
   std::ostringstream os;
-  os << "TAEHV encoder " << variant.name << " for " << variant.model << " latents (from the shapes), " << net.width
-     << " wide, C=" << info.latent_channels << ", downscale " << info.downscale << ", " << net.frames_per_latent
-     << " frames per latent (groups 4k..4k+3), output de-normalised to raw " << variant.model << " latents";
+  os << "TAEHV encoder " << variant.name << " for " << variant.model << " latents, " << net.width << " wide, C="
+     << info.latent_channels << ", downscale " << info.downscale << ", " << g << " frames per latent (groups " << g
+     << "k.." << g << "k+" << g - 1 << "), " << (variant.slope == 0.0 ? "ReLU" : "LeakyReLU(0.2)") << ", RGB in "
+     << (variant.signed_rgb ? "[-1, 1]" : "[0, 1]") << "; the network gives " << variant.space_text;
   info.architecture = os.str();
   return std::make_shared<TaehvEncoder>(std::move(info), target, std::move(net));
 }
@@ -516,15 +683,22 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
 // trims frames_per_latent - 1 from the clip's start.
 constexpr int kDecoderStageFirst[3] = {3, 9, 15};
 constexpr int kDecoderLastConv = 22;
+// The super decoder: 0 1x1 conv (no bias, no Clamp), then three stages of
+// three SuperMemBlocks, a 3x3 conv n -> 4 n' with bias, ReLU, PixelShuffle(2)
+// and a TGrow (first index 1, 8, 15), then 22 conv. Widths 512/256/128/64.
+constexpr int kSuperStageFirst[3] = {1, 8, 15};
 
 struct DecoderStage {
   MemBlock blocks[3];
+  SuperMemBlock super_blocks[3];
   Conv grow;  // 1x1, no bias: n -> n * grow_frames
   int64_t grow_frames = 1;
-  Conv conv;  // 3x3, no bias
+  Conv conv;  // base: 3x3 after the TGrow, no bias; super: 3x3 before the PixelShuffle, bias
 };
 
 struct DecoderNetwork {
+  bool super = false;
+  double slope = 0.0;  // base decoder's activation: ReLU (0) or LeakyReLU(slope)
   int64_t patch = 1;
   int64_t latent_channels = 0;
   Conv first;
@@ -545,52 +719,92 @@ struct DecoderMemory {
   }
 };
 
-// L normalised latents (compute dtype) of one clip, after what `state` saw ->
-// their frames in [0, 1] before the clamp, L * frames_per_latent of them
-// (the trim is the caller's).
+// Frame t's channels [k*n, (k+1)*n) become frame t * grow_frames + k.
+at::Tensor tgrow(const DecoderStage& stage, const at::Tensor& x) {
+  at::Tensor y = run_conv(stage.grow, x).contiguous();
+  const int64_t n = y.size(1) / stage.grow_frames;
+  return y.view({y.size(0) * stage.grow_frames, n, y.size(2), y.size(3)});
+}
+
+// L latents (compute dtype, the variant's space) of one clip, after what
+// `state` saw -> their frames before the clamp, L * frames_per_latent of
+// them (the trim is the caller's).
 at::Tensor decoder_forward(const DecoderNetwork& net, const at::Tensor& z, DecoderMemory& state) {
   const bool nhwc = use_onednn(z);
   auto layout = [&](const at::Tensor& t) { return nhwc ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous(); };
-  at::Tensor x = layout(at::tanh(z / 3.0) * 3.0);
-  x = run_conv(net.first, x).relu_();
-  for (int s = 0; s < 3; ++s) {
-    const DecoderStage& stage = net.stages[s];
-    for (int b = 0; b < 3; ++b) {
-      at::Tensor next_past = x.narrow(0, x.size(0) - 1, 1).clone();
-      x = memblock_forward(stage.blocks[b], x, state.memory[s][b]);
-      state.memory[s][b] = next_past;
+  auto remember = [&](int s, int b, const at::Tensor& x) {
+    at::Tensor next_past = x.narrow(0, x.size(0) - 1, 1).clone();
+    std::swap(state.memory[s][b], next_past);
+    return next_past;  // the block's past: what it saw before
+  };
+  at::Tensor x;
+  if (net.super) {
+    x = run_conv(net.first, layout(z));
+    for (int s = 0; s < 3; ++s) {
+      const DecoderStage& stage = net.stages[s];
+      for (int b = 0; b < 3; ++b) {
+        const at::Tensor past = remember(s, b, x);
+        x = super_memblock_forward(stage.super_blocks[b], x, past);
+      }
+      x = layout(at::pixel_shuffle(run_conv(stage.conv, x).relu_().contiguous(), 2));
+      x = layout(tgrow(stage, x));
     }
-    x = at::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)});
-    x = run_conv(stage.grow, x).contiguous();
-    // Frame t's channels [k*n, (k+1)*n) become frame t * grow_frames + k.
-    const int64_t n = x.size(1) / stage.grow_frames;
-    x = layout(x.view({x.size(0) * stage.grow_frames, n, x.size(2), x.size(3)}));
-    x = run_conv(stage.conv, x);
+    x = run_conv(net.last, x).contiguous();
+  } else {
+    x = layout(at::tanh(z / 3.0) * 3.0);
+    x = activate(run_conv(net.first, x), net.slope);
+    for (int s = 0; s < 3; ++s) {
+      const DecoderStage& stage = net.stages[s];
+      for (int b = 0; b < 3; ++b) {
+        const at::Tensor past = remember(s, b, x);
+        x = memblock_forward(stage.blocks[b], x, past, net.slope);
+      }
+      x = at::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)});
+      x = layout(tgrow(stage, x));
+      x = run_conv(stage.conv, x);
+    }
+    x = run_conv(net.last, activate(x, net.slope)).contiguous();
   }
-  x = run_conv(net.last, x.relu_()).contiguous();
   return net.patch > 1 ? at::pixel_shuffle(x, net.patch) : x;
 }
 
-DecoderNetwork load_decoder_network(SequentialLoader& l) {
+// The TGrow `name` (".conv" of a Sequential index) over the current width.
+void load_grow(SequentialLoader& l, DecoderNetwork& net, DecoderStage& stage, const std::string& name) {
+  const int64_t n = l.channels();
+  const std::vector<int64_t> gs = l.shape(name + ".weight", 4);
+  if (gs[0] % n != 0)
+    l.fail(name + ".weight", gs, "[k*" + std::to_string(n) + ", " + std::to_string(n) + ", 1, 1] (a TGrow to k frames)");
+  stage.grow_frames = gs[0] / n;
+  stage.grow = l.conv(name, 1, 1, 0, false);
+  l.set_channels(n);  // each grown frame has the width again
+  net.frames_per_latent *= stage.grow_frames;
+}
+
+DecoderNetwork load_decoder_network(SequentialLoader& l, bool super) {
   DecoderNetwork net;
-  const std::vector<int64_t> s1 = l.shape("1.weight", 4);
+  net.super = super;
+  const std::string first_conv = super ? "0" : "1";
+  const std::vector<int64_t> s1 = l.shape(first_conv + ".weight", 4);
   net.latent_channels = s1[1];
   l.set_channels(s1[1]);
-  net.first = l.conv("1", 3, 1, 1, true);
+  net.first = super ? l.conv(first_conv, 1, 1, 0, false) : l.conv(first_conv, 3, 1, 1, true);
   for (int s = 0; s < 3; ++s) {
     DecoderStage& stage = net.stages[s];
-    const int first = kDecoderStageFirst[s];
-    for (int b = 0; b < 3; ++b) stage.blocks[b] = l.memblock(std::to_string(first + b));
-    const std::string grow = std::to_string(first + 4) + ".conv";
-    const int64_t n = l.channels();
-    const std::vector<int64_t> gs = l.shape(grow + ".weight", 4);
-    if (gs[0] % n != 0)
-      l.fail(grow + ".weight", gs, "[k*" + std::to_string(n) + ", " + std::to_string(n) + ", 1, 1] (a TGrow to k frames)");
-    stage.grow_frames = gs[0] / n;
-    stage.grow = l.conv(grow, 1, 1, 0, false);
-    l.set_channels(n);  // each grown frame has the width again
-    net.frames_per_latent *= stage.grow_frames;
-    stage.conv = l.conv(std::to_string(first + 5), 3, 1, 1, false);
+    if (super) {
+      const int first = kSuperStageFirst[s];
+      for (int b = 0; b < 3; ++b) stage.super_blocks[b] = l.super_memblock(std::to_string(first + b));
+      const std::string conv = std::to_string(first + 3);
+      stage.conv = l.conv(conv, 3, 1, 1, true);
+      if (l.channels() % 4 != 0)
+        l.fail(conv + ".weight", l.shape(conv + ".weight", 4), "[4*n, ...] (a PixelShuffle(2) follows)");
+      l.set_channels(l.channels() / 4);
+      load_grow(l, net, stage, std::to_string(first + 6) + ".conv");
+    } else {
+      const int first = kDecoderStageFirst[s];
+      for (int b = 0; b < 3; ++b) stage.blocks[b] = l.memblock(std::to_string(first + b));
+      load_grow(l, net, stage, std::to_string(first + 4) + ".conv");
+      stage.conv = l.conv(std::to_string(first + 5), 3, 1, 1, false);
+    }
   }
   const std::string last = std::to_string(kDecoderLastConv);
   const std::vector<int64_t> sl = l.shape(last + ".weight", 4);
@@ -640,36 +854,58 @@ class TaehvDecoder final : public TorchDecoder {
 // decoder.1 a 3x3 conv from the latents, decoder.3 a MemBlock over frame and
 // past, decoder.7 a TGrow (1x1). TAESD's decoder has a plain conv at 7
 // (`decoder.7.weight`) and Blocks of one frame.
-bool detect_decoder(const SafetensorsFile& file) {
+bool detect_base_decoder(const SafetensorsFile& file) {
   const TensorInfo* first = file.find("decoder.1.weight");
   const TensorInfo* mem = file.find("decoder.3.conv.0.weight");
   const TensorInfo* grow = file.find("decoder.7.conv.weight");
   return is_conv(first, 3) && is_conv(mem, 3) && is_conv(grow, 1) && mem->shape[1] == 2 * first->shape[0];
 }
 
+// The super decoder: decoder.0 a 1x1 conv from the latents, decoder.1 a
+// SuperMemBlock (depthwise 7x7 over frame and past: [2n, 1, 7, 7]),
+// decoder.7 a TGrow.
+bool detect_super_decoder(const SafetensorsFile& file) {
+  const TensorInfo* first = file.find("decoder.0.weight");
+  const TensorInfo* mem = file.find("decoder.1.conv.0.weight");
+  const TensorInfo* grow = file.find("decoder.7.conv.weight");
+  return is_conv(first, 1) && is_conv(mem, 7) && is_conv(grow, 1) && mem->shape[1] == 1 &&
+         mem->shape[0] == 2 * first->shape[0];
+}
+
+bool detect_decoder(const SafetensorsFile& file) { return detect_base_decoder(file) || detect_super_decoder(file); }
+
 std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
   const ComputeTarget target = resolve_target(options);
   apply_thread_option(options.threads);
   WeightReader reader(file, names_under(*file, "decoder."), target);
   SequentialLoader loader(reader, "decoder");
-  DecoderNetwork net = load_decoder_network(loader);
+  const bool super = !detect_base_decoder(*file) && detect_super_decoder(*file);
+  DecoderNetwork net = load_decoder_network(loader, super);
+  reader.require_all_used({super ? "TAEHV super decoder (taehv layout)" : "TAEHV decoder (taehv layout)", "",
+                           {"encoder.*"}});
   const Variant& variant = resolve_variant(*file, options, net.patch, net.latent_channels, net.frames_per_latent);
+  if (super && variant.slope != 0.0)
+    throw CheckpointError("'" + file->path() + "' has a super decoder, but was taken for " + variant.name +
+                          " (LeakyReLU): only upstream's ReLU super decoders (taew2_2_super, taehv1_5_super) exist");
+  net.slope = variant.slope;
 
   DecoderInfo info;
   info.family = "taehv";
   info.model_path = file->path();
-  info.layout = "taehv";
+  info.layout = super ? "taehv-super" : "taehv";
   info.upscale = static_cast<int>(8 * net.patch);
   info.latent_channels = static_cast<int>(net.latent_channels);
-  info.native_format = latent_format_by_name(variant.space);  // takes the Wan model's normalised space
-  info.output_signed = false;  // [0, 1]
+  info.native_format = native_format_of(variant);  // takes the variant's space
+  info.output_signed = variant.signed_rgb;          // upstream's [0, 1]; lightx2v's [-1, 1]
   info.temporal_upscale = static_cast<int>(net.frames_per_latent);
-  info.first_latent_keeps_last = true;  // upstream trims the first 3 frames of a clip
+  info.first_latent_keeps_last = true;  // upstream trims the first frames_per_latent - 1 frames of a clip
   info.parameters = reader.parameters_loaded();
   std::ostringstream os;
-  os << "TAEHV decoder " << variant.name << " for " << variant.model << " latents (from the shapes), C="
-     << info.latent_channels << ", upscale " << info.upscale << ", " << net.frames_per_latent
-     << " frames per latent (a clip's first latent keeps its last frame)";
+  os << "TAEHV " << (super ? "super " : "") << "decoder " << variant.name << " for " << variant.model
+     << " latents, C=" << info.latent_channels << ", upscale " << info.upscale << ", " << net.frames_per_latent
+     << " frames per latent (a clip's first latent keeps its last frame), "
+     << (super ? "ReLU" : variant.slope == 0.0 ? "ReLU" : "LeakyReLU(0.2)") << ", RGB out in "
+     << (variant.signed_rgb ? "[-1, 1]" : "[0, 1]") << "; takes " << variant.space_text;
   info.architecture = os.str();
   return std::make_shared<TaehvDecoder>(std::move(info), target, std::move(net));
 }

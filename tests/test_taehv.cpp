@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "decoder.h"
 #include "encoder.h"
 #include "errors.h"
 #include "fixtures.h"
@@ -55,10 +56,31 @@ class TinyTaehv {
     return *this;
   }
 
-  std::string write(const std::string& path) const {
+  // A whole super decoder (taew2_2_super / taehv1_5_super layout) of widths
+  // n, n, n, n: 1x1 in, per stage three SuperMemBlocks, a 3x3 conv to 4n
+  // (PixelShuffle), a TGrow of `grows[s]` frames; 22 to 3 p^2.
+  TinyTaehv& with_super_decoder(int64_t z, int64_t patch, int64_t n = 8, int64_t depthwise_in = 1) {
+    conv("decoder.0", n, z, 1, false, 1.0);
+    const int firsts[3] = {1, 8, 15};
+    const int64_t grows[3] = {1, 2, 2};
+    for (int s = 0; s < 3; ++s) {
+      for (int b = 0; b < 3; ++b) {
+        const std::string p = "decoder." + std::to_string(firsts[s] + b) + ".conv.";
+        add(p + "0.weight", {2 * n, s == 1 && b == 0 ? depthwise_in : 1, 7, 7}, 0.1);
+        conv(p + "1", 4 * n, 2 * n, 1, true, 2.0);
+        conv(p + "3", n, 4 * n, 1, false, 0.3);
+      }
+      conv("decoder." + std::to_string(firsts[s] + 3), 4 * n, n, 3, true, 2.0);
+      conv("decoder." + std::to_string(firsts[s] + 6) + ".conv", n * grows[s], n, 1, false, 1.0);
+    }
+    conv("decoder.22", 3 * patch * patch, n, 3, true, 1.0);
+    return *this;
+  }
+
+  std::string write(const std::string& path, const std::map<std::string, std::string>& metadata = {}) const {
     std::vector<TensorToWrite> tensors;
     for (const auto& t : tensors_) tensors.push_back({t.name, DType::F32, t.shape, t.values.data()});
-    write_safetensors(path, tensors);
+    write_safetensors(path, tensors, metadata);
     return path;
   }
 
@@ -196,12 +218,14 @@ TEST(TaehvDetection, TaesdUnderEncoderPrefixStaysTaesd) {
 
 TEST(TaehvDetection, RefusesOtherLatentSpaces) {
   TempDir dir;
-  // taehv1_5's shapes (2x2 patches, 32 channels): not supported.
+  // 32 channels in 2x2 patches: taehv1_5 (ReLU, [0, 1]) and lighttaehy1_5
+  // (LeakyReLU, [-1, 1]) alike; a name that says neither is refused.
   std::string e = error_of<CheckpointError>(
       [&] { load_encoder(TinyTaehv(2, 32).write(dir.file("m32.safetensors")), cpu()); });
   EXPECT_TRUE(contains(e, "32 latent channels")) << e;
-  EXPECT_TRUE(contains(e, "taew2_1")) << e;
-  // taeltx-like: the third TPool merges 2 frames (8 per latent).
+  EXPECT_TRUE(contains(e, "taehv1_5, lighttaehy1_5")) << e;
+  EXPECT_TRUE(contains(e, "latent-space")) << e;
+  // 8 frames per latent without taeltx's 4x4 patches and 128 channels.
   e = error_of<CheckpointError>(
       [&] { load_encoder(TinyTaehv(1, 16, 8, 2).write(dir.file("m8.safetensors")), cpu()); });
   EXPECT_TRUE(contains(e, "8 frames per latent")) << e;
@@ -214,6 +238,111 @@ TEST(TaehvDetection, RefusesOtherLatentSpaces) {
   e = error_of<CheckpointError>(
       [&] { load_encoder(TinyTaehv().write(dir.file("m16.safetensors")), cpu("taew2_2")); });
   EXPECT_TRUE(contains(e, "taew2_2")) << e;
+  // A name that contradicts the shapes.
+  e = error_of<CheckpointError>(
+      [&] { load_encoder(TinyTaehv().write(dir.file("taehv1_5.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "named like a taehv1_5 file")) << e;
+  EXPECT_TRUE(contains(e, "16 latent channels")) << e;
+  // Upstream's other spaces stay refused, however close their shapes.
+  for (const char* name : {"taecvx.safetensors", "taeos1_3.safetensors", "taeh3.safetensors"}) {
+    e = error_of<CheckpointError>([&] { load_encoder(TinyTaehv().write(dir.file(name)), cpu()); });
+    EXPECT_TRUE(contains(e, "is named like upstream's")) << e;
+  }
+}
+
+TEST(TaehvDetection, HunyuanVideo15ByName) {
+  TempDir dir;
+  TinyTaehv weights(2, 32);
+  // Upstream's file: ReLU, RGB in [0, 1], the model's space (raw x 1.03682).
+  auto tae = load_encoder(weights.write(dir.file("taehv1_5.safetensors")), cpu());
+  EXPECT_EQ(tae->info().latent_channels, 32);
+  EXPECT_EQ(tae->info().downscale, 16);
+  EXPECT_EQ(tae->info().temporal_downscale, 4);
+  EXPECT_FALSE(tae->info().input_signed);
+  EXPECT_EQ(tae->info().native_format.name, "hunyuanvideo15");
+  EXPECT_DOUBLE_EQ(tae->info().native_format.scale, 1.03682);
+  EXPECT_TRUE(contains(tae->info().architecture, "ReLU")) << tae->info().architecture;
+  // lightx2v's, under each of its names: LeakyReLU(0.2), RGB in [-1, 1], raw latents.
+  for (const char* name : {"lighttaehy1_5.safetensors", "lighttae_hv15.safetensors", "LightTAE_HY1_5.safetensors"}) {
+    auto light = load_encoder(weights.write(dir.file(name)), cpu());
+    EXPECT_TRUE(light->info().input_signed) << name;
+    EXPECT_TRUE(light->info().native_format.is_raw()) << name;
+    EXPECT_TRUE(contains(light->info().architecture, "LeakyReLU(0.2)")) << light->info().architecture;
+  }
+  // The option says which when the name does not, and must fit the shapes.
+  const std::string plain = weights.write(dir.file("hv15_tiny.safetensors"));
+  EXPECT_TRUE(load_encoder(plain, cpu("lighttaehy1_5"))->info().input_signed);
+  EXPECT_FALSE(load_encoder(plain, cpu("taehv1_5"))->info().input_signed);
+  std::string e = error_of<CheckpointError>([&] { load_encoder(plain, cpu("taeltx_2")); });
+  EXPECT_TRUE(contains(e, "taeltx_2")) << e;
+  EXPECT_TRUE(contains(e, "taehv1_5, lighttaehy1_5")) << e;
+  // Or the metadata, when the name says nothing.
+  EXPECT_TRUE(load_encoder(weights.write(dir.file("a.safetensors"), {{"model", "lighttaehy1_5"}}), cpu())
+                  ->info()
+                  .input_signed);
+  EXPECT_FALSE(load_encoder(weights.write(dir.file("b.safetensors"), {{"source_path", "/models/taehv1_5.pth"}}), cpu())
+                   ->info()
+                   .input_signed);
+  e = error_of<CheckpointError>(
+      [&] { load_encoder(weights.write(dir.file("c.safetensors"), {{"latent_space", "taeh3"}}), cpu()); });
+  EXPECT_TRUE(contains(e, "has the metadata 'latent_space' naming upstream's 'taeh3'")) << e;
+}
+
+TEST(TaehvDetection, LtxByName) {
+  TempDir dir;
+  TinyTaehv weights(4, 128, 8, 2);
+  for (const char* name : {"taeltx_2.safetensors", "taeltx2_3.safetensors"}) {
+    auto enc = load_encoder(weights.write(dir.file(name)), cpu());
+    const EncoderInfo& i = enc->info();
+    EXPECT_EQ(i.latent_channels, 128);
+    EXPECT_EQ(i.downscale, 32);
+    EXPECT_EQ(i.temporal_downscale, 8);
+    EXPECT_FALSE(i.input_signed);
+    EXPECT_TRUE(i.native_format.is_raw());  // LTX's normalised latents are its family's LATENT
+    EXPECT_TRUE(contains(i.architecture, "groups 8k..8k+7")) << i.architecture;
+  }
+  // LTX-2 and LTX-2.3 have different latent spaces and the same shapes.
+  const std::string e = error_of<CheckpointError>(
+      [&] { load_encoder(weights.write(dir.file("tiny_ltx.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "taeltx_2, taeltx2_3")) << e;
+  // taeltx's 4x4 patches with only 4 frames per latent: no such file.
+  const std::string e4 = error_of<CheckpointError>(
+      [&] { load_encoder(TinyTaehv(4, 128).write(dir.file("taeltx_2.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e4, "4 frames per latent")) << e4;
+}
+
+TEST(TaehvDetection, SuperDecoderFromTheShapesVariantFromTheName) {
+  TempDir dir;
+  TinyTaehv hv(2, 32);
+  hv.with_super_decoder(32, 2);
+  auto dec = load_decoder(hv.write(dir.file("taehv1_5_super.safetensors")), cpu());
+  const DecoderInfo& i = dec->info();
+  EXPECT_EQ(i.family, "taehv");
+  EXPECT_EQ(i.layout, "taehv-super");
+  EXPECT_EQ(i.latent_channels, 32);
+  EXPECT_EQ(i.upscale, 16);
+  EXPECT_EQ(i.temporal_upscale, 4);
+  EXPECT_TRUE(i.first_latent_keeps_last);
+  EXPECT_FALSE(i.output_signed);
+  EXPECT_EQ(i.native_format.name, "hunyuanvideo15");  // taehv1_5's space, as its base decoder
+  EXPECT_TRUE(contains(i.architecture, "super decoder taehv1_5")) << i.architecture;
+  // The encoder of a super file is the base one.
+  EXPECT_EQ(load_encoder(dir.file("taehv1_5_super.safetensors"), cpu())->info().latent_channels, 32);
+  // Its name says taew2_2_super, its shapes 48 channels: Wan 2.2's space.
+  TinyTaehv wan(2, 48);
+  wan.with_super_decoder(48, 2);
+  EXPECT_EQ(load_decoder(wan.write(dir.file("taew2_2_super.safetensors")), cpu())->info().native_format.name, "wan22");
+  // No LeakyReLU super decoder exists: lighttaehy1_5's name on one is refused.
+  std::string e = error_of<CheckpointError>(
+      [&] { load_decoder(hv.write(dir.file("lighttaehy1_5_super.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "super decoder")) << e;
+  // A SuperMemBlock whose depthwise conv is not depthwise (detection still
+  // sees decoder.1 as one): the tensor is named.
+  TinyTaehv bad(2, 32);
+  bad.with_super_decoder(32, 2, 8, 16);
+  e = error_of<CheckpointError>([&] { load_decoder(bad.write(dir.file("taehv1_5_super_bad.safetensors")), cpu()); });
+  EXPECT_TRUE(contains(e, "decoder.8.conv.0.weight")) << e;
+  EXPECT_TRUE(contains(e, "[16, 16, 7, 7]")) << e;
 }
 
 TEST(TaehvDetection, RefusesWrongShapes) {
@@ -367,6 +496,50 @@ TEST(TaehvSession, RawLatentsThenTheLatentFormat) {
     EXPECT_NEAR(scaled.latents[i], (raw.latents[i] - f.shift) * f.scale, 1e-5);
 }
 
+TEST(TaehvSession, LtxGroupsOfEight) {
+  TempDir dir;
+  auto enc = load_encoder(TinyTaehv(4, 128, 8, 2).write(dir.file("taeltx2_3.safetensors")), cpu());
+  const int w = 64, h = 32;
+  auto clip = frames(17, w, h);
+  auto session = enc->open_session();
+  ClipRun whole = encode_clip(*enc, *session, clip, w, h, {17}, true, false);
+  ASSERT_EQ(whole.spans.size(), 2u);
+  EXPECT_EQ(whole.spans[1].first, 8u);
+  EXPECT_EQ(whole.spans[1].count, 8u);
+  EXPECT_EQ(whole.dropped.first, 16u);
+  EXPECT_EQ(whole.dropped.count, 1u);
+  EXPECT_EQ(whole.latents.size(), 2u * 128 * 1 * 2);
+  // Any batching, the MemBlocks carrying the state: the same latents.
+  for (std::vector<size_t> plan : {std::vector<size_t>{1}, {3}, {8}, {5, 7}}) {
+    ClipRun r = encode_clip(*enc, *session, clip, w, h, plan, true, false);
+    ASSERT_EQ(r.spans.size(), 2u);
+    EXPECT_LE(max_rel_diff(r.latents, whole.latents), 1e-6) << "plan " << plan[0];
+  }
+  // Padded: frame 16 and 7 copies of it make a third latent.
+  ClipRun padded = encode_clip(*enc, *session, clip, w, h, {4}, true, true);
+  ASSERT_EQ(padded.spans.size(), 3u);
+  EXPECT_EQ(padded.spans[2].first, 16u);
+  EXPECT_EQ(padded.padded, 7u);
+  std::vector<float> first_two(padded.latents.begin(), padded.latents.begin() + whole.latents.size());
+  EXPECT_LE(max_rel_diff(first_two, whole.latents), 1e-6);
+}
+
+TEST(TaehvSession, HunyuanVideo15TwinsDiffer) {
+  // One set of weights read as taehv1_5 and as lighttaehy1_5: the activation,
+  // the input range and the latent space all differ, so must the latents.
+  TempDir dir;
+  TinyTaehv weights(2, 32);
+  auto tae = load_encoder(weights.write(dir.file("taehv1_5.safetensors")), cpu());
+  auto light = load_encoder(weights.write(dir.file("lighttaehy1_5.safetensors")), cpu());
+  auto clip = frames(4, 32, 32);
+  auto s1 = tae->open_session();
+  auto s2 = light->open_session();
+  ClipRun a = encode_clip(*tae, *s1, clip, 32, 32, {4}, true, false);
+  ClipRun b = encode_clip(*light, *s2, clip, 32, 32, {4}, true, false);
+  ASSERT_EQ(a.latents.size(), b.latents.size());
+  EXPECT_GT(max_rel_diff(a.latents, b.latents), 1e-2);
+}
+
 TEST(TaehvSession, SizeChangeWhileHoldingIsAnError) {
   TempDir dir;
   auto enc = load_encoder(TinyTaehv().write(dir.file("m.safetensors")), cpu());
@@ -378,6 +551,42 @@ TEST(TaehvSession, SizeChangeWhileHoldingIsAnError) {
   session->reset();
   ClipRun r = encode_clip(*enc, *session, frames(4, 24, 16), 24, 16, {4}, true, false);
   EXPECT_EQ(r.spans.size(), 1u);
+}
+
+// No silent misloads (tensor_usage.h): no other family loads a TAEHV encoder
+// file even when forced; a stray tensor beside it fails the load.
+TEST(TaehvDetection, OnlyTaehvLoadsItAndAStrayIsNamed) {
+  TempDir dir;
+  const std::string clean = TinyTaehv().with_decoder().write(dir.file("taew2_1.safetensors"));
+  std::vector<std::string> faults;
+  EXPECT_EQ(test::families_that_load(clean, false, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_TRUE(faults.empty()) << faults.front();
+  const std::string stray = dir.file("taew2_1_stray.safetensors");
+  test::copy_with_extra_tensor(clean, stray, "encoder.18.weight");
+  const std::string err = error_of<CheckpointError>([&] { load_encoder(stray, cpu()); });
+  EXPECT_TRUE(contains(err, "'encoder.18.weight'") && contains(err, "TAEHV encoder")) << err;
+}
+
+// The newer files too: an LTX file and a super file (both halves) load in the
+// taehv family only, and a stray tensor in a super decoder is named.
+TEST(TaehvDetection, NewerFilesOnlyTaehvLoadsThemAndAStrayIsNamed) {
+  TempDir dir;
+  std::vector<std::string> faults;
+  const std::string ltx = TinyTaehv(4, 128, 8, 2).write(dir.file("taeltx_2.safetensors"));
+  EXPECT_EQ(test::families_that_load(ltx, false, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_TRUE(faults.empty()) << faults.front();
+  TinyTaehv hv(2, 32);
+  hv.with_super_decoder(32, 2);
+  const std::string super = hv.write(dir.file("taehv1_5_super.safetensors"));
+  EXPECT_EQ(test::families_that_load(super, false, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_EQ(test::families_that_load(super, true, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_TRUE(faults.empty()) << faults.front();
+  const std::string stray = dir.file("taehv1_5_super_stray.safetensors");
+  test::copy_with_extra_tensor(super, stray, "decoder.23.weight");
+  const std::string err = error_of<CheckpointError>([&] { load_decoder(stray, cpu()); });
+  EXPECT_TRUE(contains(err, "'decoder.23.weight'") && contains(err, "TAEHV super decoder")) << err;
+  // The encoder takes the decoder's tensors for what they are.
+  EXPECT_EQ(load_encoder(stray, cpu())->info().latent_channels, 32);
 }
 
 }  // namespace

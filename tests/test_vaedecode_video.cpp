@@ -613,6 +613,7 @@ struct PipelineRun {
   std::vector<Latent> latents;
   std::vector<Frame> frames;
   std::string error;
+  std::string latent_caps;  // what vaedecode's sink pad had at EOS
 };
 
 class Pipeline {
@@ -682,6 +683,17 @@ class Pipeline {
       gboolean eos = FALSE;
       g_object_get(sink_, "eos", &eos, nullptr);
       if (!eos) run_.error = "no EOS within 120 s";
+    }
+    if (GstElement* dec = gst_bin_get_by_name(GST_BIN(pipeline_), "dec")) {
+      GstPad* pad = gst_element_get_static_pad(dec, "sink");
+      if (GstCaps* caps = gst_pad_get_current_caps(pad)) {
+        gchar* text = gst_caps_to_string(caps);
+        run_.latent_caps = text;
+        g_free(text);
+        gst_caps_unref(caps);
+      }
+      gst_object_unref(pad);
+      gst_object_unref(dec);
     }
     gst_element_set_state(pipeline_, GST_STATE_NULL);
     std::lock_guard<std::mutex> lock(mutex_);
@@ -853,6 +865,56 @@ TEST_F(VideoDecodeTest, TaehvPipelineRoundTrip) {
   ASSERT_EQ(want.size(), expect);
   for (size_t i = 0; i < expect; ++i)
     EXPECT_TRUE(r.frames[i].bytes == want[i]) << "frame " << i << ": " << diff_summary(r.frames[i].bytes, want[i]);
+}
+
+// taeltx_2 (a generated file holding both halves: 128 channels, 4x4 patches,
+// 8 frames per latent): the 64x48 frames crop to 64x32, latents 2x1 with
+// temporal-downscale=8 at 25/8; 17 frames give 2 latents (frame 16 dropped)
+// and 1 + 8 frames back from input frame 7 on (upstream trims 7),
+// byte-identical to the engine's session over the same latents.
+TEST_F(VideoDecodeTest, TaeltxPipelineCapsAndRoundTrip) {
+  const std::string model = dir_->file("taeltx_2_test.safetensors");
+  const std::string err = run(std::string(GSTVAE_PYTHON) + " '" + script("taehv_reference.py") +
+                              "' make-weights --variant taeltx_2 --width 8 --decoder-widths 16,8,8,8 --seed 4"
+                              " --out '" + model + "'");
+  ASSERT_TRUE(err.empty()) << err;
+  std::shared_ptr<gstvae::Decoder> tae;
+  try {
+    gstvae::ModelOptions options;
+    options.device = "cpu";
+    tae = gstvae::load_decoder(model, options);
+  } catch (const std::exception& e) {
+    FAIL() << "could not load the generated taeltx_2 decoder: " << e.what();
+  }
+  ASSERT_EQ(tae->info().temporal_upscale, 8);
+  ASSERT_EQ(tae->info().upscale, 32);
+  const PipelineRun r = run_pipeline(model, "smpte", 17);
+  ASSERT_TRUE(r.error.empty()) << r.error;
+  ASSERT_EQ(r.input_pts.size(), 17u);
+  ASSERT_EQ(r.latents.size(), 2u);
+  for (const auto& latent : r.latents) EXPECT_EQ(latent.size(), 128u * 1 * 2);
+  for (const char* field : {"channels=(int)128", "width=(int)2", "height=(int)1", "temporal-downscale=(int)8",
+                            "framerate=(fraction)25/8"})
+    EXPECT_NE(r.latent_caps.find(field), std::string::npos) << field << " not in " << r.latent_caps;
+  ASSERT_EQ(r.frames.size(), 9u);
+  for (size_t i = 0; i < r.frames.size(); ++i) EXPECT_EQ(r.frames[i].pts, r.input_pts[7 + i]) << "frame " << i;
+  auto session = tae->open_session(8);
+  const size_t frame_bytes = size_t(64) * 32 * 3;
+  std::vector<Pixels> want;
+  for (size_t start = 0; start < r.latents.size(); start += 2) {
+    const size_t n = std::min<size_t>(2, r.latents.size() - start);
+    auto batch = tae->new_batch(1, 2, n);
+    for (size_t i = 0; i < n; ++i) batch->add(r.latents[start + i].data(), start + i);
+    auto block = tae->new_pixels(*batch, gstvae::PixelFormat::RGB, 8);
+    const auto out = session->decode(*batch, gstvae::DecodeParams{}, gstvae::PixelFormat::RGB, *block);
+    for (size_t i = 0; i < out.spans.size(); ++i)
+      want.emplace_back(block->data() + i * frame_bytes, block->data() + (i + 1) * frame_bytes);
+  }
+  ASSERT_EQ(want.size(), 9u);
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_EQ(r.frames[i].bytes.size(), frame_bytes) << "frame " << i;
+    EXPECT_TRUE(r.frames[i].bytes == want[i]) << "frame " << i << ": " << diff_summary(r.frames[i].bytes, want[i]);
+  }
 }
 
 }  // namespace

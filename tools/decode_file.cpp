@@ -28,7 +28,8 @@ int usage() {
                "         [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
                "         [--latent-format raw|sd15|sdxl|sd3|flux|wan21|wan22] [--per-batch B] [--threads T] [--float]\n"
                "         [--warmup] [--images]  (a video decoder: each latent alone, not one clip)\n"
-               "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2]  (a TAESD file's latent space)\n"
+               "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2]  (a TAESD file's latent space;\n"
+               "                          taehv1_5|lighttaehy1_5|taeltx_2|taeltx2_3|...: a TAEHV file's)\n"
                "         [--test-memory-limit CELLS]  (forward passes over more latent cells fail as out of memory)\n"
                "  OUT: F x H x W x 3 bytes (RGB), or with --float F x 3 x H x W little-endian float32 in [0, 1]\n";
   return 2;

@@ -24,7 +24,7 @@ int usage() {
                "         [--stride BYTES] --out OUT.f32 [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
                "         [--latent-format raw|sd15|sdxl|sd3|flux|wan21] [--sample --seed K] [--per-batch B] [--threads T]\n"
                "         [--pad-clip-end] (video VAEs: complete the last group by repeating the last frame)\n"
-               "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2|taesana]\n";
+               "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2|taesana|taehv1_5|lighttaehy1_5|taeltx_2|...]\n";
   return 2;
 }
 

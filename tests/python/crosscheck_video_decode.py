@@ -46,7 +46,8 @@ import wan_weights as W  # noqa: E402
 from crosscheck_wan import THREADS, TOL, rel_err  # noqa: E402
 
 MIN_UNSATURATED = 0.5
-TAEHV_ENCODER_WIDTH = {"taew2_1": 16, "taew2_2": 12}  # as crosscheck_taehv.py
+TAEHV_ENCODER_WIDTH = {"taew2_1": 16, "taew2_2": 12, "taehv1_5": 8, "lighttaehy1_5": 8, "taeltx_2": 8,
+                       "taeltx2_3": 8}  # as crosscheck_taehv.py
 TAEHV_FORMAT = {"taew2_1": "wan21", "taew2_2": "wan22"}
 WAN_FORMAT = {"2.1": "wan21", "2.2": "wan22"}
 
@@ -156,15 +157,17 @@ def check_wan(c, ctx, variant, t, h, w, per_batch, dim=8, enc_dim=None, layout="
 # ------------------------------------------------------------------------------------------ TAEHV
 
 def check_taehv(c, ctx, variant, t, h, w, per_batch, dtype="F32", latent_format=False, images=False,
-                widths=(32, 16, 8, 8), seed=1):
+                widths=(32, 16, 8, 8), seed=1, super_=False):
+    """super_: the decoder in the super layout, the file named <variant>_super_... as upstream's."""
     patch, z, _, _ = TR.VARIANTS[variant]
     enc = TR.make_state(variant, TAEHV_ENCODER_WIDTH[variant], seed=seed)
-    dec = TR.make_decoder_state(variant, widths, seed=seed)
-    model = ctx.path("%s_%s" % (variant, dtype), "safetensors")  # the name starts with the variant
+    dec = TR.make_decoder_state(variant, widths, seed=seed, super_=super_)
+    # the name starts with the variant's: it says which where two files share the shapes
+    model = ctx.path("%s%s_%s" % (variant, "_super" if super_ else "", dtype), "safetensors")
     _, stored = TR.write_model(model, enc, dec, dtype)
     loaded = TR.load_decoder(model)
     c.need(set(loaded) == set(stored) and all(torch.equal(loaded[k], stored[k]) for k in stored)
-           and TR.decoder_variant(loaded) == variant, "taehv_reference: the file does not load back")
+           and TR.is_super(loaded) == super_, "taehv_reference: the file does not load back")
     norm = torch.from_numpy(smooth_latents(t, z, h, w, seed + 200))
     extra = []
     if latent_format:
@@ -179,15 +182,15 @@ def check_taehv(c, ctx, variant, t, h, w, per_batch, dtype="F32", latent_format=
     t0 = time.monotonic()
     with torch.no_grad():
         if images:
-            ref = torch.cat([TR.decode_video(stored, ref_in[i:i + 1]) for i in range(t)])
+            ref = torch.cat([TR.decode_video(stored, ref_in[i:i + 1], variant=variant) for i in range(t)])
         else:
-            ref = TR.decode_video(stored, ref_in)
+            ref = TR.decode_video(stored, ref_in, variant=variant)
     ref = ref.numpy()
     t_ref = time.monotonic() - t0
     d = 8 * patch
-    frames = t if images else TR.decoded_frames(t)
+    frames = t if images else TR.decoded_frames(t, variant)
     c.need(ref.shape == (frames, 3, h * d, w * d), "reference shape %s" % (ref.shape,))
-    what = "%s widths %s %s," % (variant, ",".join(map(str, widths)), dtype)
+    what = "%s%s widths %s %s," % (variant, " super" if super_ else "", ",".join(map(str, widths)), dtype)
     return compare(c, ctx, model, file_latents, ref, per_batch, extra, what, t_ref)
 
 
@@ -237,6 +240,23 @@ CASES = [
     ("taew22_t5_b2_bf16_odd_5x3", taehv("taew2_2", 5, 5, 3, 2, dtype="BF16", seed=28)),
     ("taew22_latent_format_wan22_t3_b5_f16", taehv("taew2_2", 3, 3, 4, 5, dtype="F16", latent_format=True, seed=29)),
     ("taew22_images_t2_b16", taehv("taew2_2", 2, 3, 4, 16, images=True, seed=30)),
+    # The newer files: taehv1_5 (raw x 1.03682 in), lighttaehy1_5 (LeakyReLU, [-1, 1] out; the same shapes,
+    # told apart by the name), taeltx_2 / taeltx2_3 (128 channels, 32x through pixel_shuffle(4), 8 frames per
+    # latent, 7 trimmed), the super decoders (widths 16, 8, 8, 8; once at the real 512, 256, 128, 64).
+    ("taehv15_t3_b2_f32", taehv("taehv1_5", 3, 3, 4, 2, widths=(16, 8, 8, 8), seed=31)),
+    ("taehv15_t2_b1_bf16", taehv("taehv1_5", 2, 3, 3, 1, widths=(16, 8, 8, 8), dtype="BF16", seed=32)),
+    ("lighttaehy15_t3_b1_f32", taehv("lighttaehy1_5", 3, 3, 4, 1, widths=(16, 8, 8, 8), seed=33)),
+    ("lighttaehy15_images_t2_b2", taehv("lighttaehy1_5", 2, 2, 3, 2, widths=(16, 8, 8, 8), images=True, seed=34)),
+    ("taeltx2_t3_b2_f32", taehv("taeltx_2", 3, 2, 3, 2, widths=(16, 8, 8, 8), seed=35)),
+    ("taeltx23_t2_b1_f16", taehv("taeltx2_3", 2, 3, 2, 1, widths=(16, 8, 8, 8), dtype="F16", seed=36)),
+    ("taeltx23_images_t2_b16", taehv("taeltx2_3", 2, 2, 2, 16, widths=(16, 8, 8, 8), images=True, seed=37)),
+    ("taew22_super_t3_b2_f32", taehv("taew2_2", 3, 3, 4, 2, widths=(16, 8, 8, 8), super_=True, seed=38)),
+    ("taehv15_super_t2_b1_bf16", taehv("taehv1_5", 2, 3, 3, 1, widths=(16, 8, 8, 8), dtype="BF16", super_=True,
+                                       seed=39)),
+    ("taehv15_super_images_t2_b2", taehv("taehv1_5", 2, 2, 3, 2, widths=(16, 8, 8, 8), images=True, super_=True,
+                                         seed=40)),
+    ("taew22_super_real_widths_t2_b1", taehv("taew2_2", 2, 1, 2, 1, widths=(512, 256, 128, 64), super_=True,
+                                             seed=41)),
 ]
 
 

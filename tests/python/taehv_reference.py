@@ -1,5 +1,13 @@
 #!/usr/bin/env python3
-"""Float64 reference of the TAEHV video encoders and decoders (taew2_1, taew2_2) and a test-weight generator.
+"""Float64 reference of the TAEHV video encoders and decoders and a test-weight generator.
+
+Variants (SPECS): taew2_1, taew2_2 (Wan), taehv1_5 (HunyuanVideo 1.5, TAE: ReLU, RGB [0, 1], the model's space =
+raw x 1.03682), lighttaehy1_5 (lightx2v: LeakyReLU(0.2) everywhere, RGB [-1, 1] in and out, raw HunyuanVideo 1.5
+latents), taeltx_2 / taeltx2_3 (LTX-2 / 2.3: 128 channels, 4x4 patches, TPools 2,2,2 and TGrows 2,2,2, 8 frames
+per latent, 7 trimmed at decode; LTX's normalised latents as they are).  The "super" decoder (taew2_2_super,
+taehv1_5_super; from a description of madebyollin/taehv's SuperMemBlock): 0 conv1x1 z -> n0 (no bias, no Clamp);
+per stage three SuperMemBlocks x + conv1x1(4n -> n, no bias)(ReLU(conv1x1(2n -> 4n)(depthwise7x7([x, past])))),
+then conv3x3 n -> 4 n' (bias), ReLU, PixelShuffle(2), TGrow (first index 1, 8, 15); 22 conv3x3 n3 -> 3 p p.
 
 Encoder: written from the architecture description in docs/video-vaes-taehv.md.  Decoder: written from a
 description of madebyollin/taehv taehv.py (the ``decoder`` nn.Sequential: Clamp = tanh(x/3)*3, conv 3x3,
@@ -52,25 +60,48 @@ import vae_reference as V  # noqa: E402  (safetensors I/O only)
 # The Wan VAEs' per-channel latent statistics, from the Wan reference (one table for the project's Python).
 from wan_reference import WAN21_MEAN, WAN21_STD, WAN22_MEAN, WAN22_STD  # noqa: E402
 
-# variant -> (input patch size, latent channels, mean, std)
-VARIANTS = {
-    "taew2_1": (1, 16, WAN21_MEAN, WAN21_STD),
-    "taew2_2": (2, 48, WAN22_MEAN, WAN22_STD),
+HV15_SCALE = 1.03682   # HunyuanVideo 1.5's scaling_factor: its model takes raw x 1.03682
+
+# variant -> everything the reference needs: patch, latent channels, encoder TPool strides, decoder TGrow
+# strides, activation slope (0: ReLU), signed RGB ([-1, 1] in and out), the network's space as a map to the
+# big VAE family's latents ("wan": x * std + mean; "scale": x / scale; "raw": as is).
+SPECS = {
+    "taew2_1": dict(patch=1, z=16, pools=(2, 2, 1), grows=(1, 2, 2), slope=0.0, signed=False, space="wan",
+                    mean=WAN21_MEAN, std=WAN21_STD),
+    "taew2_2": dict(patch=2, z=48, pools=(2, 2, 1), grows=(1, 2, 2), slope=0.0, signed=False, space="wan",
+                    mean=WAN22_MEAN, std=WAN22_STD),
+    "taehv1_5": dict(patch=2, z=32, pools=(2, 2, 1), grows=(1, 2, 2), slope=0.0, signed=False, space="scale",
+                     scale=HV15_SCALE),
+    "lighttaehy1_5": dict(patch=2, z=32, pools=(2, 2, 1), grows=(1, 2, 2), slope=0.2, signed=True, space="raw"),
+    "taeltx_2": dict(patch=4, z=128, pools=(2, 2, 2), grows=(2, 2, 2), slope=0.0, signed=False, space="raw"),
+    "taeltx2_3": dict(patch=4, z=128, pools=(2, 2, 2), grows=(2, 2, 2), slope=0.0, signed=False, space="raw"),
 }
+
+# variant -> (input patch size, latent channels, mean, std): the older interface (mean, std None off Wan)
+VARIANTS = {name: (sp["patch"], sp["z"], sp.get("mean"), sp.get("std")) for name, sp in SPECS.items()}
 
 # The encoder Sequential: (index, kind, argument).  conv: 3x3 (argument = stride); pool: TPool
 # (argument = frames merged); mem: MemBlock; relu.  The last TPool merges 1 frame (a plain 1x1 conv).
-PLAN = ([(0, "conv", 1), (1, "relu", None)]
-        + [step for first, pool in ((2, 2), (7, 2), (12, 1))
-           for step in [(first, "pool", pool), (first + 1, "conv", 2),
-                        (first + 2, "mem", None), (first + 3, "mem", None), (first + 4, "mem", None)]]
-        + [(17, "conv", 1)])
-FRAMES_PER_LATENT = 4   # the product of the pool arguments
+def encoder_plan(pools=(2, 2, 1)):
+    return ([(0, "conv", 1), (1, "relu", None)]
+            + [step for first, pool in zip((2, 7, 12), pools)
+               for step in [(first, "pool", pool), (first + 1, "conv", 2),
+                            (first + 2, "mem", None), (first + 3, "mem", None), (first + 4, "mem", None)]]
+            + [(17, "conv", 1)])
+
+
+PLAN = encoder_plan()
+FRAMES_PER_LATENT = 4   # the product of the pool arguments (Wan, HunyuanVideo 1.5; 8 for taeltx)
+
+
+def frames_per_latent(variant):
+    return math.prod(SPECS[variant]["pools"])
 SPATIAL_DOWNSCALE = 8   # three stride-2 convs (times the patch size)
 
 
 def variant_of(state):
-    """The variant whose shapes `state` (keys without 'encoder.') has: from encoder.0's input channels."""
+    """The first variant whose shapes `state` (keys without 'encoder.') has (taew2_1 and taew2_2 are alone with
+    theirs; pass the variant explicitly for the others)."""
     cin = state["0.weight"].shape[1]
     cout = state["17.weight"].shape[0]
     for name, (patch, z, _, _) in VARIANTS.items():
@@ -85,10 +116,15 @@ def patch_of(state):
 
 
 def to_raw(latents, variant):
-    _, z, mean, std = VARIANTS[variant]
-    shape = (1, z) + (1,) * (latents.dim() - 2)
-    return (latents * torch.tensor(std, dtype=latents.dtype).view(shape)
-            + torch.tensor(mean, dtype=latents.dtype).view(shape))
+    """The network's latents -> the big VAE family's (Wan: x * std + mean; taehv1_5: x / 1.03682; else as is)."""
+    sp = SPECS[variant]
+    if sp["space"] == "scale":
+        return latents / sp["scale"]
+    if sp["space"] == "raw":
+        return latents.clone()
+    shape = (1, sp["z"]) + (1,) * (latents.dim() - 2)
+    return (latents * torch.tensor(sp["std"], dtype=latents.dtype).view(shape)
+            + torch.tensor(sp["mean"], dtype=latents.dtype).view(shape))
 
 
 def space_to_depth(x, p):
@@ -121,24 +157,39 @@ def _grow(state, n, x, stride):
     return y.reshape(t * stride, c, h, w)
 
 
-def _mem(state, n, x, past):
-    """MemBlock: relu(conv4(relu(conv2(relu(conv0([x, past]))))) + x); past = the previous frame's input."""
+def _act(x, slope):
+    return F.relu(x) if slope == 0.0 else F.leaky_relu(x, slope)
+
+
+def _mem(state, n, x, past, slope=0.0):
+    """MemBlock: act(conv4(act(conv2(act(conv0([x, past]))))) + x); past = the previous frame's input."""
     p = "%d.conv." % n
-    h = F.relu(F.conv2d(torch.cat([x, past], 1), state[p + "0.weight"], state[p + "0.bias"], padding=1))
-    h = F.relu(F.conv2d(h, state[p + "2.weight"], state[p + "2.bias"], padding=1))
+    h = _act(F.conv2d(torch.cat([x, past], 1), state[p + "0.weight"], state[p + "0.bias"], padding=1), slope)
+    h = _act(F.conv2d(h, state[p + "2.weight"], state[p + "2.bias"], padding=1), slope)
     h = F.conv2d(h, state[p + "4.weight"], state[p + "4.bias"], padding=1)
     skip = F.conv2d(x, state["%d.skip.weight" % n]) if "%d.skip.weight" % n in state else x
-    return F.relu(h + skip)
+    return _act(h + skip, slope)
 
 
-def _run(state, x, memory, plan=PLAN):
-    """All layers of `plan` over T frames at once (encoder: T a multiple of 4). memory: MemBlock index -> last
-    input (or absent); a MemBlock sees the previous frame AT ITS OWN RATE."""
+def _super_mem(state, n, x, past):
+    """SuperMemBlock: x + conv3(relu(conv1(depthwise7x7(conv0)([x, past])))), no outer activation."""
+    p = "%d.conv." % n
+    y = torch.cat([x, past], 1)
+    h = F.conv2d(y, state[p + "0.weight"], None, padding=3, groups=y.shape[1])
+    h = F.relu(F.conv2d(h, state[p + "1.weight"], state[p + "1.bias"]))
+    return x + F.conv2d(h, state[p + "3.weight"])
+
+
+def _run(state, x, memory, plan=PLAN, slope=0.0):
+    """All layers of `plan` over T frames at once (encoder: T a multiple of the frames per latent). memory:
+    MemBlock index -> last input (or absent); a MemBlock sees the previous frame AT ITS OWN RATE."""
     for n, kind, arg in plan:
         if kind == "conv":
             x = _conv(state, n, x, arg)
         elif kind == "relu":
-            x = F.relu(x)
+            x = _act(x, slope)
+        elif kind == "shuffle":
+            x = F.pixel_shuffle(x, 2)
         elif kind == "pool":
             x = _pool(state, n, x, arg)
         elif kind == "clamp":
@@ -153,45 +204,55 @@ def _run(state, x, memory, plan=PLAN):
                 prev = torch.zeros_like(x[:1])
             past = torch.cat([prev, x[:-1]], 0)   # frame t sees frame t-1's input at this block
             memory[n] = x[-1:].clone()
-            x = _mem(state, n, x, past)
+            x = _super_mem(state, n, x, past) if kind == "smem" else _mem(state, n, x, past, slope)
     return x
 
 
-def encode_clip(state, frames, end="drop"):
-    """One whole clip, frames T x 3 x H x W float64 in [0, 1] -> normalised latents T_lat x z x h x w.
+def _input(frames, variant):
+    """[0, 1] frames -> the variant's input range (lightx2v's file takes 2p - 1)."""
+    return frames * 2.0 - 1.0 if SPECS[variant]["signed"] else frames
 
-    end="drop": frames after the last complete group of 4 are dropped; end="pad": the last group is
-    completed by repeating the clip's last frame (upstream's encode_video).  T_lat may be 0."""
-    patch = patch_of(state)
-    g = FRAMES_PER_LATENT
+
+def encode_clip(state, frames, end="drop", variant=None):
+    """One whole clip, frames T x 3 x H x W float64 in [0, 1] -> the network's latents T_lat x z x h x w.
+
+    end="drop": frames after the last complete group of g (4, or 8 for taeltx) are dropped; end="pad": the
+    last group is completed by repeating the clip's last frame (upstream's encode_video).  T_lat may be 0.
+    variant: from the shapes when None (taew2_1, taew2_2 only)."""
+    variant = variant or variant_of(state)
+    sp = SPECS[variant]
+    patch = sp["patch"]
+    g = frames_per_latent(variant)
     t = frames.shape[0]
     if end == "pad" and t % g:
         frames = torch.cat([frames, frames[-1:].expand(g - t % g, -1, -1, -1)], 0)
     else:
         frames = frames[: t // g * g]
     if frames.shape[0] == 0:
-        z = state["17.weight"].shape[0]
         h, w = frames.shape[2] // (SPATIAL_DOWNSCALE * patch), frames.shape[3] // (SPATIAL_DOWNSCALE * patch)
-        return torch.zeros(0, z, h, w, dtype=torch.float64)
-    return _run(state, space_to_depth(frames, patch), {})
+        return torch.zeros(0, sp["z"], h, w, dtype=torch.float64)
+    return _run(state, space_to_depth(_input(frames, variant), patch), {}, encoder_plan(sp["pools"]), sp["slope"])
 
 
-def encode_stream(state, frames, end="drop"):
+def encode_stream(state, frames, end="drop", variant=None):
     """The same clip fed one frame at a time through a stateful loop (MemBlock inputs kept per block,
     frames waiting in each TPool until it has enough).  Returns the same latents as encode_clip."""
-    patch = patch_of(state)
+    variant = variant or variant_of(state)
+    sp = SPECS[variant]
+    patch, g, plan, slope = sp["patch"], frames_per_latent(variant), encoder_plan(sp["pools"]), sp["slope"]
     memory, waiting, out = {}, {}, []
     t = frames.shape[0]
-    if end == "pad" and t % FRAMES_PER_LATENT:
-        frames = torch.cat([frames, frames[-1:].expand(FRAMES_PER_LATENT - t % FRAMES_PER_LATENT, -1, -1, -1)])
+    if end == "pad" and t % g:
+        frames = torch.cat([frames, frames[-1:].expand(g - t % g, -1, -1, -1)])
+    frames = _input(frames, variant)
 
     def push(x, start):
-        for pos in range(start, len(PLAN)):
-            n, kind, arg = PLAN[pos]
+        for pos in range(start, len(plan)):
+            n, kind, arg = plan[pos]
             if kind == "conv":
                 x = _conv(state, n, x, arg)
             elif kind == "relu":
-                x = F.relu(x)
+                x = _act(x, slope)
             elif kind == "pool":
                 waiting.setdefault(n, []).append(x)
                 if len(waiting[n]) < arg:
@@ -200,16 +261,15 @@ def encode_stream(state, frames, end="drop"):
             else:
                 prev = memory.get(n)
                 memory[n] = x
-                x = _mem(state, n, x, torch.zeros_like(x) if prev is None else prev)
+                x = _mem(state, n, x, torch.zeros_like(x) if prev is None else prev, slope)
         return x
 
     for i in range(frames.shape[0]):
         y = push(space_to_depth(frames[i:i + 1], patch), 0)
         if y is not None:
             out.append(y)
-    z = state["17.weight"].shape[0]
     if not out:
-        return torch.zeros(0, z, frames.shape[2] // (SPATIAL_DOWNSCALE * patch),
+        return torch.zeros(0, sp["z"], frames.shape[2] // (SPATIAL_DOWNSCALE * patch),
                            frames.shape[3] // (SPATIAL_DOWNSCALE * patch),
                            dtype=torch.float64)
     return torch.cat(out, 0)
@@ -218,12 +278,30 @@ def encode_stream(state, frames, end="drop"):
 # ------------------------------------------------------------------------------- decoder (float64)
 # From a description of madebyollin/taehv taehv.py: the ``decoder`` Sequential and ``decode_video``.
 
-DECODER_PLAN = ([(0, "clamp", None), (1, "conv", 1), (2, "relu", None)]
-                + [step for first, grow in ((3, 1), (9, 2), (15, 2))
-                   for step in [(first, "mem", None), (first + 1, "mem", None), (first + 2, "mem", None),
-                                (first + 3, "up", None), (first + 4, "grow", grow), (first + 5, "conv", 1)]]
-                + [(21, "relu", None), (22, "conv", 1)])
-FRAMES_TO_TRIM = 3   # 2 ** (number of TGrow(.., 2)) - 1: the first frames decode_video drops
+def decoder_plan(grows=(1, 2, 2)):
+    return ([(0, "clamp", None), (1, "conv", 1), (2, "relu", None)]
+            + [step for first, grow in zip((3, 9, 15), grows)
+               for step in [(first, "mem", None), (first + 1, "mem", None), (first + 2, "mem", None),
+                            (first + 3, "up", None), (first + 4, "grow", grow), (first + 5, "conv", 1)]]
+            + [(21, "relu", None), (22, "conv", 1)])
+
+
+def super_decoder_plan(grows=(1, 2, 2)):
+    """The super decoder: no Clamp, a 1x1 conv, and per stage SuperMemBlocks, conv, ReLU, PixelShuffle, TGrow."""
+    return ([(0, "conv", 1)]
+            + [step for first, grow in zip((1, 8, 15), grows)
+               for step in [(first, "smem", None), (first + 1, "smem", None), (first + 2, "smem", None),
+                            (first + 3, "conv", 1), (first + 4, "relu", None), (first + 5, "shuffle", None),
+                            (first + 6, "grow", grow)]]
+            + [(22, "conv", 1)])
+
+
+DECODER_PLAN = decoder_plan()
+FRAMES_TO_TRIM = 3   # 2 ** (number of TGrow(.., 2)) - 1: the first frames decode_video drops (7 for taeltx)
+
+
+def is_super(dec):
+    return "0.weight" in dec and "1.weight" not in dec
 
 
 def decoder_patch(dec):
@@ -232,19 +310,24 @@ def decoder_patch(dec):
 
 
 def decoder_variant(dec):
-    z, p = dec["1.weight"].shape[1], decoder_patch(dec)
+    """The first variant with these shapes (pass the variant explicitly where two share them)."""
+    z, p = dec["0.weight" if is_super(dec) else "1.weight"].shape[1], decoder_patch(dec)
     for name, (patch, zz, _, _) in VARIANTS.items():
         if patch == p and zz == z:
             return name
     raise ValueError("no known TAEHV variant has %d latent channels and %dx%d output patches" % (z, p, p))
 
 
-def decode_video(dec, latents, plan=None):
-    """Normalised latents T x z x h x w (float64) -> frames (4T - 3) x 3 x H x W in [0, 1].
+def decode_video(dec, latents, plan=None, variant=None):
+    """The network's latents T x z x h x w (float64) -> frames (gT - (g-1)) x 3 x H x W in [0, 1] (g = 4, or 8
+    for taeltx).
 
     The decoder runs over the latents in time order (plan: sizes of the consecutive calls sharing the MemBlock
-    memory; default all at once), clamp(0, 1), pixel_shuffle(p) (channel c*p*p + row*p + col), then the first
-    3 frames are dropped."""
+    memory; default all at once), clamp(0, 1) (lightx2v's signed output: clamp(-1, 1), then (x + 1) / 2),
+    pixel_shuffle(p) (channel c*p*p + row*p + col), then the first g - 1 frames are dropped."""
+    variant = variant or decoder_variant(dec)
+    sp = SPECS[variant]
+    layers = super_decoder_plan(sp["grows"]) if is_super(dec) else decoder_plan(sp["grows"])
     t = latents.shape[0]
     plan = [t] if plan is None else list(plan)
     if sum(plan) != t:
@@ -252,26 +335,32 @@ def decode_video(dec, latents, plan=None):
     memory, outs, pos = {}, [], 0
     for size in plan:
         if size:
-            outs.append(_run(dec, latents[pos:pos + size].to(torch.float64), memory, DECODER_PLAN))
+            outs.append(_run(dec, latents[pos:pos + size].to(torch.float64), memory, layers, sp["slope"]))
         pos += size
-    x = torch.cat(outs, 0).clamp(0.0, 1.0)
+    x = torch.cat(outs, 0)
+    x = (x.clamp(-1.0, 1.0) + 1.0) / 2.0 if sp["signed"] else x.clamp(0.0, 1.0)
     p = decoder_patch(dec)
     if p > 1:
         x = F.pixel_shuffle(x, p)
-    return x[FRAMES_TO_TRIM:]
+    return x[math.prod(sp["grows"]) - 1:]
 
 
-def decoded_frames(t):
-    """Frames T latents decode to: 4T - 3."""
-    return max(4 * t - FRAMES_TO_TRIM, 0)
+def decoded_frames(t, variant="taew2_1"):
+    """Frames T latents decode to: gT - (g - 1)."""
+    g = math.prod(SPECS[variant]["grows"])
+    return max(g * t - (g - 1), 0)
 
 
 def from_raw(latents, variant):
-    """(raw - mean) / std: the model's normalised latent space (inverse of to_raw)."""
-    _, z, mean, std = VARIANTS[variant]
-    shape = (1, z) + (1,) * (latents.dim() - 2)
-    return ((latents - torch.tensor(mean, dtype=latents.dtype).view(shape))
-            / torch.tensor(std, dtype=latents.dtype).view(shape))
+    """The big VAE family's latents -> the network's space (inverse of to_raw)."""
+    sp = SPECS[variant]
+    if sp["space"] == "scale":
+        return latents * sp["scale"]
+    if sp["space"] == "raw":
+        return latents.clone()
+    shape = (1, sp["z"]) + (1,) * (latents.dim() - 2)
+    return ((latents - torch.tensor(sp["mean"], dtype=latents.dtype).view(shape))
+            / torch.tensor(sp["std"], dtype=latents.dtype).view(shape))
 
 
 # ------------------------------------------------------------------------------- random weights
@@ -293,7 +382,7 @@ def make_state(variant="taew2_1", width=64, seed=0):
     patch, z, _, _ = VARIANTS[variant]
     gen = torch.Generator().manual_seed(seed)
     s = {"0.weight": _he(gen, (width, 3 * patch * patch, 3, 3), 2.0), "0.bias": _bias(gen, width)}
-    for first, pool in ((2, 2), (7, 2), (12, 1)):
+    for first, pool in zip((2, 7, 12), SPECS[variant]["pools"]):
         s["%d.conv.weight" % first] = _he(gen, (width, width * pool, 1, 1), 1.0)
         s["%d.weight" % (first + 1)] = _he(gen, (width, width, 3, 3), 1.0)
         for m in range(first + 2, first + 5):
@@ -309,17 +398,33 @@ def make_state(variant="taew2_1", width=64, seed=0):
     return s
 
 
-def make_decoder_state(variant="taew2_1", widths=(256, 128, 64, 64), seed=0, out_std=0.25):
+def make_decoder_state(variant="taew2_1", widths=(256, 128, 64, 64), seed=0, out_std=0.25, super_=False):
     """Random decoder weights in TAEHV's layout (keys without the 'decoder.' prefix), float64.
 
     Scales as the encoder's (He gains; each MemBlock's last conv small); the final conv is calibrated on
     random N(0, 1) latents so that the output has mean 0.5 and std `out_std`: mostly inside (0, 1), so that
-    the clamp hides little."""
-    patch, z, _, _ = VARIANTS[variant]
+    the clamp hides little (signed output: mean 0, std 2 out_std).  super_: the super decoder's layout
+    (real widths 512, 256, 128, 64)."""
+    sp = SPECS[variant]
+    patch, z = sp["patch"], sp["z"]
     gen = torch.Generator().manual_seed(seed)
     w0, w1, w2, w3 = widths
+    if super_:
+        s = {"0.weight": _he(gen, (w0, z, 1, 1), 1.0)}
+        for first, grow, cin, cout in zip((1, 8, 15), sp["grows"], (w0, w1, w2), (w1, w2, w3)):
+            for m in range(first, first + 3):
+                p = "%d.conv." % m
+                s[p + "0.weight"] = _he(gen, (2 * cin, 1, 7, 7), 1.0)
+                s[p + "1.weight"] = _he(gen, (4 * cin, 2 * cin, 1, 1), 2.0)
+                s[p + "1.bias"] = _bias(gen, 4 * cin)
+                s[p + "3.weight"] = _he(gen, (cin, 4 * cin, 1, 1), 0.3)
+            s["%d.weight" % (first + 3)] = _he(gen, (4 * cout, cin, 3, 3), 2.0)
+            s["%d.bias" % (first + 3)] = _bias(gen, 4 * cout)
+            s["%d.conv.weight" % (first + 6)] = _he(gen, (cout * grow, cout, 1, 1), 1.0)
+        plan = super_decoder_plan(sp["grows"])
+        return _calibrate(s, gen, patch, z, w3, plan, sp, out_std)
     s = {"1.weight": _he(gen, (w0, z, 3, 3), 2.0), "1.bias": _bias(gen, w0)}
-    for first, grow, cin, cout in ((3, 1, w0, w1), (9, 2, w1, w2), (15, 2, w2, w3)):
+    for first, grow, cin, cout in zip((3, 9, 15), sp["grows"], (w0, w1, w2), (w1, w2, w3)):
         for m in range(first, first + 3):
             p = "%d.conv." % m
             s[p + "0.weight"] = _he(gen, (cin, 2 * cin, 3, 3), 2.0)
@@ -330,13 +435,19 @@ def make_decoder_state(variant="taew2_1", widths=(256, 128, 64, 64), seed=0, out
             s[p + "4.bias"] = _bias(gen, cin)
         s["%d.conv.weight" % (first + 4)] = _he(gen, (cin * grow, cin, 1, 1), 1.0)
         s["%d.weight" % (first + 5)] = _he(gen, (cout, cin, 3, 3), 1.0)
+    return _calibrate(s, gen, patch, z, w3, decoder_plan(sp["grows"]), sp, out_std)
+
+
+def _calibrate(s, gen, patch, z, w3, plan, sp, out_std):
+    """The last conv (22) scaled so that random N(0, 1) latents give outputs mostly inside the clamp."""
     s["22.weight"] = _he(gen, (3 * patch * patch, w3, 3, 3), 1.0)
     s["22.bias"] = torch.zeros(3 * patch * patch, dtype=torch.float64)
     probe = torch.randn(2, z, 4, 4, generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        out = _run(s, probe, {}, DECODER_PLAN)
-    s["22.weight"] = s["22.weight"] * (out_std / max(out.std().item(), 1e-6))
-    s["22.bias"] = 0.5 - out.mean(dim=(0, 2, 3)) * (out_std / max(out.std().item(), 1e-6)) \
+        out = _run(s, probe, {}, plan, sp["slope"])
+    centre, std = (0.0, 2 * out_std) if sp["signed"] else (0.5, out_std)
+    s["22.weight"] = s["22.weight"] * (std / max(out.std().item(), 1e-6))
+    s["22.bias"] = centre - out.mean(dim=(0, 2, 3)) * (std / max(out.std().item(), 1e-6)) \
         + _bias(gen, 3 * patch * patch)
     return s
 
@@ -387,63 +498,77 @@ def frames_to_input(rgb_u8):
 # ------------------------------------------------------------------------------------- self-test
 
 def selftest():
-    for variant, width in (("taew2_1", 16), ("taew2_2", 12)):
-        patch, z, _, _ = VARIANTS[variant]
+    for variant, width in (("taew2_1", 16), ("taew2_2", 12), ("taehv1_5", 8), ("lighttaehy1_5", 8),
+                           ("taeltx_2", 8)):
+        sp = SPECS[variant]
+        patch, z, g = sp["patch"], sp["z"], frames_per_latent(variant)
         state = make_state(variant, width, seed=3)
-        assert variant_of(state) == variant
+        if variant in ("taew2_1", "taew2_2"):
+            assert variant_of(state) == variant
         d = SPATIAL_DOWNSCALE * patch
         gen = torch.Generator().manual_seed(7)
-        frames = torch.rand(11, 3, 2 * d, 3 * d, generator=gen, dtype=torch.float64)
-        x = torch.rand(2, 3, 4, 6, generator=gen, dtype=torch.float64)
+        frames = torch.rand(2 * g + 3, 3, 2 * d, 3 * d, generator=gen, dtype=torch.float64)
+        x = torch.rand(2, 3, 4, 8, generator=gen, dtype=torch.float64)
         if patch > 1:
-            assert torch.equal(space_to_depth(x, 2), F.pixel_unshuffle(x, 2))
+            assert torch.equal(space_to_depth(x, patch), F.pixel_unshuffle(x, patch))
         for end in ("drop", "pad"):
-            whole = encode_clip(state, frames, end)
-            stream = encode_stream(state, frames, end)
+            whole = encode_clip(state, frames, end, variant)
+            stream = encode_stream(state, frames, end, variant)
             expect = 2 if end == "drop" else 3
             assert tuple(whole.shape) == (expect, z, 2, 3), whole.shape
             err = (whole - stream).abs().max().item()
             assert err < 1e-12, (variant, end, err)
             # a prefix of the clip gives a prefix of the latents (causal)
-            prefix = encode_clip(state, frames[:4], "drop")
+            prefix = encode_clip(state, frames[:g], "drop", variant)
             assert (prefix - whole[:1]).abs().max().item() < 1e-12
-        # 2..3 frames dropped -> nothing
-        assert encode_clip(state, frames[:3]).shape[0] == 0
-        print("taehv_reference selftest ok: %s width %d, latents %s, std %.3f, |max| %.3f, raw mean %.3f"
-              % (variant, width, tuple(whole.shape), whole.std().item(), whole.abs().max().item(),
-                 to_raw(whole, variant).mean().item()))
+        # g - 1 frames dropped -> nothing
+        assert encode_clip(state, frames[:g - 1], "drop", variant).shape[0] == 0
+        # the same weights read as the HunyuanVideo 1.5 twin give other numbers (activation, input range)
+        if variant in ("taehv1_5", "lighttaehy1_5"):
+            twin = "lighttaehy1_5" if variant == "taehv1_5" else "taehv1_5"
+            assert (encode_clip(state, frames, "drop", twin) - whole[:2]).abs().max().item() > 1e-3
+        assert (to_raw(from_raw(whole, variant), variant) - whole).abs().max().item() < 1e-12
+        print("taehv_reference selftest ok: %s width %d, %d frames per latent, latents %s, std %.3f, |max| %.3f, "
+              "raw mean %.3f" % (variant, width, g, tuple(whole.shape), whole.std().item(), whole.abs().max().item(),
+                                 to_raw(whole, variant).mean().item()))
 
 
 def selftest_decoder():
-    """Decoder: one latent per call == all at once == other plans; 4T - 3 frames; prefixes; pixel_shuffle's
+    """Decoder: one latent per call == all at once == other plans; gT - (g-1) frames; prefixes; pixel_shuffle's
     channel order; outputs mostly inside (0, 1)."""
     x = torch.randn(2, 12, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ps = F.pixel_shuffle(x, 2)
     assert all(torch.equal(ps[:, c, r::2, q::2], x[:, c * 4 + r * 2 + q]) for c in range(3) for r in range(2)
                for q in range(2)), "pixel_shuffle channel order"
-    for variant, widths in (("taew2_1", (32, 16, 8, 8)), ("taew2_2", (24, 16, 8, 8))):
-        patch, z, _, _ = VARIANTS[variant]
-        dec = make_decoder_state(variant, widths, seed=5)
-        assert decoder_variant(dec) == variant
+    for variant, widths, super_ in (("taew2_1", (32, 16, 8, 8), False), ("taew2_2", (24, 16, 8, 8), False),
+                                    ("taehv1_5", (16, 8, 8, 8), False), ("lighttaehy1_5", (16, 8, 8, 8), False),
+                                    ("taeltx_2", (16, 8, 8, 8), False), ("taew2_2", (16, 8, 8, 8), True),
+                                    ("taehv1_5", (16, 8, 8, 8), True)):
+        sp = SPECS[variant]
+        patch, z, g = sp["patch"], sp["z"], math.prod(sp["grows"])
+        dec = make_decoder_state(variant, widths, seed=5, super_=super_)
+        assert is_super(dec) == super_
+        if variant in ("taew2_1", "taew2_2"):
+            assert decoder_variant(dec) == variant
         gen = torch.Generator().manual_seed(9)
         raw = to_raw(torch.randn(6, z, 3, 5, generator=gen, dtype=torch.float64), variant)
         assert (to_raw(from_raw(raw, variant), variant) - raw).abs().max().item() < 1e-12
         lat = from_raw(raw, variant)
-        whole = decode_video(dec, lat)
-        assert tuple(whole.shape) == (decoded_frames(6), 3, 3 * 8 * patch, 5 * 8 * patch), whole.shape
+        whole = decode_video(dec, lat, variant=variant)
+        assert tuple(whole.shape) == (decoded_frames(6, variant), 3, 3 * 8 * patch, 5 * 8 * patch), whole.shape
         worst = 0.0
         for plan in ([1] * 6, [1, 5], [2, 2, 2], [3, 1, 2]):
-            worst = max(worst, (decode_video(dec, lat, plan) - whole).abs().max().item())
+            worst = max(worst, (decode_video(dec, lat, plan, variant) - whole).abs().max().item())
         assert worst < 1e-12, (variant, worst)
         for t in (1, 2, 3):
-            pre = decode_video(dec, lat[:t])
-            assert pre.shape[0] == decoded_frames(t) == 4 * t - 3
+            pre = decode_video(dec, lat[:t], variant=variant)
+            assert pre.shape[0] == decoded_frames(t, variant) == g * t - (g - 1)
             assert (pre - whole[:pre.shape[0]]).abs().max().item() < 1e-12
         unsat = ((whole > 0) & (whole < 1)).double().mean().item()
         assert unsat > 0.5, (variant, unsat)
-        print("taehv_reference selftest ok: %s decoder widths %s, 6 latents -> %s, plans 1x6, 1+5, 2+2+2, 3+1+2 == "
+        print("taehv_reference selftest ok: %s %sdecoder widths %s, 6 latents -> %s, plans 1x6, 1+5, 2+2+2, 3+1+2 == "
               "all at once (max |diff| %.1e), prefixes give prefixes, %.1f %% of pixels inside (0, 1)"
-              % (variant, widths, tuple(whole.shape), worst, 100 * unsat))
+              % (variant, "super " if super_ else "", widths, tuple(whole.shape), worst, 100 * unsat))
 
 
 def main(argv):
@@ -457,6 +582,7 @@ def main(argv):
     mw.add_argument("--dtype", choices=("F32", "F16", "BF16"), default="F32")
     mw.add_argument("--decoder-stub", action="store_true", help="add a few decoder.* tensors")
     mw.add_argument("--decoder-widths", help="a whole decoder of these widths, e.g. 256,128,64,64 or 32,16,8,8")
+    mw.add_argument("--super", action="store_true", help="the decoder in the super layout (512,256,128,64 real)")
     sub.add_parser("selftest")
     args = ap.parse_args(argv)
     if args.cmd == "selftest":
@@ -465,7 +591,7 @@ def main(argv):
     elif args.decoder_widths:
         widths = tuple(int(v) for v in args.decoder_widths.split(","))
         write_model(args.out, make_state(args.variant, args.width, args.seed),
-                    make_decoder_state(args.variant, widths, args.seed), args.dtype)
+                    make_decoder_state(args.variant, widths, args.seed, super_=args.super), args.dtype)
         print("wrote %s (%s, width %d, decoder widths %s, %s)" % (args.out, args.variant, args.width, widths,
                                                                   args.dtype))
     else:

@@ -298,6 +298,11 @@ TEST_F(VideoEncodeTest, PadClipEndGivesAFifthLatent) {
   EXPECT_EQ(out[4].values.size(), kLatentFloats);
   EXPECT_TRUE(t.messages(GST_MESSAGE_WARNING).empty()) << "nothing was dropped";
   auto infos = t.messages(GST_MESSAGE_INFO);
+  // The CUDA build's once-per-process "No CUDA device" note comes with
+  // whichever element starts first: this test's when it runs alone.
+  infos.erase(std::remove_if(infos.begin(), infos.end(),
+                             [](const std::string& m) { return m.rfind("No CUDA device", 0) == 0; }),
+              infos.end());
   ASSERT_EQ(infos.size(), 1u) << joined(infos);
   EXPECT_NE(infos[0].find("Padded"), std::string::npos) << infos[0];
   EXPECT_NE(infos[0].find(time_string(13 * kFrameDur)), std::string::npos) << infos[0];

@@ -210,6 +210,49 @@ def encode_case(c, ctx, layout, dtype, n, width, height, per_batch):
     return "rel=%.3e latents %s, |ref| max %.2f" % (rel, "x".join(map(str, shape)), float(np.abs(ref).max()))
 
 
+def mix_seed(seed, index):
+    """The engine's per-frame noise seed (torch_encoder.cpp: SplitMix64 of seed and frame index)."""
+    m = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def sample_case(c, ctx, n, width, height, seed):
+    """--sample: the engine draws frame i's noise eps (128 x h x w) on the CPU from mix_seed(seed, i) in the
+    packed space. The reference samples the 32-channel KL latent with that noise unpacked,
+    m + exp(logvar / 2) * unpack(eps), then packs and normalises it as the official encode does its mean."""
+    path, enc, _, bn = ctx.model("official", "F32")
+    data = V.make_frames(n, width, height, "RGB", seed=11)
+    frames_path = ctx.name("frames", "raw")
+    with open(frames_path, "wb") as f:
+        f.write(data)
+    frames = V.unpack_frames(data, n, width, height, width * 3, "RGB")
+    h, w = height // CROP, width // CROP
+    with torch.no_grad():
+        cropped = V.crop_frames(np.asarray(frames)[..., :3], r=CROP)
+        x = torch.from_numpy(np.ascontiguousarray(cropped).astype(np.float64) / 255.0) * 2.0 - 1.0
+        mean, logvar = torch.chunk(V.encoder_forward(enc, x.permute(0, 3, 1, 2).contiguous()), 2, dim=1)
+        eps = torch.stack([torch.randn((128, h, w), generator=torch.Generator().manual_seed(mix_seed(seed, i)),
+                                       dtype=torch.float32) for i in range(n)]).to(torch.float64)
+        sample = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * unpack(eps)
+        ref = normalize(pack(sample), bn).numpy()
+        mean_ref = normalize(pack(mean), bn).numpy()
+    out = ctx.name("latents", "f32")
+    rc, err = ctx.run([ctx.encode_tool, "--model", path, "--frames", frames_path, "--n", str(n), "--width",
+                       str(width), "--height", str(height), "--format", "RGB", "--stride", str(width * 3),
+                       "--out", out, "--precision", "fp32", "--sample", "--seed", str(seed)])
+    c.need(rc == 0, "encode tool exited %d: %s" % (rc, err[-2000:]))
+    got = np.fromfile(out, dtype="<f4")
+    c.need(got.size == ref.size, "tool wrote %d values, expected %d" % (got.size, ref.size))
+    got = got.reshape(ref.shape)
+    rel = rel_err(got, ref)
+    c.check(rel < FP32_TOL, "rel=%.3e >= %.0e against the sampled reference" % (rel, FP32_TOL))
+    c.check(rel_err(got, mean_ref) > 1e-2, "the sample equals the mean")
+    return "rel=%.3e (sample vs mean: %.2f)" % (rel, rel_err(got, mean_ref))
+
+
 def decode_case(c, ctx, layout, dtype, n, h, w, per_batch):
     path, _, dec, bn = ctx.model(layout, dtype)
     g = torch.Generator().manual_seed(h * 10 + w)
@@ -245,6 +288,7 @@ def cases():
                         lambda c, ctx, l=layout, d=dtype: decode_case(c, ctx, l, d, 2, 3, 4, 1)))
     out.append(("encode_official_f32_per_batch_1_of_4",
                 lambda c, ctx: encode_case(c, ctx, "official", "F32", 4, 48, 32, 1)))
+    out.append(("encode_official_f32_sample_seed_7", lambda c, ctx: sample_case(c, ctx, 3, 48, 32, 7)))
     out.append(("decode_comfy_f32_per_batch_5_of_3", lambda c, ctx: decode_case(c, ctx, "comfy", "F32", 3, 2, 5, 5)))
     return out
 

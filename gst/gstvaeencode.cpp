@@ -547,7 +547,8 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       g_param_spec_string("latent-space", "Latent space",
                           "For a tiny autoencoder: the diffusion model's latent space it belongs to (TAESD family: "
                           "taesd, taesdxl, taesd3, taef1, taef2; TAEHV: taew2_1, taew2_2), overriding its file "
-                          "name and metadata; empty = from the file",
+                          "name and metadata; empty = from the file. 'kl': use a Flux.2-shaped KL VAE file that lacks "
+                          "its BatchNorm statistics as a plain KL VAE (refused otherwise)",
                           "", rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_PAD_CLIP_END,

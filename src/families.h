@@ -33,6 +33,8 @@ const std::vector<const DecoderFamily*>& decoder_families();
 
 extern const EncoderFamily kKLFamily;               // kl_vae.cpp
 extern const DecoderFamily kKLDecoderFamily;        // kl_vae.cpp
+extern const EncoderFamily kFlux2EncoderFamily;     // kl_vae.cpp: the KL VAE + Flux.2's latent head
+extern const DecoderFamily kFlux2DecoderFamily;     // kl_vae.cpp
 extern const EncoderFamily kTaesdEncoderFamily;     // taesd.cpp
 extern const DecoderFamily kTaesdDecoderFamily;     // taesd.cpp
 extern const EncoderFamily kWanEncoderFamily;       // wan_vae.cpp

@@ -4,6 +4,13 @@
 // attention implementation. The architecture is read from the weights: base
 // width, levels and their widths, blocks per level, latent channels and
 // quant_conv / post_quant_conv presence.
+//
+// Flux.2's VAE is the same network with a latent head (black-forest-labs/flux2
+// src/flux2/autoencoder.py, AutoEncoder.encode/decode): the mean's 2x2 cells
+// are packed into channels (c*4 + row*2 + col) and normalised by an eval
+// BatchNorm with the file's running statistics, giving 4z channels at half
+// the KL latent's size; decoding inverts both. It is a family of its own
+// ("flux2", detected by `bn.running_mean`) built from the same classes.
 #include <ATen/ATen.h>
 #include <torch/version.h>
 
@@ -23,6 +30,10 @@ constexpr int kGroups = 32;
 constexpr double kNormEps = 1e-6;
 // Released models have 4 levels (downscale 8); more than 8 is not a VAE we know.
 constexpr int kMaxLevels = 8;
+// Flux.2's BatchNorm eps and patch side: hard-coded in the official model
+// (AutoEncoder.bn_eps, ps), not in the file.
+constexpr double kBatchNormEps = 1e-4;
+constexpr int64_t kPatch = 2;
 
 struct Conv {
   at::Tensor weight, bias;
@@ -59,6 +70,7 @@ struct Architecture {
   int blocks = 0;
   int64_t z = 0;
   bool quant_conv = false;
+  bool latent_head = false;  // Flux.2's packing + BatchNorm
 };
 
 int count_indices(const NormalizedKeys& keys, const std::string& prefix) {
@@ -156,6 +168,33 @@ at::Tensor attention_forward(const Attention& attn, const at::Tensor& x, bool sd
   return conv2d(out, attn.proj_out).add_(x);
 }
 
+// Flux.2's latent head: the BatchNorm's running statistics, [4z] each, in the
+// compute dtype (ComfyUI also casts them to the working dtype).
+struct LatentHead {
+  at::Tensor mean, var;
+  bool present() const { return mean.defined(); }
+};
+
+LatentHead latent_head(WeightReader& w, int64_t z) {
+  LatentHead head;
+  head.mean = w.get("bn.running_mean", {kPatch * kPatch * z});
+  head.var = w.get("bn.running_var", {kPatch * kPatch * z});
+  return head;
+}
+
+// N x C x H x W -> N x 4C x H/2 x W/2, channel c*4 + row*2 + col of each 2x2
+// cell (the official einops "(c pi pj)").
+at::Tensor patchify(const at::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2) / kPatch, w = x.size(3) / kPatch;
+  return x.reshape({n, c, h, kPatch, w, kPatch}).permute({0, 1, 3, 5, 2, 4}).reshape({n, c * kPatch * kPatch, h, w});
+}
+// The inverse: N x 4C x h x w -> N x C x 2h x 2w.
+at::Tensor unpatchify(const at::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1) / (kPatch * kPatch), h = x.size(2), w = x.size(3);
+  return x.reshape({n, c, kPatch, kPatch, h, w}).permute({0, 1, 4, 2, 5, 3}).reshape({n, c, h * kPatch, w * kPatch});
+}
+at::Tensor per_channel(const at::Tensor& t) { return t.reshape({1, t.size(0), 1, 1}); }
+
 class KLEncoder final : public TorchEncoder {
  public:
   KLEncoder(EncoderInfo info, ComputeTarget target) : TorchEncoder(std::move(info), target) {}
@@ -181,6 +220,7 @@ class KLEncoder final : public TorchEncoder {
     norm_out_ = norm(w, "encoder.norm_out", in);
     conv_out_ = conv(w, "encoder.conv_out", 2 * arch.z, in, 3);
     if (arch.quant_conv) quant_conv_ = conv(w, "quant_conv", 2 * arch.z, 2 * arch.z, 1);
+    if (arch.latent_head) head_ = latent_head(w, arch.z);
     w.require_all_used(claim);
     info_.parameters = w.parameters_loaded();
     probe();
@@ -203,7 +243,16 @@ class KLEncoder final : public TorchEncoder {
     h = conv2d(norm_silu(norm_out_, h), conv_out_, 1, 1);
     if (quant_conv_.weight.defined()) h = conv2d(h, quant_conv_);
     auto parts = h.chunk(2, 1);
-    return {parts[0], parts[1]};
+    if (!head_.present()) return {parts[0], parts[1]};
+    // The official encode: the mean packed, then the eval BatchNorm. The
+    // log-variance goes through the same affine map, so that a sample drawn in
+    // the packed space, mean + exp(logvar / 2) * eps, is the packed,
+    // normalised sample of the KL latent: its scale is divided by
+    // sqrt(var + eps), i.e. its log-variance lowered by log(var + eps).
+    at::Tensor mean = at::batch_norm(patchify(parts[0]), {}, {}, head_.mean, head_.var, /*training=*/false, 0.0,
+                                     kBatchNormEps, /*cudnn_enabled=*/true);
+    at::Tensor logvar = patchify(parts[1].clamp(-30.0, 20.0)) - per_channel(at::log(head_.var + kBatchNormEps));
+    return {mean, logvar};
   }
 
  private:
@@ -214,22 +263,71 @@ class KLEncoder final : public TorchEncoder {
   Attention attn_;
   Norm norm_out_;
   Conv conv_out_, quant_conv_;
+  LatentHead head_;  // Flux.2 only
 };
+
+// The layout as info().layout and the errors name it.
+std::string layout_text(const NormalizedKeys& keys) {
+  return keys.layout + (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+}
+// Flux.2's layouts: diffusers (AutoencoderKLFlux2), the official
+// ae.safetensors (quant convs inside the encoder and decoder), or LDM names
+// with top-level quant convs (ComfyUI's renaming).
+std::string flux2_layout_text(const NormalizedKeys& keys, const char* conv) {
+  std::string layout = keys.layout;
+  if (keys.layout == "ldm") {
+    auto it = keys.source.find(std::string(conv) + ".weight");
+    const bool nested = it != keys.source.end() && it->second != keys.prefix + conv + ".weight";
+    layout = nested ? "official" : "ldm (ComfyUI)";
+  }
+  return layout + (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+}
 
 // What a KL encoder or decoder claims: everything under the VAE's prefix
 // (the whole file for a standalone VAE; a full checkpoint's UNet and text
 // encoders lie outside it). Left alone on purpose: the other half of the VAE,
 // and the loss networks (LPIPS, discriminator) of LDM training checkpoints.
-std::string layout_text(const NormalizedKeys& keys) {
-  return keys.layout + (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
-}
-TensorClaim encoder_claim(const NormalizedKeys& keys) {
+// Flux.2 also leaves its BatchNorm's batch counter alone (an I64 that only
+// training updates).
+TensorClaim encoder_claim(const NormalizedKeys& keys, bool flux2) {
+  if (flux2)
+    return {"Flux.2 VAE encoder (" + flux2_layout_text(keys, "quant_conv") + " layout)", keys.prefix,
+            {"decoder.*", "post_quant_conv.*", "loss.*", "bn.num_batches_tracked"}};
   return {"KL VAE encoder (" + layout_text(keys) + " layout)", keys.prefix,
           {"decoder.*", "post_quant_conv.*", "loss.*"}};
 }
-TensorClaim decoder_claim(const NormalizedKeys& keys) {
+TensorClaim decoder_claim(const NormalizedKeys& keys, bool flux2) {
+  if (flux2)
+    return {"Flux.2 VAE decoder (" + flux2_layout_text(keys, "post_quant_conv") + " layout)", keys.prefix,
+            {"encoder.*", "quant_conv.*", "loss.*", "bn.num_batches_tracked"}};
   return {"KL VAE decoder (" + layout_text(keys) + " layout)", keys.prefix,
           {"encoder.*", "quant_conv.*", "loss.*"}};
+}
+
+// The BatchNorm statistics under the VAE's prefix join the canonical names.
+void add_latent_head_names(const SafetensorsFile& file, NormalizedKeys& keys) {
+  for (const char* name : {"bn.running_mean", "bn.running_var"})
+    if (file.find(keys.prefix + name)) keys.source[name] = keys.prefix + name;
+}
+
+// A KL file with Flux.2's shapes (z = 32 with quant convs) or its official
+// names, but without the BatchNorm statistics, cannot give Flux.2 latents;
+// loading it as a plain KL VAE would give 32 channels at 1/8 where Flux.2
+// users expect 128 at 1/16. Refused unless the latent-space option
+// (ModelOptions::latent_space, which only the tiny autoencoders use
+// otherwise) says "kl".
+void refuse_flux2_without_statistics(const std::string& path, const NormalizedKeys& keys, int64_t z,
+                                     bool quant_conv, const ModelOptions& options, const char* conv) {
+  if (options.latent_space == "kl") return;
+  auto it = keys.source.find(std::string(conv) + ".weight");
+  const bool official_names = it != keys.source.end() && it->second != keys.prefix + conv + ".weight";
+  if (!official_names && !(z == 32 && quant_conv)) return;
+  throw CheckpointError(
+      "'" + path + "' has " + (official_names ? "the tensor names" : "the shapes (z = 32 with quant convs)") +
+      " of a Flux.2 VAE but no BatchNorm statistics ('" + keys.prefix + "bn.running_mean', '" + keys.prefix +
+      "bn.running_var'): Flux.2 latents (128 channels at 1/16, as ComfyUI holds them) cannot be made without "
+      "them. The official ae.safetensors and diffusers' AutoencoderKLFlux2 files carry them; set the latent-space "
+      "property to 'kl' to use the file as a plain KL VAE instead (raw 32-channel latents at 1/8)");
 }
 
 Architecture infer_architecture(const WeightReader& w, const NormalizedKeys& keys) {
@@ -273,32 +371,59 @@ bool detect(const SafetensorsFile& file) {
   return false;
 }
 
-std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
+bool has_latent_head(const SafetensorsFile& file, const std::string& prefix) {
+  return file.find(prefix + "bn.running_mean") != nullptr;
+}
+
+std::shared_ptr<Encoder> load_encoder_as(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options,
+                                         bool flux2) {
   std::vector<std::string> names;
   for (const auto& kv : file->tensors()) names.push_back(kv.first);
   NormalizedKeys keys = normalize_vae_keys(names, file->path());
+  if (flux2) add_latent_head_names(*file, keys);
   ComputeTarget target = resolve_target(options);
   apply_thread_option(options.threads);
   WeightReader reader(file, keys.source, target);
   Architecture arch = infer_architecture(reader, keys);
+  arch.latent_head = flux2;
+  if (!flux2 && !has_latent_head(*file, keys.prefix))
+    refuse_flux2_without_statistics(file->path(), keys, arch.z, arch.quant_conv, options, "quant_conv");
 
   EncoderInfo info;
-  info.family = "kl";
+  info.family = flux2 ? "flux2" : "kl";
   info.model_path = file->path();
-  info.layout = layout_text(keys);
-  info.downscale = 1 << (arch.widths.size() - 1);
-  info.latent_channels = static_cast<int>(arch.z);
+  info.layout = flux2 ? flux2_layout_text(keys, "quant_conv") : layout_text(keys);
+  info.downscale = (1 << (arch.widths.size() - 1)) * (flux2 ? static_cast<int>(kPatch) : 1);
+  info.latent_channels = static_cast<int>(arch.z * (flux2 ? kPatch * kPatch : 1));
   info.input_signed = true;
   std::ostringstream os;
-  os << "AutoencoderKL encoder: base width " << arch.base << ", levels [";
+  os << (flux2 ? "Flux.2 VAE encoder" : "AutoencoderKL encoder") << ": base width " << arch.base << ", levels [";
   for (size_t i = 0; i < arch.widths.size(); ++i) os << (i ? ", " : "") << arch.widths[i];
   os << "], " << arch.blocks << " blocks per level, z=" << arch.z
      << (arch.quant_conv ? ", quant_conv" : ", no quant_conv");
+  if (flux2)
+    os << "; mean packed 2x2 into " << info.latent_channels << " channels and normalised by the file's BatchNorm "
+       << "statistics (eps 1e-4)";
   info.architecture = os.str();
 
   auto encoder = std::make_shared<KLEncoder>(std::move(info), target);
-  encoder->load(reader, arch, encoder_claim(keys));
+  encoder->load(reader, arch, encoder_claim(keys, flux2));
   return encoder;
+}
+
+std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
+  return load_encoder_as(std::move(file), options, false);
+}
+
+std::shared_ptr<Encoder> load_flux2(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
+  return load_encoder_as(std::move(file), options, true);
+}
+
+// A KL encoder with `bn.running_mean` beside it (under the same prefix).
+bool detect_flux2(const SafetensorsFile& file) {
+  for (const char* prefix : {"", "first_stage_model.", "vae."})
+    if (file.find(std::string(prefix) + "encoder.conv_in.weight") && has_latent_head(file, prefix)) return detect(file);
+  return false;
 }
 
 /* ---------------------------------------------------------------- decoder */
@@ -308,6 +433,7 @@ struct DecoderArchitecture {
   int blocks = 0;               // ResnetBlocks per level (num_res_blocks + 1 in LDM terms)
   int64_t z = 0;
   bool post_quant_conv = false;
+  bool latent_head = false;  // Flux.2's BatchNorm inverse + unpacking
 };
 
 class KLDecoder final : public TorchDecoder {
@@ -316,6 +442,7 @@ class KLDecoder final : public TorchDecoder {
 
   void load(WeightReader& w, const DecoderArchitecture& arch, const TensorClaim& claim) {
     const int64_t deepest = arch.widths.back();
+    if (arch.latent_head) head_ = latent_head(w, arch.z);
     if (arch.post_quant_conv) post_quant_conv_ = conv(w, "post_quant_conv", arch.z, arch.z, 1);
     conv_in_ = conv(w, "decoder.conv_in", deepest, arch.z, 3);
     mid1_ = resblock(w, "decoder.mid.block_1", deepest, deepest);
@@ -342,7 +469,13 @@ class KLDecoder final : public TorchDecoder {
   }
 
  protected:
-  at::Tensor forward(const at::Tensor& z) override {
+  at::Tensor forward(const at::Tensor& latents) override {
+    at::Tensor z = latents;
+    if (head_.present()) {
+      // The official decode: undo the BatchNorm, z * sqrt(var + eps) + mean,
+      // then unpack the 2x2 cells.
+      z = unpatchify(z * per_channel(at::sqrt(head_.var + kBatchNormEps)) + per_channel(head_.mean));
+    }
     at::Tensor h = post_quant_conv_.weight.defined() ? conv2d(z, post_quant_conv_) : z;
     h = conv2d(h, conv_in_, 1, 1);
     h = resblock_forward(mid1_, h);
@@ -372,6 +505,7 @@ class KLDecoder final : public TorchDecoder {
   std::vector<Level> levels_;
   Norm norm_out_;
   Conv conv_out_;
+  LatentHead head_;  // Flux.2 only
 };
 
 DecoderArchitecture infer_decoder_architecture(const WeightReader& w, const NormalizedKeys& keys) {
@@ -418,39 +552,64 @@ bool detect_decoder(const SafetensorsFile& file) {
   return false;
 }
 
-std::shared_ptr<Decoder> load_decoder_weights(std::shared_ptr<const SafetensorsFile> file,
-                                              const ModelOptions& options) {
+std::shared_ptr<Decoder> load_decoder_as(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options,
+                                         bool flux2) {
   std::vector<std::string> names;
   for (const auto& kv : file->tensors()) names.push_back(kv.first);
   NormalizedKeys keys = normalize_vae_keys(names, file->path(), VaePart::Decoder);
+  if (flux2) add_latent_head_names(*file, keys);
   ComputeTarget target = resolve_target(options);
   apply_thread_option(options.threads);
   WeightReader reader(file, keys.source, target);
   DecoderArchitecture arch = infer_decoder_architecture(reader, keys);
+  arch.latent_head = flux2;
+  if (!flux2 && !has_latent_head(*file, keys.prefix))
+    refuse_flux2_without_statistics(file->path(), keys, arch.z, arch.post_quant_conv, options, "post_quant_conv");
 
   DecoderInfo info;
-  info.family = "kl";
+  info.family = flux2 ? "flux2" : "kl";
   info.model_path = file->path();
-  info.layout = layout_text(keys);
-  info.upscale = 1 << (arch.widths.size() - 1);
-  info.latent_channels = static_cast<int>(arch.z);
-  info.native_format = LatentFormat();  // raw
+  info.layout = flux2 ? flux2_layout_text(keys, "post_quant_conv") : layout_text(keys);
+  info.upscale = (1 << (arch.widths.size() - 1)) * (flux2 ? static_cast<int>(kPatch) : 1);
+  info.latent_channels = static_cast<int>(arch.z * (flux2 ? kPatch * kPatch : 1));
+  info.native_format = LatentFormat();  // raw (for Flux.2: the normalised, packed latents, ComfyUI's LATENT)
   info.output_signed = true;
   std::ostringstream os;
-  os << "AutoencoderKL decoder: levels [";
+  os << (flux2 ? "Flux.2 VAE decoder" : "AutoencoderKL decoder") << ": levels [";
   for (size_t i = 0; i < arch.widths.size(); ++i) os << (i ? ", " : "") << arch.widths[i];
   os << "], " << arch.blocks << " blocks per level, z=" << arch.z
      << (arch.post_quant_conv ? ", post_quant_conv" : ", no post_quant_conv");
+  if (flux2)
+    os << "; takes " << info.latent_channels << " channels: BatchNorm statistics undone, 2x2 cells unpacked";
   info.architecture = os.str();
 
   auto decoder = std::make_shared<KLDecoder>(std::move(info), target);
-  decoder->load(reader, arch, decoder_claim(keys));
+  decoder->load(reader, arch, decoder_claim(keys, flux2));
   return decoder;
+}
+
+std::shared_ptr<Decoder> load_decoder_weights(std::shared_ptr<const SafetensorsFile> file,
+                                              const ModelOptions& options) {
+  return load_decoder_as(std::move(file), options, false);
+}
+
+std::shared_ptr<Decoder> load_flux2_decoder(std::shared_ptr<const SafetensorsFile> file,
+                                            const ModelOptions& options) {
+  return load_decoder_as(std::move(file), options, true);
+}
+
+bool detect_flux2_decoder(const SafetensorsFile& file) {
+  for (const char* prefix : {"", "first_stage_model.", "vae."})
+    if (file.find(std::string(prefix) + "decoder.conv_in.weight") && has_latent_head(file, prefix))
+      return detect_decoder(file);
+  return false;
 }
 
 }  // namespace
 
 const EncoderFamily kKLFamily = {"kl", detect, load};
 const DecoderFamily kKLDecoderFamily = {"kl", detect_decoder, load_decoder_weights};
+const EncoderFamily kFlux2EncoderFamily = {"flux2", detect_flux2, load_flux2};
+const DecoderFamily kFlux2DecoderFamily = {"flux2", detect_flux2_decoder, load_flux2_decoder};
 
 }  // namespace gstvae

@@ -27,6 +27,7 @@ namespace {
 const std::vector<const EncoderFamily*>& encoder_family_table() {
   static const std::vector<const EncoderFamily*> table = {
       &kWanEncoderFamily,  // first: its diffusers files share names with image VAEs (5-D convs tell them apart)
+      &kFlux2EncoderFamily,  // before KL: a KL VAE with BatchNorm statistics
       &kKLFamily,
       &kTaehvEncoderFamily,  // before TAESD: both are Sequentials named by index
       &kTaesdEncoderFamily,
@@ -37,6 +38,7 @@ const std::vector<const EncoderFamily*>& encoder_family_table() {
 const std::vector<const DecoderFamily*>& decoder_family_table() {
   static const std::vector<const DecoderFamily*> table = {
       &kWanDecoderFamily,  // first, as for encoders
+      &kFlux2DecoderFamily,  // before KL, as for encoders
       &kKLDecoderFamily,
       &kTaehvDecoderFamily,  // before TAESD: both are Sequentials named by index
       &kTaesdDecoderFamily,

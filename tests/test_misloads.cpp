@@ -1,7 +1,9 @@
 // No silent misloads (src/tensor_usage.h): a loader uses every tensor of the
 // part of a file it claims, or the load fails naming the tensors left over and
 // the family the file was taken for. The KL VAE families here; the TAESD,
-// Wan and TAEHV files in their own test files, with their writers.
+// Wan and TAEHV files in their own test files, with their writers. Then the
+// Flux.2 VAE family, whose files were the misload that prompted the check
+// (its numbers against the float64 reference: tests/python/crosscheck_flux2.py).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,6 +13,7 @@
 #include "decoder.h"
 #include "encoder.h"
 #include "errors.h"
+#include "frame.h"
 #include "families.h"
 #include "fixtures.h"
 #include "safetensors.h"
@@ -121,14 +124,14 @@ TEST(NoSilentMisloads, Flux2FileIsRefusedByTheKLLoaders) {
     }
     EXPECT_TRUE(contains(enc, "taken for a KL VAE encoder")) << enc;
     EXPECT_TRUE(contains(dec, "taken for a KL VAE decoder")) << dec;
-    // Whatever loads it through the registry, it is not the plain KL VAE.
-    std::string family;
-    try {
-      family = load_encoder(path, cpu())->info().family;
-    } catch (const CheckpointError&) {
-      family = "<refused>";
+    // Through the registry it is a Flux.2 VAE, and only that family loads it.
+    EXPECT_EQ(load_encoder(path, cpu())->info().family, "flux2");
+    EXPECT_EQ(load_decoder(path, cpu())->info().family, "flux2");
+    for (bool decoder : {false, true}) {
+      std::vector<std::string> faults;
+      EXPECT_EQ(joined(test::families_that_load(path, decoder, cpu(), &faults)), "flux2");
+      EXPECT_TRUE(faults.empty()) << joined(faults);
     }
-    EXPECT_NE(family, "kl");
   }
 }
 
@@ -201,6 +204,138 @@ TEST(NoSilentMisloads, KLStrayTensorIsNamedInBothDirections) {
       EXPECT_NO_THROW(load_decoder(outside, cpu()));
     }
   }
+}
+
+// ---------------------------------------------------------------- Flux.2
+
+TEST(Flux2, EveryLayoutLoadsAs128ChannelsAtOneSixteenth) {
+  TempDir dir;
+  const struct {
+    const char* layout;
+    const char* text;
+  } layouts[] = {{"flux2", "official"}, {"ldm", "ldm (ComfyUI)"}, {"diffusers", "diffusers"}, {"vae", "ldm (ComfyUI) under 'vae.'"}};
+  std::vector<float> first;
+  for (const auto& l : layouts) {
+    SCOPED_TRACE(l.layout);
+    const std::string path = dir.file(std::string(l.layout) + ".safetensors");
+    test::write_test_vae(path, flux2_spec(l.layout));
+    auto enc = load_encoder(path, cpu());
+    const EncoderInfo& e = enc->info();
+    EXPECT_EQ(e.family, "flux2");
+    EXPECT_EQ(e.layout, l.text);
+    EXPECT_EQ(e.latent_channels, 128);
+    EXPECT_EQ(e.downscale, 16);
+    EXPECT_TRUE(e.input_signed);
+    EXPECT_TRUE(e.native_format.is_raw());
+    EXPECT_TRUE(contains(e.architecture, "Flux.2 VAE encoder") && contains(e.architecture, "z=32") &&
+                contains(e.architecture, "128 channels"))
+        << e.architecture;
+    auto dec = load_decoder(path, cpu());
+    const DecoderInfo& d = dec->info();
+    EXPECT_EQ(d.family, "flux2");
+    EXPECT_EQ(d.layout, l.text);
+    EXPECT_EQ(d.latent_channels, 128);
+    EXPECT_EQ(d.upscale, 16);
+
+    // The crop rule is 16's: 72 x 40 keeps 64 x 32 from offset (4, 4).
+    auto batch = enc->new_batch(PixelFormat::RGB, 72, 40, 2);
+    EXPECT_EQ(batch->crop().width, 64);
+    EXPECT_EQ(batch->crop().height, 32);
+    EXPECT_EQ(batch->crop().x, 4);
+    EXPECT_EQ(batch->crop().y, 4);
+    const auto frame = test::make_frame(72, 40, 3, 72 * 3, 5);
+    batch->add(frame.data(), 72 * 3, 0);
+    batch->add(frame.data(), 72 * 3, 1);
+    std::vector<float> latents(2 * 128 * 2 * 4);
+    ASSERT_EQ(enc->latent_floats_per_frame(*batch), latents.size() / 2);
+    enc->encode(*batch, EncodeParams{}, latents.data());
+    // The same weights in every layout (the fixture's values depend on the
+    // canonical names only) give the same latents.
+    if (first.empty()) first = latents;
+    float worst = 0;
+    for (size_t i = 0; i < latents.size(); ++i) worst = std::max(worst, std::abs(latents[i] - first[i]));
+    EXPECT_LT(worst, 1e-5f);
+
+    // The decoder takes them back to frames of the cropped size.
+    auto zb = dec->new_batch(2, 4, 1);
+    EXPECT_EQ(zb->channels(), 128);
+    zb->add(latents.data(), 0);
+    std::vector<float> rgb(3 * 32 * 64, -1.0f);
+    dec->decode_float(*zb, DecodeParams{}, rgb.data());
+    for (float v : rgb) ASSERT_TRUE(v >= 0.0f && v <= 1.0f) << v;
+  }
+}
+
+TEST(Flux2, BatchNormStatisticsAreCheckedAndTheCounterIsTheOnlyTensorLeftAlone) {
+  TempDir dir;
+  // Wrong width of the statistics: named with both shapes.
+  test::VaeSpec spec = flux2_spec("flux2");
+  const std::string clean = dir.file("clean.safetensors");
+  test::write_test_vae(clean, spec);
+  const std::string narrow = dir.file("narrow.safetensors");
+  {
+    SafetensorsFile f(clean);
+    std::vector<TensorToWrite> tensors;
+    for (const auto& kv : f.tensors()) {
+      std::vector<int64_t> shape = kv.second.shape;
+      if (kv.first == "bn.running_var") shape = {64};
+      tensors.push_back({kv.first, kv.second.dtype, shape, f.data(kv.second)});
+    }
+    write_safetensors(narrow, tensors);
+  }
+  for (bool decoder : {false, true}) {
+    const std::string err = error_of<CheckpointError>([&] {
+      if (decoder)
+        load_decoder(narrow, cpu());
+      else
+        load_encoder(narrow, cpu());
+    });
+    EXPECT_TRUE(contains(err, "'bn.running_var'") && contains(err, "[64]") && contains(err, "[128]")) << err;
+  }
+  // A stray tensor is named, and with the Flux.2 family's name.
+  const std::string stray = dir.file("stray.safetensors");
+  test::copy_with_extra_tensor(clean, stray, "bn.weight");
+  const std::string err = error_of<CheckpointError>([&] { load_encoder(stray, cpu()); });
+  EXPECT_TRUE(contains(err, "'bn.weight'") && contains(err, "Flux.2 VAE encoder (official layout)")) << err;
+}
+
+// Flux.2's shapes (z = 32, quant convs) or official names without the
+// BatchNorm statistics: refused, not loaded as a plain KL VAE, unless the
+// latent-space option says "kl".
+TEST(Flux2, WithoutStatisticsRefusedUnlessAskedForAsKL) {
+  TempDir dir;
+  for (const std::string layout : {"flux2", "diffusers"}) {
+    SCOPED_TRACE(layout);
+    test::VaeSpec spec = flux2_spec(layout);
+    spec.batch_norm = false;
+    const std::string path = dir.file(layout + ".safetensors");
+    test::write_test_vae(path, spec);
+    for (bool decoder : {false, true}) {
+      const std::string err = error_of<CheckpointError>([&] {
+        if (decoder)
+          load_decoder(path, cpu());
+        else
+          load_encoder(path, cpu());
+      });
+      EXPECT_TRUE(contains(err, "Flux.2 VAE") && contains(err, "'bn.running_mean'") &&
+                  contains(err, "latent-space") && contains(err, "'kl'"))
+          << err;
+    }
+    ModelOptions as_kl = cpu();
+    as_kl.latent_space = "kl";
+    auto enc = load_encoder(path, as_kl);
+    EXPECT_EQ(enc->info().family, "kl");
+    EXPECT_EQ(enc->info().latent_channels, 32);
+    EXPECT_EQ(enc->info().downscale, 8);
+    EXPECT_EQ(load_decoder(path, as_kl)->info().latent_channels, 32);
+  }
+  // Other KL VAEs are untouched: z = 16 without quant convs (SD3, Flux.1).
+  test::VaeSpec flux1 = kl_spec("ldm");
+  flux1.z = 16;
+  flux1.quant_conv = false;
+  const std::string path = dir.file("flux1.safetensors");
+  test::write_test_vae(path, flux1);
+  EXPECT_EQ(load_encoder(path, cpu())->info().latent_channels, 16);
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "decoder.h"
+#include "fixtures.h"
 #include "harness_util.h"
 
 #ifndef GSTVAE_SHARED_DIR
@@ -269,6 +270,46 @@ TEST_F(VaeDecodeTest, BatchReleasedWhenFullWithTimestampsAndCaps) {
   EXPECT_EQ(caps.fps_n, 25);
   EXPECT_EQ(caps.fps_d, 1);
   expect_frames(out, engine_frames("RGB", kW, kH, lat, 4));
+  unref_all(out);
+}
+
+// A Flux.2 VAE decoder (issue 21) takes ComfyUI's Flux.2 LATENT layout: 128
+// channels, 16 pixels per latent cell; frames are the engine's exact bytes.
+TEST_F(VaeDecodeTest, Flux2Takes128ChannelsAtSixteenPixelsPerCell) {
+  TempDir dir;
+  VaeSpec spec;
+  spec.z = 32;
+  spec.batch_norm = true;
+  spec.layout = "flux2";
+  spec.full_decoder = true;
+  const std::string model = dir.file("flux2.safetensors");
+  write_test_vae(model, spec);
+  GstElement* e = gst_element_factory_make("vaedecode", nullptr);
+  g_object_set(e, "model", model.c_str(), "device", "cpu", "per-batch", 2, nullptr);
+  Harness t(e);
+  t.caps(latent_caps(4, 2, "raw", 128));
+  auto lat = make_latents(4, 2, 2, 100, 128);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(latent_buffer(lat[n], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 2u);
+  const auto caps = t.out_caps();
+  EXPECT_EQ(caps.width, 64);
+  EXPECT_EQ(caps.height, 32);
+
+  gstvae::ModelOptions options;
+  options.device = "cpu";
+  auto engine = gstvae::load_decoder(model, options);
+  EXPECT_EQ(engine->info().family, "flux2");
+  auto batch = engine->new_batch(2, 4, 2);
+  for (guint64 n = 0; n < 2; ++n) batch->add(lat[n].data(), n);
+  const gstvae::PixelFormat pf = pixel_format("RGB");
+  auto block = engine->new_pixels(*batch, pf);
+  engine->decode(*batch, gstvae::DecodeParams{}, pf, *block);
+  const size_t frame_bytes = engine->frame_bytes(*batch, pf);
+  ASSERT_EQ(frame_bytes, 64u * 32 * 3);
+  for (size_t n = 0; n < 2; ++n)
+    EXPECT_EQ(bytes_of(out[n]), Pixels(block->data() + n * frame_bytes, block->data() + (n + 1) * frame_bytes))
+        << "frame " << n;
   unref_all(out);
 }
 

@@ -384,6 +384,54 @@ TEST_F(VaeEncodeTest, BatchReleasedWhenFullWithTimestampsAndCaps) {
   gst_caps_unref(caps);
 }
 
+// A Flux.2 VAE (issue 21): ComfyUI's LATENT layout, 128 channels at 1/16 of
+// the frame after the crop to 16 (72 x 40 keeps 64 x 32), in the caps and
+// the buffers, with the engine's exact values.
+TEST_F(VaeEncodeTest, Flux2LatentsAre128ChannelsAtOneSixteenth) {
+  VaeSpec spec;
+  spec.z = 32;
+  spec.batch_norm = true;
+  spec.layout = "flux2";
+  spec.full_decoder = true;
+  const std::string model = dir_->file("flux2.safetensors");
+  gstvae::test::write_test_vae(model, spec);
+  GstElement* e = gst_element_factory_make("vaeencode", nullptr);
+  g_object_set(e, "model", model.c_str(), "per-batch", 2, nullptr);
+  Harness t(e);
+  t.caps(video_caps("RGB", 72, 40));
+  auto fr = frames("RGB", 72, 40, 2);
+  for (guint64 n = 0; n < 2; ++n) ASSERT_EQ(t.push(frame_buffer("RGB", 72, 40, fr[n], n)), GST_FLOW_OK);
+  auto out = t.pull_all();
+  ASSERT_EQ(out.size(), 2u);
+
+  auto engine = gstvae::load_encoder(model, gstvae::ModelOptions{});
+  EXPECT_EQ(engine->info().family, "flux2");
+  auto batch = engine->new_batch(pixel_format("RGB"), 72, 40, 2);
+  for (guint64 n = 0; n < 2; ++n) batch->add(fr[n].pixels.data(), fr[n].stride, n);
+  std::vector<float> expect(2 * 128 * 2 * 4);
+  engine->encode(*batch, gstvae::EncodeParams{}, expect.data());
+  for (size_t n = 0; n < 2; ++n) {
+    ASSERT_EQ(gst_buffer_get_size(out[n]), 128u * 2 * 4 * sizeof(float));
+    const std::vector<float> got = floats_of(out[n]);
+    EXPECT_TRUE(bit_equal(got, std::vector<float>(expect.begin() + n * 1024, expect.begin() + (n + 1) * 1024)))
+        << "latent " << n;
+  }
+  unref_all(out);
+
+  GstCaps* caps = gst_pad_get_current_caps(t.h->sinkpad);
+  ASSERT_NE(caps, nullptr);
+  const GstStructure* s = gst_caps_get_structure(caps, 0);
+  int channels = 0, width = 0, height = 0;
+  EXPECT_TRUE(gst_structure_get_int(s, "channels", &channels));
+  EXPECT_TRUE(gst_structure_get_int(s, "width", &width));
+  EXPECT_TRUE(gst_structure_get_int(s, "height", &height));
+  EXPECT_EQ(channels, 128);
+  EXPECT_EQ(width, 4);
+  EXPECT_EQ(height, 2);
+  EXPECT_STREQ(gst_structure_get_string(s, "latent-format"), "raw");
+  gst_caps_unref(caps);
+}
+
 // The base class remembers a DISCONT input and marks the next buffer it is
 // given; that must not put DISCONT on the first latent of a batch whose
 // DISCONT frame is further in.

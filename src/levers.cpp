@@ -61,6 +61,8 @@ std::string no_cuda_device_note() {
          "device=auto runs on the CPU";
 }
 
+bool cuda_device_present() { return at::hasCUDA(); }
+
 std::string take_no_cuda_device_note() {
   static std::atomic<bool> said{false};
   if (said.exchange(true)) return {};

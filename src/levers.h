@@ -64,6 +64,8 @@ bool sdpa_built();
 // Whether this build has the CUDA-only code (CUDA graphs, download events):
 // built against a LibTorch with libtorch_cuda.
 bool cuda_built();
+// Whether LibTorch finds a CUDA device here (false in CPU-only builds).
+bool cuda_device_present();
 // A CUDA build on a machine where LibTorch finds no CUDA device (no GPU, or
 // no NVIDIA driver): the sentence that says so and that device=auto runs on
 // the CPU; empty otherwise (a CPU-only build, or a device found). The

@@ -242,3 +242,37 @@ TEST_F(VaeEncodeCuda, CudaCapsThatCannotBeReadAreRefusedSayingWhy) {
     EXPECT_NE(errors.find("runs on cpu"), std::string::npos) << errors;
   }
 }
+
+TEST_F(VaeEncodeCuda, NoContextOrPoolIsMadeUpWithoutADevice) {
+  if (!no_driver()) GTEST_SKIP() << "a real device answers with its primary context";
+  // Even with CUDA memory pretended for caps, the context and the pool need
+  // the driver: upstream's gst.cuda.context query stays unanswered (it then
+  // makes its own), and the allocation query gets no CUDA pool.
+  setenv("GSTVAE_TEST_PRETEND_CUDA", "1", 1);
+  GstElement* e = make("auto");
+  gst_object_ref_sink(e);
+  ASSERT_EQ(gst_element_set_state(e, GST_STATE_READY), GST_STATE_CHANGE_SUCCESS);
+  GstPad* sink = gst_element_get_static_pad(e, "sink");
+  GstQuery* q = gst_query_new_context("gst.cuda.context");
+  EXPECT_FALSE(gst_pad_query(sink, q));
+  GstContext* answered = nullptr;
+  gst_query_parse_context(q, &answered);
+  EXPECT_EQ(answered, nullptr);
+  gst_query_unref(q);
+  // A context of another type passes through set_context untouched.
+  GstContext* other = gst_context_new("gst.other.context", TRUE);
+  gst_element_set_context(e, other);
+  GstContext* kept = gst_element_get_context(e, "gst.other.context");
+  EXPECT_NE(kept, nullptr);
+  if (kept) gst_context_unref(kept);
+  gst_context_unref(other);
+  GstCaps* caps = gst_caps_from_string(video("RGBA", 64, 48, true).c_str());
+  GstQuery* alloc = gst_query_new_allocation(caps, TRUE);
+  gst_pad_query(sink, alloc);
+  EXPECT_EQ(gst_query_get_n_allocation_pools(alloc), 0u);
+  gst_query_unref(alloc);
+  gst_caps_unref(caps);
+  gst_object_unref(sink);
+  gst_element_set_state(e, GST_STATE_NULL);
+  gst_object_unref(e);
+}

@@ -102,7 +102,10 @@ unpack() {
   # left out); the plugin uses only its headers, which need GL/gl.h alone (libgl-dev).
   local cudapc
   for cudapc in "$prefix"/usr/lib/*/pkgconfig/gstreamer-cuda-1.0.pc; do
-    [ -f "$cudapc" ] && sed -i -E 's/, *gstreamer-gl-prototypes-1.0[^,]*//' "$cudapc"
+    # ...and GL/gl.h lies in the prefix's include folder, not under gstreamer-1.0/.
+    if [ -f "$cudapc" ]; then
+      sed -i -E 's/, *gstreamer-gl-prototypes-1.0[^,]*//; s#^Cflags: (.*)$#Cflags: \1 -I${includedir}#' "$cudapc"
+    fi
   done
   # The bundled pkgconf must find the bundled GStreamer, not a system one.
   local ma=x86_64-linux-gnu got

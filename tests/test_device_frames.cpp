@@ -7,7 +7,9 @@
 // check) runs the CUDA side.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -17,6 +19,7 @@
 #include "fixtures.h"
 #include "frame.h"
 #include "frame_storage.h"
+#include "levers.h"
 #include "torch_encoder.h"
 #include "torch_model.h"
 
@@ -201,4 +204,49 @@ TEST(DeviceFormats, PlanarFormatsAreDeviceOnly) {
     for (PixelFormat packed : all_pixel_formats()) EXPECT_NE(packed, f) << name << " is not a host format";
   }
   EXPECT_FALSE(pixel_format_planar(PixelFormat::RGBA));
+}
+
+// The CUDA side of the same path (run by the GPU check; skipped without a
+// device): pitched frames in device memory, wrapped in place, prepared on the
+// side stream, give the latents of the same frames uploaded from the host.
+TEST_F(DeviceFrames, CudaFramesGiveTheUploadedFramesLatents) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device (the GPU check runs this on one)";
+  ModelOptions o = cpu_fp32();
+  o.device = "cuda";
+  std::shared_ptr<Encoder> enc = load_encoder(dir_->file("vae.safetensors"), o);
+  const int w = 37, h = 29;
+  const size_t pitch = 256;
+  for (PixelFormat f : {PixelFormat::RGBA, PixelFormat::BGRx, PixelFormat::RGBP}) {
+    SCOPED_TRACE(pixel_format_name(f));
+    auto host = enc->new_batch(pixel_format_planar(f) ? PixelFormat::RGBx : f, w, h, 2);
+    auto dev = enc->new_batch(f, w, h, 2, FrameMemory::Device);
+    for (uint64_t i = 0; i < 2; ++i) {
+      const std::vector<uint8_t> packed = make_frame(w, h, 4, w * 4, 20 + i);
+      host->add(packed.data(), w * 4, i);
+      std::vector<Pitched> planes;
+      if (pixel_format_planar(f))
+        planes = planes_of(packed, w, h, pitch);
+      else
+        planes.push_back(pitched_copy(packed, w, h, 4, pitch));
+      DeviceFrame df;
+      df.device = 0;
+      auto keep = std::make_shared<std::vector<at::Tensor>>();
+      for (size_t p = 0; p < planes.size(); ++p) {
+        at::Tensor t = at::from_blob(planes[p].bytes.data(), {static_cast<int64_t>(planes[p].bytes.size())},
+                                     at::TensorOptions().dtype(at::kByte))
+                           .to(at::Device(at::kCUDA, 0));
+        keep->push_back(t);
+        df.planes[p] = t.data_ptr();
+        df.strides[p] = planes[p].pitch;
+      }
+      dev->add_device(df, i, keep);
+    }
+    enc->prepare(*dev);  // the side stream, as the element does
+    const std::vector<float> a = encode(*enc, *host), b = encode(*enc, *dev);
+    ASSERT_EQ(a.size(), b.size());
+    float worst = 0;
+    for (size_t k = 0; k < a.size(); ++k) worst = std::max(worst, std::abs(a[k] - b[k]));
+    EXPECT_LE(worst, 1e-5f);
+    dev->clear();
+  }
 }

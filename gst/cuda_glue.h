@@ -52,8 +52,13 @@ void map_frame(GstBuffer* buffer, const GstVideoInfo* info, gstvae::DeviceFrame*
 // The element-side CUDA context: a GstCudaContext wrapping the primary
 // context of one device, given to upstream CUDA elements through the
 // gst.cuda.context query and set_context, so that their frames are LibTorch's
-// to read without a copy. One per element; thread-safe (its own mutex, taken
-// after no other lock and holding none while it calls into libgstcuda).
+// to read without a copy. One per element; thread-safe.
+// Lock order: the element's callers hold no lock of theirs (state changes,
+// queries, set_context); then SharedContext's mutex; then the process-wide
+// mutex of the retained primary contexts (cuda_glue.cpp). Under its mutex it
+// calls only libgstcuda functions that take no lock of ours
+// (gst_cuda_context_new_wrapped, g_object_get); it lets go of it before
+// answering a query or configuring a pool, which may reach other elements.
 class SharedContext {
  public:
   SharedContext();

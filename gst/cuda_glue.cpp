@@ -27,12 +27,12 @@ const char* const kFeature = "memory:CUDAMemory";
 
 namespace {
 
-void init_debug() {
+[[maybe_unused]] void init_debug() {
   static std::once_flag once;
   std::call_once(once, [] { GST_DEBUG_CATEGORY_INIT(vae_cuda_debug, "vaecuda", 0, "gst-vae CUDA memory"); });
 }
 
-bool pretend() {
+[[maybe_unused]] bool pretend() {
   const char* v = std::getenv("GSTVAE_TEST_PRETEND_CUDA");
   return v && std::strcmp(v, "1") == 0;
 }

@@ -38,6 +38,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda_glue.h"
 #include "encoder.h"
 #include "errors.h"
 #include "latent_caps.h"
@@ -212,6 +213,12 @@ class EncodeDirection final : public gstvae_glue::Direction {
     return fits(incaps, &info, &format);
   }
 
+  // Whether frames in CUDA memory can be read where the encoder runs: its
+  // device is a CUDA one and the CUDA driver loaded (gstvae_cuda::available).
+  bool takes_cuda_memory() const {
+    return encoder_->info().device.rfind("cuda", 0) == 0 && gstvae_cuda::available();
+  }
+
   bool set_caps(GstCaps* incaps, GstCaps* /*outcaps*/) override {
     GstVideoInfo info;
     gstvae::PixelFormat format;
@@ -225,19 +232,32 @@ class EncodeDirection final : public gstvae_glue::Direction {
                            GST_VIDEO_INFO_PAR_N(&info), GST_VIDEO_INFO_PAR_D(&info), GST_VIDEO_INFO_WIDTH(&info),
                            GST_VIDEO_INFO_HEIGHT(&info)));
     }
+    const gstvae::FrameMemory memory =
+        gstvae_cuda::caps_in_cuda_memory(incaps) ? gstvae::FrameMemory::Device : gstvae::FrameMemory::Host;
     // The same caps again (downstream renegotiating): the staged frames and
     // the clip go on.
-    if (have_info_ && gst_video_info_is_equal(&info, &info_)) return true;
-    // A different geometry or format needs a new staging batch (drained already).
+    if (have_info_ && gst_video_info_is_equal(&info, &info_) && memory == memory_) return true;
+    // A different geometry, format or memory needs a new staging batch (drained already).
     batch_.reset();
     info_ = info;
     format_ = format;
+    memory_ = memory;
     have_info_ = true;
     reset_pending_ = true;
     return true;
   }
 
   void add(GstBuffer* input, guint64 index, guint per_batch) override {
+    if (memory_ == gstvae::FrameMemory::Device) {
+      // Read where it is, on the GPU: the batch keeps the mapping (and the
+      // buffer) until the encode that reads it has finished on the device.
+      gstvae::DeviceFrame frame;
+      std::shared_ptr<const void> keep;
+      gstvae_cuda::map_frame(input, &info_, &frame, &keep);
+      acquire_batch(per_batch);
+      batch_->add_device(frame, index, std::move(keep));
+      return;
+    }
     GstVideoFrame frame;
     if (!gst_video_frame_map(&frame, &info_, input, GST_MAP_READ))
       throw gstvae::VaeError("buffer of " + std::to_string(gst_buffer_get_size(input)) + " bytes does not hold a " +
@@ -300,8 +320,17 @@ class EncodeDirection final : public gstvae_glue::Direction {
       return false;
     }
     const char* name = gst_video_format_to_string(GST_VIDEO_INFO_FORMAT(&info));
-    if (!gstvae::parse_pixel_format(name, format)) {
+    const bool cuda = gstvae_cuda::caps_in_cuda_memory(incaps);
+    if (!gstvae::parse_pixel_format(name, format) || (!cuda && gstvae::pixel_format_planar(*format))) {
       GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Unsupported video format %s", name), (nullptr));
+      return false;
+    }
+    if (cuda && !takes_cuda_memory()) {
+      GST_ELEMENT_ERROR(element_, CORE, NEGOTIATION, ("Frames in CUDA memory cannot be encoded here"),
+                        ("caps %" GST_PTR_FORMAT " are in memory:CUDAMemory, but the encoder runs on %s%s; set "
+                         "device=cuda, or put cudadownload before vaeencode",
+                         incaps, encoder_->info().device.c_str(),
+                         gstvae_cuda::available() ? "" : " and no CUDA driver or device is present"));
       return false;
     }
     const int d = scale();
@@ -332,14 +361,14 @@ class EncodeDirection final : public gstvae_glue::Direction {
       while (!spares_->batches.empty()) {
         std::unique_ptr<FrameBatch> b = std::move(spares_->batches.back());
         spares_->batches.pop_back();
-        if (b->format() == format_ && b->frame_width() == width && b->frame_height() == height &&
-            b->capacity() == per_batch) {
+        if (b->format() == format_ && b->memory() == memory_ && b->frame_width() == width &&
+            b->frame_height() == height && b->capacity() == per_batch) {
           batch_ = std::move(b);
           return;
         }
       }
     }
-    batch_ = encoder_->new_batch(format_, width, height, per_batch);
+    batch_ = encoder_->new_batch(format_, width, height, per_batch, memory_);
   }
 
   // An empty batch for the current caps, of any capacity.
@@ -348,13 +377,14 @@ class EncodeDirection final : public gstvae_glue::Direction {
     {
       std::lock_guard<std::mutex> lock(spares_->mutex);
       for (auto it = spares_->batches.begin(); it != spares_->batches.end(); ++it)
-        if ((*it)->format() == format_ && (*it)->frame_width() == width && (*it)->frame_height() == height) {
+        if ((*it)->format() == format_ && (*it)->memory() == memory_ && (*it)->frame_width() == width &&
+            (*it)->frame_height() == height) {
           std::unique_ptr<FrameBatch> b = std::move(*it);
           spares_->batches.erase(it);
           return b;
         }
     }
-    return encoder_->new_batch(format_, width, height, 1);
+    return encoder_->new_batch(format_, width, height, 1, memory_);
   }
 
   GstVaeEncode* element_;
@@ -365,6 +395,7 @@ class EncodeDirection final : public gstvae_glue::Direction {
   GstVideoInfo info_;
   bool have_info_ = false;
   gstvae::PixelFormat format_ = gstvae::PixelFormat::RGB;
+  gstvae::FrameMemory memory_ = gstvae::FrameMemory::Host;
   std::unique_ptr<FrameBatch> batch_;
   std::shared_ptr<SparePool> spares_ = std::make_shared<SparePool>();
 };
@@ -374,6 +405,9 @@ class EncodeDirection final : public gstvae_glue::Direction {
 struct _GstVaeEncode {
   GstVaeBatch parent;
   EncodeSettings* settings;  // object lock
+  // The CUDA context given to upstream (its own mutex, taken with no other
+  // lock held: state changes, queries and set_context call it unlocked).
+  gstvae_cuda::SharedContext* cuda;
 };
 
 G_DEFINE_TYPE(GstVaeEncode, gst_vae_encode, GST_TYPE_VAE_BATCH);
@@ -400,10 +434,56 @@ static gstvae_glue::Direction* gst_vae_encode_open(GstVaeBatch* batch, const gst
 
 /* ------------------------------------------------------------------ caps */
 
+// The formats vaeencode takes in CUDA memory: the packed ones and RGBP, BGRP.
+static GValue device_format_list() {
+  GValue list = G_VALUE_INIT;
+  gst_value_list_init(&list, gstvae::device_pixel_formats().size());
+  for (gstvae::PixelFormat f : gstvae::device_pixel_formats()) {
+    GValue v = G_VALUE_INIT;
+    g_value_init(&v, G_TYPE_STRING);
+    g_value_set_string(&v, gstvae::pixel_format_name(f));
+    gst_value_list_append_and_take_value(&list, &v);
+  }
+  return list;
+}
+
+static std::string device_format_string() {
+  std::string out = "{ ";
+  for (gstvae::PixelFormat f : gstvae::device_pixel_formats()) {
+    if (out.size() > 2) out += ", ";
+    out += gstvae::pixel_format_name(f);
+  }
+  return out + " }";
+}
+
+// The first `count` structures of `video` again, in CUDA memory with the
+// device formats: what vaeencode takes first when it runs on CUDA.
+static GstCaps* in_cuda_memory(const GstCaps* video, guint count) {
+  GstCaps* out = gst_caps_new_empty();
+  GValue formats = device_format_list();
+  for (guint i = 0; i < count && i < gst_caps_get_size(video); ++i) {
+    GstStructure* s = gst_structure_copy(gst_caps_get_structure(video, i));
+    gst_structure_set_value(s, "format", &formats);
+    out = gst_caps_merge_structure_full(out, s, gst_caps_features_new(gstvae_cuda::kFeature, nullptr));
+  }
+  g_value_unset(&formats);
+  return out;
+}
+
+// Whether this element offers CUDA memory now (any thread; takes the object lock).
+static bool offers_cuda_memory(GstVaeEncode* self) {
+  gchar* device = nullptr;
+  g_object_get(self, "device", &device, nullptr);
+  const bool offered = device && gstvae_cuda::offered(device);
+  g_free(device);
+  return offered;
+}
+
 static GstCaps* gst_vae_encode_transform_caps(GstBaseTransform* trans, GstPadDirection direction, GstCaps* caps,
                                               GstCaps* filter) {
   GstVaeEncode* self = GST_VAE_ENCODE(trans);
   // Caps queries come from any thread: only object-locked facts are read.
+  const bool cuda = direction == GST_PAD_SRC && offers_cuda_memory(self);
   gst_latent_caps::Model model;
   gst_vae_batch_model_facts(GST_VAE_BATCH(self), &model.downscale, &model.channels);
   model.temporal_downscale = gst_vae_batch_temporal_downscale(GST_VAE_BATCH(self));
@@ -437,6 +517,10 @@ static GstCaps* gst_vae_encode_transform_caps(GstBaseTransform* trans, GstPadDir
     // size that fits, so an upstream videoscale still picks one of those.
     const int cell = std::max(1, model.downscale);
     const guint fitting = gst_caps_get_size(result);
+    // First, when the element runs on CUDA, the same frames in CUDA memory
+    // (a GPU decoder's or cudaconvert's, read in place); system memory after
+    // them, so that negotiation falls back to it.
+    if (cuda) result = gst_caps_merge(in_cuda_memory(result, fitting), result);
     for (guint i = 0; i < fitting && cell > 1; ++i) {
       for (const char* small : {"width", "height"}) {
         GstStructure* s = gst_structure_copy(gst_caps_get_structure(result, i));
@@ -500,15 +584,56 @@ static void gst_vae_encode_get_property(GObject* object, guint prop_id, GValue* 
   GST_OBJECT_UNLOCK(self);
 }
 
+/* ---------------------------------------------------- the CUDA context */
+
+// Upstream CUDA elements (cudaupload, cudaconvert, nvh264dec...) look for a
+// context with a gst.cuda.context query before they make their own. States
+// change from the sink towards the source, so vaeencode has its context
+// (the primary context of its device, LibTorch's) by the time they ask: their
+// frames are then LibTorch's to read in place. Offered only where CUDA memory is.
+static GstStateChangeReturn gst_vae_encode_change_state(GstElement* element, GstStateChange transition) {
+  GstVaeEncode* self = GST_VAE_ENCODE(element);
+  if (transition == GST_STATE_CHANGE_NULL_TO_READY && offers_cuda_memory(self)) {
+    gchar* device = nullptr;
+    g_object_get(self, "device", &device, nullptr);
+    self->cuda->ensure(element, gstvae_cuda::device_index(device ? device : ""));
+    g_free(device);
+  }
+  GstStateChangeReturn ret = GST_ELEMENT_CLASS(gst_vae_encode_parent_class)->change_state(element, transition);
+  if (transition == GST_STATE_CHANGE_READY_TO_NULL) self->cuda->reset();
+  return ret;
+}
+
+static void gst_vae_encode_set_context(GstElement* element, GstContext* context) {
+  GST_VAE_ENCODE(element)->cuda->set(element, context);
+  GST_ELEMENT_CLASS(gst_vae_encode_parent_class)->set_context(element, context);
+}
+
+static gboolean gst_vae_encode_query(GstBaseTransform* trans, GstPadDirection direction, GstQuery* query) {
+  if (GST_QUERY_TYPE(query) == GST_QUERY_CONTEXT && GST_VAE_ENCODE(trans)->cuda->answer(GST_ELEMENT(trans), query))
+    return TRUE;
+  return GST_BASE_TRANSFORM_CLASS(gst_vae_encode_parent_class)->query(trans, direction, query);
+}
+
+// Frames in CUDA memory: a CUDA pool in the shared context (see SharedContext::propose_pool).
+static gboolean gst_vae_encode_propose_allocation(GstBaseTransform* trans, GstQuery* decide_query, GstQuery* query) {
+  if (GST_VAE_ENCODE(trans)->cuda->propose_pool(GST_ELEMENT(trans), query)) return TRUE;
+  return GST_BASE_TRANSFORM_CLASS(gst_vae_encode_parent_class)->propose_allocation(trans, decide_query, query);
+}
+
 /* ------------------------------------------------------------- GObject */
 
 static void gst_vae_encode_finalize(GObject* object) {
   GstVaeEncode* self = GST_VAE_ENCODE(object);
   G_OBJECT_CLASS(gst_vae_encode_parent_class)->finalize(object);
   delete self->settings;
+  delete self->cuda;
 }
 
-static void gst_vae_encode_init(GstVaeEncode* self) { self->settings = new EncodeSettings(); }
+static void gst_vae_encode_init(GstVaeEncode* self) {
+  self->settings = new EncodeSettings();
+  self->cuda = new gstvae_cuda::SharedContext();
+}
 
 static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
   GObjectClass* gobject_class = G_OBJECT_CLASS(klass);
@@ -565,10 +690,15 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
                           G_MAXUINT64, 0, ro));
 
   // Any size: frames smaller than the model's latent cell are refused when
-  // their caps arrive, saying so (Direction::accepts), not at the pad.
-  const std::string sink_caps = "video/x-raw, format = (string) " + gst_latent_caps::video_format_list() +
-                                ", width = (int) [ 1, MAX ], height = (int) [ 1, MAX ], "
-                                "framerate = (fraction) [ 0/1, MAX ]";
+  // their caps arrive, saying so (Direction::accepts), not at the pad. CUDA
+  // memory where the build has libgstcuda: in the template always, offered
+  // in caps queries only when the element runs on CUDA (transform_caps).
+  const std::string video_fields = ", width = (int) [ 1, MAX ], height = (int) [ 1, MAX ], "
+                                   "framerate = (fraction) [ 0/1, MAX ]";
+  std::string sink_caps = "video/x-raw, format = (string) " + gst_latent_caps::video_format_list() + video_fields;
+  if (gstvae_cuda::built())
+    sink_caps = std::string("video/x-raw(") + gstvae_cuda::kFeature + "), format = (string) " +
+                device_format_string() + video_fields + "; " + sink_caps;
   const std::string src_caps = std::string(GST_LATENT_CAPS_MEDIA_TYPE) +
                                ", format = (string) F32, channels = (int) [ 1, MAX ], width = (int) [ 1, MAX ], "
                                "height = (int) [ 1, MAX ], framerate = (fraction) [ 0/1, MAX ], "
@@ -581,6 +711,10 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       "gst-vae developers");
 
   trans_class->transform_caps = GST_DEBUG_FUNCPTR(gst_vae_encode_transform_caps);
+  trans_class->query = GST_DEBUG_FUNCPTR(gst_vae_encode_query);
+  trans_class->propose_allocation = GST_DEBUG_FUNCPTR(gst_vae_encode_propose_allocation);
+  element_class->change_state = GST_DEBUG_FUNCPTR(gst_vae_encode_change_state);
+  element_class->set_context = GST_DEBUG_FUNCPTR(gst_vae_encode_set_context);
   batch_class->open = gst_vae_encode_open;
   batch_class->progress_message = GST_VAE_ENCODE_PROGRESS_MESSAGE;
 

@@ -27,6 +27,17 @@ packages=(
   libdw1 libelf1 libunwind8 libcap2 liborc-0.4-0 liborc-0.4-dev
   nlohmann-json3-dev libgtest-dev googletest
   pkgconf-bin libpkgconf3
+  # Frames in CUDA memory (docs/gpu.md, "Frames in CUDA memory"): libgstcuda's
+  # headers to build the plugin's CUDA memory code (and GL/gl.h, which CUDA's
+  # cudaGL.h includes from them); libgstcuda itself and the nvcodec plugin
+  # (cudaupload, cudaconvert, nvh264dec...) with the GL, X11 and Wayland
+  # libraries they link, for the CUDA-memory pipeline. The rest of
+  # gst-plugins-bad's plugins lack their libraries there and fail to load.
+  libgstreamer-plugins-bad1.0-dev libgl-dev
+  libgstreamer-plugins-bad1.0-0 gstreamer1.0-plugins-bad libgstreamer-gl1.0-0
+  libgl1 libglx0 libglvnd0 libegl1 libgles2 libgbm1 libdrm2 libgudev-1.0-0
+  libx11-6 libx11-xcb1 libxcb1 libxau6 libxdmcp6 libbsd0 libmd0
+  libwayland-client0 libwayland-cursor0 libwayland-egl1 libwayland-server0
 )
 
 mkdir -p "$dir"

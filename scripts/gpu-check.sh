@@ -98,6 +98,15 @@ unpack() {
   # The .pc files say prefix=/usr: point them at the prefix. Requires.private
   # only matters for static linking and names -dev packages left out of the bundle.
   find "$prefix" -name '*.pc' -print0 | xargs -0 sed -i -E "s#^([A-Za-z_]+)=/usr#\1=$prefix/usr#; /^Requires.private:/d"
+  # libgstcuda's .pc requires GL's prototypes (gl.pc, glesv2.pc: -dev packages
+  # left out); the plugin uses only its headers, which need GL/gl.h alone (libgl-dev).
+  local cudapc
+  for cudapc in "$prefix"/usr/lib/*/pkgconfig/gstreamer-cuda-1.0.pc; do
+    # ...and GL/gl.h lies in the prefix's include folder, not under gstreamer-1.0/.
+    if [ -f "$cudapc" ]; then
+      sed -i -E 's/, *gstreamer-gl-prototypes-1.0[^,]*//; s#^Cflags: (.*)$#Cflags: \1 -I${includedir}#' "$cudapc"
+    fi
+  done
   # The bundled pkgconf must find the bundled GStreamer, not a system one.
   local ma=x86_64-linux-gnu got
   got=$(LD_LIBRARY_PATH="$prefix/usr/lib/$ma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
@@ -226,6 +235,49 @@ elif [ "$gst_built" = yes ]; then
   skip pipeline "no model (make-model did not pass)"
 else
   skip pipeline "no GStreamer plugin built"
+fi
+
+# Frames in CUDA memory (issue 20 part 3): the same frames uploaded by
+# cudaupload and passed through cudaconvert in video/x-raw(memory:CUDAMemory)
+# give the system-memory pipeline's latents (fp32: within 1e-5), and both
+# pipelines' frames/s at 512² bf16 (wall clock over the whole run, model load
+# included, and the element's average-fps over its encode time).
+cuda_memory() {  # PRECISION SIZE FRAMES
+  local tag=$1-$2 sys cud
+  gst-inspect-1.0 cudaupload >/dev/null 2>&1 || { echo "no cudaupload: the bundle's nvcodec plugin did not load (logs: GST_DEBUG=2 gst-inspect-1.0 nvcodec)"; return 1; }
+  gst-inspect-1.0 vaeencode | grep -q 'memory:CUDAMemory' || { echo "vaeencode was built without CUDA memory (no libgstcuda headers?)"; return 1; }
+  for memory in system cuda; do
+    local f=$out/cudamem-$memory-$tag.npy
+    local chain="! video/x-raw,format=RGBA,width=$2,height=$2"
+    [ $memory = cuda ] && chain="$chain ! cudaupload ! cudaconvert ! video/x-raw(memory:CUDAMemory),format=RGBA"
+    rm -f "$f"
+    local t0=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    GST_PLUGIN_PATH="$build/gst" gst-launch-1.0 -m videotestsrc num-buffers=$3 $chain \
+      ! vaeencode model="$model" device=cuda precision="$1" per-batch=16 ! latentfilesink location="$f" \
+      >"$out/cudamem-$memory-$tag.txt" 2>&1 || { tail -5 "$out/cudamem-$memory-$tag.txt"; return 1; }
+    local t1=$(date +%s.%N)
+    local avg=$(grep -o 'average-fps=(double)[0-9.e+]*' "$out/cudamem-$memory-$tag.txt" | tail -1 | cut -d')' -f2)
+    echo "$memory memory, $1, $2²: $(python3 -c "print(f'{$3 / ($t1 - $t0):.1f}')") frames/s wall clock ($3 frames), element average-fps $avg"
+  done
+  "$py" - "$out/cudamem-system-$tag.npy" "$out/cudamem-cuda-$tag.npy" "$1" <<'PY'
+import sys, numpy as np
+a, b = np.load(sys.argv[1]), np.load(sys.argv[2])
+assert a.shape == b.shape, (a.shape, b.shape)
+d = float(np.abs(a.astype(np.float64) - b).max())
+tol = 1e-5 if sys.argv[3] == 'fp32' else 1e-1
+print(f'{a.shape[0]} latents {a.shape[1:]}: max |system - cuda| = {d:.3g} (allowed {tol:g})')
+sys.exit(0 if d <= tol else 1)
+PY
+}
+export -f cuda_memory
+if [ "$mode" = gpu ] && [ "$gst_built" = yes ] && [ -f "$model" ]; then
+  step cuda-memory-fp32 120 cuda_memory fp32 512 32
+  step cuda-memory-bf16 150 cuda_memory bf16 512 128
+elif [ "$mode" = gpu ]; then
+  skip cuda-memory "no GStreamer plugin or model"
+else
+  skip cuda-memory "CPU mode: no CUDA memory without a GPU (the element tests VaeEncodeCuda.* cover the caps)"
 fi
 
 if [ -x "$build/tools/gst-vae-encode-file" ]; then

@@ -8,7 +8,7 @@ set -euo pipefail
 
 packages=(
   g++ meson ninja-build pkg-config
-  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
   nlohmann-json3-dev libgtest-dev
   python3 python3-venv python3-dev python3-numpy python3-gi

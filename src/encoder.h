@@ -73,9 +73,11 @@ class Encoder : public std::enable_shared_from_this<Encoder> {
   virtual ~Encoder() = default;
   virtual const EncoderInfo& info() const = 0;
 
-  // A staging batch suited to this encoder (page-locked on GPUs).
-  std::unique_ptr<FrameBatch> new_batch(PixelFormat format, int width, int height,
-                                        size_t capacity) const;
+  // A staging batch suited to this encoder (page-locked on GPUs); with
+  // FrameMemory::Device, a batch of frames referenced in device memory
+  // (FrameBatch::add_device), which must be the encoder's device.
+  std::unique_ptr<FrameBatch> new_batch(PixelFormat format, int width, int height, size_t capacity,
+                                        FrameMemory memory = FrameMemory::Host) const;
   // A block for the latents of `batch`'s frames (page-locked on GPUs): room
   // for max(batch.size(), 1) latents, which is what a session's encode() can
   // give for that batch (a temporal model's padded clip end included).

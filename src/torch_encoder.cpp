@@ -52,14 +52,42 @@ void TorchEncoder::probe() {
   }
 }
 
+namespace {
+
+// A device batch's frames as N x 3 x H x W float32 (0..255) on `device`,
+// read in place from their planes (one strided copy per frame and channel,
+// which also converts to float); then marks them read on the current stream.
+at::Tensor gather_device_frames(const FrameBatch& batch, const c10::Device& device) {
+  FrameBatch::Storage& storage = const_cast<FrameBatch::Storage&>(batch.storage());
+  const c10::Device where = storage.frames.front()[0].device();
+  if (where != device)
+    throw VaeError("frames in the memory of " + where.str() + " cannot be encoded on " + device.str() +
+                   ": run the encoder on the frames' device");
+  const Crop& crop = batch.crop();
+  at::Tensor x = at::empty({static_cast<int64_t>(batch.size()), 3, crop.height, crop.width},
+                           at::TensorOptions().dtype(at::kFloat).device(device));
+  for (size_t i = 0; i < storage.frames.size(); ++i)
+    for (int c = 0; c < 3; ++c) x.select(0, static_cast<int64_t>(i)).select(0, c).copy_(storage.frames[i][c]);
+  storage.mark_frames_read(device);
+  return x;
+}
+
+}  // namespace
+
 at::Tensor prepare_pixels(const FrameBatch& batch, const ComputeTarget& target, bool signed_range) {
-  const PixelLayout layout = pixel_layout(batch.format());
-  at::Tensor staged = batch.storage().pixels.narrow(0, 0, static_cast<int64_t>(batch.size()));
-  at::Tensor u8 = staged.to(target.device, /*non_blocking=*/batch.pinned());
-  // N x H x W x bpp -> N x 3 x H x W in R, G, B order (views, then one copy).
-  at::Tensor rgb = at::stack({u8.select(3, layout.r), u8.select(3, layout.g), u8.select(3, layout.b)}, 1);
+  at::Tensor x;
+  if (batch.memory() == FrameMemory::Device) {
+    x = gather_device_frames(batch, target.device);
+  } else {
+    const PixelLayout layout = pixel_layout(batch.format());
+    at::Tensor staged = batch.storage().pixels.narrow(0, 0, static_cast<int64_t>(batch.size()));
+    at::Tensor u8 = staged.to(target.device, /*non_blocking=*/batch.pinned());
+    // N x H x W x bpp -> N x 3 x H x W in R, G, B order (views, then one copy).
+    at::Tensor rgb = at::stack({u8.select(3, layout.r), u8.select(3, layout.g), u8.select(3, layout.b)}, 1);
+    x = rgb.to(at::kFloat);
+  }
   // ComfyUI: pixels = u8 / 255 in fp32, then 2 * pixels - 1, then the VAE dtype.
-  at::Tensor x = rgb.to(at::kFloat).div_(255.0f);
+  x.div_(255.0f);
   if (signed_range) x.mul_(2.0f).sub_(1.0f);
   // NCHW, kept by every layer after it. Not channels-last on the CPU, though
   // eager bf16 runs 22 % faster so on this project's CPU: Debian's LibTorch
@@ -226,9 +254,10 @@ std::unique_ptr<EncodeSession> Encoder::open_session() {
   return std::make_unique<ImageEncodeSession>(shared_from_this());
 }
 
-std::unique_ptr<FrameBatch> Encoder::new_batch(PixelFormat format, int width, int height,
-                                               size_t capacity) const {
-  return std::make_unique<FrameBatch>(format, width, height, info().downscale, capacity, pinned_host(info()));
+std::unique_ptr<FrameBatch> Encoder::new_batch(PixelFormat format, int width, int height, size_t capacity,
+                                               FrameMemory memory) const {
+  return std::make_unique<FrameBatch>(format, width, height, info().downscale, capacity, pinned_host(info()),
+                                      memory);
 }
 
 std::unique_ptr<LatentBlock> Encoder::new_latents(const FrameBatch& batch) const {

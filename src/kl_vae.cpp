@@ -19,7 +19,6 @@
 #include "checkpoint_keys.h"
 #include "errors.h"
 #include "families.h"
-#include "fused_norm.h"
 #include "torch_decoder.h"
 #include "torch_encoder.h"
 
@@ -115,17 +114,13 @@ Attention attention(WeightReader& w, const std::string& p, int64_t c) {
   return a;
 }
 
-// `fused`: the target's GSTVAE_FUSED_NORM lever (levers.h): GroupNorm and
-// SiLU in one CPU kernel (fused_norm.h) instead of LibTorch's two.
-at::Tensor norm_act(const Norm& n, const at::Tensor& x, bool silu, bool fused) {
-  if (fused) return group_norm_act(x, kGroups, n.weight, n.bias, kNormEps, silu);
+at::Tensor norm_silu(const Norm& n, const at::Tensor& x) {
   at::Tensor y = at::group_norm(x, kGroups, n.weight, n.bias, kNormEps);
-  return silu ? at::silu_(y) : y;
+  return at::silu_(y);
 }
-at::Tensor norm_silu(const Norm& n, const at::Tensor& x, bool fused) { return norm_act(n, x, true, fused); }
-at::Tensor resblock_forward(const ResBlock& b, const at::Tensor& x, bool fused) {
-  at::Tensor h = conv2d(norm_silu(b.norm1, x, fused), b.conv1, 1, 1);
-  h = conv2d(norm_silu(b.norm2, h, fused), b.conv2, 1, 1);
+at::Tensor resblock_forward(const ResBlock& b, const at::Tensor& x) {
+  at::Tensor h = conv2d(norm_silu(b.norm1, x), b.conv1, 1, 1);
+  h = conv2d(norm_silu(b.norm2, h), b.conv2, 1, 1);
   // h is a fresh tensor: add the skip in place.
   return h.add_(b.shortcut.weight.defined() ? conv2d(x, b.shortcut) : x);
 }
@@ -149,9 +144,9 @@ at::Tensor attention_onednn(const at::Tensor& q, const at::Tensor& k, const at::
 
 // Single head over all h*w positions, scale C^-0.5. `sdpa`: the target's
 // GSTVAE_SDPA lever (levers.h), in effect only on CUDA.
-at::Tensor attention_forward(const Attention& attn, const at::Tensor& x, bool sdpa, bool fused) {
+at::Tensor attention_forward(const Attention& attn, const at::Tensor& x, bool sdpa) {
   const int64_t n = x.size(0), c = x.size(1), hh = x.size(2), ww = x.size(3);
-  at::Tensor h = norm_act(attn.norm, x, /*silu=*/false, fused);
+  at::Tensor h = at::group_norm(x, kGroups, attn.norm.weight, attn.norm.bias, kNormEps);
   at::Tensor q = conv2d(h, attn.q), k = conv2d(h, attn.k), v = conv2d(h, attn.v);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c));
   at::Tensor out;
@@ -235,17 +230,17 @@ class KLEncoder final : public TorchEncoder {
   Moments forward(const at::Tensor& pixels) override {
     at::Tensor h = conv2d(pixels, conv_in_, 1, 1);
     for (const Level& level : levels_) {
-      for (const ResBlock& b : level.blocks) h = resblock_forward(b, h, target_.levers.fused_norm);
+      for (const ResBlock& b : level.blocks) h = resblock_forward(b, h);
       if (level.downsample.weight.defined()) {
         // Asymmetric: zero-pad right and bottom only, then a stride-2 3x3 conv.
         h = at::constant_pad_nd(h, {0, 1, 0, 1}, 0);
         h = conv2d(h, level.downsample, 2, 0);
       }
     }
-    h = resblock_forward(mid1_, h, target_.levers.fused_norm);
-    h = attention_forward(attn_, h, target_.levers.sdpa, target_.levers.fused_norm);
-    h = resblock_forward(mid2_, h, target_.levers.fused_norm);
-    h = conv2d(norm_silu(norm_out_, h, target_.levers.fused_norm), conv_out_, 1, 1);
+    h = resblock_forward(mid1_, h);
+    h = attention_forward(attn_, h, target_.levers.sdpa);
+    h = resblock_forward(mid2_, h);
+    h = conv2d(norm_silu(norm_out_, h), conv_out_, 1, 1);
     if (quant_conv_.weight.defined()) h = conv2d(h, quant_conv_);
     auto parts = h.chunk(2, 1);
     if (!head_.present()) return {parts[0], parts[1]};
@@ -483,19 +478,19 @@ class KLDecoder final : public TorchDecoder {
     }
     at::Tensor h = post_quant_conv_.weight.defined() ? conv2d(z, post_quant_conv_) : z;
     h = conv2d(h, conv_in_, 1, 1);
-    h = resblock_forward(mid1_, h, target_.levers.fused_norm);
-    h = attention_forward(attn_, h, target_.levers.sdpa, target_.levers.fused_norm);
-    h = resblock_forward(mid2_, h, target_.levers.fused_norm);
+    h = resblock_forward(mid1_, h);
+    h = attention_forward(attn_, h, target_.levers.sdpa);
+    h = resblock_forward(mid2_, h);
     for (size_t i = levels_.size(); i-- > 0;) {
       const Level& level = levels_[i];
-      for (const ResBlock& b : level.blocks) h = resblock_forward(b, h, target_.levers.fused_norm);
+      for (const ResBlock& b : level.blocks) h = resblock_forward(b, h);
       if (level.upsample.weight.defined()) {
         // Nearest neighbour x2 (each cell becomes a 2x2 block), then a 3x3 conv.
         h = at::upsample_nearest2d(h, {h.size(2) * 2, h.size(3) * 2});
         h = conv2d(h, level.upsample, 1, 1);
       }
     }
-    return conv2d(norm_silu(norm_out_, h, target_.levers.fused_norm), conv_out_, 1, 1);
+    return conv2d(norm_silu(norm_out_, h), conv_out_, 1, 1);
   }
 
  private:

@@ -45,7 +45,6 @@ CudaLevers cuda_levers() {
   read_bool("GSTVAE_SDPA", l.sdpa);
   read_bool("GSTVAE_CUDA_GRAPHS", l.cuda_graphs);
   read_bool("GSTVAE_DOWNLOAD_OVERLAP", l.download_overlap);
-  read_bool("GSTVAE_FUSED_NORM", l.fused_norm);
   return l;
 }
 
@@ -83,7 +82,6 @@ LeversInEffect levers_in_effect(const CudaLevers& levers, bool cuda, Precision p
   e.sdpa = cuda && levers.sdpa && sdpa_built();
   e.cuda_graphs = cuda && levers.cuda_graphs && cuda_built();
   e.download_overlap = cuda && levers.download_overlap && cuda_built();
-  e.fused_norm = !cuda && levers.fused_norm && precision == Precision::F32;
   return e;
 }
 
@@ -96,8 +94,7 @@ std::string describe_levers(const CudaLevers& levers, const std::string& device,
                   " GSTVAE_PINNED_STAGING=" + b(levers.pinned_staging) +
                   " GSTVAE_UPLOAD_OVERLAP=" + b(levers.upload_overlap) + " GSTVAE_CHANNELS_LAST=" + cl +
                   " GSTVAE_SDPA=" + b(levers.sdpa) + " GSTVAE_CUDA_GRAPHS=" + b(levers.cuda_graphs) +
-                  " GSTVAE_DOWNLOAD_OVERLAP=" + b(levers.download_overlap) +
-                  " GSTVAE_FUSED_NORM=" + b(levers.fused_norm) + " (LibTorch " + libtorch_version() +
+                  " GSTVAE_DOWNLOAD_OVERLAP=" + b(levers.download_overlap) + " (LibTorch " + libtorch_version() +
                   ", SDPA " + (sdpa_built() ? "built" : "not built") + ", CUDA code " +
                   (cuda_built() ? "built" : "not built") + "); in effect on " + device + " " +
                   precision_name(precision) + ":";
@@ -110,7 +107,6 @@ std::string describe_levers(const CudaLevers& levers, const std::string& device,
   if (e.sdpa) on += " sdpa";
   if (e.cuda_graphs) on += " cuda_graphs";
   if (e.download_overlap) on += " download_overlap";
-  if (e.fused_norm) on += " fused_norm";
   return s + (on.empty() ? " none" : on);
 }
 

@@ -1,9 +1,9 @@
 // The CUDA speed levers (docs/gpu.md, issue 14), each switchable by an
 // environment variable read when a model loads (the page-locked staging also
 // when buffers are made). Their defaults stay conservative until a GPU run
-// measures them. On the CPU none of them takes effect but GSTVAE_FUSED_NORM
-// (CPU only) and GSTVAE_CHANNELS_LAST=always, a test of the layout path.
-// No LibTorch here.
+// measures them. On the CPU none of them takes effect, so none changes a CPU
+// result; GSTVAE_CHANNELS_LAST=always, a test of the layout path, is the one
+// exception. No LibTorch here.
 #pragma once
 
 #include <string>
@@ -36,10 +36,6 @@ struct CudaLevers {
   // pushing them, while the next batch is already being encoded. Off until a
   // GPU run measures it.
   bool download_overlap = false;
-  // GSTVAE_FUSED_NORM: on the CPU in fp32, GroupNorm and SiLU in one kernel
-  // (fused_norm.h); measured faster (docs/performance.md), so on by default.
-  // The one lever that acts on the CPU; 0 gives LibTorch's own kernels.
-  bool fused_norm = true;
 };
 
 // What takes effect for one model (device and resolved precision).
@@ -51,12 +47,11 @@ struct LeversInEffect {
   bool sdpa = false;
   bool cuda_graphs = false;
   bool download_overlap = false;
-  bool fused_norm = false;
   bool operator<(const LeversInEffect& o) const { return bits() < o.bits(); }
   bool operator==(const LeversInEffect& o) const { return bits() == o.bits(); }
   int bits() const {
     return cudnn_benchmark | pinned_staging << 1 | upload_overlap << 2 | channels_last << 3 | sdpa << 4 |
-           cuda_graphs << 5 | download_overlap << 6 | fused_norm << 7;
+           cuda_graphs << 5 | download_overlap << 6;
   }
 };
 

@@ -1773,7 +1773,7 @@ class ScopedEnv {
 
 const char* const kLeverVariables[] = {"GSTVAE_CUDNN_BENCHMARK", "GSTVAE_PINNED_STAGING", "GSTVAE_UPLOAD_OVERLAP",
                                        "GSTVAE_CHANNELS_LAST",   "GSTVAE_SDPA",           "GSTVAE_CUDA_GRAPHS",
-                                       "GSTVAE_DOWNLOAD_OVERLAP", "GSTVAE_FUSED_NORM"};
+                                       "GSTVAE_DOWNLOAD_OVERLAP"};
 
 // Every lever variable set to `value` (nullptr: unset) for one scope.
 struct AllLevers {
@@ -1818,14 +1818,14 @@ TEST(Levers, EveryVariableSwitches) {
     AllLevers on("1");
     const CudaLevers l = cuda_levers();
     EXPECT_TRUE(l.cudnn_benchmark && l.pinned_staging && l.upload_overlap && l.sdpa && l.cuda_graphs &&
-                l.download_overlap && l.fused_norm);
+                l.download_overlap);
     EXPECT_EQ(l.channels_last, ChannelsLast::Half);
   }
   {
     AllLevers off("off");
     const CudaLevers l = cuda_levers();
     EXPECT_FALSE(l.cudnn_benchmark || l.pinned_staging || l.upload_overlap || l.sdpa || l.cuda_graphs ||
-                 l.download_overlap || l.fused_norm);
+                 l.download_overlap);
     EXPECT_EQ(l.channels_last, ChannelsLast::Off);
   }
   ScopedEnv always("GSTVAE_CHANNELS_LAST", "always");
@@ -1844,18 +1844,14 @@ TEST(Levers, BadValueNamesTheVariableAtLoad) {
   }
 }
 
-TEST(Levers, InEffectOnlyOnCudaExceptFusedNormAndChannelsLastAlways) {
+TEST(Levers, InEffectOnlyOnCudaExceptChannelsLastAlways) {
   CudaLevers all;
   all.cudnn_benchmark = all.pinned_staging = all.upload_overlap = all.sdpa = true;
   all.cuda_graphs = all.download_overlap = true;
   all.channels_last = ChannelsLast::Half;
   for (Precision p : {Precision::F32, Precision::F16, Precision::BF16}) {
     SCOPED_TRACE(precision_name(p));
-    LeversInEffect cpu = levers_in_effect(all, /*cuda=*/false, p);
-    EXPECT_EQ(cpu.fused_norm, p == Precision::F32) << "the fused CPU GroupNorm + SiLU is fp32 only";
-    cpu.fused_norm = false;
-    EXPECT_EQ(cpu.bits(), 0) << "no other lever takes effect on the CPU";
-    EXPECT_FALSE(levers_in_effect(all, true, p).fused_norm) << "a CPU kernel";
+    EXPECT_EQ(levers_in_effect(all, /*cuda=*/false, p).bits(), 0) << "no lever takes effect on the CPU";
     const LeversInEffect cuda = levers_in_effect(all, true, p);
     EXPECT_TRUE(cuda.cudnn_benchmark && cuda.pinned_staging && cuda.upload_overlap);
     EXPECT_EQ(cuda.channels_last, p != Precision::F32) << "channels-last for bf16/fp16 only";
@@ -1911,7 +1907,6 @@ TEST(Levers, NoLeverChangesACpuResult) {
     std::shared_ptr<Encoder> levered;
     {
       AllLevers flipped("0");
-      ScopedEnv fused("GSTVAE_FUSED_NORM", "1");  // acts on the CPU: FusedNormLever below
       ScopedEnv cl("GSTVAE_CHANNELS_LAST", "1");
       ScopedEnv sdpa("GSTVAE_SDPA", "1");
       ScopedEnv graphs("GSTVAE_CUDA_GRAPHS", "1");
@@ -1924,7 +1919,6 @@ TEST(Levers, NoLeverChangesACpuResult) {
     const auto a = encode_frames(*plain, PixelFormat::RGB, 64, 48, frames, {0, 1, 2});
     {
       AllLevers flipped("0");
-      ScopedEnv fused("GSTVAE_FUSED_NORM", "1");  // acts on the CPU: FusedNormLever below
       ScopedEnv cl("GSTVAE_CHANNELS_LAST", "1");
       ScopedEnv sdpa("GSTVAE_SDPA", "1");
       ScopedEnv graphs("GSTVAE_CUDA_GRAPHS", "1");
@@ -1934,33 +1928,6 @@ TEST(Levers, NoLeverChangesACpuResult) {
       EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "max |diff| " << max_abs_diff(a, b);
     }
   }
-}
-
-// GSTVAE_FUSED_NORM (on by default) is the one lever that acts on the CPU in
-// fp32: it gives another cached encoder, whose latents differ from LibTorch's
-// GroupNorm + SiLU by rounding only (the float64 cross-checks bound both).
-TEST(Levers, FusedNormLeverSwitchesTheCpuKernelAndKeepsTheNumbers) {
-  const auto frames = rgb_frames(64, 48, 3);
-  ModelOptions o;
-  o.device = "cpu";
-  const std::string path = Models::get().path("ldm", small_spec());
-  std::shared_ptr<Encoder> fused, plain;
-  {
-    AllLevers unset(nullptr);
-    fused = load_encoder(path, o);
-  }
-  {
-    ScopedEnv off("GSTVAE_FUSED_NORM", "0");
-    plain = load_encoder(path, o);
-  }
-  EXPECT_NE(fused.get(), plain.get()) << "another kernel: another cached encoder";
-  const auto a = encode_frames(*fused, PixelFormat::RGB, 64, 48, frames, {0, 1, 2});
-  const auto b = encode_frames(*plain, PixelFormat::RGB, 64, 48, frames, {0, 1, 2});
-  ASSERT_EQ(a.size(), b.size());
-  float peak = 0;
-  for (float v : b) peak = std::max(peak, std::abs(v));
-  EXPECT_LT(max_abs_diff(a, b), 1e-5 * peak);
-  EXPECT_TRUE(contains(describe_levers(CudaLevers{}, "cpu", Precision::F32), "in effect on cpu fp32: fused_norm"));
 }
 
 // GSTVAE_CHANNELS_LAST=always runs the channels-last path (weights and

@@ -24,6 +24,7 @@ namespace {
 
 const EncoderFamily* const kEncoderFamilies[] = {
     &kWanEncoderFamily,  // first: its diffusers files share names with image VAEs (5-D convs tell them apart)
+    &kLtx2EncoderFamily,  // before KL: `encoder.conv_in.conv.weight` (5-D) marks it
     &kKLFamily,
     &kTaehvEncoderFamily,  // before TAESD: both are Sequentials named by index
     &kTaesdEncoderFamily,

@@ -173,7 +173,13 @@ NormalizedKeys normalize_vae_keys(const std::vector<std::string>& names, const s
     std::string local = n.substr(keys.prefix.size());
     if (!starts_with(local, side) && !starts_with(local, conv)) continue;
     std::string canonical = local;
-    if (diffusers && decoder) {
+    // Flux.2's official file keeps the quant convs inside the encoder and the
+    // decoder (`encoder.quant_conv`, `decoder.post_quant_conv`); ComfyUI
+    // renames them to the top-level names every other layout uses.
+    const std::string nested_conv = side + conv;
+    if (starts_with(local, nested_conv)) {
+      canonical = conv + local.substr(nested_conv.size());
+    } else if (diffusers && decoder) {
       for (const auto& r : kDiffusersDecoderRenames)
         if (apply(r, local, canonical, levels)) break;
     } else if (diffusers) {

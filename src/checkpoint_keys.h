@@ -26,7 +26,8 @@ enum class VaePart { Encoder, Decoder };
 // `encoder.conv_in.weight` / `decoder.conv_in.weight`), or two file names map
 // onto one canonical name. diffusers numbers the decoder's `up_blocks` from the
 // deepest level: `decoder.up_blocks.{i}` is LDM's `decoder.up.{N-1-i}`, N the
-// number of up blocks in the file.
+// number of up blocks in the file. Flux.2's `encoder.quant_conv.*` and
+// `decoder.post_quant_conv.*` map to `quant_conv.*` and `post_quant_conv.*`.
 NormalizedKeys normalize_vae_keys(const std::vector<std::string>& names, const std::string& label,
                                   VaePart part = VaePart::Encoder);
 

@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "decoder.h"
 #include "encoder.h"
@@ -24,6 +25,11 @@ struct DecoderFamily {
   bool (*detect)(const SafetensorsFile& file);
   std::shared_ptr<Decoder> (*load)(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options);
 };
+
+// Every family, in the order load_encoder()/load_decoder() try them
+// (registry.cpp): the first whose detect() accepts a file loads it.
+const std::vector<const EncoderFamily*>& encoder_families();
+const std::vector<const DecoderFamily*>& decoder_families();
 
 extern const EncoderFamily kKLFamily;               // kl_vae.cpp
 extern const DecoderFamily kKLDecoderFamily;        // kl_vae.cpp

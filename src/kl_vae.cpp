@@ -160,7 +160,7 @@ class KLEncoder final : public TorchEncoder {
  public:
   KLEncoder(EncoderInfo info, ComputeTarget target) : TorchEncoder(std::move(info), target) {}
 
-  void load(WeightReader& w, const Architecture& arch) {
+  void load(WeightReader& w, const Architecture& arch, const TensorClaim& claim) {
     arch_ = arch;
     conv_in_ = conv(w, "encoder.conv_in", arch.base, 3, 3);
     int64_t in = arch.base;
@@ -181,6 +181,7 @@ class KLEncoder final : public TorchEncoder {
     norm_out_ = norm(w, "encoder.norm_out", in);
     conv_out_ = conv(w, "encoder.conv_out", 2 * arch.z, in, 3);
     if (arch.quant_conv) quant_conv_ = conv(w, "quant_conv", 2 * arch.z, 2 * arch.z, 1);
+    w.require_all_used(claim);
     info_.parameters = w.parameters_loaded();
     probe();
   }
@@ -214,6 +215,22 @@ class KLEncoder final : public TorchEncoder {
   Norm norm_out_;
   Conv conv_out_, quant_conv_;
 };
+
+// What a KL encoder or decoder claims: everything under the VAE's prefix
+// (the whole file for a standalone VAE; a full checkpoint's UNet and text
+// encoders lie outside it). Left alone on purpose: the other half of the VAE,
+// and the loss networks (LPIPS, discriminator) of LDM training checkpoints.
+std::string layout_text(const NormalizedKeys& keys) {
+  return keys.layout + (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+}
+TensorClaim encoder_claim(const NormalizedKeys& keys) {
+  return {"KL VAE encoder (" + layout_text(keys) + " layout)", keys.prefix,
+          {"decoder.*", "post_quant_conv.*", "loss.*"}};
+}
+TensorClaim decoder_claim(const NormalizedKeys& keys) {
+  return {"KL VAE decoder (" + layout_text(keys) + " layout)", keys.prefix,
+          {"encoder.*", "quant_conv.*", "loss.*"}};
+}
 
 Architecture infer_architecture(const WeightReader& w, const NormalizedKeys& keys) {
   Architecture a;
@@ -268,7 +285,7 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   EncoderInfo info;
   info.family = "kl";
   info.model_path = file->path();
-  info.layout = keys.layout + (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+  info.layout = layout_text(keys);
   info.downscale = 1 << (arch.widths.size() - 1);
   info.latent_channels = static_cast<int>(arch.z);
   info.input_signed = true;
@@ -280,7 +297,7 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   info.architecture = os.str();
 
   auto encoder = std::make_shared<KLEncoder>(std::move(info), target);
-  encoder->load(reader, arch);
+  encoder->load(reader, arch, encoder_claim(keys));
   return encoder;
 }
 
@@ -297,7 +314,7 @@ class KLDecoder final : public TorchDecoder {
  public:
   KLDecoder(DecoderInfo info, ComputeTarget target) : TorchDecoder(std::move(info), target) {}
 
-  void load(WeightReader& w, const DecoderArchitecture& arch) {
+  void load(WeightReader& w, const DecoderArchitecture& arch, const TensorClaim& claim) {
     const int64_t deepest = arch.widths.back();
     if (arch.post_quant_conv) post_quant_conv_ = conv(w, "post_quant_conv", arch.z, arch.z, 1);
     conv_in_ = conv(w, "decoder.conv_in", deepest, arch.z, 3);
@@ -319,6 +336,7 @@ class KLDecoder final : public TorchDecoder {
     }
     norm_out_ = norm(w, "decoder.norm_out", in);
     conv_out_ = conv(w, "decoder.conv_out", 3, in, 3);
+    w.require_all_used(claim);
     info_.parameters = w.parameters_loaded();
     probe();
   }
@@ -413,7 +431,7 @@ std::shared_ptr<Decoder> load_decoder_weights(std::shared_ptr<const SafetensorsF
   DecoderInfo info;
   info.family = "kl";
   info.model_path = file->path();
-  info.layout = keys.layout + (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+  info.layout = layout_text(keys);
   info.upscale = 1 << (arch.widths.size() - 1);
   info.latent_channels = static_cast<int>(arch.z);
   info.native_format = LatentFormat();  // raw
@@ -426,7 +444,7 @@ std::shared_ptr<Decoder> load_decoder_weights(std::shared_ptr<const SafetensorsF
   info.architecture = os.str();
 
   auto decoder = std::make_shared<KLDecoder>(std::move(info), target);
-  decoder->load(reader, arch);
+  decoder->load(reader, arch, decoder_claim(keys));
   return decoder;
 }
 

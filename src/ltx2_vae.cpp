@@ -556,7 +556,12 @@ bool detect(const SafetensorsFile& file) { return encoder_prefix(file) != nullpt
 
 std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
   const std::string& path = file->path();
-  const std::string prefix = encoder_prefix(*file);
+  // Loaders are also called without detect() (tests force every family on every file).
+  const char* found = encoder_prefix(*file);
+  if (!found)
+    throw CheckpointError("'" + path + "' is not an LTX video VAE encoder: no 5-D 'encoder.conv_in.conv.weight' "
+                          "(nor under 'vae.')");
+  const std::string prefix = found;
   const nlohmann::json vae = vae_config(*file);
   if (vae.is_null())
     throw CheckpointError("'" + path + "' holds an LTX video VAE encoder but no 'config' metadata: its block list "
@@ -566,10 +571,11 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   Network net;
   net.config = parse_config(vae, path);
 
-  // Encoder tensors by name without the prefix: which were used is checked at the end.
+  // Encoder and statistics tensors by name without the prefix: which were
+  // used is checked at the end.
   std::map<std::string, std::string> names;
   for (const auto& kv : file->tensors())
-    if (starts_with(kv.first, prefix + "encoder."))
+    if (starts_with(kv.first, prefix + "encoder.") || starts_with(kv.first, prefix + "per_channel_statistics."))
       names.emplace(kv.first.substr(prefix.size()), kv.first);
   auto shape_of = [&](const std::string& name) -> std::vector<int64_t> {
     const auto it = names.find(name);
@@ -659,7 +665,7 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   }
   net.conv_out = causal("encoder.conv_out", out_channels, width);
   for (const auto& kv : names)
-    if (!used.count(kv.first))
+    if (starts_with(kv.first, "encoder.") && !used.count(kv.first))
       throw CheckpointError("'" + path + "': tensor '" + kv.second + "' is not part of the encoder the config "
                             "describes (" + std::to_string(net.config.blocks.size()) + " blocks)");
 
@@ -670,8 +676,19 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   statistics.name = "ltx2";
   statistics.from_model = true;
   const std::string stats = prefix + "per_channel_statistics.";
+  // Through the reader too (shape check, counted as used), then in float64:
+  // the reader would round them to the compute precision.
+  for (const char* s : {"mean-of-means", "std-of-means"}) reader.get(std::string("per_channel_statistics.") + s, {net.z});
   const std::vector<double> mean = read_vector(*file, stats + "mean-of-means", net.z);
   const std::vector<double> std = read_vector(*file, stats + "std-of-means", net.z);
+  // Everything else under the prefix must have been read, except the
+  // decoder and the statistics the encoder does not use (an official
+  // single file's transformer, audio VAE etc. live outside 'vae.').
+  const std::string layout = prefix.empty() ? "comfyui (split VAE)" : "official (under 'vae.')";
+  reader.require_all_used({"LTX-2 video VAE encoder (" + layout + " layout)", prefix,
+                           {"decoder.*", "per_channel_statistics.mean-of-stds",
+                            "per_channel_statistics.mean-of-stds_over_std-of-means",
+                            "per_channel_statistics.channel"}});
   for (int64_t c = 0; c < net.z; ++c) {
     if (!(std[c] > 0) || !std::isfinite(std[c]) || !std::isfinite(mean[c]))
       throw CheckpointError("'" + path + "': '" + stats + "std-of-means' or 'mean-of-means' channel " +
@@ -683,7 +700,7 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   EncoderInfo info;
   info.family = "ltx2";
   info.model_path = path;
-  info.layout = prefix.empty() ? "comfyui (split VAE)" : "official (under 'vae.')";
+  info.layout = layout;
   info.downscale = static_cast<int>(net.spatial * net.config.patch);
   info.temporal_downscale = static_cast<int>(net.temporal);
   info.latent_channels = static_cast<int>(net.z);

@@ -22,20 +22,28 @@ namespace gstvae {
 
 namespace {
 
-const EncoderFamily* const kEncoderFamilies[] = {
-    &kWanEncoderFamily,  // first: its diffusers files share names with image VAEs (5-D convs tell them apart)
-    &kLtx2EncoderFamily,  // before KL: `encoder.conv_in.conv.weight` (5-D) marks it
-    &kKLFamily,
-    &kTaehvEncoderFamily,  // before TAESD: both are Sequentials named by index
-    &kTaesdEncoderFamily,
-};
+// Function-local: the family objects live in other translation units, whose
+// static initialisation order is unspecified.
+const std::vector<const EncoderFamily*>& encoder_family_table() {
+  static const std::vector<const EncoderFamily*> table = {
+      &kWanEncoderFamily,  // first: its diffusers files share names with image VAEs (5-D convs tell them apart)
+      &kLtx2EncoderFamily,  // before KL: `encoder.conv_in.conv.weight` (5-D) marks it
+      &kKLFamily,
+      &kTaehvEncoderFamily,  // before TAESD: both are Sequentials named by index
+      &kTaesdEncoderFamily,
+  };
+  return table;
+}
 
-const DecoderFamily* const kDecoderFamilies[] = {
-    &kWanDecoderFamily,  // first, as for encoders
-    &kKLDecoderFamily,
-    &kTaehvDecoderFamily,  // before TAESD: both are Sequentials named by index
-    &kTaesdDecoderFamily,
-};
+const std::vector<const DecoderFamily*>& decoder_family_table() {
+  static const std::vector<const DecoderFamily*> table = {
+      &kWanDecoderFamily,  // first, as for encoders
+      &kKLDecoderFamily,
+      &kTaehvDecoderFamily,  // before TAESD: both are Sequentials named by index
+      &kTaesdDecoderFamily,
+  };
+  return table;
+}
 
 // Case-insensitive: "model.CKPT" is a pickle too.
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -77,16 +85,17 @@ std::shared_ptr<void> load_uncached(Direction direction, const std::string& path
   g_model_loads++;
   auto file = std::make_shared<const SafetensorsFile>(path);
   if (direction == Direction::Encode) {
-    for (const EncoderFamily* family : kEncoderFamilies)
+    for (const EncoderFamily* family : encoder_family_table())
       if (family && family->detect(*file)) return family->load(file, options);
     throw CheckpointError("'" + path + "' holds no supported VAE encoder (" +
                           std::to_string(file->tensors().size()) +
                           " tensors; expected the encoder of an AutoencoderKL, e.g. 'encoder.conv_in.weight' "
                           "and 'encoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', or a "
                           "TAESD encoder, e.g. '1.conv.0.weight', or a video VAE encoder: Wan (a 5-D "
-                          "'encoder.conv1.weight') or TAEHV (e.g. 'encoder.2.conv.weight')");
+                          "'encoder.conv1.weight'), TAEHV (e.g. 'encoder.2.conv.weight') or LTX-2 (a 5-D "
+                          "'encoder.conv_in.conv.weight')");
   }
-  for (const DecoderFamily* family : kDecoderFamilies)
+  for (const DecoderFamily* family : decoder_family_table())
     if (family && family->detect(*file)) return family->load(file, options);
   throw CheckpointError("'" + path + "' holds no supported VAE decoder (" + std::to_string(file->tensors().size()) +
                         " tensors; expected the decoder of an AutoencoderKL, e.g. 'decoder.conv_in.weight' and "
@@ -234,6 +243,9 @@ std::shared_ptr<void> load_cached(Direction direction, const std::string& path, 
 }
 
 }  // namespace
+
+const std::vector<const EncoderFamily*>& encoder_families() { return encoder_family_table(); }
+const std::vector<const DecoderFamily*>& decoder_families() { return decoder_family_table(); }
 
 std::shared_ptr<Encoder> load_encoder(const std::string& path, const ModelOptions& options) {
   return std::static_pointer_cast<Encoder>(load_cached(Direction::Encode, path, options));

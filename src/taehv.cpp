@@ -483,6 +483,8 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
   WeightReader reader(file, names_under(*file, kPrefix), target);
   SequentialLoader loader(reader, "encoder");
   Network net = load_encoder_network(loader);
+  // The whole file is the TAEHV module: its decoder is left alone on purpose.
+  reader.require_all_used({"TAEHV encoder (taehv layout)", "", {"decoder.*"}});
   const Variant& variant = resolve_variant(*file, options, net.patch, loader.channels(), net.frames_per_latent);
 
   EncoderInfo info;
@@ -653,6 +655,7 @@ std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile
   WeightReader reader(file, names_under(*file, "decoder."), target);
   SequentialLoader loader(reader, "decoder");
   DecoderNetwork net = load_decoder_network(loader);
+  reader.require_all_used({"TAEHV decoder (taehv layout)", "", {"encoder.*"}});
   const Variant& variant = resolve_variant(*file, options, net.patch, net.latent_channels, net.frames_per_latent);
 
   DecoderInfo info;

@@ -358,6 +358,18 @@ std::map<std::string, std::string> names_under(const SafetensorsFile& file, cons
   return names;
 }
 
+// A TAESD file is claimed whole: a standalone encoder or decoder file is all
+// of it, and the module files of upstream (`encoder.*`, `decoder.*`) and
+// ComfyUI (`taesd_encoder.*`, `taesd_decoder.*`) hold the other half, which is
+// left alone on purpose. `other` is that half's prefix for a `prefix` of this
+// half ("" for a standalone file).
+TensorClaim taesd_claim(const std::string& what, const std::string& prefix, const std::string& other) {
+  TensorClaim claim{what + " (" + (prefix.empty() ? "taesd layout" : "taesd layout under '" + prefix + "'") + ")",
+                    "", {}};
+  if (!prefix.empty()) claim.deliberately_unused.push_back(other + "*");
+  return claim;
+}
+
 std::string layout_text(const std::string& prefix) {
   return prefix.empty() ? "taesd" : "taesd under '" + prefix + "'";
 }
@@ -391,6 +403,12 @@ bool detect_encoder(const SafetensorsFile& file) { return f8_encoder_prefix(file
 std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
   const char* f8 = f8_encoder_prefix(*file);
   const bool f32 = !f8;
+  // Loaders are also called without detect() (tests force every family on
+  // every file): a file of another family is an error, not a null prefix.
+  if (!f8 && !f32_encoder_prefix(*file))
+    throw CheckpointError("'" + file->path() + "' is not a TAESD-family encoder: no RGB conv '0.weight' followed "
+                          "by a Block ('1.conv.0.weight') or a TAESana stem ('2.weight', '4.conv.0.weight'), "
+                          "nor under 'encoder.' or 'taesd_encoder.'");
   const std::string prefix = f8 ? f8 : f32_encoder_prefix(*file);
   const std::vector<Step> plan = f32 ? f32_encoder_plan() : f8_encoder_plan();
   const int64_t channels_out = [&] {
@@ -410,6 +428,8 @@ std::shared_ptr<Encoder> load_encoder_file(std::shared_ptr<const SafetensorsFile
   SequentialLoader loader(reader, 3);
   std::vector<Layer> layers = loader.load(plan);
   check_channels(file->path(), space, loader.channels());
+  reader.require_all_used(taesd_claim(f32 ? "TAESana encoder" : "TAESD encoder", prefix,
+                                      prefix == "taesd_encoder." ? "taesd_decoder." : "decoder."));
 
   EncoderInfo info;
   info.family = "taesd";
@@ -449,6 +469,9 @@ class TaesdDecoder final : public TorchDecoder {
 bool detect_decoder(const SafetensorsFile& file) { return decoder_prefix(file) != nullptr; }
 
 std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
+  if (!decoder_prefix(*file))
+    throw CheckpointError("'" + file->path() + "' is not a TAESD decoder: no 3x3 conv '1.weight' followed by a "
+                          "Block ('3.conv.0.weight'), nor under 'decoder.' or 'taesd_decoder.'");
   const std::string prefix = decoder_prefix(*file);
   const int64_t channels_in = file->find(prefix + "1.weight")->shape[1];
   const ResolvedSpace space = resolve_space(*file, options, "decoder", static_cast<int>(channels_in));
@@ -466,6 +489,8 @@ std::shared_ptr<Decoder> load_decoder_file(std::shared_ptr<const SafetensorsFile
   if (loader.channels() != 3)
     throw CheckpointError("'" + file->path() + "': tensor '" + prefix + "19.weight' gives " +
                           std::to_string(loader.channels()) + " output channels, expected 3 (RGB)");
+  reader.require_all_used(
+      taesd_claim("TAESD decoder", prefix, prefix == "taesd_decoder." ? "taesd_encoder." : "encoder."));
 
   DecoderInfo info;
   info.family = "taesd";

@@ -134,6 +134,7 @@ at::Tensor WeightReader::get(const std::string& name, const std::vector<int64_t>
   at::Tensor host = at::empty(shape, at::TensorOptions().dtype(stored_type));
   std::memcpy(host.data_ptr(), file_->data(t), t.nbytes);
   file_->release(t);
+  used_.insert(stored);
   if (linear_as_conv) host = host.reshape(expected);
   // Converted in fp32 first so that F16 -> BF16 (or back) rounds once.
   at::Tensor out = host.to(at::kFloat).to(target_.device, target_.dtype);

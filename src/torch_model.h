@@ -6,6 +6,7 @@
 
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "levers.h"
 #include "model.h"
 #include "safetensors.h"
+#include "tensor_usage.h"
 
 namespace gstvae {
 
@@ -53,6 +55,10 @@ class WeightReader {
   at::Tensor get(const std::string& name, const std::vector<int64_t>& expected);
   int64_t parameters_loaded() const { return parameters_; }
   const std::string& path() const { return file_->path(); }
+  // The end of every load: throws CheckpointError when a tensor under
+  // `claim.prefix` was neither read by get() nor listed as deliberately
+  // unused (tensor_usage.h).
+  void require_all_used(const TensorClaim& claim) const { require_every_tensor_used(*file_, claim, used_); }
 
  private:
   const TensorInfo& info(const std::string& name) const;
@@ -61,6 +67,7 @@ class WeightReader {
   std::map<std::string, std::string> names_;
   ComputeTarget target_;
   int64_t parameters_ = 0;
+  std::set<std::string> used_;  // names in the file of the tensors get() read
 };
 
 // fp32 convolutions on the CPU go to oneDNN directly: at::conv2d would pick a

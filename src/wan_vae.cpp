@@ -179,8 +179,12 @@ const char* half_prefix(const SafetensorsFile& file, const std::string& half) {
 const char* encoder_prefix(const SafetensorsFile& file) { return half_prefix(file, "encoder"); }
 const char* decoder_prefix(const SafetensorsFile& file) { return half_prefix(file, "decoder"); }
 
-// Both halves' tensors under `prefix`, by official name.
-WanKeys normalize_keys(const SafetensorsFile& file, const char* prefix) {
+// Both halves' tensors under `prefix`, by official name. A null `prefix` (no
+// 5-D first conv of `half`: loaders are also called without detect()) is an error.
+WanKeys normalize_keys(const SafetensorsFile& file, const char* prefix, const char* half) {
+  if (!prefix)
+    throw CheckpointError("'" + file.path() + "' is not a Wan VAE " + half + ": no 5-D '" + half + ".conv1.weight' or '" +
+                          half + ".conv_in.weight' (nor under 'vae.')");
   WanKeys keys;
   keys.prefix = prefix;
   bool nested = false;  // a diffusers Wan 2.2 decoder
@@ -201,6 +205,18 @@ WanKeys normalize_keys(const SafetensorsFile& file, const char* prefix) {
                             "' are both the Wan VAE's '" + official + "'");
   }
   return keys;
+}
+
+// A Wan encoder or decoder claims everything under its prefix and leaves the
+// other half alone on purpose: official `decoder.*` + `conv2.*` (the
+// decoder's 1x1 conv) or diffusers `decoder.*` + `post_quant_conv.*` for the
+// encoder, and the mirror for the decoder.
+TensorClaim wan_claim(const WanKeys& keys, bool decoder) {
+  const std::string layout = std::string(keys.diffusers ? "diffusers" : "official") +
+                             (keys.prefix.empty() ? "" : " under '" + keys.prefix + "'");
+  if (decoder)
+    return {"Wan VAE decoder (" + layout + " layout)", keys.prefix, {"encoder.*", "conv1.*", "quant_conv.*"}};
+  return {"Wan VAE encoder (" + layout + " layout)", keys.prefix, {"decoder.*", "conv2.*", "post_quant_conv.*"}};
 }
 
 /* ------------------------------------------------------------------ layers */
@@ -784,7 +800,7 @@ class WanDecoder final : public TorchDecoder {
 bool detect_decoder(const SafetensorsFile& file) { return decoder_prefix(file) != nullptr; }
 
 std::shared_ptr<Decoder> load_decoder(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
-  const WanKeys keys = normalize_keys(*file, decoder_prefix(*file));
+  const WanKeys keys = normalize_keys(*file, decoder_prefix(*file), "decoder");
   const std::string& path = file->path();
   auto has = [&](const std::string& name) { return keys.source.count(name) != 0; };
   auto shape_of = [&](const std::string& name) -> std::vector<int64_t> {
@@ -864,6 +880,7 @@ std::shared_ptr<Decoder> load_decoder(std::shared_ptr<const SafetensorsFile> fil
   net.head_gamma = l.gamma("decoder.head.0.gamma", in, 3);
   net.head = l.causal("decoder.head.2", pixels_out, in, 3, 3, 1);
   net.head_slot = net.slots++;
+  reader.require_all_used(wan_claim(keys, true));
 
   DecoderInfo info;
   info.family = net.wan22 ? "wan2.2" : "wan2.1";
@@ -889,7 +906,7 @@ std::shared_ptr<Decoder> load_decoder(std::shared_ptr<const SafetensorsFile> fil
 bool detect(const SafetensorsFile& file) { return encoder_prefix(file) != nullptr; }
 
 std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const ModelOptions& options) {
-  const WanKeys keys = normalize_keys(*file, encoder_prefix(*file));
+  const WanKeys keys = normalize_keys(*file, encoder_prefix(*file), "encoder");
   const std::string& path = file->path();
   auto shape_of = [&](const std::string& name) -> std::vector<int64_t> {
     auto it = keys.source.find(name);
@@ -956,6 +973,7 @@ std::shared_ptr<Encoder> load(std::shared_ptr<const SafetensorsFile> file, const
   net.head = l.causal("encoder.head.2", 2 * net.z, in, 3, 3, 1);
   net.head_slot = net.slots++;
   net.moments = l.pointwise("conv1", 2 * net.z, 2 * net.z);
+  reader.require_all_used(wan_claim(keys, false));
 
   EncoderInfo info;
   info.family = net.wan22 ? "wan2.2" : "wan2.1";

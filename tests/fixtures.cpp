@@ -3,6 +3,9 @@
 // drawn with <random> and written with gstvae::write_safetensors.
 #include "fixtures.h"
 
+#include "errors.h"
+#include "families.h"
+
 #include <stdlib.h>
 
 #include <algorithm>
@@ -273,7 +276,7 @@ struct Pending {
 void write_test_vae(const std::string& path, const VaeSpec& spec) {
   if (spec.mult.empty()) throw std::invalid_argument("write_test_vae: mult is empty");
   std::string prefix;
-  bool diffusers = false, old_attention = false;
+  bool diffusers = false, old_attention = false, flux2 = false;
   if (spec.layout == "ldm") {
   } else if (spec.layout == "first_stage_model") {
     prefix = "first_stage_model.";
@@ -283,6 +286,8 @@ void write_test_vae(const std::string& path, const VaeSpec& spec) {
     diffusers = true;
   } else if (spec.layout == "diffusers_old") {
     diffusers = old_attention = true;
+  } else if (spec.layout == "flux2") {
+    flux2 = true;
   } else {
     throw std::invalid_argument("write_test_vae: unknown layout '" + spec.layout + "'");
   }
@@ -313,7 +318,21 @@ void write_test_vae(const std::string& path, const VaeSpec& spec) {
           shape[2] == 1 && shape[3] == 1)
         shape = {shape[0], shape[1]};
     }
+    if (flux2 && !replace_prefix(name, "quant_conv.", "encoder.quant_conv."))
+      replace_prefix(name, "post_quant_conv.", "decoder.post_quant_conv.");
     out.push_back({prefix + name, spec.dtype, shape, encode_floats(values, spec.dtype)});
+  }
+
+  if (spec.batch_norm) {
+    const int64_t c = 4 * spec.z;
+    const std::vector<float> mean = random_values(spec.seed, "bn.running_mean", {c}, Init::NormBias);
+    std::vector<float> var = random_values(spec.seed, "bn.running_var", {c}, Init::Bias);
+    for (float& v : var) v = 1.0f + std::max(-0.5f, std::min(0.5f, 10.0f * v));
+    out.push_back({prefix + "bn.running_mean", spec.dtype, {c}, encode_floats(mean, spec.dtype)});
+    out.push_back({prefix + "bn.running_var", spec.dtype, {c}, encode_floats(var, spec.dtype)});
+    std::vector<uint8_t> tracked(8, 0);
+    tracked[0] = 42;
+    out.push_back({prefix + "bn.num_batches_tracked", DType::I64, {}, std::move(tracked)});
   }
 
   if (spec.include_decoder && !spec.full_decoder) {
@@ -338,7 +357,9 @@ void write_test_vae(const std::string& path, const VaeSpec& spec) {
       std::vector<int64_t> shape = c.shape;
       if (diffusers && starts_with(c.name, "decoder.mid_block.attentions.") && shape.size() == 4)
         shape = {shape[0], shape[1]};
-      out.push_back({prefix + c.name, spec.dtype, shape,
+      std::string name = c.name;
+      if (flux2) replace_prefix(name, "post_quant_conv.", "decoder.post_quant_conv.");
+      out.push_back({prefix + name, spec.dtype, shape,
                      encode_floats(random_values(spec.seed, c.name, shape, c.init), spec.dtype)});
     }
   }
@@ -361,6 +382,55 @@ void write_test_vae(const std::string& path, const VaeSpec& spec) {
   tensors.reserve(out.size());
   for (const auto& p : out) tensors.push_back({p.name, p.dtype, p.shape, p.bytes.data()});
   write_safetensors(path, tensors, {{"format", "pt"}, {"gstvae_test_layout", spec.layout}});
+}
+
+// ---------------------------------------------------------------- misloads
+
+void copy_with_extra_tensor(const std::string& from, const std::string& to, const std::string& name) {
+  SafetensorsFile source(from);
+  std::vector<TensorToWrite> tensors;
+  for (const auto& kv : source.tensors())
+    tensors.push_back({kv.first, kv.second.dtype, kv.second.shape, source.data(kv.second)});
+  const float stray = 0.5f;
+  tensors.push_back({name, DType::F32, {1}, &stray});
+  write_safetensors(to, tensors, source.metadata());
+}
+
+namespace {
+template <typename Family>
+std::vector<std::string> forced_loads(const std::vector<const Family*>& families, const std::string& path,
+                                      const ModelOptions& options, std::vector<std::string>* faults) {
+  auto file = std::make_shared<const SafetensorsFile>(path);
+  std::vector<std::string> loaded;
+  for (const Family* family : families) {
+    try {
+      if (family->load(file, options)) loaded.push_back(family->name);
+    } catch (const CheckpointError&) {
+    } catch (const std::exception& e) {
+      faults->push_back(std::string(family->name) + ": " + e.what());
+    }
+  }
+  return loaded;
+}
+}  // namespace
+
+std::vector<std::string> families_that_load(const std::string& path, bool decoder, const ModelOptions& options,
+                                            std::vector<std::string>* faults) {
+  return decoder ? forced_loads(decoder_families(), path, options, faults)
+                 : forced_loads(encoder_families(), path, options, faults);
+}
+
+std::vector<std::string> families_that_detect(const std::string& path, bool decoder) {
+  SafetensorsFile file(path);
+  std::vector<std::string> found;
+  if (decoder) {
+    for (const DecoderFamily* family : decoder_families())
+      if (family->detect(file)) found.push_back(family->name);
+  } else {
+    for (const EncoderFamily* family : encoder_families())
+      if (family->detect(file)) found.push_back(family->name);
+  }
+  return found;
 }
 
 // ---------------------------------------------------------------- TempDir

@@ -20,7 +20,13 @@ struct VaeSpec {
   int z = 4;                         // latent channels
   bool quant_conv = true;
   DType dtype = DType::F32;          // F32, F16 or BF16
-  std::string layout = "ldm";        // ldm, first_stage_model, vae, diffusers, diffusers_old
+  // ldm, first_stage_model, vae, diffusers, diffusers_old, or flux2 (the
+  // official Flux.2 ae.safetensors names: `encoder.quant_conv`,
+  // `decoder.post_quant_conv`; otherwise ldm)
+  std::string layout = "ldm";
+  // Flux.2's latent BatchNorm: `bn.running_mean` / `bn.running_var` [4z]
+  // (variances in [0.5, 1.5]) and the I64 `bn.num_batches_tracked` [].
+  bool batch_norm = false;
   bool include_decoder = true;       // a few decoder tensors the encoder must ignore
   bool full_decoder = false;         // with include_decoder: a whole decoder (blocks + 1 per level)
   bool include_encoder = true;       // false: a decoder-only file
@@ -31,6 +37,19 @@ struct VaeSpec {
 
 // Writes a checkpoint for `spec` to `path`.
 void write_test_vae(const std::string& path, const VaeSpec& spec);
+
+// Copies the safetensors file `from` to `to` with one more tensor, `name`
+// (F32, shape [1]): a stray tensor that the loader of `from` must refuse.
+void copy_with_extra_tensor(const std::string& from, const std::string& to, const std::string& name);
+
+// Every family's loader forced on `path` (detection skipped, as if a user had
+// forced the family): the names of the families that loaded it. Refusals must
+// be CheckpointErrors; any other exception is reported in `faults` as
+// "family: what" (a crash ends the test anyway).
+std::vector<std::string> families_that_load(const std::string& path, bool decoder, const ModelOptions& options,
+                                            std::vector<std::string>* faults);
+// The names of the families whose detect() accepts `path`, in registry order.
+std::vector<std::string> families_that_detect(const std::string& path, bool decoder);
 
 // A fresh empty directory under $TMPDIR, removed by the destructor.
 class TempDir {

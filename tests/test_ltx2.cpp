@@ -38,7 +38,8 @@ const char* kConfig =
 // The official names ("vae." + ...) and shapes of kConfig's encoder, random
 // values scaled so that activations stay of order 1; statistics mean 0.1 c,
 // std 0.5 + 0.1 c.
-void write_ltx2(const std::string& path, const std::string& prefix = "vae.", const char* config = kConfig) {
+void write_ltx2(const std::string& path, const std::string& prefix = "vae.", const char* config = kConfig,
+                const std::string& stray = "") {
   std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
   auto conv = [&](const std::string& n, int64_t o, int64_t i) {
     shapes.push_back({prefix + n + ".conv.weight", {o, i, 3, 3, 3}});
@@ -73,6 +74,7 @@ void write_ltx2(const std::string& path, const std::string& prefix = "vae.", con
   for (size_t i = 0; i < shapes.size(); ++i) tensors.push_back({shapes[i].first, DType::F32, shapes[i].second, data[i].data()});
   tensors.push_back({prefix + "per_channel_statistics.mean-of-means", DType::F32, {kZ}, mean.data()});
   tensors.push_back({prefix + "per_channel_statistics.std-of-means", DType::F32, {kZ}, std.data()});
+  if (!stray.empty()) tensors.push_back({stray, DType::F32, {kZ}, std.data()});
   std::map<std::string, std::string> metadata;
   if (config) metadata["config"] = config;
   write_safetensors(path, tensors, metadata);
@@ -312,6 +314,25 @@ TEST(Ltx2Loader, RefusesAFileWithoutItsConfig) {
     EXPECT_NE(std::string(e.what()).find("no 'config' metadata"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
   }
+}
+
+// Every tensor under the claimed prefix is used or deliberately left alone
+// (the decoder, unused statistics); anything else names itself. Outside the
+// prefix (an official single file's transformer) nothing is claimed.
+TEST(Ltx2Loader, EveryTensorUnderItsPrefixIsAccountedFor) {
+  TempDir dir;
+  write_ltx2(dir.file("stray.safetensors"), "", kConfig, "quant_conv.bias");
+  try {
+    load_encoder(dir.file("stray.safetensors"), cpu());
+    FAIL() << "a stray tensor was ignored";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("quant_conv.bias"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("LTX-2"), std::string::npos) << e.what();
+  }
+  write_ltx2(dir.file("decoder.safetensors"), "", kConfig, "decoder.conv_in.conv.bias");
+  EXPECT_NO_THROW(load_encoder(dir.file("decoder.safetensors"), cpu()));
+  write_ltx2(dir.file("full.safetensors"), "vae.", kConfig, "model.diffusion_model.x");
+  EXPECT_NO_THROW(load_encoder(dir.file("full.safetensors"), cpu()));
 }
 
 TEST(Ltx2Loader, RefusesBlocksItDoesNotImplementByName) {

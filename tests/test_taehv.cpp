@@ -380,5 +380,19 @@ TEST(TaehvSession, SizeChangeWhileHoldingIsAnError) {
   EXPECT_EQ(r.spans.size(), 1u);
 }
 
+// No silent misloads (tensor_usage.h): no other family loads a TAEHV encoder
+// file even when forced; a stray tensor beside it fails the load.
+TEST(TaehvDetection, OnlyTaehvLoadsItAndAStrayIsNamed) {
+  TempDir dir;
+  const std::string clean = TinyTaehv().with_decoder().write(dir.file("taew2_1.safetensors"));
+  std::vector<std::string> faults;
+  EXPECT_EQ(test::families_that_load(clean, false, cpu(), &faults), std::vector<std::string>{"taehv"});
+  EXPECT_TRUE(faults.empty()) << faults.front();
+  const std::string stray = dir.file("taew2_1_stray.safetensors");
+  test::copy_with_extra_tensor(clean, stray, "encoder.18.weight");
+  const std::string err = error_of<CheckpointError>([&] { load_encoder(stray, cpu()); });
+  EXPECT_TRUE(contains(err, "'encoder.18.weight'") && contains(err, "TAEHV encoder")) << err;
+}
+
 }  // namespace
 }  // namespace gstvae

@@ -387,5 +387,59 @@ TEST(TaesdRealFiles, FamilyOfEveryFile) {
   std::cout << "[ info     ] " << sana->info().architecture << "\n";
 }
 
+// No silent misloads (tensor_usage.h): the real files use every tensor they
+// hold, no other family loads them even when forced, and one stray tensor
+// makes the load fail naming it.
+TEST(TaesdRealFiles, OnlyTaesdLoadsThemAndAStrayTensorIsRefused) {
+  const std::string models = shared_models();
+  ASSERT_FALSE(models.empty()) << "no shared/models beside the repository (set GSTVAE_SHARED_DIR)";
+  TempDir dir;
+  for (const char* space : {"taesd", "taesdxl", "taesd3", "taef1", "taef2", "taesana"}) {
+    for (bool decoder : {false, true}) {
+      if (decoder && std::string(space) == "taesana") continue;  // no decoder file
+      const std::string name = std::string(space) + (decoder ? "_decoder" : "_encoder") + ".safetensors";
+      SCOPED_TRACE(name);
+      std::vector<std::string> faults;
+      const auto loaded = test::families_that_load(models + "/" + name, decoder, cpu(), &faults);
+      EXPECT_EQ(loaded, std::vector<std::string>{"taesd"});
+      EXPECT_TRUE(faults.empty()) << faults.front();
+      // Same name (the latent space comes from it), one tensor more.
+      const std::string stray = dir.file(name);
+      test::copy_with_extra_tensor(models + "/" + name, stray, "99.weight");
+      const std::string err = error_of<CheckpointError>([&] {
+        if (decoder)
+          load_decoder(stray, cpu());
+        else
+          load_encoder(stray, cpu());
+      });
+      EXPECT_TRUE(contains(err, "'99.weight'") && contains(err, "not used")) << err;
+      EXPECT_TRUE(contains(err, decoder ? "TAESD decoder" : std::string(space) == "taesana" ? "TAESana encoder"
+                                                                                           : "TAESD encoder"))
+          << err;
+    }
+  }
+}
+
+TEST(TaesdDetection, ModuleFilesLeaveTheOtherHalfAloneButNotStrays) {
+  TempDir dir;
+  // ComfyUI's module names: the encoder and decoder in one file.
+  const std::string both = dir.file("taesd_both.safetensors");
+  {
+    const std::string enc = TinyTaesd(false, 4).write(dir.file("e.safetensors"), {}, "taesd_encoder.");
+    const std::string dec = TinyTaesd(true, 4).write(dir.file("d.safetensors"), {}, "taesd_decoder.");
+    SafetensorsFile a(enc), b(dec);
+    std::vector<TensorToWrite> tensors;
+    for (const SafetensorsFile* f : {&a, &b})
+      for (const auto& kv : f->tensors()) tensors.push_back({kv.first, kv.second.dtype, kv.second.shape, f->data(kv.second)});
+    write_safetensors(both, tensors);
+  }
+  EXPECT_NO_THROW(load_encoder(both, cpu()));
+  EXPECT_NO_THROW(load_decoder(both, cpu()));
+  const std::string stray = dir.file("taesd_stray.safetensors");
+  test::copy_with_extra_tensor(both, stray, "taesd_encoder.15.weight");
+  EXPECT_TRUE(contains(error_of<CheckpointError>([&] { load_encoder(stray, cpu()); }), "'taesd_encoder.15.weight'"));
+  EXPECT_NO_THROW(load_decoder(stray, cpu()));
+}
+
 }  // namespace
 }  // namespace gstvae

@@ -632,5 +632,31 @@ TEST(WanDecoderLoad, OtherOutputChannelsAreRefusedClearly) {
   }
 }
 
+// No silent misloads (tensor_usage.h): no other family loads a Wan file even
+// when forced, and a stray tensor in either half fails that half's load.
+TEST(WanMisloads, OnlyWanLoadsItAndStraysAreNamed) {
+  TempDir dir;
+  WanSpec spec;
+  spec.decoder = true;
+  const std::string clean = dir.file("wan.safetensors");
+  write_wan(clean, spec);
+  for (bool decoder : {false, true}) {
+    SCOPED_TRACE(decoder ? "decoder" : "encoder");
+    std::vector<std::string> faults;
+    EXPECT_EQ(test::families_that_load(clean, decoder, cpu(), &faults), std::vector<std::string>{"wan"});
+    EXPECT_TRUE(faults.empty()) << faults.front();
+  }
+  const std::string enc_stray = dir.file("wan_enc_stray.safetensors");
+  test::copy_with_extra_tensor(clean, enc_stray, "encoder.middle.3.weight");
+  const std::string err = test::error_of<CheckpointError>([&] { load_encoder(enc_stray, cpu()); });
+  EXPECT_TRUE(test::contains(err, "'encoder.middle.3.weight'") && test::contains(err, "Wan VAE encoder")) << err;
+  EXPECT_NO_THROW(load_decoder(enc_stray, cpu()));
+  const std::string dec_stray = dir.file("wan_dec_stray.safetensors");
+  test::copy_with_extra_tensor(clean, dec_stray, "decoder.middle.3.weight");
+  const std::string derr = test::error_of<CheckpointError>([&] { load_decoder(dec_stray, cpu()); });
+  EXPECT_TRUE(test::contains(derr, "'decoder.middle.3.weight'") && test::contains(derr, "Wan VAE decoder")) << derr;
+  EXPECT_NO_THROW(load_encoder(dec_stray, cpu()));
+}
+
 }  // namespace
 }  // namespace gstvae

@@ -496,6 +496,16 @@ static gboolean gst_latent_file_sink_set_caps(GstBaseSink* sink, GstCaps* caps) 
                          container, e.what()));
       return FALSE;
     }
+    if (st.to_raw.from_model) {
+      // ltx2: the statistics are in the VAE checkpoint, which this element never sees.
+      GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Cannot store latent-format '%s' in a %s file",
+                                                info.latent_format.c_str(), container),
+                        ("a %s file holds raw latents, and '%s' values can only be turned back with the VAE "
+                         "checkpoint's own statistics; write .safetensors (which records latent_format), or set "
+                         "vaeencode latent-format=raw",
+                         container, info.latent_format.c_str()));
+      return FALSE;
+    }
     if (!st.to_raw.fits(static_cast<size_t>(info.channels))) {
       GST_ELEMENT_ERROR(self, STREAM, FORMAT, ("Latent format '%s' does not fit %d channels",
                                                 info.latent_format.c_str(), info.channels),

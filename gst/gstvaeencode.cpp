@@ -9,9 +9,9 @@
  * that frame's timestamps. Batching, threads, events, latency and progress
  * come from GstVaeBatch (gstvaebatch.cpp); this file is the encode direction.
  *
- * Video VAEs (the causal Wan 2.1/2.2 VAEs, TAEHV: temporal-downscale N = 4)
- * give one latent per group of N frames instead (Wan: frame 0 alone, then
- * groups of 4), whatever `per-batch` is: the model's session regroups the
+ * Video VAEs (the causal Wan 2.1/2.2 VAEs, TAEHV: temporal-downscale N = 4;
+ * the LTX-2 encoder: N = 8) give one latent per group of N frames instead
+ * (Wan, LTX-2: frame 0 alone, then groups of N), whatever `per-batch` is: the model's session regroups the
  * frames across batches and holds an incomplete group until it completes. A
  * latent has the PTS, DTS, offset and DISCONT of the first frame it covers
  * and the summed duration of its frames; the caps say temporal-downscale=N
@@ -68,11 +68,20 @@ struct EncodeSettings {
   gboolean sample = FALSE;
   guint64 seed = 0;
   gint latent_format = 0;
+  // Whether latent-format was set; if not, the loaded model's default (what
+  // ComfyUI's LATENT holds for it: raw, or normalised for LTX-2) applies.
+  gboolean latent_format_set = FALSE;
+  std::string model_latent_format = "raw";
   std::string latent_space;
   gboolean pad_clip_end = FALSE;
 };
 
 // Staging batches the work thread is done with, for the next ones.
+// The latent format in effect: the property when set, else the model's default.
+std::string effective_latent_format(const EncodeSettings& s) {
+  return s.latent_format_set ? gst_vae_latent_format_nick(s.latent_format) : s.model_latent_format;
+}
+
 struct SparePool {
   std::mutex mutex;
   std::vector<std::unique_ptr<FrameBatch>> batches;
@@ -296,7 +305,7 @@ class EncodeDirection final : public gstvae_glue::Direction {
     GST_OBJECT_UNLOCK(element_);
     job->params.sample = s.sample;
     job->params.seed = s.seed;
-    job->params.latent_format = gstvae::latent_format_by_name(gst_vae_latent_format_nick(s.latent_format));
+    job->params.latent_format = gstvae::latent_format_by_name(effective_latent_format(s));
     job->params.end_of_clip = end_of_clip;
     job->params.pad_clip_end = s.pad_clip_end;
     job->batch = std::move(batch_);
@@ -426,6 +435,9 @@ static gstvae_glue::Direction* gst_vae_encode_open(GstVaeBatch* batch, const gst
   GST_OBJECT_UNLOCK(self);
   std::shared_ptr<Encoder> encoder = gstvae::load_encoder(s.model, options);
   const auto& info = encoder->info();
+  GST_OBJECT_LOCK(self);
+  self->settings->model_latent_format = info.default_latent_format;
+  GST_OBJECT_UNLOCK(self);
   GST_INFO_OBJECT(self, "loaded '%s': %s (%s layout), %" G_GINT64_FORMAT " parameters, on %s in %s", s.model.c_str(),
                   info.architecture.c_str(), info.layout.c_str(), info.parameters, info.device.c_str(),
                   gstvae::precision_name(info.precision));
@@ -488,7 +500,7 @@ static GstCaps* gst_vae_encode_transform_caps(GstBaseTransform* trans, GstPadDir
   gst_vae_batch_model_facts(GST_VAE_BATCH(self), &model.downscale, &model.channels);
   model.temporal_downscale = gst_vae_batch_temporal_downscale(GST_VAE_BATCH(self));
   GST_OBJECT_LOCK(self);
-  model.latent_format = gst_vae_latent_format_nick(self->settings->latent_format);
+  model.latent_format = effective_latent_format(*self->settings);
   GST_OBJECT_UNLOCK(self);
   // Frames smaller than one latent cell (a fixed width or height below the
   // downscale) are mapped as if they filled one cell, so that their caps
@@ -557,7 +569,10 @@ static void gst_vae_encode_set_property(GObject* object, guint prop_id, const GV
   switch (prop_id) {
     case PROP_SAMPLE: s.sample = g_value_get_boolean(value); break;
     case PROP_SEED: s.seed = g_value_get_uint64(value); break;
-    case PROP_LATENT_FORMAT: s.latent_format = g_value_get_enum(value); break;
+    case PROP_LATENT_FORMAT:
+      s.latent_format = g_value_get_enum(value);
+      s.latent_format_set = TRUE;
+      break;
     case PROP_LATENT_SPACE: s.latent_space = g_value_get_string(value) ? g_value_get_string(value) : ""; break;
     case PROP_PAD_CLIP_END: s.pad_clip_end = g_value_get_boolean(value); break;
     default: G_OBJECT_WARN_INVALID_PROPERTY_ID(object, prop_id, pspec); break;
@@ -665,7 +680,9 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       gobject_class, PROP_LATENT_FORMAT,
       g_param_spec_enum("latent-format", "Latent format",
                         "Raw latents (as ComfyUI returns them) or scaled for a diffusion model family: "
-                        "output = (raw - shift) * scale; wan21/wan22 per channel, (raw - mean_c) / std_c",
+                        "output = (raw - shift) * scale; wan21/wan22 per channel, (raw - mean_c) / std_c; ltx2 "
+                        "the same with the LTX-2 checkpoint's own statistics. Unset: what ComfyUI's LATENT holds "
+                        "for the model, raw except for LTX-2 (ltx2, as ComfyUI's and the official encode normalise)",
                         gst_vae_latent_format_get_type(), 0, rw_ready));
   g_object_class_install_property(
       gobject_class, PROP_LATENT_SPACE,

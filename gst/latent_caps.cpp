@@ -410,6 +410,9 @@ GType gst_vae_latent_format_get_type(void) {
       const gstvae::LatentFormat& f = formats[i];
       gchar* description =
           f.is_raw() ? g_strdup("Raw latents, as ComfyUI's VAE Encode returns them")
+          : f.from_model ? g_strdup_printf("%s: per channel (x - mean_c) / std_c, the model checkpoint's statistics",
+                                           f.name.c_str())
+          : f.per_channel() ? g_strdup_printf("%s: per channel (x - mean_c) / std_c", f.name.c_str())
           : f.shift == 0.0 ? g_strdup_printf("%s scaling: x * %g", f.name.c_str(), f.scale)
                            : g_strdup_printf("%s scaling: (x - %g) * %g", f.name.c_str(), f.shift, f.scale);
       values[i].value = static_cast<gint>(i);

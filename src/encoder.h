@@ -30,6 +30,10 @@ struct EncoderInfo {
   // autoencoder outputs its diffusion model's scaled space, which encode()
   // turns back into raw ones (ComfyUI: output / scale + shift) first.
   LatentFormat native_format;
+  // The latent format ComfyUI's LATENT holds for this model, which tools use
+  // when none is asked for: raw for most, "ltx2" (normalised with the
+  // checkpoint's statistics) for LTX-2, whose ComfyUI encode normalises.
+  std::string default_latent_format = "raw";
   int64_t parameters = 0;
   std::string architecture;  // human-readable summary of what was inferred
 };

@@ -41,5 +41,6 @@ extern const EncoderFamily kWanEncoderFamily;       // wan_vae.cpp
 extern const DecoderFamily kWanDecoderFamily;       // wan_vae.cpp
 extern const EncoderFamily kTaehvEncoderFamily;     // taehv.cpp
 extern const DecoderFamily kTaehvDecoderFamily;     // taehv.cpp
+extern const EncoderFamily kLtx2EncoderFamily;      // ltx2_vae.cpp
 
 }  // namespace gstvae

@@ -48,6 +48,9 @@ const std::vector<LatentFormat>& known_latent_formats() {
       {"flux", 0.3611, 0.1159, {}, {}},
       normalised("wan21", kWan21Mean, kWan21Std, 16),
       normalised("wan22", kWan22Mean, kWan22Std, 48),
+      // Per channel too, but the values live in each LTX-2 checkpoint
+      // (per_channel_statistics), not in a table here.
+      {"ltx2", 1.0, 0.0, {}, {}, true},
   };
   return formats;
 }

@@ -27,6 +27,7 @@ namespace {
 const std::vector<const EncoderFamily*>& encoder_family_table() {
   static const std::vector<const EncoderFamily*> table = {
       &kWanEncoderFamily,  // first: its diffusers files share names with image VAEs (5-D convs tell them apart)
+      &kLtx2EncoderFamily,   // before KL: `encoder.conv_in.conv.weight` (5-D) marks it
       &kFlux2EncoderFamily,  // before KL: a KL VAE with BatchNorm statistics
       &kKLFamily,
       &kTaehvEncoderFamily,  // before TAESD: both are Sequentials named by index
@@ -93,7 +94,8 @@ std::shared_ptr<void> load_uncached(Direction direction, const std::string& path
                           " tensors; expected the encoder of an AutoencoderKL, e.g. 'encoder.conv_in.weight' "
                           "and 'encoder.mid.attn_1.*', possibly under 'first_stage_model.' or 'vae.', or a "
                           "TAESD encoder, e.g. '1.conv.0.weight', or a video VAE encoder: Wan (a 5-D "
-                          "'encoder.conv1.weight') or TAEHV (e.g. 'encoder.2.conv.weight')");
+                          "'encoder.conv1.weight'), TAEHV (e.g. 'encoder.2.conv.weight') or LTX-2 (a 5-D "
+                          "'encoder.conv_in.conv.weight')");
   }
   for (const DecoderFamily* family : decoder_family_table())
     if (family && family->detect(*file)) return family->load(file, options);

@@ -160,7 +160,16 @@ std::pair<at::Tensor, at::Tensor> channel_terms(const at::Tensor& like, const La
 }
 }  // namespace
 
+// A format whose statistics are a model's own (ltx2) and were not resolved
+// by that model's family: refused rather than applied as the identity.
+static void require_resolved(const LatentFormat& f) {
+  if (f.from_model && !f.per_channel())
+    throw VaeError("latent format '" + f.name + "' takes per-channel statistics from the model's own checkpoint (" +
+                   "LTX-2's per_channel_statistics); this model has none: use another latent format");
+}
+
 at::Tensor raw_to_format(const at::Tensor& raw, const LatentFormat& f) {
+  require_resolved(f);
   if (f.is_raw()) return raw;
   if (!f.per_channel()) return (raw - f.shift) * f.scale;
   auto [shift, scale] = channel_terms(raw, f);
@@ -168,6 +177,7 @@ at::Tensor raw_to_format(const at::Tensor& raw, const LatentFormat& f) {
 }
 
 at::Tensor format_to_raw(const at::Tensor& stored, const LatentFormat& f) {
+  require_resolved(f);
   if (f.is_raw()) return stored;
   if (!f.per_channel()) return stored / f.scale + f.shift;
   auto [shift, scale] = channel_terms(stored, f);

@@ -411,7 +411,7 @@ TEST(LatentFormats, KnownValues) {
   const Expect expected[] = {
       {"raw", 1.0, 0.0}, {"sd15", 0.18215, 0.0}, {"sdxl", 0.13025, 0.0}, {"sd3", 1.5305, 0.0609}, {"flux", 0.3611, 0.1159},
   };
-  ASSERT_EQ(known_latent_formats().size(), 7u);
+  ASSERT_EQ(known_latent_formats().size(), 8u);
   for (size_t i = 0; i < 5; ++i) {
     const auto& e = expected[i];
     SCOPED_TRACE(e.name);
@@ -446,6 +446,13 @@ TEST(LatentFormats, KnownValues) {
   EXPECT_TRUE(w21.fits(16));
   EXPECT_FALSE(w21.fits(4));
   EXPECT_TRUE(latent_format_by_name("sd15").fits(4));
+
+  // ltx2: per channel with the checkpoint's own statistics, which only the
+  // LTX-2 encoder fills in; unresolved it is neither raw nor a table.
+  const LatentFormat ltx2 = latent_format_by_name("ltx2");
+  EXPECT_TRUE(ltx2.from_model);
+  EXPECT_FALSE(ltx2.is_raw());
+  EXPECT_FALSE(ltx2.per_channel());
 }
 
 TEST(LatentFormats, UnknownNameListsKnownOnes) {

@@ -22,7 +22,7 @@ namespace {
 int usage() {
   std::cerr << "usage: gst-vae-encode-file --model M --frames F --n N --width W --height H --format FMT\n"
                "         [--stride BYTES] --out OUT.f32 [--device auto|cpu|cuda[:N]] [--precision auto|fp32|fp16|bf16]\n"
-               "         [--latent-format raw|sd15|sdxl|sd3|flux|wan21] [--sample --seed K] [--per-batch B] [--threads T]\n"
+               "         [--latent-format raw|sd15|sdxl|sd3|flux|wan21|wan22|ltx2] [--sample --seed K] [--per-batch B] [--threads T]\n"
                "         [--pad-clip-end] (video VAEs: complete the last group by repeating the last frame)\n"
                "         [--latent-space taesd|taesdxl|taesd3|taef1|taef2|taesana|taehv1_5|lighttaehy1_5|taeltx_2|...]\n";
   return 2;
@@ -76,6 +76,8 @@ int main(int argc, char** argv) {
 
     auto encoder = load_encoder(args["model"], options);
     const EncoderInfo& info = encoder->info();
+    // No --latent-format: what ComfyUI's LATENT holds for this model (raw, or LTX-2's normalised latents).
+    if (!args.count("latent-format")) params.latent_format = latent_format_by_name(info.default_latent_format);
     std::cerr << info.architecture << " on " << info.device << " in " << precision_name(info.precision) << "\n"
               << describe_levers(cuda_levers(), info.device, info.precision) << "\n";
     // Through a session, as the element does: batches of --per-batch frames

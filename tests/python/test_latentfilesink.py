@@ -932,6 +932,31 @@ def case_wan_metadata(c, model, tmp):
     return "3 latents of 16x6x8 at 6/1, temporal_downscale=4 in .latent and .safetensors"
 
 
+def case_ltx2_normalised(c, model, tmp):
+    """vaeencode with an LTX-2 model (normalised ltx2 latents by default): a .safetensors keeps them and records
+    latent_format=ltx2 and temporal_downscale=8; a .latent or .npy, which hold raw latents, is refused with the
+    reason (the statistics are in the VAE checkpoint, which the sink never sees)."""
+    ltx = os.path.join(tmp, "ltx2-test.safetensors")
+    p = subprocess.run([PYTHON, os.path.join(HERE, "ltx2_reference.py"), "--write", ltx, "--width", "8"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    c.need(p.returncode == 0, "ltx2_reference.py exited %d:\n%s" % (p.returncode, p.stdout.decode()[-2000:]))
+    d = os.path.join(tmp, "ltx2")
+    os.mkdir(d)
+    src = "videotestsrc num-buffers=9 ! %s ! vaeencode model=%s" % (src_caps(64, 64, "24/1"), ltx)
+    st = os.path.join(d, "l.safetensors")
+    launch_ok(c, "%s ! latentfilesink location=%s" % (src, st))
+    _, meta, tensors, _, _ = read_safetensors(st)
+    c.check(tensors["latent_tensor"].shape == (2, 8, 2, 2), "shape %s" % (tensors["latent_tensor"].shape,))
+    c.check(meta.get("latent_format") == "ltx2" and meta.get("temporal_downscale") == "8",
+            "metadata %s" % {k: meta.get(k) for k in ("latent_format", "temporal_downscale")})
+    for name in ("l.latent", "l.npy"):
+        rc, out = launch("%s ! latentfilesink location=%s" % (src, os.path.join(d, name)))
+        c.check(rc != 0 and "Cannot store latent-format 'ltx2'" in out and "latent-format=raw" in out,
+                "%s: exit %d, no refusal naming ltx2:\n%s" % (name, rc, excerpt(out, 1500)))
+        c.check(not os.path.exists(os.path.join(d, name)), "%s was written" % name)
+    return "ltx2 latents kept in .safetensors (latent_format=ltx2), refused for .latent and .npy"
+
+
 def child_latent_caps(location, caps_list, per_caps):
     """appsrc -> latentfilesink: `per_caps` latents of 4x6x8 under each caps string of `caps_list`."""
     Gst = gst_init()
@@ -1045,6 +1070,7 @@ def main():
             ("g. leftover temporary files: warning at start, not deleted", case_leftover_temp),
             ("h. Wan video latents: temporal_downscale recorded", case_wan_metadata),
             ("h. a temporal-downscale change: new range or new segment", case_temporal_ranges),
+            ("h. LTX-2's normalised latents: kept in .safetensors, refused for .latent/.npy", case_ltx2_normalised),
         ]
         if os.environ.get("GSTVAE_PROGRESS_EXAMPLE"):
             cases.append(("f. examples/c/progress", case_c_example))

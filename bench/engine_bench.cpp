@@ -34,7 +34,6 @@ std::vector<std::string> split(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  gstvae::prefer_huge_pages_for_tensors();  // before LibTorch's first tensor (levers.h)
   if (argc < 2) {
     std::cerr << "usage: gst-vae-engine-bench MODEL [--size 512] [--batches 1,4,16] [--precisions fp32,bf16] "
                  "[--device auto] [--iters 3] [--threads 0]\n";

@@ -6,15 +6,12 @@
 #include "gstvaedecode.h"
 #include "gstvaeencode.h"
 #include "latent_caps.h"
-#include "levers.h"
 
 #ifndef PACKAGE
 #define PACKAGE "gst-vae"
 #endif
 
 static gboolean plugin_init(GstPlugin* plugin) {
-  // Before any element loads a model, i.e. before LibTorch's first tensor.
-  gstvae::prefer_huge_pages_for_tensors();
   gst_vae_register_tags();
   gboolean ok = FALSE;
   ok |= GST_ELEMENT_REGISTER(vaeencode, plugin);

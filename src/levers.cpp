@@ -54,8 +54,6 @@ bool cuda_built() { return GSTVAE_TORCH_HAS_CUDA; }
 
 const char* libtorch_version() { return TORCH_VERSION; }
 
-void prefer_huge_pages_for_tensors() { setenv("THP_MEM_ALLOC_ENABLE", "1", /*overwrite=*/0); }
-
 std::string no_cuda_device_note() {
   if (!cuda_built() || at::hasCUDA()) return {};
   return std::string("LibTorch ") + libtorch_version() +

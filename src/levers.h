@@ -73,15 +73,6 @@ bool cuda_device_present();
 // gives it to the first caller only.
 std::string no_cuda_device_note();
 std::string take_no_cuda_device_note();
-// Asks LibTorch to back its CPU tensors of 2 MiB and more with transparent huge
-// pages (its THP_MEM_ALLOC_ENABLE variable, read at its first large
-// allocation), unless the user set that variable. Why: the engine's
-// activations are fresh tensors of tens of MiB, and glibc gives each one new
-// pages from the kernel; faulting them in 4 KiB at a time costs as much as the
-// GroupNorm that fills them (docs/performance.md section 0). The plugin and
-// the tools call it before they load a model; it does nothing once LibTorch
-// has read the variable.
-void prefer_huge_pages_for_tensors();
 // The LibTorch this was compiled against, e.g. "2.11.0".
 const char* libtorch_version();
 // One line for logs and the GPU check's summary: each variable with its value,

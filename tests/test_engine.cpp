@@ -1807,19 +1807,6 @@ TEST(Levers, DefaultsAreConservative) {
   EXPECT_EQ(e.channels_last, ChannelsLast::Off);
 }
 
-// LibTorch's transparent-huge-page switch: asked for, unless the user chose.
-TEST(Levers, HugePagesAskedForUnlessTheUserChose) {
-  {
-    ScopedEnv unset("THP_MEM_ALLOC_ENABLE", nullptr);
-    prefer_huge_pages_for_tensors();
-    ASSERT_NE(std::getenv("THP_MEM_ALLOC_ENABLE"), nullptr);
-    EXPECT_STREQ(std::getenv("THP_MEM_ALLOC_ENABLE"), "1");
-  }
-  ScopedEnv user("THP_MEM_ALLOC_ENABLE", "0");
-  prefer_huge_pages_for_tensors();
-  EXPECT_STREQ(std::getenv("THP_MEM_ALLOC_ENABLE"), "0");
-}
-
 TEST(Levers, EveryVariableSwitches) {
   {
     AllLevers on("1");

@@ -31,7 +31,6 @@ int usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  gstvae::prefer_huge_pages_for_tensors();  // before LibTorch's first tensor (levers.h)
   std::map<std::string, std::string> args;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];

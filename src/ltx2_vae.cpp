@@ -139,13 +139,24 @@ Config parse_config(const nlohmann::json& vae, const std::string& path) {
       if (!p.is_object()) throw fail("block '" + block.name + "': parameters " + p.dump() + " are not understood");
       return fallback;
     };
+    // A parameter this encoder does not read would change the block unseen: refused by name.
+    auto only = [&](std::initializer_list<const char*> known) {
+      if (!p.is_object()) return;
+      for (const auto& [key, value] : p.items()) {
+        bool ok = false;
+        for (const char* k : known) ok = ok || key == k;
+        if (!ok) throw fail("block '" + block.name + "': parameter '" + key + "' is not understood by this encoder");
+      }
+    };
     if (block.name == "res_x") {
+      only({"num_layers"});
       block.kind = BlockKind::Res;
       block.layers = param("num_layers", 0);
       if (block.layers < 1) throw fail("block 'res_x' without num_layers");
     } else if (block.name == "compress_space_res" || block.name == "compress_time_res" ||
                block.name == "compress_all_res") {
       block.kind = BlockKind::Down;
+      only({"multiplier"});
       block.stride_t = block.name == "compress_space_res" ? 1 : 2;
       block.stride_s = block.name == "compress_time_res" ? 1 : 2;
       block.multiplier = param("multiplier", 2);

@@ -421,8 +421,9 @@ static void gst_vae_decode_class_init(GstVaeDecodeClass* klass) {
   g_object_class_install_property(
       gobject_class, PROP_LATENT_SPACE,
       g_param_spec_string("latent-space", "Latent space",
-                          "For a TAESD-family model: the diffusion model's latent space it belongs to (taesd, "
-                          "taesdxl, taesd3, taef1, taef2), overriding its file name and metadata; empty = from "
+                          "For a tiny autoencoder: the diffusion model's latent space it belongs to (TAESD family: "
+                          "taesd, taesdxl, taesd3, taef1, taef2; TAEHV: taew2_1, taew2_2, taehv1_5, lighttaehy1_5, "
+                          "taeltx_2, taeltx2_3), overriding its file name and metadata; empty = from "
                           "the file. 'kl': use a Flux.2-shaped KL VAE file that lacks its BatchNorm statistics as "
                           "a plain KL VAE (refused otherwise)",
                           "", rw_ready));

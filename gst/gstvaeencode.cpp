@@ -688,7 +688,7 @@ static void gst_vae_encode_class_init(GstVaeEncodeClass* klass) {
       gobject_class, PROP_LATENT_SPACE,
       g_param_spec_string("latent-space", "Latent space",
                           "For a tiny autoencoder: the diffusion model's latent space it belongs to (TAESD family: "
-                          "taesd, taesdxl, taesd3, taef1, taef2; TAEHV: taew2_1, taew2_2), overriding its file "
+                          "taesd, taesdxl, taesd3, taef1, taef2; TAEHV: taew2_1, taew2_2, taehv1_5, lighttaehy1_5, taeltx_2, taeltx2_3), overriding its file "
                           "name and metadata; empty = from the file. 'kl': use a Flux.2-shaped KL VAE file that lacks "
                           "its BatchNorm statistics as a plain KL VAE (refused otherwise)",
                           "", rw_ready));
